@@ -1,0 +1,164 @@
+// The pybind11 module pyvae._C: kernels on raw pointers. It does not link libtorch (DESIGN.md,
+// decision 2): pyvae/ops.py validates tensors, allocates outputs and passes data_ptr()s here.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common/params.h"
+#include "cpu/dispatch.h"
+#include "ops/philox.h"
+#if defined(PYVAE_WITH_CUDA)
+#include "cuda/kernels.h"
+#endif
+
+namespace py = pybind11;
+
+namespace pyvae {
+namespace {
+
+enum Device : int { kCPU = 0, kCUDA = 1 };
+
+template <typename T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void check_dtype(int device, int dtype) {
+  const bool ok = device == kCPU ? (dtype == 0 || dtype == 1) : (dtype == 0 || dtype == 2 || dtype == 3);
+  if (!ok) throw std::invalid_argument("pyvae._C: dtype code " + std::to_string(dtype) + " not supported on this device");
+}
+
+[[noreturn]] void no_cuda() {
+  throw std::runtime_error("pyvae._C was built without CUDA kernels (PYVAE_CUDA=OFF or nvcc not found)");
+}
+
+using RowwiseFn = void (*)(const RowwiseParams&);
+
+// One Python entry per row-reduction op: (device, dtype, rows, cols, cols2, samples,
+// a, a_mod, b, b_mod, c, c_mod, d, d_mod, grad_out, out, grad_a, grad_b, grad_c, grad_d, stream)
+void def_rowwise(py::module_& m, const char* name, RowwiseFn cpu::KernelTable::*cpu_fn, RowwiseFn cuda_fn) {
+  m.def(
+      name,
+      [cpu_fn, cuda_fn](int device, int dtype, int64_t rows, int64_t cols, int64_t cols2, int64_t samples,
+                        uintptr_t a, int64_t a_mod, uintptr_t b, int64_t b_mod, uintptr_t c, int64_t c_mod,
+                        uintptr_t d, int64_t d_mod, uintptr_t grad_out, uintptr_t out, uintptr_t grad_a,
+                        uintptr_t grad_b, uintptr_t grad_c, uintptr_t grad_d, uintptr_t stream) {
+        check_dtype(device, dtype);
+        RowwiseParams p;
+        p.dtype = static_cast<DType>(dtype);
+        p.rows = rows;
+        p.cols = cols;
+        p.cols2 = cols2;
+        p.samples = samples;
+        p.a = {ptr<const void>(a), a_mod};
+        p.b = {ptr<const void>(b), b_mod};
+        p.c = {ptr<const void>(c), c_mod};
+        p.d = {ptr<const void>(d), d_mod};
+        p.grad_out = ptr<const void>(grad_out);
+        p.out = ptr<void>(out);
+        p.grad_a = ptr<void>(grad_a);
+        p.grad_b = ptr<void>(grad_b);
+        p.grad_c = ptr<void>(grad_c);
+        p.grad_d = ptr<void>(grad_d);
+        p.stream = ptr<void>(stream);
+        if (rows == 0) return;
+        if (device == kCPU) {
+          (cpu::kernels().*cpu_fn)(p);
+        } else {
+          if (!cuda_fn) no_cuda();
+          cuda_fn(p);
+        }
+      },
+      py::call_guard<py::gil_scoped_release>());
+}
+
+using ReparamFn = void (*)(const ReparamParams&);
+
+// (device, dtype, numel, samples, mu, logvar, grad_out, z, grad_mu, grad_logvar, seed, offset, stream)
+void def_reparam(py::module_& m, const char* name, ReparamFn cpu::KernelTable::*cpu_fn, ReparamFn cuda_fn) {
+  m.def(
+      name,
+      [cpu_fn, cuda_fn](int device, int dtype, int64_t numel, int64_t samples, uintptr_t mu, uintptr_t logvar,
+                        uintptr_t grad_out, uintptr_t z, uintptr_t grad_mu, uintptr_t grad_logvar, uint64_t seed,
+                        uint64_t offset, uintptr_t stream) {
+        check_dtype(device, dtype);
+        ReparamParams p;
+        p.dtype = static_cast<DType>(dtype);
+        p.numel = numel;
+        p.samples = samples;
+        p.mu = ptr<const void>(mu);
+        p.logvar = ptr<const void>(logvar);
+        p.grad_out = ptr<const void>(grad_out);
+        p.z = ptr<void>(z);
+        p.grad_mu = ptr<void>(grad_mu);
+        p.grad_logvar = ptr<void>(grad_logvar);
+        p.seed = seed;
+        p.offset = offset;
+        p.stream = ptr<void>(stream);
+        if (numel == 0 || samples == 0) return;
+        if (device == kCPU) {
+          (cpu::kernels().*cpu_fn)(p);
+        } else {
+          if (!cuda_fn) no_cuda();
+          cuda_fn(p);
+        }
+      },
+      py::call_guard<py::gil_scoped_release>());
+}
+
+#if defined(PYVAE_WITH_CUDA)
+#define PYVAE_CUDA_FN(NAME) &cuda::NAME
+#else
+#define PYVAE_CUDA_FN(NAME) nullptr
+#endif
+
+}  // namespace
+}  // namespace pyvae
+
+PYBIND11_MODULE(_C, m) {
+  using namespace pyvae;
+  m.doc() = "pyvae compiled kernels (raw-pointer interface; use pyvae.ops)";
+
+#if defined(PYVAE_WITH_CUDA)
+  m.attr("cuda_built") = true;
+#else
+  m.attr("cuda_built") = false;
+#endif
+
+#define PYVAE_ROWWISE(NAME) def_rowwise(m, #NAME, &cpu::KernelTable::NAME, PYVAE_CUDA_FN(NAME))
+  PYVAE_ROWWISE(bernoulli_log_prob_fwd);
+  PYVAE_ROWWISE(bernoulli_log_prob_bwd);
+  PYVAE_ROWWISE(gaussian_kl_fwd);
+  PYVAE_ROWWISE(gaussian_kl_bwd);
+  PYVAE_ROWWISE(gaussian_log_prob_fwd);
+  PYVAE_ROWWISE(gaussian_log_prob_bwd);
+  PYVAE_ROWWISE(bernoulli_elbo_fwd);
+  PYVAE_ROWWISE(bernoulli_elbo_bwd);
+#undef PYVAE_ROWWISE
+  def_reparam(m, "reparameterize_fwd", &cpu::KernelTable::reparameterize_fwd, PYVAE_CUDA_FN(reparameterize_fwd));
+  def_reparam(m, "reparameterize_bwd", &cpu::KernelTable::reparameterize_bwd, PYVAE_CUDA_FN(reparameterize_bwd));
+
+  m.def("cpu_arch", [] { return std::string(cpu::kernels().name); },
+        "Name of the CPU kernel build in use (avx512, avx2 or base).");
+  m.def("cpu_archs", &cpu::supported_archs, "CPU kernel builds this processor can run, best first.");
+  m.def("set_cpu_arch", &cpu::set_arch, py::arg("name"), "Use another CPU kernel build (for tests).");
+  m.def(
+      "philox4x32_10",
+      [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {
+        philox::U32x4 c{{ctr[0], ctr[1], ctr[2], ctr[3]}};
+        const philox::U32x4 r = philox::philox4x32_10(c, key[0], key[1]);
+        return std::array<uint32_t, 4>{r.v[0], r.v[1], r.v[2], r.v[3]};
+      },
+      py::arg("counter"), py::arg("key"), "Philox4x32-10 block function (for known-answer tests).");
+  m.def(
+      "normal4",
+      [](uint64_t seed, uint64_t counter) {
+        const philox::Normal4 n = philox::normal4(seed, counter);
+        return std::array<float, 4>{n.v[0], n.v[1], n.v[2], n.v[3]};
+      },
+      py::arg("seed"), py::arg("counter"), "The four N(0, 1) draws of one Philox counter.");
+}

@@ -1,0 +1,38 @@
+// Host/device qualifiers shared by every header in csrc/ops.
+#pragma once
+
+#if defined(__CUDACC__)
+#define PYVAE_HD __host__ __device__
+#define PYVAE_FORCEINLINE __forceinline__
+#else
+#define PYVAE_HD
+#define PYVAE_FORCEINLINE inline __attribute__((always_inline))
+#endif
+
+#include <cstdint>
+#include <cstring>
+
+namespace pyvae {
+
+// Bit casts that compile to register moves on both sides (and vectorize on the CPU).
+PYVAE_HD PYVAE_FORCEINLINE float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+PYVAE_HD PYVAE_FORCEINLINE uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+}  // namespace pyvae

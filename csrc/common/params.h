@@ -1,0 +1,55 @@
+// Plain parameter structs that cross from the binding to the CPU and CUDA launchers.
+// The binding fills them from tensors Python has already validated; launchers only read them.
+#pragma once
+
+#include <cstdint>
+
+namespace pyvae {
+
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// A contiguous row-major [mod, cols] block. Row r of an op reads row (r % mod): this is how an
+// operand with fewer leading dims (x [B, D] against logits [L, B, D], a prior [Z]) broadcasts
+// without being copied.
+struct Operand {
+  const void* data = nullptr;
+  int64_t mod = 1;
+};
+
+// Ops that reduce the last (event) dim of elementwise terms: out[r] = sum_c term(row r, col c).
+// The meaning of a..d per op is written beside each launcher declaration (csrc/cpu/kernels.h).
+struct RowwiseParams {
+  DType dtype = DType::kFloat32;
+  int64_t rows = 0;     // output rows (product of the leading dims)
+  int64_t cols = 0;     // event size D
+  int64_t cols2 = 0;    // second event size (bernoulli_elbo: Z)
+  int64_t samples = 1;  // bernoulli_elbo: leading sample dim of the logits
+  Operand a, b, c, d;
+  const void* grad_out = nullptr;  // [rows], backward only
+  void* out = nullptr;             // [rows], forward only
+  // Backward outputs, each [rows, cols] (or as documented per op); nullptr = not requested.
+  void* grad_a = nullptr;
+  void* grad_b = nullptr;
+  void* grad_c = nullptr;
+  void* grad_d = nullptr;
+  void* stream = nullptr;  // cudaStream_t on CUDA
+};
+
+// z[s, m] = mu[m] + exp(logvar[m] / 2) * eps[s * numel + m], eps from Philox (seed, offset).
+struct ReparamParams {
+  DType dtype = DType::kFloat32;
+  int64_t numel = 0;    // elements of mu (and of logvar, same shape)
+  int64_t samples = 1;  // S draws per element
+  const void* mu = nullptr;
+  const void* logvar = nullptr;
+  const void* grad_out = nullptr;  // [S, numel], backward only
+  void* z = nullptr;               // [S, numel], forward only
+  void* eps = nullptr;             // optional [S, numel] float32 output of the raw normals
+  void* grad_mu = nullptr;         // [numel]
+  void* grad_logvar = nullptr;     // [numel]
+  uint64_t seed = 0;
+  uint64_t offset = 0;
+  void* stream = nullptr;
+};
+
+}  // namespace pyvae

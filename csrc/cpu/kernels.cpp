@@ -1,0 +1,334 @@
+// CPU launchers: OpenMP over rows, `omp simd` over the event dim, math from csrc/ops.
+// Compiled once per instruction set with -DPYVAE_CPU_ARCH=<name> (see CMakeLists.txt).
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "common/params.h"
+#include "cpu/kernels.h"
+#include "ops/bernoulli.h"
+#include "ops/elbo.h"
+#include "ops/gaussian_kl.h"
+#include "ops/gaussian_log_prob.h"
+#include "ops/philox.h"
+#include "ops/reparameterize.h"
+
+#ifndef PYVAE_CPU_ARCH
+#error "compile with -DPYVAE_CPU_ARCH=base|avx2|avx512"
+#endif
+
+namespace pyvae {
+namespace cpu {
+namespace PYVAE_CPU_ARCH {
+namespace {
+
+// Below this many elements a kernel runs on the calling thread: an OpenMP fork costs a few
+// microseconds, more than the whole op at these sizes.
+constexpr int64_t kParallelGrain = 32768;
+
+template <typename F>
+void parallel_rows(int64_t rows, int64_t work_per_row, const F& f) {
+  const bool par = rows > 1 && rows * work_per_row >= kParallelGrain;
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t r = 0; r < rows; ++r) f(r);
+}
+
+template <typename T>
+const T* row_of(const Operand& o, int64_t r, int64_t cols) {
+  return static_cast<const T*>(o.data) + (r % o.mod) * cols;
+}
+
+// Calls f(std::integral_constant<bool, A>{}, std::integral_constant<bool, B>{}) for run-time flags,
+// so inner loops carry no branch on which gradients are wanted.
+template <typename F>
+void bool_switch2(bool a, bool b, const F& f) {
+  if (a && b) f(std::true_type{}, std::true_type{});
+  else if (a) f(std::true_type{}, std::false_type{});
+  else if (b) f(std::false_type{}, std::true_type{});
+}
+
+// ------------------------------------------------------------------------------------ Bernoulli
+template <typename T>
+void bernoulli_log_prob_fwd_t(const RowwiseParams& p) {
+  const int64_t D = p.cols;
+  T* out = static_cast<T*>(p.out);
+  parallel_rows(p.rows, D, [&](int64_t r) {
+    const T* l = row_of<T>(p.a, r, D);
+    const T* x = row_of<T>(p.b, r, D);
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t c = 0; c < D; ++c) acc += ops::bernoulli_log_prob(l[c], x[c]);
+    out[r] = acc;
+  });
+}
+
+template <typename T>
+void bernoulli_log_prob_bwd_t(const RowwiseParams& p) {
+  const int64_t D = p.cols;
+  const T* G = static_cast<const T*>(p.grad_out);
+  bool_switch2(p.grad_a != nullptr, p.grad_b != nullptr, [&](auto want_l, auto want_x) {
+    parallel_rows(p.rows, D, [&](int64_t r) {
+      const T* l = row_of<T>(p.a, r, D);
+      const T* x = row_of<T>(p.b, r, D);
+      T* gl = want_l ? static_cast<T*>(p.grad_a) + r * D : nullptr;
+      T* gx = want_x ? static_cast<T*>(p.grad_b) + r * D : nullptr;
+      const T g = G[r];
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) {
+        const auto d = ops::bernoulli_log_prob_grad(l[c], x[c], g);
+        if (want_l) gl[c] = d.l;
+        if (want_x) gx[c] = d.x;
+      }
+    });
+  });
+}
+
+// ------------------------------------------------------------------------------------------ KL
+template <typename T>
+void gaussian_kl_fwd_t(const RowwiseParams& p) {
+  const int64_t D = p.cols;
+  T* out = static_cast<T*>(p.out);
+  const bool std_prior = p.c.data == nullptr;
+  parallel_rows(p.rows, D, [&](int64_t r) {
+    const T* mu = row_of<T>(p.a, r, D);
+    const T* lv = row_of<T>(p.b, r, D);
+    T acc = 0;
+    if (std_prior) {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < D; ++c) acc += ops::kl_std_normal(mu[c], lv[c]);
+    } else {
+      const T* pm = row_of<T>(p.c, r, D);
+      const T* plv = row_of<T>(p.d, r, D);
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < D; ++c) acc += ops::kl_normal(mu[c], lv[c], pm[c], plv[c]);
+    }
+    out[r] = acc;
+  });
+}
+
+template <typename T>
+void gaussian_kl_bwd_t(const RowwiseParams& p) {
+  const int64_t D = p.cols;
+  const T* G = static_cast<const T*>(p.grad_out);
+  T* gmu = static_cast<T*>(p.grad_a);
+  T* glv = static_cast<T*>(p.grad_b);
+  T* gpm = static_cast<T*>(p.grad_c);
+  T* gplv = static_cast<T*>(p.grad_d);
+  // Gradients are cheap next to their memory traffic: compute all four, store what is wanted.
+  const bool std_prior = p.c.data == nullptr;
+  parallel_rows(p.rows, D, [&](int64_t r) {
+    const T* mu = row_of<T>(p.a, r, D);
+    const T* lv = row_of<T>(p.b, r, D);
+    const T g = G[r];
+    const int64_t o = r * D;
+    if (std_prior) {
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) {
+        const auto d = ops::kl_std_normal_grad(mu[c], lv[c], g);
+        if (gmu) gmu[o + c] = d.mu;
+        if (glv) glv[o + c] = d.lv;
+      }
+    } else {
+      const T* pm = row_of<T>(p.c, r, D);
+      const T* plv = row_of<T>(p.d, r, D);
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) {
+        const auto d = ops::kl_normal_grad(mu[c], lv[c], pm[c], plv[c], g);
+        if (gmu) gmu[o + c] = d.mu;
+        if (glv) glv[o + c] = d.lv;
+        if (gpm) gpm[o + c] = d.pm;
+        if (gplv) gplv[o + c] = d.plv;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------- Gaussian log-prob
+template <typename T>
+void gaussian_log_prob_fwd_t(const RowwiseParams& p) {
+  const int64_t D = p.cols;
+  T* out = static_cast<T*>(p.out);
+  parallel_rows(p.rows, D, [&](int64_t r) {
+    const T* x = row_of<T>(p.a, r, D);
+    const T* m = row_of<T>(p.b, r, D);
+    const T* lv = row_of<T>(p.c, r, D);
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t c = 0; c < D; ++c) acc += ops::gaussian_log_prob(x[c], m[c], lv[c]);
+    out[r] = acc;
+  });
+}
+
+template <typename T>
+void gaussian_log_prob_bwd_t(const RowwiseParams& p) {
+  const int64_t D = p.cols;
+  const T* G = static_cast<const T*>(p.grad_out);
+  T* gx = static_cast<T*>(p.grad_a);
+  T* gm = static_cast<T*>(p.grad_b);
+  T* glv = static_cast<T*>(p.grad_c);
+  parallel_rows(p.rows, D, [&](int64_t r) {
+    const T* x = row_of<T>(p.a, r, D);
+    const T* m = row_of<T>(p.b, r, D);
+    const T* lv = row_of<T>(p.c, r, D);
+    const T g = G[r];
+    const int64_t o = r * D;
+#pragma omp simd
+    for (int64_t c = 0; c < D; ++c) {
+      const auto d = ops::gaussian_log_prob_grad(x[c], m[c], lv[c], g);
+      if (gx) gx[o + c] = d.x;
+      if (gm) gm[o + c] = d.m;
+      if (glv) glv[o + c] = d.lv;
+    }
+  });
+}
+
+// --------------------------------------------------------------------------------- fused ELBO
+template <typename T>
+void bernoulli_elbo_fwd_t(const RowwiseParams& p) {
+  const int64_t B = p.rows, D = p.cols, Z = p.cols2, S = p.samples;
+  T* out = static_cast<T*>(p.out);
+  parallel_rows(B, S * D + Z, [&](int64_t b) {
+    const T* x = row_of<T>(p.b, b, D);
+    T recon = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      const T* l = static_cast<const T*>(p.a.data) + (s * B + b) * D;
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < D; ++c) acc += ops::bernoulli_log_prob(l[c], x[c]);
+      recon += acc;
+    }
+    const T* mu = row_of<T>(p.c, b, Z);
+    const T* lv = row_of<T>(p.d, b, Z);
+    T kl = 0;
+#pragma omp simd reduction(+ : kl)
+    for (int64_t c = 0; c < Z; ++c) kl += ops::kl_std_normal(mu[c], lv[c]);
+    out[b] = ops::elbo_combine(recon, S, kl);
+  });
+}
+
+template <typename T>
+void bernoulli_elbo_bwd_t(const RowwiseParams& p) {
+  const int64_t B = p.rows, D = p.cols, Z = p.cols2, S = p.samples;
+  const T* G = static_cast<const T*>(p.grad_out);
+  T* gmu = static_cast<T*>(p.grad_c);
+  T* glv = static_cast<T*>(p.grad_d);
+  bool_switch2(p.grad_a != nullptr, p.grad_b != nullptr, [&](auto want_l, auto want_x) {
+    parallel_rows(B, S * D + Z, [&](int64_t b) {
+      const auto scale = ops::elbo_grad_scales(G[b], S);
+      const T* x = row_of<T>(p.b, b, D);
+      T* gx = want_x ? static_cast<T*>(p.grad_b) + b * D : nullptr;
+      for (int64_t s = 0; s < S; ++s) {
+        const T* l = static_cast<const T*>(p.a.data) + (s * B + b) * D;
+        T* gl = want_l ? static_cast<T*>(p.grad_a) + (s * B + b) * D : nullptr;
+        const bool first = s == 0;
+#pragma omp simd
+        for (int64_t c = 0; c < D; ++c) {
+          const auto d = ops::bernoulli_log_prob_grad(l[c], x[c], scale.recon);
+          if (want_l) gl[c] = d.l;
+          if (want_x) gx[c] = first ? d.x : gx[c] + d.x;
+        }
+      }
+    });
+  });
+  if (gmu || glv) {
+    parallel_rows(B, Z, [&](int64_t b) {
+      const auto scale = ops::elbo_grad_scales(G[b], S);
+      const T* mu = row_of<T>(p.c, b, Z);
+      const T* lv = row_of<T>(p.d, b, Z);
+#pragma omp simd
+      for (int64_t c = 0; c < Z; ++c) {
+        const auto d = ops::kl_std_normal_grad(mu[c], lv[c], scale.kl);
+        if (gmu) gmu[b * Z + c] = d.mu;
+        if (glv) glv[b * Z + c] = d.lv;
+      }
+    });
+  }
+}
+
+// ----------------------------------------------------------------------------- reparameterize
+constexpr int64_t kChunk = 2048;  // elements per task; a multiple of 4
+
+// eps for elements [i0, i0 + n) of the draw (seed, offset), n <= kChunk; NOTE: [Counter-based eps]
+void fill_normals(uint64_t seed, uint64_t offset, int64_t i0, int64_t n, float* dst) {
+  alignas(64) float buf[kChunk + 8];
+  const int64_t c0 = i0 / 4;
+  const int64_t c1 = (i0 + n + 3) / 4;
+#pragma omp simd
+  for (int64_t c = c0; c < c1; ++c) {
+    const philox::Normal4 v = philox::normal4(seed, offset + static_cast<uint64_t>(c));
+    for (int k = 0; k < 4; ++k) buf[4 * (c - c0) + k] = v.v[k];
+  }
+  std::copy(buf + (i0 - 4 * c0), buf + (i0 - 4 * c0) + n, dst);
+}
+
+template <typename T>
+void reparameterize_fwd_t(const ReparamParams& p) {
+  const int64_t M = p.numel;
+  const int64_t chunks = (M + kChunk - 1) / kChunk;
+  const int64_t tasks = p.samples * chunks;
+  const T* mu = static_cast<const T*>(p.mu);
+  const T* lv = static_cast<const T*>(p.logvar);
+  T* z = static_cast<T*>(p.z);
+#pragma omp parallel for schedule(static) if (p.samples * M >= kParallelGrain / 8)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t s = t / chunks;
+    const int64_t m0 = (t % chunks) * kChunk;
+    const int64_t n = std::min(kChunk, M - m0);
+    alignas(64) float eps[kChunk];
+    fill_normals(p.seed, p.offset, s * M + m0, n, eps);
+    T* zs = z + s * M + m0;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) zs[j] = ops::reparameterize(mu[m0 + j], lv[m0 + j], T(eps[j]));
+  }
+}
+
+template <typename T>
+void reparameterize_bwd_t(const ReparamParams& p) {
+  const int64_t M = p.numel;
+  const int64_t chunks = (M + kChunk - 1) / kChunk;
+  const T* lv = static_cast<const T*>(p.logvar);
+  const T* G = static_cast<const T*>(p.grad_out);
+  T* gmu = static_cast<T*>(p.grad_mu);
+  T* glv = static_cast<T*>(p.grad_logvar);
+#pragma omp parallel for schedule(static) if (p.samples * M >= kParallelGrain / 8)
+  for (int64_t t = 0; t < chunks; ++t) {
+    const int64_t m0 = t * kChunk;
+    const int64_t n = std::min(kChunk, M - m0);
+    alignas(64) float eps[kChunk];
+    for (int64_t s = 0; s < p.samples; ++s) {
+      fill_normals(p.seed, p.offset, s * M + m0, n, eps);
+      const T* g = G + s * M + m0;
+      const bool first = s == 0;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const auto d = ops::reparameterize_grad(lv[m0 + j], T(eps[j]), g[j]);
+        if (gmu) gmu[m0 + j] = first ? d.mu : gmu[m0 + j] + d.mu;
+        if (glv) glv[m0 + j] = first ? d.lv : glv[m0 + j] + d.lv;
+      }
+    }
+  }
+}
+
+
+}  // namespace
+
+#define PYVAE_CPU_DEFINE(NAME, PARAMS)                                        \
+  void NAME(const PARAMS& p) {                                                \
+    if (p.dtype == DType::kFloat64) NAME##_t<double>(p);                      \
+    else NAME##_t<float>(p);                                                  \
+  }
+
+PYVAE_CPU_DEFINE(bernoulli_log_prob_fwd, RowwiseParams)
+PYVAE_CPU_DEFINE(bernoulli_log_prob_bwd, RowwiseParams)
+PYVAE_CPU_DEFINE(gaussian_kl_fwd, RowwiseParams)
+PYVAE_CPU_DEFINE(gaussian_kl_bwd, RowwiseParams)
+PYVAE_CPU_DEFINE(gaussian_log_prob_fwd, RowwiseParams)
+PYVAE_CPU_DEFINE(gaussian_log_prob_bwd, RowwiseParams)
+PYVAE_CPU_DEFINE(bernoulli_elbo_fwd, RowwiseParams)
+PYVAE_CPU_DEFINE(bernoulli_elbo_bwd, RowwiseParams)
+PYVAE_CPU_DEFINE(reparameterize_fwd, ReparamParams)
+PYVAE_CPU_DEFINE(reparameterize_bwd, ReparamParams)
+
+}  // namespace PYVAE_CPU_ARCH
+}  // namespace cpu
+}  // namespace pyvae

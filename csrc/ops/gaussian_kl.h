@@ -1,0 +1,58 @@
+// Analytic KL divergence between diagonal Gaussians, per element (the launcher sums the event dim).
+#pragma once
+
+#include "common/hd.h"
+#include "ops/fastmath.h"
+
+namespace pyvae {
+namespace ops {
+
+// KL(N(mu, e^lv) || N(0, 1)) = 0.5 * (mu^2 + e^lv - 1 - lv)
+template <typename T>
+PYVAE_HD PYVAE_FORCEINLINE T kl_std_normal(T mu, T lv) {
+  return T(0.5) * (mu * mu + math::exp(lv) - T(1) - lv);
+}
+
+template <typename T>
+struct KLStdGrad {
+  T mu, lv;
+};
+
+// d/dmu = mu, d/dlv = 0.5 * (e^lv - 1); both scaled by the upstream gradient g
+template <typename T>
+PYVAE_HD PYVAE_FORCEINLINE KLStdGrad<T> kl_std_normal_grad(T mu, T lv, T g) {
+  KLStdGrad<T> r;
+  r.mu = g * mu;
+  r.lv = g * T(0.5) * (math::exp(lv) - T(1));
+  return r;
+}
+
+// KL(N(mu, e^lv) || N(pm, e^plv)) = 0.5 * (plv - lv + e^(lv - plv) + (mu - pm)^2 e^-plv - 1)
+template <typename T>
+PYVAE_HD PYVAE_FORCEINLINE T kl_normal(T mu, T lv, T pm, T plv) {
+  const T d = mu - pm;
+  return T(0.5) * (plv - lv + math::exp(lv - plv) + d * d * math::exp(-plv) - T(1));
+}
+
+template <typename T>
+struct KLGrad {
+  T mu, lv, pm, plv;
+};
+
+// d/dmu = (mu - pm) e^-plv = -d/dpm; d/dlv = 0.5 (e^(lv-plv) - 1);
+// d/dplv = 0.5 (1 - e^(lv-plv) - (mu - pm)^2 e^-plv); all scaled by g
+template <typename T>
+PYVAE_HD PYVAE_FORCEINLINE KLGrad<T> kl_normal_grad(T mu, T lv, T pm, T plv, T g) {
+  const T d = mu - pm;
+  const T inv_pv = math::exp(-plv);
+  const T ratio = math::exp(lv - plv);
+  KLGrad<T> r;
+  r.mu = g * d * inv_pv;
+  r.pm = -r.mu;
+  r.lv = g * T(0.5) * (ratio - T(1));
+  r.plv = g * T(0.5) * (T(1) - ratio - d * d * inv_pv);
+  return r;
+}
+
+}  // namespace ops
+}  // namespace pyvae

@@ -1,0 +1,28 @@
+"""pyvae: fast, trustworthy Auto-Encoding Variational Bayes for PyTorch."""
+import torch  # noqa: F401  (import torch before _C: it loads the OpenMP runtime both share)
+
+from . import _C
+from .ops import bernoulli_elbo, bernoulli_log_prob, gaussian_kl, gaussian_log_prob, reparameterize
+
+__version__ = "0.1.0"
+
+
+def cuda_available() -> bool:
+    """True when this build has CUDA kernels and torch sees a GPU."""
+    return bool(_C.cuda_built) and torch.cuda.is_available()
+
+
+def cuda_built() -> bool:
+    """True when this build of pyvae compiled its CUDA kernels (whether or not a GPU is present)."""
+    return bool(_C.cuda_built)
+
+
+__all__ = [
+    "bernoulli_elbo",
+    "bernoulli_log_prob",
+    "gaussian_kl",
+    "gaussian_log_prob",
+    "reparameterize",
+    "cuda_available",
+    "cuda_built",
+]

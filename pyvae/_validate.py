@@ -1,0 +1,55 @@
+"""Input checks shared by every op: clear errors before any pointer reaches the kernels."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def tensor(name: str, t, *, op: str) -> torch.Tensor:
+    """Checks that ``t`` is a floating-point tensor with at least one dim."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"pyvae.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"pyvae.{op}: {name} must be a floating-point tensor (float32, float64, float16 or bfloat16), "
+            f"got dtype {t.dtype}"
+        )
+    if t.dim() == 0:
+        raise ValueError(f"pyvae.{op}: {name} must have at least 1 dim (the event dim), got a 0-dim tensor")
+    return t
+
+
+def same_dtype_device(named: Sequence[tuple], *, op: str) -> tuple:
+    """Checks that all (name, tensor) pairs share the first one's dtype and device."""
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"pyvae.{op}: {name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}; "
+                "all inputs must have the same dtype"
+            )
+        if t.device != first.device:
+            raise ValueError(
+                f"pyvae.{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                "all inputs must be on the same device"
+            )
+    if first.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"pyvae.{op}: tensors on {first.device} are not supported (cpu or cuda)")
+    return first.dtype, first.device
+
+
+def broadcast(named: Sequence[tuple], *, op: str) -> torch.Size:
+    """The broadcast shape of all (name, tensor) pairs, or a ValueError naming them."""
+    try:
+        return torch.broadcast_shapes(*(t.shape for _, t in named))
+    except RuntimeError:
+        shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in named)
+        raise ValueError(f"pyvae.{op}: shapes do not broadcast: {shapes}") from None
+
+
+def numel(shape) -> int:
+    return math.prod(shape)

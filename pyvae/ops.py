@@ -1,0 +1,528 @@
+"""Fused ELBO ops: ``torch.library`` custom ops (namespace ``pyvae``) with autograd and fake kernels.
+
+Every op follows ``torch.distributions``: the last dim is the event dim and is summed; all leading
+dims are kept and broadcast. The math lives in ``csrc/ops/*.h`` and runs unchanged on CPU and CUDA;
+this module validates inputs, allocates outputs and hands raw pointers to ``pyvae._C``.
+
+Public functions (also importable from ``pyvae``):
+
+=========================================================  ==========================================
+``gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None)``  KL(q || p) per row, ``[...]``
+``bernoulli_log_prob(logits, x)``                          log Bern(x | sigmoid(logits)), ``[...]``
+``gaussian_log_prob(x, mean, logvar)``                     log N(x | mean, exp(logvar)), ``[...]``
+``reparameterize(mu, logvar, *, samples=None, generator=None)``  z = mu + exp(logvar/2) * eps
+``bernoulli_elbo(logits, x, mu, logvar)``                  fused SGVB estimator B, ``[...]``
+=========================================================  ==========================================
+
+NaN in any input gives NaN in the affected rows of the result (and gradient); infinities follow
+the limits of the formulas. CPU kernels take float32 and float64 (float16 and bfloat16 are computed
+in float32 and cast back); CUDA kernels take float32, float64, float16 and bfloat16 and accumulate
+in float32 or wider. Gradients are first order (no double backward).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _C
+from . import _validate as V
+
+__all__ = [
+    "gaussian_kl",
+    "bernoulli_log_prob",
+    "gaussian_log_prob",
+    "reparameterize",
+    "bernoulli_elbo",
+]
+
+_lib = torch.library.Library("pyvae", "DEF")
+
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+# ----------------------------------------------------------------------------------- plumbing
+def _compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """CPU kernels exist for float32/float64; half types are computed in float32 there."""
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _check_cuda_built(device: torch.device, op: str) -> None:
+    if device.type == "cuda" and not _C.cuda_built:
+        raise RuntimeError(
+            f"pyvae.{op}: got CUDA tensors, but this pyvae was built without CUDA kernels "
+            "(rebuild with nvcc on PATH, or PYVAE_CUDA=ON)"
+        )
+
+
+def _as_rows(t: torch.Tensor, lead: Sequence[int], cols: int, dtype: torch.dtype):
+    """``t`` (broadcastable to ``[*lead, cols]``) as a contiguous ``[mod, cols]`` block and ``mod``.
+
+    Row r of the op reads row ``r % mod``: an operand whose leading shape (without leading 1s) is a
+    suffix of ``lead`` is used in place; any other broadcast is materialized.
+    """
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if t.shape[-1] != cols:
+        t = t.expand(*t.shape[:-1], cols)
+    tl = tuple(t.shape[:-1])
+    k = 0
+    while k < len(tl) and tl[k] == 1:
+        k += 1
+    tl = tl[k:]
+    if not tl:
+        return t.reshape(cols).contiguous(), 1
+    lead = tuple(lead)
+    if tl == lead[len(lead) - len(tl):]:
+        return t.contiguous(), V.numel(tl)
+    return t.expand(*lead, cols).contiguous(), max(V.numel(lead), 1)
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _launch_rowwise(fn, device, dtype, rows, cols, operands, *, cols2=0, samples=1, grad_out=None,
+                    out=None, grads=(None, None, None, None)):
+    ops = list(operands) + [None] * (4 - len(operands))
+    flat = []
+    for o in ops:
+        flat += [0, 1] if o is None else [o[0].data_ptr(), o[1]]
+    fn(0 if device.type == "cpu" else 1, _DTYPE_CODE[dtype], rows, cols, cols2, samples, *flat,
+       _ptr(grad_out), _ptr(out), *(_ptr(g) for g in grads), _stream(device))
+
+
+def _reduce_grad(g: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> torch.Tensor:
+    """Sums a full-size gradient down to ``like``'s (broadcast) shape, in ``like``'s dtype."""
+    if like is None:
+        return torch.empty(0)
+    if g is None:
+        return like.new_empty(0)
+    g = g.sum_to_size(like.shape) if g.shape != like.shape else g
+    return g.to(like.dtype)
+
+
+def _empty_grad(like: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.empty(0) if like is None else like.new_empty(0)
+
+
+# ---------------------------------------------------------------- row-reduction op plumbing
+def _plan(op: str, named: Sequence[tuple]):
+    """Validates a row-reduction op's inputs; returns (full shape, dtype, device)."""
+    for name, t in named:
+        V.tensor(name, t, op=op)
+    dtype, device = V.same_dtype_device(named, op=op)
+    full = V.broadcast(named, op=op)
+    return full, dtype, device
+
+
+def _rowwise_forward(op: str, fn, named: Sequence[tuple]) -> torch.Tensor:
+    full, dtype, device = _plan(op, [(n, t) for n, t in named if t is not None])
+    _check_cuda_built(device, op)
+    lead, cols = full[:-1], full[-1]
+    out = torch.empty(lead, dtype=dtype, device=device)
+    rows = out.numel()
+    if rows == 0:
+        return out
+    cd = _compute_dtype(dtype, device)
+    operands = [None if t is None else _as_rows(t, lead, cols, cd) for _, t in named]
+    o = out if cd == dtype else torch.empty(lead, dtype=cd, device=device)
+    _launch_rowwise(fn, device, cd, rows, cols, operands, out=o)
+    if o is not out:
+        out.copy_(o)
+    return out
+
+
+def _rowwise_backward(op: str, fn, grad: torch.Tensor, named: Sequence[tuple], mask: Sequence[bool]):
+    present = [(n, t) for n, t in named if t is not None]
+    full, dtype, device = _plan(op, present)
+    _check_cuda_built(device, op)
+    lead, cols = full[:-1], full[-1]
+    rows = V.numel(lead)
+    cd = _compute_dtype(dtype, device)
+    grads = [torch.empty(full, dtype=cd, device=device) if (m and t is not None) else None
+             for (_, t), m in zip(named, mask)]
+    if rows > 0 and cols > 0:
+        operands = [None if t is None else _as_rows(t, lead, cols, cd) for _, t in named]
+        g = grad.to(cd).expand(lead).contiguous()
+        _launch_rowwise(fn, device, cd, rows, cols, operands, grad_out=g, grads=grads + [None] * (4 - len(grads)))
+    return tuple(_reduce_grad(g, t) if (m and t is not None) else _empty_grad(t)
+                 for g, (_, t), m in zip(grads, named, mask))
+
+
+def _rowwise_fake_forward(op: str, named: Sequence[tuple]) -> torch.Tensor:
+    full, dtype, device = _plan(op, [(n, t) for n, t in named if t is not None])
+    return named[0][1].new_empty(full[:-1])
+
+
+def _rowwise_fake_backward(op: str, named: Sequence[tuple], mask: Sequence[bool]):
+    _plan(op, [(n, t) for n, t in named if t is not None])
+    return tuple(t.new_empty(t.shape) if (m and t is not None) else _empty_grad(t)
+                 for (_, t), m in zip(named, mask))
+
+
+def _register_rowwise(name: str, schema: str, bwd_schema: str, arg_names: Sequence[str], fwd_fn, bwd_fn,
+                      fill=lambda args: args):
+    """Defines ``pyvae::<name>`` and ``pyvae::<name>_backward`` with CPU/CUDA, fake and autograd.
+
+    ``fill`` maps the op's tensor arguments to the ones the kernel gets (optional ones completed).
+    """
+    _lib.define(schema)
+    _lib.define(bwd_schema)
+
+    def fwd(*args):
+        return _rowwise_forward(name, fwd_fn, list(zip(arg_names, fill(args))))
+
+    def bwd(grad, *args):
+        *inputs, mask = args
+        return _rowwise_backward(name, bwd_fn, grad, list(zip(arg_names, fill(inputs))), mask)
+
+    def fake_fwd(*args):
+        return _rowwise_fake_forward(name, list(zip(arg_names, fill(args))))
+
+    def fake_bwd(grad, *args):
+        *inputs, mask = args
+        return _rowwise_fake_backward(name, list(zip(arg_names, fill(inputs))), mask)
+
+    for key in ("CPU", "CUDA"):
+        _lib.impl(name, fwd, key)
+        _lib.impl(name + "_backward", bwd, key)
+    torch.library.register_fake("pyvae::" + name, fake_fwd, lib=_lib)
+    torch.library.register_fake("pyvae::" + name + "_backward", fake_bwd, lib=_lib)
+
+    backward_op = getattr(torch.ops.pyvae, name + "_backward")
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad):
+        inputs = ctx.saved_tensors
+        mask = [bool(n) and t is not None for n, t in zip(ctx.needs_input_grad, inputs)]
+        grads = backward_op(grad, *inputs, mask)
+        return tuple(g if m else None for g, m in zip(grads, mask))
+
+    torch.library.register_autograd("pyvae::" + name, backward, setup_context=setup_context, lib=_lib)
+
+
+def _fill_prior(mu, logvar, prior_mu=None, prior_logvar=None):
+    """The kernel takes both prior tensors or neither: a missing one is N(0, 1)'s 0 (broadcast)."""
+    if (prior_mu is None) != (prior_logvar is None):
+        given = prior_mu if prior_mu is not None else prior_logvar
+        if isinstance(given, torch.Tensor):
+            zero = given.new_zeros(1)
+            prior_mu = zero if prior_mu is None else prior_mu
+            prior_logvar = zero if prior_logvar is None else prior_logvar
+    return mu, logvar, prior_mu, prior_logvar
+
+
+_register_rowwise(
+    "bernoulli_log_prob",
+    "bernoulli_log_prob(Tensor logits, Tensor x) -> Tensor",
+    "bernoulli_log_prob_backward(Tensor grad, Tensor logits, Tensor x, bool[] output_mask) -> (Tensor, Tensor)",
+    ("logits", "x"), _C.bernoulli_log_prob_fwd, _C.bernoulli_log_prob_bwd,
+)
+_register_rowwise(
+    "gaussian_log_prob",
+    "gaussian_log_prob(Tensor x, Tensor mean, Tensor logvar) -> Tensor",
+    "gaussian_log_prob_backward(Tensor grad, Tensor x, Tensor mean, Tensor logvar, bool[] output_mask)"
+    " -> (Tensor, Tensor, Tensor)",
+    ("x", "mean", "logvar"), _C.gaussian_log_prob_fwd, _C.gaussian_log_prob_bwd,
+)
+_register_rowwise(
+    "gaussian_kl",
+    "gaussian_kl(Tensor mu, Tensor logvar, Tensor? prior_mu=None, Tensor? prior_logvar=None) -> Tensor",
+    "gaussian_kl_backward(Tensor grad, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar,"
+    " bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+    ("mu", "logvar", "prior_mu", "prior_logvar"), _C.gaussian_kl_fwd, _C.gaussian_kl_bwd,
+    fill=lambda args: _fill_prior(*args),
+)
+
+
+# ----------------------------------------------------------------------------- bernoulli_elbo
+def _elbo_plan(logits, x, mu, logvar):
+    """Validates the fused ELBO's inputs; returns (lead, samples, D, Z, dtype, device)."""
+    op = "bernoulli_elbo"
+    named = [("logits", logits), ("x", x), ("mu", mu), ("logvar", logvar)]
+    for n, t in named:
+        V.tensor(n, t, op=op)
+    dtype, device = V.same_dtype_device(named, op=op)
+    if mu.shape != logvar.shape:
+        raise ValueError(f"pyvae.{op}: mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
+    lead = tuple(mu.shape[:-1])
+    if logits.dim() == mu.dim() + 1 and tuple(logits.shape[1:-1]) == lead:
+        samples = logits.shape[0]
+        if samples == 0:
+            raise ValueError(f"pyvae.{op}: logits {tuple(logits.shape)} has 0 samples; need L >= 1")
+    elif tuple(logits.shape[:-1]) == lead:
+        samples = 0
+    else:
+        raise ValueError(
+            f"pyvae.{op}: logits {tuple(logits.shape)} must be [*B, D] or [L, *B, D] where mu is [*B, Z] = "
+            f"{tuple(mu.shape)}"
+        )
+    D = logits.shape[-1]
+    try:
+        torch.broadcast_shapes(x.shape, (*lead, D))
+    except RuntimeError:
+        raise ValueError(f"pyvae.{op}: x {tuple(x.shape)} does not broadcast to {(*lead, D)} (mu's batch, logits' D)") from None
+    if V.numel(torch.broadcast_shapes(x.shape, (*lead, D))) != V.numel((*lead, D)):
+        raise ValueError(f"pyvae.{op}: x {tuple(x.shape)} has more elements than {(*lead, D)}")
+    return lead, samples, D, mu.shape[-1], dtype, device
+
+
+_lib.define("bernoulli_elbo(Tensor logits, Tensor x, Tensor mu, Tensor logvar) -> Tensor")
+_lib.define(
+    "bernoulli_elbo_backward(Tensor grad, Tensor logits, Tensor x, Tensor mu, Tensor logvar, bool[] output_mask)"
+    " -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _elbo_fwd(logits, x, mu, logvar):
+    lead, samples, D, Z, dtype, device = _elbo_plan(logits, x, mu, logvar)
+    _check_cuda_built(device, "bernoulli_elbo")
+    out = torch.empty(lead, dtype=dtype, device=device)
+    rows = out.numel()
+    if rows == 0:
+        return out
+    cd = _compute_dtype(dtype, device)
+    S = max(samples, 1)
+    o = out if cd == dtype else torch.empty(lead, dtype=cd, device=device)
+    operands = [
+        (logits.to(cd).contiguous(), S * rows),
+        _as_rows(x, lead, D, cd),
+        (mu.to(cd).contiguous(), rows),
+        (logvar.to(cd).contiguous(), rows),
+    ]
+    _launch_rowwise(_C.bernoulli_elbo_fwd, device, cd, rows, D, operands, cols2=Z, samples=S, out=o)
+    if o is not out:
+        out.copy_(o)
+    return out
+
+
+def _elbo_bwd(grad, logits, x, mu, logvar, mask):
+    lead, samples, D, Z, dtype, device = _elbo_plan(logits, x, mu, logvar)
+    _check_cuda_built(device, "bernoulli_elbo")
+    rows = V.numel(lead)
+    cd = _compute_dtype(dtype, device)
+    S = max(samples, 1)
+    g_l = torch.empty(logits.shape, dtype=cd, device=device) if mask[0] else None
+    g_x = torch.empty((*lead, D), dtype=cd, device=device) if mask[1] else None
+    g_mu = torch.empty(mu.shape, dtype=cd, device=device) if mask[2] else None
+    g_lv = torch.empty(mu.shape, dtype=cd, device=device) if mask[3] else None
+    if rows > 0:
+        operands = [
+            (logits.to(cd).contiguous(), S * rows),
+            _as_rows(x, lead, D, cd),
+            (mu.to(cd).contiguous(), rows),
+            (logvar.to(cd).contiguous(), rows),
+        ]
+        g = grad.to(cd).expand(lead).contiguous()
+        _launch_rowwise(_C.bernoulli_elbo_bwd, device, cd, rows, D, operands, cols2=Z, samples=S,
+                        grad_out=g, grads=(g_l, g_x, g_mu, g_lv))
+    return (
+        _reduce_grad(g_l, logits) if mask[0] else logits.new_empty(0),
+        _reduce_grad(g_x, x) if mask[1] else x.new_empty(0),
+        _reduce_grad(g_mu, mu) if mask[2] else mu.new_empty(0),
+        _reduce_grad(g_lv, logvar) if mask[3] else logvar.new_empty(0),
+    )
+
+
+def _elbo_fake_fwd(logits, x, mu, logvar):
+    lead = _elbo_plan(logits, x, mu, logvar)[0]
+    return mu.new_empty(lead)
+
+
+def _elbo_fake_bwd(grad, logits, x, mu, logvar, mask):
+    _elbo_plan(logits, x, mu, logvar)
+    return tuple(t.new_empty(t.shape) if m else t.new_empty(0) for t, m in zip((logits, x, mu, logvar), mask))
+
+
+# ----------------------------------------------------------------------------- reparameterize
+_lib.define("reparameterize(Tensor mu, Tensor logvar, int samples, Tensor seed) -> Tensor")
+_lib.define(
+    "reparameterize_backward(Tensor grad, Tensor mu, Tensor logvar, int samples, Tensor seed, bool[] output_mask)"
+    " -> (Tensor, Tensor)"
+)
+
+
+def _reparam_plan(mu, logvar, samples, seed):
+    op = "reparameterize"
+    V.tensor("mu", mu, op=op)
+    V.tensor("logvar", logvar, op=op)
+    dtype, device = V.same_dtype_device([("mu", mu), ("logvar", logvar)], op=op)
+    shape = V.broadcast([("mu", mu), ("logvar", logvar)], op=op)
+    if not isinstance(samples, int) or samples < 0:
+        raise ValueError(f"pyvae.{op}: samples must be a non-negative int (0: no sample dim), got {samples!r}")
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.shape != (2,):
+        raise ValueError(f"pyvae.{op}: seed must be an int64 tensor of shape [2] (seed, offset)")
+    out_shape = (samples, *shape) if samples > 0 else tuple(shape)
+    return tuple(shape), out_shape, dtype, device
+
+
+def _seed_words(seed: torch.Tensor):
+    s, off = seed.tolist()
+    return s & 0xFFFFFFFFFFFFFFFF, off & 0xFFFFFFFFFFFFFFFF
+
+
+def _reparam_fwd(mu, logvar, samples, seed):
+    shape, out_shape, dtype, device = _reparam_plan(mu, logvar, samples, seed)
+    _check_cuda_built(device, "reparameterize")
+    z = torch.empty(out_shape, dtype=dtype, device=device)
+    if z.numel() == 0:
+        return z
+    cd = _compute_dtype(dtype, device)
+    m = mu.to(cd).expand(shape).contiguous()
+    lv = logvar.to(cd).expand(shape).contiguous()
+    zc = z if cd == dtype else torch.empty(out_shape, dtype=cd, device=device)
+    s, off = _seed_words(seed)
+    _C.reparameterize_fwd(0 if device.type == "cpu" else 1, _DTYPE_CODE[cd], m.numel(), max(samples, 1),
+                          m.data_ptr(), lv.data_ptr(), 0, zc.data_ptr(), 0, 0, s, off, _stream(device))
+    if zc is not z:
+        z.copy_(zc)
+    return z
+
+
+def _reparam_bwd(grad, mu, logvar, samples, seed, mask):
+    shape, out_shape, dtype, device = _reparam_plan(mu, logvar, samples, seed)
+    _check_cuda_built(device, "reparameterize")
+    cd = _compute_dtype(dtype, device)
+    g_mu = torch.zeros(shape, dtype=cd, device=device) if mask[0] else None
+    g_lv = torch.zeros(shape, dtype=cd, device=device) if mask[1] else None
+    n = V.numel(shape)
+    if n > 0 and (g_mu is not None or g_lv is not None) and V.numel(out_shape) > 0:
+        lv = logvar.to(cd).expand(shape).contiguous()
+        g = grad.to(cd).expand(out_shape).contiguous()
+        s, off = _seed_words(seed)
+        _C.reparameterize_bwd(0 if device.type == "cpu" else 1, _DTYPE_CODE[cd], n, max(samples, 1),
+                              0, lv.data_ptr(), g.data_ptr(), 0, _ptr(g_mu), _ptr(g_lv), s, off, _stream(device))
+    return (
+        _reduce_grad(g_mu, mu) if mask[0] else mu.new_empty(0),
+        _reduce_grad(g_lv, logvar) if mask[1] else logvar.new_empty(0),
+    )
+
+
+def _reparam_fake_fwd(mu, logvar, samples, seed):
+    return mu.new_empty(_reparam_plan(mu, logvar, samples, seed)[1])
+
+
+def _reparam_fake_bwd(grad, mu, logvar, samples, seed, mask):
+    _reparam_plan(mu, logvar, samples, seed)
+    return tuple(t.new_empty(t.shape) if m else t.new_empty(0) for t, m in zip((mu, logvar), mask))
+
+
+def _register(name, fwd, bwd, fake_fwd, fake_bwd, n_tensor_inputs):
+    for key in ("CPU", "CUDA"):
+        _lib.impl(name, fwd, key)
+        _lib.impl(name + "_backward", bwd, key)
+    torch.library.register_fake("pyvae::" + name, fake_fwd, lib=_lib)
+    torch.library.register_fake("pyvae::" + name + "_backward", fake_bwd, lib=_lib)
+    backward_op = getattr(torch.ops.pyvae, name + "_backward")
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n_tensor_inputs])
+        ctx.extra = inputs[n_tensor_inputs:]
+
+    def backward(ctx, grad):
+        inputs = ctx.saved_tensors
+        mask = [bool(m) for m in ctx.needs_input_grad[:n_tensor_inputs]]
+        grads = backward_op(grad, *inputs, *ctx.extra, mask)
+        return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * len(ctx.extra)
+
+    torch.library.register_autograd("pyvae::" + name, backward, setup_context=setup_context, lib=_lib)
+
+
+_register("bernoulli_elbo", _elbo_fwd, _elbo_bwd, _elbo_fake_fwd, _elbo_fake_bwd, 4)
+_register("reparameterize", _reparam_fwd, _reparam_bwd, _reparam_fake_fwd, _reparam_fake_bwd, 2)
+
+
+# ----------------------------------------------------------------------------- public functions
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: Optional[torch.Tensor] = None,
+                prior_logvar: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """KL( N(mu, diag(exp(logvar))) || N(prior_mu, diag(exp(prior_logvar))) ), summed over the last dim.
+
+    Args:
+        mu: ``[..., Z]`` float tensor, the posterior mean.
+        logvar: ``[..., Z]`` float tensor (broadcastable with ``mu``), the posterior log-variance.
+        prior_mu: optional, broadcastable to ``[..., Z]``; default 0.
+        prior_logvar: optional, broadcastable to ``[..., Z]``; default 0 (unit variance).
+
+    Returns:
+        ``[...]`` tensor: the broadcast leading shape. Equal to ``torch.distributions.kl_divergence``
+        of the two ``Independent(Normal(m, exp(lv / 2)), 1)`` distributions.
+    """
+    return torch.ops.pyvae.gaussian_kl(mu, logvar, prior_mu, prior_logvar)
+
+
+def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """log Bern(x | sigmoid(logits)) summed over the last dim: ``sum(x * logits - softplus(logits))``.
+
+    Args:
+        logits: ``[..., D]`` float tensor.
+        x: float tensor broadcastable to ``logits`` (e.g. ``[B, D]`` against logits ``[L, B, D]``);
+            binary, or in [0, 1] (then minus the summed BCE-with-logits).
+
+    Returns:
+        ``[...]`` tensor, the broadcast leading shape. Finite for all finite logits (stable softplus).
+    """
+    return torch.ops.pyvae.bernoulli_log_prob(logits, x)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(x | mean, diag(exp(logvar))) summed over the last dim.
+
+    Args:
+        x: ``[..., D]`` float tensor (broadcast over leading sample dims of ``mean``).
+        mean: ``[..., D]`` float tensor.
+        logvar: broadcastable to ``[..., D]``: per element, or ``[D]`` for one learned variance per
+            feature.
+
+    Returns:
+        ``[...]`` tensor: the broadcast leading shape.
+    """
+    return torch.ops.pyvae.gaussian_log_prob(x, mean, logvar)
+
+
+def _draw_seed(generator: Optional[torch.Generator]) -> torch.Tensor:
+    device = generator.device if generator is not None else "cpu"
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=generator)
+    return torch.cat([seed.cpu(), seed.new_zeros(1, device="cpu")])
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, samples: Optional[int] = None,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """z = mu + exp(logvar / 2) * eps with eps ~ N(0, I) drawn inside the kernel (Philox4x32-10).
+
+    Args:
+        mu: ``[...]`` float tensor.
+        logvar: float tensor broadcastable with ``mu``.
+        samples: ``None`` for one draw of ``mu``'s shape, or ``L >= 1`` for ``[L, *shape]``.
+        generator: torch generator to seed from; default torch's global one, so ``torch.manual_seed``
+            makes pyvae reproducible. The same seed gives the same z on every device and thread count.
+
+    Returns:
+        ``z``, differentiable in ``mu`` and ``logvar`` (eps is regenerated in backward, not stored).
+    """
+    if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 1):
+        raise ValueError(f"pyvae.reparameterize: samples must be None or an int >= 1, got {samples!r}")
+    return torch.ops.pyvae.reparameterize(mu, logvar, 0 if samples is None else samples, _draw_seed(generator))
+
+
+def bernoulli_elbo(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Per-datapoint SGVB estimator B in one fused pass: bernoulli_log_prob - gaussian_kl.
+
+    Args:
+        logits: ``[*B, D]``, or ``[L, *B, D]`` for L samples per datapoint (the reconstruction term
+            is then averaged over L).
+        x: broadcastable to ``[*B, D]``.
+        mu: ``[*B, Z]`` posterior mean; logvar: ``[*B, Z]`` posterior log-variance. Prior N(0, I).
+
+    Returns:
+        ``[*B]`` tensor: mean_l log p(x | z_l) - KL(q(z|x) || p(z)).
+    """
+    return torch.ops.pyvae.bernoulli_elbo(logits, x, mu, logvar)
