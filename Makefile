@@ -7,7 +7,7 @@ install:
 
 # The test command of README.md and .ci/run.
 test:
-	$(PYTHON) -m pytest -q tests
+	pytest -q tests
 
 bench:
 	$(PYTHON) bench/bench_elbo.py

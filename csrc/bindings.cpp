@@ -110,6 +110,40 @@ void def_reparam(py::module_& m, const char* name, ReparamFn cpu::KernelTable::*
       py::call_guard<py::gil_scoped_release>());
 }
 
+using LinearFn = void (*)(const LinearParams&);
+
+// Linear epilogues: CPU takes float32, float64 and bfloat16; CUDA float32, float64, float16, bfloat16.
+void def_linear(py::module_& m, const char* name, LinearFn cpu::KernelTable::*cpu_fn, LinearFn cuda_fn) {
+  m.def(
+      name,
+      [cpu_fn, cuda_fn](int device, int dtype, int act, int64_t rows, int64_t cols, uintptr_t y, uintptr_t bias,
+                        uintptr_t grad_y, uintptr_t out, uintptr_t grad_pre, uintptr_t grad_bias, uintptr_t stream) {
+        if (dtype < 0 || dtype > 3 || (device == kCPU && dtype == 2))
+          throw std::invalid_argument("pyvae._C: dtype code " + std::to_string(dtype) + " not supported on this device");
+        if (act < 0 || act > 4) throw std::invalid_argument("pyvae._C: unknown activation code " + std::to_string(act));
+        LinearParams p;
+        p.dtype = static_cast<DType>(dtype);
+        p.act = act;
+        p.rows = rows;
+        p.cols = cols;
+        p.y = ptr<void>(y);
+        p.bias = ptr<const void>(bias);
+        p.grad_y = ptr<const void>(grad_y);
+        p.out = ptr<const void>(out);
+        p.grad_pre = ptr<void>(grad_pre);
+        p.grad_bias = ptr<void>(grad_bias);
+        p.stream = ptr<void>(stream);
+        if (cols == 0) return;
+        if (device == kCPU) {
+          (cpu::kernels().*cpu_fn)(p);
+        } else {
+          if (!cuda_fn) no_cuda();
+          cuda_fn(p);
+        }
+      },
+      py::call_guard<py::gil_scoped_release>());
+}
+
 #if defined(PYVAE_WITH_CUDA)
 #define PYVAE_CUDA_FN(NAME) &cuda::NAME
 #else
@@ -141,6 +175,10 @@ PYBIND11_MODULE(_C, m) {
 #undef PYVAE_ROWWISE
   def_reparam(m, "reparameterize_fwd", &cpu::KernelTable::reparameterize_fwd, PYVAE_CUDA_FN(reparameterize_fwd));
   def_reparam(m, "reparameterize_bwd", &cpu::KernelTable::reparameterize_bwd, PYVAE_CUDA_FN(reparameterize_bwd));
+
+  // (device, dtype, act, rows, cols, y, bias, grad_y, out, grad_pre, grad_bias, stream)
+  def_linear(m, "bias_act_fwd", &cpu::KernelTable::bias_act_fwd, PYVAE_CUDA_FN(bias_act_fwd));
+  def_linear(m, "act_bwd", &cpu::KernelTable::act_bwd, PYVAE_CUDA_FN(act_bwd));
 
   m.def("cpu_arch", [] { return std::string(cpu::kernels().name); },
         "Name of the CPU kernel build in use (avx512, avx2 or base).");

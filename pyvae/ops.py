@@ -526,3 +526,8 @@ def bernoulli_elbo(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logv
         ``[*B]`` tensor: mean_l log p(x | z_l) - KL(q(z|x) || p(z)).
     """
     return torch.ops.pyvae.bernoulli_elbo(logits, x, mu, logvar)
+
+
+from ._linear import ACTIVATIONS, linear_act  # noqa: E402  (registers pyvae::linear_act)
+
+__all__ += ["linear_act", "ACTIVATIONS"]

@@ -53,3 +53,22 @@ struct ReparamParams {
 };
 
 }  // namespace pyvae
+
+namespace pyvae {
+
+// Epilogues of a linear layer y = act(x W^T + b) around a library GEMM (DESIGN.md, decision 5).
+struct LinearParams {
+  DType dtype = DType::kFloat32;
+  int act = 0;  // ops::Act
+  int64_t rows = 0;
+  int64_t cols = 0;
+  void* y = nullptr;               // forward: the GEMM result [rows, cols], overwritten by act(y + bias)
+  const void* bias = nullptr;      // [cols] or nullptr
+  const void* grad_y = nullptr;    // backward: [rows, cols]
+  const void* out = nullptr;       // backward: the forward's output y [rows, cols]
+  void* grad_pre = nullptr;        // backward: dL/d(pre-activation) [rows, cols], or nullptr
+  void* grad_bias = nullptr;       // backward: [cols] (sum of grad_pre over rows), or nullptr
+  void* stream = nullptr;
+};
+
+}  // namespace pyvae

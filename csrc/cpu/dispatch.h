@@ -11,6 +11,7 @@ namespace cpu {
 
 using RowwiseFn = void (*)(const RowwiseParams&);
 using ReparamFn = void (*)(const ReparamParams&);
+using LinearFn = void (*)(const LinearParams&);
 
 struct KernelTable {
   const char* name;
@@ -19,6 +20,7 @@ struct KernelTable {
   RowwiseFn gaussian_log_prob_fwd, gaussian_log_prob_bwd;
   RowwiseFn bernoulli_elbo_fwd, bernoulli_elbo_bwd;
   ReparamFn reparameterize_fwd, reparameterize_bwd;
+  LinearFn bias_act_fwd, act_bwd;
 };
 
 const KernelTable& kernels();

@@ -17,6 +17,8 @@ void bernoulli_elbo_fwd(const RowwiseParams& p);
 void bernoulli_elbo_bwd(const RowwiseParams& p);
 void reparameterize_fwd(const ReparamParams& p);
 void reparameterize_bwd(const ReparamParams& p);
+void bias_act_fwd(const LinearParams& p);
+void act_bwd(const LinearParams& p);
 
 }  // namespace cuda
 }  // namespace pyvae

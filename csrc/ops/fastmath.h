@@ -113,6 +113,35 @@ PYVAE_HD PYVAE_FORCEINLINE void sincos_2pi(float u, float* s_out, float* c_out) 
 }
 
 // ---------------------------------------------------------------------------------------------
+// expm1(x) = e^x - 1: a degree-8 Taylor polynomial for |x| < 0.5 (relative error < 1e-8, no
+// cancellation near 0), exp(x) - 1 elsewhere; both are computed and one is selected.
+PYVAE_HD PYVAE_FORCEINLINE float expm1(float x) {
+  float p = 2.48015873015873e-05f;  // 1/8!
+  p = p * x + 1.98412698412698e-04f;
+  p = p * x + 1.38888888888889e-03f;
+  p = p * x + 8.33333333333333e-03f;
+  p = p * x + 4.16666666666667e-02f;
+  p = p * x + 1.66666666666667e-01f;
+  p = p * x + 0.5f;
+  const float small = x + x * x * p;
+  const float large = exp(x) - 1.0f;
+  const float ax = x < 0.0f ? -x : x;
+  return ax < 0.5f ? small : large;  // NaN: the comparison fails and NaN comes from `large`
+}
+PYVAE_HD PYVAE_FORCEINLINE double expm1(double x) { return ::expm1(x); }
+
+// tanh(x) = sign(x) * e / (e + 2) with e = expm1(2|x|); |x| is capped at 9, where tanh is 1 in
+// float, so e stays finite.
+PYVAE_HD PYVAE_FORCEINLINE float tanh(float x) {
+  const float ax0 = x < 0.0f ? -x : x;
+  const float ax = ax0 > 9.0f ? 9.0f : ax0;
+  const float e = expm1(2.0f * ax);
+  const float t = e / (e + 2.0f);
+  return x < 0.0f ? -t : t;
+}
+PYVAE_HD PYVAE_FORCEINLINE double tanh(double x) { return ::tanh(x); }
+
+// ---------------------------------------------------------------------------------------------
 // NOTE: [Stable softplus]
 // softplus(l) = log(1 + e^l) = max(l, 0) + log1p(e^-|l|). With t = e^-|l| in (0, 1] nothing
 // overflows for any finite l, and the same t gives sigmoid(l) = 1/(1+t) (l >= 0) or t/(1+t).

@@ -1,0 +1,121 @@
+// CPU epilogues of the fused linear layers (the GEMMs are torch's). Compiled per instruction set
+// like kernels.cpp; math from csrc/ops/activation.h.
+#include <algorithm>
+#include <type_traits>
+#include <cstdint>
+#include <vector>
+
+#include "common/hd.h"
+#include "common/params.h"
+#include "cpu/kernels.h"
+#include "ops/activation.h"
+
+namespace pyvae {
+namespace cpu {
+namespace PYVAE_CPU_ARCH {
+namespace {
+
+// Storage S, compute type C: bfloat16 (as uint16 bits) and float compute in float, double in double.
+template <typename S>
+struct Io {
+  using C = S;
+  static C load(const S* p, int64_t i) { return p[i]; }
+  static void store(S* p, int64_t i, C v) { p[i] = v; }
+};
+template <>
+struct Io<uint16_t> {
+  using C = float;
+  static C load(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+  static void store(uint16_t* p, int64_t i, C v) { p[i] = float_to_bf16(v); }
+};
+
+constexpr int64_t kParallelGrain = 32768;
+constexpr int64_t kRowChunk = 64;  // rows per partial bias-gradient sum (fixed: results do not
+                                   // depend on the thread count)
+
+template <ops::Act A, typename S>
+void bias_act_fwd_t(const LinearParams& p) {
+  S* y = static_cast<S*>(p.y);
+  const S* bias = static_cast<const S*>(p.bias);
+  const int64_t R = p.rows, N = p.cols;
+#pragma omp parallel for schedule(static) if (R * N >= kParallelGrain)
+  for (int64_t r = 0; r < R; ++r) {
+    S* yr = y + r * N;
+    if (bias) {
+#pragma omp simd
+      for (int64_t c = 0; c < N; ++c)
+        Io<S>::store(yr, c, ops::bias_act<A>(Io<S>::load(yr, c), Io<S>::load(bias, c)));
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < N; ++c) Io<S>::store(yr, c, ops::act_forward<A>(Io<S>::load(yr, c)));
+    }
+  }
+}
+
+template <ops::Act A, typename S>
+void act_bwd_t(const LinearParams& p) {
+  using C = typename Io<S>::C;
+  const S* gy = static_cast<const S*>(p.grad_y);
+  const S* y = static_cast<const S*>(p.out);
+  S* gp = static_cast<S*>(p.grad_pre);
+  S* gb = static_cast<S*>(p.grad_bias);
+  const int64_t R = p.rows, N = p.cols;
+  const int64_t chunks = (R + kRowChunk - 1) / kRowChunk;
+  std::vector<C> partial(gb ? static_cast<size_t>(chunks * N) : 0);
+#pragma omp parallel for schedule(static) if (R * N >= kParallelGrain)
+  for (int64_t k = 0; k < chunks; ++k) {
+    C* acc = gb ? partial.data() + k * N : nullptr;
+    if (acc) std::fill(acc, acc + N, C(0));
+    for (int64_t r = k * kRowChunk; r < std::min(R, (k + 1) * kRowChunk); ++r) {
+      const S* gyr = gy + r * N;
+      const S* yr = A == ops::Act::kIdentity ? nullptr : y + r * N;
+      S* gpr = gp ? gp + r * N : nullptr;
+#pragma omp simd
+      for (int64_t c = 0; c < N; ++c) {
+        const C g = A == ops::Act::kIdentity ? Io<S>::load(gyr, c)
+                                              : ops::act_backward<A>(Io<S>::load(gyr, c), Io<S>::load(yr, c));
+        if (gpr) Io<S>::store(gpr, c, g);
+        if (acc) acc[c] += g;
+      }
+    }
+  }
+  if (gb) {
+    for (int64_t c = 0; c < N; ++c) {
+      C s = 0;
+      for (int64_t k = 0; k < chunks; ++k) s += partial[k * N + c];
+      Io<S>::store(gb, c, s);
+    }
+  }
+}
+
+template <typename F>
+void act_switch(int act, const F& f) {
+  switch (static_cast<ops::Act>(act)) {
+    case ops::Act::kIdentity: f(std::integral_constant<ops::Act, ops::Act::kIdentity>{}); break;
+    case ops::Act::kReLU: f(std::integral_constant<ops::Act, ops::Act::kReLU>{}); break;
+    case ops::Act::kTanh: f(std::integral_constant<ops::Act, ops::Act::kTanh>{}); break;
+    case ops::Act::kSigmoid: f(std::integral_constant<ops::Act, ops::Act::kSigmoid>{}); break;
+    case ops::Act::kSoftplus: f(std::integral_constant<ops::Act, ops::Act::kSoftplus>{}); break;
+  }
+}
+
+template <typename F>
+void storage_switch(DType dt, const F& f) {
+  if (dt == DType::kFloat64) f(double{});
+  else if (dt == DType::kBFloat16) f(uint16_t{});
+  else f(float{});
+}
+
+}  // namespace
+
+void bias_act_fwd(const LinearParams& p) {
+  act_switch(p.act, [&](auto a) { storage_switch(p.dtype, [&](auto s) { bias_act_fwd_t<decltype(a)::value, decltype(s)>(p); }); });
+}
+
+void act_bwd(const LinearParams& p) {
+  act_switch(p.act, [&](auto a) { storage_switch(p.dtype, [&](auto s) { act_bwd_t<decltype(a)::value, decltype(s)>(p); }); });
+}
+
+}  // namespace PYVAE_CPU_ARCH
+}  // namespace cpu
+}  // namespace pyvae

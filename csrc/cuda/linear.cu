@@ -1,0 +1,162 @@
+// CUDA epilogues of the fused linear layers: bias + activation forward, activation gradient + bias
+// gradient backward. Same csrc/ops/activation.h math as the CPU; computed in float (double for
+// double), stored in the tensor's dtype.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cub/block/block_reduce.cuh>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common/params.h"
+#include "cuda/kernels.h"
+#include "ops/activation.h"
+
+namespace pyvae {
+namespace cuda {
+namespace {
+
+template <typename T>
+using compute_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("pyvae CUDA kernel ") + what + " failed: " + cudaGetErrorString(err));
+}
+
+// One thread per element, grid-stride.
+template <ops::Act A, typename T>
+__global__ void bias_act_kernel(LinearParams p) {
+  using C = compute_t<T>;
+  T* y = static_cast<T*>(p.y);
+  const T* bias = static_cast<const T*>(p.bias);
+  const int64_t n = p.rows * p.cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const C b = bias ? static_cast<C>(bias[i % p.cols]) : C(0);
+    y[i] = static_cast<T>(ops::bias_act<A>(static_cast<C>(y[i]), b));
+  }
+}
+
+// Block (32 x 8 threads) per tile of 32 columns x kRowsPerBlock rows: threadIdx.x walks columns
+// (coalesced), threadIdx.y strides rows. Each block writes its column sums to partial[blockIdx.y];
+// colsum_kernel adds those in a fixed order, so the bias gradient is deterministic.
+constexpr int kColTile = 32;
+constexpr int kRowThreads = 8;
+constexpr int kRowsPerBlock = 256;
+
+template <ops::Act A, typename T>
+__global__ void act_bwd_kernel(LinearParams p, compute_t<T>* partial) {
+  using C = compute_t<T>;
+  const T* gy = static_cast<const T*>(p.grad_y);
+  const T* y = static_cast<const T*>(p.out);
+  T* gp = static_cast<T*>(p.grad_pre);
+  const int64_t c = blockIdx.x * static_cast<int64_t>(kColTile) + threadIdx.x;
+  const int64_t r0 = blockIdx.y * static_cast<int64_t>(kRowsPerBlock);
+  const int64_t r1 = r0 + kRowsPerBlock < p.rows ? r0 + kRowsPerBlock : p.rows;
+  C acc = 0;
+  if (c < p.cols) {
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowThreads) {
+      const int64_t i = r * p.cols + c;
+      const C g = A == ops::Act::kIdentity ? static_cast<C>(gy[i])
+                                            : ops::act_backward<A>(static_cast<C>(gy[i]), static_cast<C>(y[i]));
+      if (gp) gp[i] = static_cast<T>(g);
+      acc += g;
+    }
+  }
+  if (!partial) return;
+  __shared__ C part[kRowThreads][kColTile];
+  part[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < p.cols) {
+    C s = 0;
+    for (int k = 0; k < kRowThreads; ++k) s += part[k][threadIdx.x];
+    partial[blockIdx.y * p.cols + c] = s;
+  }
+}
+
+template <typename T>
+__global__ void colsum_kernel(const compute_t<T>* partial, int64_t row_blocks, int64_t cols, T* out) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c >= cols) return;
+  compute_t<T> s = 0;
+  for (int64_t k = 0; k < row_blocks; ++k) s += partial[k * cols + c];
+  out[c] = static_cast<T>(s);
+}
+
+template <typename F>
+void act_switch(int act, const F& f) {
+  switch (static_cast<ops::Act>(act)) {
+    case ops::Act::kIdentity: f(std::integral_constant<ops::Act, ops::Act::kIdentity>{}); break;
+    case ops::Act::kReLU: f(std::integral_constant<ops::Act, ops::Act::kReLU>{}); break;
+    case ops::Act::kTanh: f(std::integral_constant<ops::Act, ops::Act::kTanh>{}); break;
+    case ops::Act::kSigmoid: f(std::integral_constant<ops::Act, ops::Act::kSigmoid>{}); break;
+    case ops::Act::kSoftplus: f(std::integral_constant<ops::Act, ops::Act::kSoftplus>{}); break;
+  }
+}
+
+template <typename F>
+void by_dtype(DType dt, const F& f) {
+  switch (dt) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kFloat64: f(double{}); break;
+    case DType::kFloat16: f(__half{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+  }
+}
+
+}  // namespace
+
+void bias_act_fwd(const LinearParams& p) {
+  const int64_t n = p.rows * p.cols;
+  if (n == 0) return;
+  const int64_t blocks64 = (n + 255) / 256;
+  const int blocks = static_cast<int>(blocks64 < 65535 * 16 ? blocks64 : 65535 * 16);
+  act_switch(p.act, [&](auto a) {
+    by_dtype(p.dtype, [&](auto t) {
+      bias_act_kernel<decltype(a)::value, decltype(t)>
+          <<<blocks, 256, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
+    });
+  });
+  check_launch("bias_act_fwd");
+}
+
+void act_bwd(const LinearParams& p) {
+  if (p.rows == 0) {
+    if (p.grad_bias) {
+      const size_t bytes = static_cast<size_t>(p.cols) *
+          (p.dtype == DType::kFloat64 ? 8 : p.dtype == DType::kFloat32 ? 4 : 2);
+      cudaMemsetAsync(p.grad_bias, 0, bytes, static_cast<cudaStream_t>(p.stream));
+    }
+    return;
+  }
+  const int64_t row_blocks = (p.rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  const dim3 grid(static_cast<unsigned>((p.cols + kColTile - 1) / kColTile), static_cast<unsigned>(row_blocks));
+  const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  act_switch(p.act, [&](auto a) {
+    by_dtype(p.dtype, [&](auto t) {
+      using T = decltype(t);
+      using C = compute_t<T>;
+      C* partial = nullptr;
+      if (p.grad_bias) {
+        const cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&partial),
+                                                sizeof(C) * static_cast<size_t>(row_blocks * p.cols), stream);
+        if (err != cudaSuccess)
+          throw std::runtime_error(std::string("pyvae act_bwd: workspace allocation failed: ") + cudaGetErrorString(err));
+      }
+      act_bwd_kernel<decltype(a)::value, T><<<grid, dim3(kColTile, kRowThreads), 0, stream>>>(p, partial);
+      if (partial) {
+        colsum_kernel<T><<<static_cast<unsigned>((p.cols + 255) / 256), 256, 0, stream>>>(
+            partial, row_blocks, p.cols, static_cast<T*>(p.grad_bias));
+        cudaFreeAsync(partial, stream);
+      }
+    });
+  });
+  check_launch("act_bwd");
+}
+
+}  // namespace cuda
+}  // namespace pyvae

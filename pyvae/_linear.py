@@ -1,0 +1,196 @@
+"""The fused linear layer op ``pyvae::linear_act``: y = act(x @ weight.T + bias).
+
+GEMMs are torch's (MKL/oneDNN on CPU, cuBLAS on CUDA); the bias + activation epilogue (forward) and
+the activation-gradient + bias-gradient pass (backward) are pyvae kernels (csrc/cpu/linear.cpp,
+csrc/cuda/linear.cu) with the math of csrc/ops/activation.h. The backward needs only x, weight and
+the output y (NOTE: [Derivative from the output] in that header): no pre-activation is saved.
+
+Mixed precision: under ``torch.autocast`` (CPU bfloat16, CUDA float16/bfloat16) x, weight and bias
+are cast to the autocast dtype, the GEMMs run in it, the epilogue computes in float32 and the
+output has the autocast dtype; parameters stay float32 (their gradients are cast back by autograd).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C
+from . import _validate as V
+
+ACTIVATIONS = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "softplus": 4}
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+_lib = torch.library.Library("pyvae", "FRAGMENT")
+_lib.define("linear_act(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor")
+_lib.define(
+    "linear_act_backward(Tensor grad, Tensor x, Tensor weight, Tensor out, bool has_bias, str activation,"
+    " bool[] output_mask) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _check(x, weight, bias, activation):
+    op = "linear_act"
+    V.tensor("x", x, op=op)
+    V.tensor("weight", weight, op=op)
+    if weight.dim() != 2:
+        raise ValueError(f"pyvae.{op}: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    named = [("x", x), ("weight", weight)]
+    if bias is not None:
+        V.tensor("bias", bias, op=op)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(
+                f"pyvae.{op}: bias must have shape [out_features] = [{weight.shape[0]}], got {tuple(bias.shape)}"
+            )
+        named.append(("bias", bias))
+    V.same_dtype_device(named, op=op)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"pyvae.{op}: x has {x.shape[-1]} features (last dim of shape {tuple(x.shape)}) but weight expects "
+            f"in_features = {weight.shape[1]}"
+        )
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"pyvae.{op}: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if x.device.type == "cuda" and not _C.cuda_built:
+        raise RuntimeError(f"pyvae.{op}: got CUDA tensors, but this pyvae was built without CUDA kernels")
+
+
+def _kernel_dtype(t: torch.Tensor) -> torch.dtype:
+    # CPU epilogues exist for float32, float64 and bfloat16; float16 on CPU is computed in float32.
+    if t.device.type == "cpu" and t.dtype == torch.float16:
+        return torch.float32
+    return t.dtype
+
+
+def _stream(device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _linear_act_impl(x, weight, bias, activation):
+    _check(x, weight, bias, activation)
+    out_features = weight.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.mm(x2, weight.t())
+    act = ACTIVATIONS[activation]
+    if (bias is not None or act != 0) and y.numel() > 0:
+        kd = _kernel_dtype(y)
+        yk = y if kd == y.dtype else y.to(kd)
+        bk = None if bias is None else bias.to(kd)
+        _C.bias_act_fwd(0 if y.device.type == "cpu" else 1, _DTYPE_CODE[kd], act, yk.shape[0], yk.shape[1],
+                        yk.data_ptr(), 0 if bk is None else bk.data_ptr(), 0, 0, 0, 0, _stream(y.device))
+        if yk is not y:
+            y.copy_(yk)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def _linear_act_backward_impl(grad, x, weight, out, has_bias, activation, output_mask):
+    _check(x, weight, None, activation)
+    act = ACTIVATIONS[activation]
+    in_features, out_features = weight.shape[1], weight.shape[0]
+    g2 = grad.reshape(-1, out_features).to(x.dtype)
+    if not g2.is_contiguous():
+        g2 = g2.contiguous()
+    rows = g2.shape[0]
+    need_pre = output_mask[0] or output_mask[1]
+    need_bias = bool(has_bias and output_mask[2])
+    kd = _kernel_dtype(g2)
+    grad_bias = torch.empty(out_features, dtype=kd, device=x.device) if need_bias else None
+    if act == 0:
+        grad_pre = g2
+        if need_bias:
+            _C.act_bwd(0 if x.device.type == "cpu" else 1, _DTYPE_CODE[kd], 0, rows, out_features, 0, 0,
+                       g2.to(kd).data_ptr() if kd != g2.dtype else g2.data_ptr(), 0, 0, grad_bias.data_ptr(),
+                       _stream(x.device))
+    else:
+        gk = g2.to(kd)
+        yk = out.reshape(-1, out_features).to(kd).contiguous()
+        grad_pre = torch.empty_like(gk) if need_pre else None
+        if need_pre or need_bias:
+            _C.act_bwd(0 if x.device.type == "cpu" else 1, _DTYPE_CODE[kd], act, rows, out_features, 0, 0,
+                       gk.data_ptr(), yk.data_ptr(), 0 if grad_pre is None else grad_pre.data_ptr(),
+                       0 if grad_bias is None else grad_bias.data_ptr(), _stream(x.device))
+        if grad_pre is not None and grad_pre.dtype != x.dtype:
+            grad_pre = grad_pre.to(x.dtype)
+    if output_mask[0]:
+        grad_x = torch.mm(grad_pre, weight).view(*x.shape[:-1], in_features)
+    else:
+        grad_x = x.new_empty(0)
+    grad_w = torch.mm(grad_pre.t(), x.reshape(-1, in_features)) if output_mask[1] else weight.new_empty(0)
+    if need_bias:
+        grad_b = grad_bias.to(weight.dtype)
+    else:
+        grad_b = weight.new_empty(0)
+    return grad_x, grad_w, grad_b
+
+
+def _linear_act_fake(x, weight, bias, activation):
+    _check(x, weight, bias, activation)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _linear_act_backward_fake(grad, x, weight, out, has_bias, activation, output_mask):
+    return (
+        x.new_empty(x.shape) if output_mask[0] else x.new_empty(0),
+        weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty(0),
+        weight.new_empty(weight.shape[0]) if (has_bias and output_mask[2]) else weight.new_empty(0),
+    )
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("linear_act", _linear_act_impl, _key)
+    _lib.impl("linear_act_backward", _linear_act_backward_impl, _key)
+torch.library.register_fake("pyvae::linear_act", _linear_act_fake, lib=_lib)
+torch.library.register_fake("pyvae::linear_act_backward", _linear_act_backward_fake, lib=_lib)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, activation = inputs
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+    # The output is needed only for the activation's derivative (identity needs nothing of it).
+    ctx.save_for_backward(x, weight, output if activation != "identity" else None)
+
+
+def _backward(ctx, grad):
+    x, weight, out = ctx.saved_tensors
+    mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
+    if out is None:
+        out = x.new_empty(0)
+    gx, gw, gb = torch.ops.pyvae.linear_act_backward(grad, x, weight, out, ctx.has_bias, ctx.activation, mask)
+    return (gx if mask[0] else None, gw if mask[1] else None, gb if (mask[2] and ctx.has_bias) else None, None)
+
+
+torch.library.register_autograd("pyvae::linear_act", _backward, setup_context=_setup_context, lib=_lib)
+
+
+def _make_autocast(device_type: str):
+    key = {"cpu": torch._C.DispatchKey.AutocastCPU, "cuda": torch._C.DispatchKey.AutocastCUDA}[device_type]
+
+    def autocast_impl(x, weight, bias, activation):
+        dt = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return torch.ops.pyvae.linear_act(
+                x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), activation
+            )
+
+    return autocast_impl
+
+
+_lib.impl("linear_act", _make_autocast("cpu"), "AutocastCPU")
+_lib.impl("linear_act", _make_autocast("cuda"), "AutocastCUDA")
+
+
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               activation: str = "identity") -> torch.Tensor:
+    """y = act(x @ weight.T + bias), fused epilogue, differentiable in x, weight and bias.
+
+    Args:
+        x: ``[..., in_features]`` float tensor.
+        weight: ``[out_features, in_features]`` (``nn.Linear`` layout).
+        bias: ``[out_features]`` or None.
+        activation: one of "identity", "relu", "tanh", "sigmoid", "softplus".
+
+    Returns:
+        ``[..., out_features]``.
+    """
+    return torch.ops.pyvae.linear_act(x, weight, bias, activation)
