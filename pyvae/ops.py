@@ -267,12 +267,10 @@ def _elbo_plan(logits, x, mu, logvar):
             f"{tuple(mu.shape)}"
         )
     D = logits.shape[-1]
-    try:
-        torch.broadcast_shapes(x.shape, (*lead, D))
-    except RuntimeError:
-        raise ValueError(f"pyvae.{op}: x {tuple(x.shape)} does not broadcast to {(*lead, D)} (mu's batch, logits' D)") from None
-    if V.numel(torch.broadcast_shapes(x.shape, (*lead, D))) != V.numel((*lead, D)):
-        raise ValueError(f"pyvae.{op}: x {tuple(x.shape)} has more elements than {(*lead, D)}")
+    target = (*lead, D)
+    full = V.broadcast_shapes(tuple(x.shape), target)
+    if full is None or V.numel(full) != V.numel(target):
+        raise ValueError(f"pyvae.{op}: x {tuple(x.shape)} does not broadcast to {target} (mu's batch, logits' D)")
     return lead, samples, D, mu.shape[-1], dtype, device
 
 
