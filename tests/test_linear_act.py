@@ -1,0 +1,203 @@
+"""pyvae.ops.linear_act and the pyvae.nn modules against nn.Linear + activation."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyvae
+import pyvae.nn as pnn
+from pyvae.ops import linear_act
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and pyvae.cuda_built() else [])
+ACTS = {
+    "identity": lambda t: t,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "softplus": F.softplus,
+}
+# (in_features, out_features, leading shape): odd sizes, 1-element, 3-D inputs, the VAE's layers.
+SHAPES = [(1, 1, (1,)), (3, 5, (7,)), (13, 11, (2, 3)), (784, 500, (4,)), (20, 1007, (3,)), (500, 40, (2, 1, 5))]
+
+
+def _ref(x, w, b, act):
+    return ACTS[act](F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_linear_plus_activation(device, act, dtype, shape):
+    torch.manual_seed(0)
+    fin, fout, lead = shape
+    x = torch.randn(*lead, fin, dtype=torch.float64, device=device, requires_grad=True)
+    w = (torch.randn(fout, fin, dtype=torch.float64, device=device) / fin**0.5).requires_grad_()
+    b = torch.randn(fout, dtype=torch.float64, device=device, requires_grad=True)
+    y_ref = _ref(x, w, b, act)
+    g = torch.randn_like(y_ref)
+    grads_ref = torch.autograd.grad(y_ref, (x, w, b), g)
+
+    xs, ws, bs = (t.detach().to(dtype).requires_grad_() for t in (x, w, b))
+    y = linear_act(xs, ws, bs, act)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    grads = torch.autograd.grad(y, (xs, ws, bs), g.to(dtype))
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got.double(), want, **(tol if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-3)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", list(ACTS))
+def test_gradcheck(device, act):
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: linear_act(x, w, b, act), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: linear_act(x, w, None, act), (x, w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", ["identity", "tanh", "softplus"])
+def test_opcheck(device, act):
+    torch.manual_seed(2)
+    x = torch.randn(6, 7, device=device, requires_grad=True)
+    w = torch.randn(3, 7, device=device, requires_grad=True)
+    b = torch.randn(3, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyvae.linear_act.default, (x, w, b, act))
+    torch.library.opcheck(torch.ops.pyvae.linear_act.default, (x, w, None, act))
+
+
+def test_activation_math_extremes():
+    # The float32 tanh/sigmoid/softplus polynomials against float64 over a wide grid, inf and NaN.
+    a = torch.cat([torch.linspace(-30, 30, 20001), torch.tensor([-1e4, 1e4, 1e-7, -1e-7, 0.0])])
+    eye = torch.eye(1)
+    for act, f in ACTS.items():
+        y = linear_act(a[:, None], eye, None, act)[:, 0]
+        want = f(a.double())
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y.double(), want, rtol=2e-6, atol=1e-7, msg=act)
+        special = linear_act(torch.tensor([[float("nan")], [float("inf")], [-float("inf")]]), eye, None, act)[:, 0]
+        assert torch.isnan(special[0]), act
+        torch.testing.assert_close(special[1:].double(), f(torch.tensor([float("inf"), -float("inf")], dtype=torch.float64)))
+
+
+def test_softplus_gradient_for_very_negative_inputs():
+    # softplus' = sigmoid(a) is derived from y = softplus(a) as -expm1(-y): exact even where y ~ e^a.
+    a = torch.tensor([[-20.0], [-50.0], [-80.0]], requires_grad=True)
+    y = linear_act(a, torch.eye(1), None, "softplus")
+    (g,) = torch.autograd.grad(y.sum(), a)
+    torch.testing.assert_close(g.double(), torch.sigmoid(a.detach().double()), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+def test_bf16_autocast(act):
+    torch.manual_seed(3)
+    x = torch.randn(64, 784)
+    lin = pnn.FusedLinear(784, 500, act)
+    ref = _ref(x.double(), lin.weight.double(), lin.bias.double(), act)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    assert y.dtype == torch.bfloat16
+    # Error at most ~2x that of torch's own bf16 autocast nn.Linear + activation.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_torch = ACTS[act](F.linear(x, lin.weight, lin.bias))
+    err = (y.double() - ref).abs().max().item()
+    err_torch = (y_torch.double() - ref).abs().max().item()
+    assert err <= 2 * err_torch + 1e-3, (err, err_torch)
+    y.float().sum().backward()
+    assert lin.weight.grad.dtype == torch.float32 and lin.bias.grad.dtype == torch.float32
+    assert torch.isfinite(lin.weight.grad).all()
+
+
+def test_thread_count_does_not_change_bias_gradient():
+    torch.manual_seed(4)
+    x = torch.randn(1000, 64)
+    lin = pnn.FusedLinear(64, 300, "tanh")
+    grads = []
+    n = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            lin.zero_grad()
+            lin(x).sum().backward()
+            grads.append(lin.bias.grad.clone())
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    mlp = pnn.FusedMLP([12, 9, 4], activation="tanh", out_activation="sigmoid")
+    x = torch.randn(5, 12)
+    compiled = torch.compile(mlp, fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, mlp(x))
+    y.sum().backward()
+    g_compiled = mlp[0].weight.grad.clone()
+    mlp.zero_grad()
+    mlp(x).sum().backward()
+    torch.testing.assert_close(g_compiled, mlp[0].weight.grad)
+
+
+def test_fused_linear_is_drop_in_for_nn_linear():
+    torch.manual_seed(5)
+    ref = nn.Sequential(nn.Linear(10, 6), nn.Tanh())
+    torch.manual_seed(5)
+    fused = pnn.FusedLinear(10, 6, "tanh")
+    # Same default initialization from the same seed, same names and shapes.
+    assert torch.equal(fused.weight, ref[0].weight) and torch.equal(fused.bias, ref[0].bias)
+    fused2 = pnn.FusedLinear(10, 6, "tanh")
+    fused2.load_state_dict(ref[0].state_dict())
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(fused2(x), ref(x))
+    assert list(fused2.state_dict()) == ["weight", "bias"]
+
+
+def test_fused_mlp_and_gaussian_head():
+    torch.manual_seed(6)
+    mlp = pnn.FusedMLP([784, 500, 40], activation="tanh", out_activation="identity")
+    x = torch.randn(7, 784)
+    want = F.linear(torch.tanh(F.linear(x, mlp[0].weight, mlp[0].bias)), mlp[1].weight, mlp[1].bias)
+    torch.testing.assert_close(mlp(x), want, rtol=1e-5, atol=1e-5)
+    head = pnn.GaussianHead(500, 20)
+    h = torch.randn(3, 500)
+    mu, logvar = head(h)
+    full = F.linear(h, head.weight, head.bias)
+    assert mu.shape == logvar.shape == (3, 20)
+    torch.testing.assert_close(mu, full[:, :20])
+    torch.testing.assert_close(logvar, full[:, 20:])
+
+
+def test_bad_input():
+    x, w, b = torch.randn(4, 5), torch.randn(3, 5), torch.randn(3)
+    with pytest.raises(ValueError, match="in_features"):
+        linear_act(torch.randn(4, 6), w, b, "tanh")
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        linear_act(x, torch.randn(3, 5, 1), b, "tanh")
+    with pytest.raises(ValueError, match="bias must have shape"):
+        linear_act(x, w, torch.randn(4), "tanh")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        linear_act(x, w, b, "gelu")
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        linear_act(torch.ones(4, 5, dtype=torch.int64), w, b, "tanh")
+    with pytest.raises(TypeError, match="weight has dtype"):
+        linear_act(x, w.double(), b, "tanh")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        pnn.FusedLinear(3, 4, activation="swish")
+    with pytest.raises(ValueError, match="sizes"):
+        pnn.FusedMLP([5])
+
+
+def test_empty_batch_and_noncontiguous():
+    w, b = torch.randn(3, 5, requires_grad=True), torch.randn(3, requires_grad=True)
+    x = torch.randn(0, 5, requires_grad=True)
+    y = linear_act(x, w, b, "tanh")
+    assert y.shape == (0, 3)
+    y.sum().backward()
+    assert torch.equal(b.grad, torch.zeros(3)) and torch.equal(w.grad, torch.zeros(3, 5))
+    xt = torch.randn(5, 8).t()  # non-contiguous
+    torch.testing.assert_close(linear_act(xt, w, b, "sigmoid"), torch.sigmoid(F.linear(xt, w, b)))
