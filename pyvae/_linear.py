@@ -180,6 +180,20 @@ _lib.impl("linear_act", _make_autocast("cpu"), "AutocastCPU")
 _lib.impl("linear_act", _make_autocast("cuda"), "AutocastCUDA")
 
 
+class _LinearActFunction(torch.autograd.Function):
+    """The direct eager path (NOTE: [Eager fast path] in pyvae/ops.py) of pyvae::linear_act."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation):
+        out = _linear_act_impl(x, weight, bias, activation)
+        _setup_context(ctx, (x, weight, bias, activation), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _backward(ctx, grad)
+
+
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                activation: str = "identity") -> torch.Tensor:
     """y = act(x @ weight.T + bias), fused epilogue, differentiable in x, weight and bias.
@@ -193,4 +207,8 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     Returns:
         ``[..., out_features]``.
     """
+    from .ops import _eager_ok
+
+    if _eager_ok(x, weight, bias) and not torch._C._is_any_autocast_enabled():
+        return _LinearActFunction.apply(x, weight, bias, activation)
     return torch.ops.pyvae.linear_act(x, weight, bias, activation)

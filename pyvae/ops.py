@@ -112,6 +112,56 @@ def _empty_grad(like: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.empty(0) if like is None else like.new_empty(0)
 
 
+# ------------------------------------------------------------------------- eager fast path
+# NOTE: [Eager fast path]
+# Through the dispatcher, a custom op with Python autograd costs ~20 us more per forward+backward
+# than calling the same implementation from a plain autograd.Function (measured at B=1: 82 vs 62
+# us; eager PyTorch's unfused ELBO takes ~61 us). At the paper's batch of 100 that is a visible
+# share of a step, so the public functions call the implementations directly when nothing needs
+# the dispatcher: plain tensors, no torch.compile tracing, no functorch transform, no dispatch or
+# function mode. Otherwise (and always for torch.ops.pyvae.*) the registered op runs. Both paths
+# run the same implementation functions, so they give identical results.
+_EAGER = {}
+
+
+def _eager_function(fwd, bwd, n_tensors: int):
+    class _Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            ctx.save_for_backward(*args[:n_tensors])
+            ctx.extra = args[n_tensors:]
+            return fwd(*args)
+
+        @staticmethod
+        def backward(ctx, grad):
+            mask = [bool(m) for m in ctx.needs_input_grad[:n_tensors]]
+            grads = bwd(grad, *ctx.saved_tensors, *ctx.extra, mask)
+            return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * len(ctx.extra)
+
+    return _Fn.apply
+
+
+def _eager_ok(*tensors) -> bool:
+    """True when the direct path of NOTE: [Eager fast path] is safe for these inputs."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if t is not None and type(t) is not torch.Tensor:
+            return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    if torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled():
+        return False
+    return True
+
+
+def _call(name: str, *args):
+    """Runs op ``name``: directly in plain eager mode, else through torch.ops.pyvae."""
+    if _eager_ok(*(a for a in args if isinstance(a, torch.Tensor))):
+        return _EAGER[name](*args)
+    return getattr(torch.ops.pyvae, name)(*args)
+
+
 # ---------------------------------------------------------------- row-reduction op plumbing
 def _plan(op: str, named: Sequence[tuple]):
     """Validates a row-reduction op's inputs; returns (full shape, dtype, device)."""
@@ -195,6 +245,7 @@ def _register_rowwise(name: str, schema: str, bwd_schema: str, arg_names: Sequen
         _lib.impl(name + "_backward", bwd, key)
     torch.library.register_fake("pyvae::" + name, fake_fwd, lib=_lib)
     torch.library.register_fake("pyvae::" + name + "_backward", fake_bwd, lib=_lib)
+    _EAGER[name] = _eager_function(fwd, bwd, len(arg_names))
 
     backward_op = getattr(torch.ops.pyvae, name + "_backward")
 
@@ -415,6 +466,7 @@ def _reparam_fake_bwd(grad, mu, logvar, samples, seed, mask):
 
 
 def _register(name, fwd, bwd, fake_fwd, fake_bwd, n_tensor_inputs):
+    _EAGER[name] = _eager_function(fwd, bwd, n_tensor_inputs)
     for key in ("CPU", "CUDA"):
         _lib.impl(name, fwd, key)
         _lib.impl(name + "_backward", bwd, key)
@@ -454,7 +506,7 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: Optional[torch
         ``[...]`` tensor: the broadcast leading shape. Equal to ``torch.distributions.kl_divergence``
         of the two ``Independent(Normal(m, exp(lv / 2)), 1)`` distributions.
     """
-    return torch.ops.pyvae.gaussian_kl(mu, logvar, prior_mu, prior_logvar)
+    return _call("gaussian_kl", mu, logvar, prior_mu, prior_logvar)
 
 
 def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -468,7 +520,7 @@ def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[...]`` tensor, the broadcast leading shape. Finite for all finite logits (stable softplus).
     """
-    return torch.ops.pyvae.bernoulli_log_prob(logits, x)
+    return _call("bernoulli_log_prob", logits, x)
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -483,7 +535,7 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor)
     Returns:
         ``[...]`` tensor: the broadcast leading shape.
     """
-    return torch.ops.pyvae.gaussian_log_prob(x, mean, logvar)
+    return _call("gaussian_log_prob", x, mean, logvar)
 
 
 def _draw_seed(generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -508,7 +560,7 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, samples: Optional[
     """
     if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 1):
         raise ValueError(f"pyvae.reparameterize: samples must be None or an int >= 1, got {samples!r}")
-    return torch.ops.pyvae.reparameterize(mu, logvar, 0 if samples is None else samples, _draw_seed(generator))
+    return _call("reparameterize", mu, logvar, 0 if samples is None else samples, _draw_seed(generator))
 
 
 def bernoulli_elbo(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -523,7 +575,7 @@ def bernoulli_elbo(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logv
     Returns:
         ``[*B]`` tensor: mean_l log p(x | z_l) - KL(q(z|x) || p(z)).
     """
-    return torch.ops.pyvae.bernoulli_elbo(logits, x, mu, logvar)
+    return _call("bernoulli_elbo", logits, x, mu, logvar)
 
 
 from ._linear import ACTIVATIONS, linear_act  # noqa: E402  (registers pyvae::linear_act)
