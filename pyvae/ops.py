@@ -17,7 +17,8 @@ Public functions (also importable from ``pyvae``):
 NaN in any input gives NaN in the affected rows of the result (and gradient); infinities follow
 the limits of the formulas. CPU kernels take float32 and float64 (float16 and bfloat16 are computed
 in float32 and cast back); CUDA kernels take float32, float64, float16 and bfloat16 and accumulate
-in float32 or wider. Gradients are first order (no double backward).
+in float32 or wider. Gradients are first order: differentiating them again (create_graph=True)
+raises instead of silently dropping the second-order terms.
 """
 from __future__ import annotations
 
@@ -112,6 +113,31 @@ def _empty_grad(like: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.empty(0) if like is None else like.new_empty(0)
 
 
+# ------------------------------------------------------------------------ no double backward
+# NOTE: [No double backward]
+# The backward kernels write raw memory, so the gradients they return carry no autograd history:
+# with create_graph=True a second-order gradient (a gradient penalty, a Hessian-vector product)
+# would silently miss every path through pyvae. So when backward runs in grad mode and an input
+# needs grad, the gradients pass through _FirstOrderOnly, whose backward raises (torch.compile's
+# CompiledFunctionBackward does the same). Plain backward (grad mode off) skips it.
+class _FirstOrderOnly(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, op, n, *tensors):
+        ctx.op = op
+        return tuple(t.clone() for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"pyvae.{ctx.op}: double backward is not supported (its gradients are first order)")
+
+
+def _first_order_only(op: str, grads, inputs):
+    """``grads``, made to raise if differentiated again; see NOTE: [No double backward]."""
+    if not torch.is_grad_enabled() or not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+        return grads
+    return _FirstOrderOnly.apply(op, len(grads), *grads, *(t for t in inputs if isinstance(t, torch.Tensor)))
+
+
 # ------------------------------------------------------------------------- eager fast path
 # NOTE: [Eager fast path]
 # Through the dispatcher, a custom op with Python autograd costs ~20 us more per forward+backward
@@ -124,7 +150,7 @@ def _empty_grad(like: Optional[torch.Tensor]) -> torch.Tensor:
 _EAGER = {}
 
 
-def _eager_function(fwd, bwd, n_tensors: int):
+def _eager_function(name: str, fwd, bwd, n_tensors: int):
     class _Fn(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
@@ -135,7 +161,8 @@ def _eager_function(fwd, bwd, n_tensors: int):
         @staticmethod
         def backward(ctx, grad):
             mask = [bool(m) for m in ctx.needs_input_grad[:n_tensors]]
-            grads = bwd(grad, *ctx.saved_tensors, *ctx.extra, mask)
+            inputs = ctx.saved_tensors
+            grads = _first_order_only(name, bwd(grad, *inputs, *ctx.extra, mask), inputs)
             return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * len(ctx.extra)
 
     return _Fn.apply
@@ -245,7 +272,7 @@ def _register_rowwise(name: str, schema: str, bwd_schema: str, arg_names: Sequen
         _lib.impl(name + "_backward", bwd, key)
     torch.library.register_fake("pyvae::" + name, fake_fwd, lib=_lib)
     torch.library.register_fake("pyvae::" + name + "_backward", fake_bwd, lib=_lib)
-    _EAGER[name] = _eager_function(fwd, bwd, len(arg_names))
+    _EAGER[name] = _eager_function(name, fwd, bwd, len(arg_names))
 
     backward_op = getattr(torch.ops.pyvae, name + "_backward")
 
@@ -255,7 +282,7 @@ def _register_rowwise(name: str, schema: str, bwd_schema: str, arg_names: Sequen
     def backward(ctx, grad):
         inputs = ctx.saved_tensors
         mask = [bool(n) and t is not None for n, t in zip(ctx.needs_input_grad, inputs)]
-        grads = backward_op(grad, *inputs, mask)
+        grads = _first_order_only(name, backward_op(grad, *inputs, mask), inputs)
         return tuple(g if m else None for g, m in zip(grads, mask))
 
     torch.library.register_autograd("pyvae::" + name, backward, setup_context=setup_context, lib=_lib)
@@ -266,7 +293,8 @@ def _fill_prior(mu, logvar, prior_mu=None, prior_logvar=None):
     if (prior_mu is None) != (prior_logvar is None):
         given = prior_mu if prior_mu is not None else prior_logvar
         if isinstance(given, torch.Tensor):
-            zero = given.new_zeros(1)
+            # mu's dtype and device, so that a bad prior is reported under its own name
+            zero = (mu if isinstance(mu, torch.Tensor) else given).new_zeros(1)
             prior_mu = zero if prior_mu is None else prior_mu
             prior_logvar = zero if prior_logvar is None else prior_logvar
     return mu, logvar, prior_mu, prior_logvar
@@ -466,7 +494,7 @@ def _reparam_fake_bwd(grad, mu, logvar, samples, seed, mask):
 
 
 def _register(name, fwd, bwd, fake_fwd, fake_bwd, n_tensor_inputs):
-    _EAGER[name] = _eager_function(fwd, bwd, n_tensor_inputs)
+    _EAGER[name] = _eager_function(name, fwd, bwd, n_tensor_inputs)
     for key in ("CPU", "CUDA"):
         _lib.impl(name, fwd, key)
         _lib.impl(name + "_backward", bwd, key)
@@ -481,7 +509,7 @@ def _register(name, fwd, bwd, fake_fwd, fake_bwd, n_tensor_inputs):
     def backward(ctx, grad):
         inputs = ctx.saved_tensors
         mask = [bool(m) for m in ctx.needs_input_grad[:n_tensor_inputs]]
-        grads = backward_op(grad, *inputs, *ctx.extra, mask)
+        grads = _first_order_only(name, backward_op(grad, *inputs, *ctx.extra, mask), inputs)
         return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * len(ctx.extra)
 
     torch.library.register_autograd("pyvae::" + name, backward, setup_context=setup_context, lib=_lib)

@@ -1,0 +1,196 @@
+"""pyvae.bernoulli_elbo (fused SGVB estimator B) against its composition from torch.distributions."""
+import math
+
+import pytest
+import torch
+
+import pyvae
+from pyvae import reference
+from conftest import (DEVICES, DEVICE_DTYPES, HALF_DTYPES, PATHS, assert_archs_agree, assert_close,
+                      assert_double_backward_raises, check_op, grads, make, op_path, per_arch, ref)
+from test_bernoulli_log_prob import oracle as bernoulli_oracle
+from test_gaussian_kl import oracle as kl_oracle
+
+
+def oracle(logits, x, mu, logvar):
+    """mean over L of log p(x | z_l) (when logits is [L, *B, D]) minus KL(q || N(0, I)), float64."""
+    rec = bernoulli_oracle(logits, x)
+    if logits.dim() == mu.dim() + 1:
+        rec = rec.mean(0)
+    return rec - kl_oracle(mu, logvar)
+
+
+# (logits, x, mu) shapes; logvar has mu's shape.
+CASES = [
+    ((1, 1), (1, 1), (1, 1)),
+    ((3, 5), (3, 5), (3, 2)),
+    ((4, 784), (4, 784), (4, 20)),
+    ((2, 1007), (2, 1007), (2, 3)),
+    ((5, 3, 7), (3, 7), (3, 4)),  # L = 5 samples, x shared
+    ((2, 4, 784), (4, 784), (4, 20)),
+    ((3, 2, 6), (6,), (2, 5)),  # x broadcast over the batch
+    ((1, 3, 7), (3, 7), (3, 4)),  # L = 1
+    ((2, 2, 3, 7), (2, 3, 7), (2, 3, 4)),  # two batch dims
+]
+
+
+def _inputs(case, dtype=torch.float32, device="cpu", x_kind="binary"):
+    ls, xs, ms = case
+    return [make(*ls, dtype=dtype, device=device, scale=3.0, seed=1, grad=True),
+            make(*xs, dtype=dtype, device=device, kind=x_kind, seed=2, grad=True),
+            make(*ms, dtype=dtype, device=device, seed=3, grad=True),
+            make(*ms, dtype=dtype, device=device, seed=4, grad=True)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_matches_composition_of_distributions(device, dtype, case, path):
+    inputs = _inputs(case, dtype, device)
+    out, *_ = check_op(pyvae.bernoulli_elbo, oracle, inputs, dtype, path=path)
+    assert out.shape == case[2][:-1]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_equals_log_prob_minus_kl_of_the_pyvae_ops(case):
+    """The fused op equals its unfused pyvae parts, values and gradients (float64: to rounding)."""
+    inputs = _inputs(case, torch.float64, x_kind="unit")
+    logits, x, mu, logvar = inputs
+    fused = pyvae.bernoulli_elbo(*inputs)
+    rec = pyvae.bernoulli_log_prob(logits, x)
+    parts = (rec.mean(0) if logits.dim() == mu.dim() + 1 else rec) - pyvae.gaussian_kl(mu, logvar)
+    assert_close(fused, parts, torch.float64)
+    g = make(*fused.shape, dtype=torch.float64, seed=5)
+    for a, b in zip(grads(fused, inputs, g), grads(parts, inputs, g)):
+        assert_close(a, b, torch.float64)
+
+
+def test_reference_implementation_agrees_with_oracle():
+    for case in CASES:
+        inputs = ref(*_inputs(case, torch.float64))
+        assert_close(reference.bernoulli_elbo(*inputs), oracle(*inputs), torch.float64)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device, path):
+    with op_path(path):
+        for case in [((2, 3), (2, 3), (2, 2)), ((3, 2, 4), (4,), (2, 3))]:
+            inputs = _inputs(case, torch.float64, device, x_kind="unit")
+            assert torch.autograd.gradcheck(pyvae.bernoulli_elbo, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for case in [((2, 3, 5), (3, 5), (3, 4)), ((3, 5), (5,), (3, 4))]:
+        inputs = _inputs(case, torch.float64, device, x_kind="unit")
+        torch.library.opcheck(torch.ops.pyvae.bernoulli_elbo, inputs)
+    inputs[1] = inputs[1].detach()
+    torch.library.opcheck(torch.ops.pyvae.bernoulli_elbo, inputs)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_extreme_inputs(device, dtype):
+    """Logits of +-1e4 against x exactly 0 and 1, and logvar of +-30: finite, exact values and grads."""
+    if dtype in HALF_DTYPES:
+        pytest.skip("e^30 overflows half types")
+    logits = torch.tensor([[[1e4, -1e4, 1e4, -1e4, 0.0], [30.0, -30.0, 5.0, -5.0, 1e4]]], dtype=dtype).repeat(2, 1, 1)
+    x = torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 1.0, 0.0, 1.0]], dtype=dtype)
+    mu = torch.tensor([[0.5, -1.0, 2.0], [0.0, 3.0, -0.1]], dtype=dtype)
+    logvar = torch.tensor([[30.0, -30.0, 0.0], [-30.0, 1.0, 30.0]], dtype=dtype)
+    inputs = [t.to(device).requires_grad_() for t in (logits, x, mu, logvar)]
+    out, _, got, _ = check_op(pyvae.bernoulli_elbo, oracle, inputs, dtype)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_builds_agree(dtype):
+    inputs = _inputs(((3, 4, 784), (4, 784), (4, 20)), dtype)
+    g = make(4, dtype=dtype, seed=9)
+
+    def run():
+        out = pyvae.bernoulli_elbo(*inputs)
+        return (out.detach(), *grads(out, inputs, g))
+
+    ref_inputs = ref(*inputs)
+    expected = oracle(*ref_inputs)
+    assert_archs_agree(per_arch(run), (expected, *grads(expected, ref_inputs, g.double())), dtype)
+
+
+def test_thread_count_does_not_change_results(restore_threads):
+    """Rows are split among threads; each row (and the x gradient summed over L) stays on one."""
+    inputs = _inputs(((3, 64, 784), (64, 784), (64, 20)), torch.float32)
+    results = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        out = pyvae.bernoulli_elbo(*inputs)
+        results.append((out, *grads(out, inputs)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_double_backward_raises(path):
+    inputs = _inputs(((2, 3, 5), (3, 5), (3, 2)), torch.float64, x_kind="unit")
+    assert_double_backward_raises(pyvae.bernoulli_elbo, inputs, path)
+
+# ------------------------------------------------------------------------------- bad input
+def _z(*shape, dtype=torch.float32):
+    return torch.zeros(shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("args,exc,match", [
+    ((torch.tensor(0.0), _z(3), _z(2), _z(2)), ValueError, "logits must have at least 1 dim"),
+    ((_z(3), torch.tensor(0.0), _z(2), _z(2)), ValueError, "x must have at least 1 dim"),
+    ((_z(3), _z(3), torch.tensor(0.0), torch.tensor(0.0)), ValueError, "mu must have at least 1 dim"),
+    ((_z(3, 4), _z(3, 4), _z(3, 2), _z(3, 3)), ValueError, r"mu \(3, 2\) and logvar \(3, 3\)"),
+    ((_z(3, 4), _z(3, 4), _z(5, 2), _z(5, 2)), ValueError, r"logits \(3, 4\) must be \[\*B, D\] or \[L, \*B, D\]"),
+    ((_z(2, 5, 4), _z(5, 4), _z(3, 2), _z(3, 2)), ValueError, r"logits \(2, 5, 4\)"),
+    ((_z(3, 4), _z(3, 5), _z(3, 2), _z(3, 2)), ValueError, r"x \(3, 5\) does not broadcast"),
+    ((_z(3, 4), _z(2, 3, 4), _z(3, 2), _z(3, 2)), ValueError, r"x \(2, 3, 4\)"),
+    ((_z(0, 3, 4), _z(3, 4), _z(3, 2), _z(3, 2)), ValueError, "0 samples"),
+    ((_z(3, 4), _z(3, 4), _z(3, 2), _z(3, 2, dtype=torch.int64)), TypeError, "logvar must be a floating-point"),
+    ((_z(3, 4), _z(3, 4, dtype=torch.uint8), _z(3, 2), _z(3, 2)), TypeError, "x must be a floating-point"),
+    ((_z(3, 4), _z(3, 4), _z(3, 2, dtype=torch.float64), _z(3, 2)), TypeError, "mu has dtype torch.float64"),
+])
+def test_bad_input_names_the_argument(args, exc, match):
+    with pytest.raises(exc, match=match):
+        pyvae.bernoulli_elbo(*args)
+
+
+def test_non_contiguous_inputs():
+    logits = make(2, 7, 3, dtype=torch.float64, scale=3.0, seed=1).transpose(1, 2).requires_grad_()  # [2, 3, 7]
+    x = make(3, 14, dtype=torch.float64, kind="binary", seed=2)[:, ::2].requires_grad_()
+    mu = make(4, 3, dtype=torch.float64, seed=3).t().requires_grad_()
+    logvar = make(3, 12, dtype=torch.float64, seed=4)[:, 1::3].requires_grad_()
+    assert not any(t.is_contiguous() for t in (logits, x, mu, logvar))
+    check_op(pyvae.bernoulli_elbo, oracle, [logits, x, mu, logvar], torch.float64)
+
+
+def test_empty_batch():
+    inputs = _inputs(((2, 0, 5), (0, 5), (0, 3)))
+    out = pyvae.bernoulli_elbo(*inputs)
+    assert out.shape == (0,)
+    for t, g in zip(inputs, grads(out, inputs)):
+        assert g.shape == t.shape
+
+
+def test_nan_stays_in_its_row():
+    logits, x, mu, logvar = _inputs(((2, 4, 6), (4, 6), (4, 3)), torch.float64)
+    with torch.no_grad():
+        logits[1, 1, 2] = math.nan  # one sample of row 1
+        logvar[2, 0] = math.nan
+    out = pyvae.bernoulli_elbo(logits, x, mu, logvar)
+    assert out[[1, 2]].isnan().all()
+    assert_close(out[[0, 3]], oracle(*ref(logits, x, mu, logvar))[[0, 3]], torch.float64)
+    g_l, g_x, g_mu, g_lv = grads(out, [logits, x, mu, logvar])
+    assert torch.isfinite(g_l[:, [0, 3]]).all() and torch.isfinite(g_x[[0, 3]]).all()
+    assert torch.isfinite(g_mu[[0, 3]]).all() and torch.isfinite(g_lv[[0, 3]]).all()
+    assert g_l[1, 1, 2].isnan() and g_lv[2, 0].isnan()
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_on_cpu_computes_in_float32(dtype):
+    inputs = _inputs(((2, 4, 784), (4, 784), (4, 20)), dtype)
+    out, *_ = check_op(pyvae.bernoulli_elbo, oracle, inputs, dtype)
+    assert out.dtype == dtype
