@@ -156,7 +156,13 @@ def _backward(ctx, grad):
     mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
     if out is None:
         out = x.new_empty(0)
-    gx, gw, gb = torch.ops.pyvae.linear_act_backward(grad, x, weight, out, ctx.has_bias, ctx.activation, mask)
+    from .ops import _first_order_only  # NOTE: [No double backward] in pyvae/ops.py
+
+    gx, gw, gb = _first_order_only(
+        "linear_act",
+        torch.ops.pyvae.linear_act_backward(grad, x, weight, out, ctx.has_bias, ctx.activation, mask),
+        (x, weight),
+    )
     return (gx if mask[0] else None, gw if mask[1] else None, gb if (mask[2] and ctx.has_bias) else None, None)
 
 

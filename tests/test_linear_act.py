@@ -201,3 +201,12 @@ def test_empty_batch_and_noncontiguous():
     assert torch.equal(b.grad, torch.zeros(3)) and torch.equal(w.grad, torch.zeros(3, 5))
     xt = torch.randn(5, 8).t()  # non-contiguous
     torch.testing.assert_close(linear_act(xt, w, b, "sigmoid"), torch.sigmoid(F.linear(xt, w, b)))
+
+
+def test_double_backward_raises():
+    x = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(2, 4, requires_grad=True)
+    y = linear_act(x, w, None, "tanh")
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()

@@ -14,8 +14,6 @@
 #include "ops/elbo.h"
 #include "ops/gaussian_kl.h"
 #include "ops/gaussian_log_prob.h"
-#include "ops/philox.h"
-#include "ops/reparameterize.h"
 
 namespace pyvae {
 namespace cuda {
@@ -187,54 +185,6 @@ __global__ void __launch_bounds__(THREADS) elbo_bwd_kernel(RowwiseParams p) {
   }
 }
 
-// ----------------------------------------------------------------------------- reparameterize
-// One thread per Philox counter: four consecutive elements of the [S, M] draw.
-template <typename T>
-__global__ void reparam_fwd_kernel(ReparamParams p) {
-  using C = typename Compute<T>::type;
-  const int64_t total = p.samples * p.numel;
-  const int64_t groups = (total + 3) / 4;
-  const T* mu = static_cast<const T*>(p.mu);
-  const T* lv = static_cast<const T*>(p.logvar);
-  T* z = static_cast<T*>(p.z);
-  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < groups;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const philox::Normal4 n = philox::normal4(p.seed, p.offset + static_cast<uint64_t>(c));
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int64_t i = 4 * c + k;
-      if (i < total) {
-        const int64_t m = i % p.numel;
-        store(z, i, ops::reparameterize(load(mu, m), load(lv, m), static_cast<C>(n.v[k])));
-      }
-    }
-  }
-}
-
-// One thread per element of mu: sums the S samples' gradients in a fixed order (deterministic).
-template <typename T>
-__global__ void reparam_bwd_kernel(ReparamParams p) {
-  using C = typename Compute<T>::type;
-  const T* lv = static_cast<const T*>(p.logvar);
-  const T* G = static_cast<const T*>(p.grad_out);
-  T* gmu = static_cast<T*>(p.grad_mu);
-  T* glv = static_cast<T*>(p.grad_logvar);
-  for (int64_t m = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; m < p.numel;
-       m += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const C lvm = load(lv, m);
-    C dmu = 0, dlv = 0;
-    for (int64_t s = 0; s < p.samples; ++s) {
-      const int64_t i = s * p.numel + m;
-      const C eps = static_cast<C>(philox::normal_at(p.seed, p.offset, static_cast<uint64_t>(i)));
-      const auto v = ops::reparameterize_grad(lvm, eps, load(G, i));
-      dmu += v.mu;
-      dlv += v.lv;
-    }
-    if (gmu) store(gmu, m, dmu);
-    if (glv) store(glv, m, dlv);
-  }
-}
-
 // ------------------------------------------------------------------------------------ dispatch
 template <typename F>
 void by_dtype(DType dt, const F& f) {
@@ -297,10 +247,6 @@ void bwd(const RowwiseParams& p, const char* name) {
   check_launch(name);
 }
 
-int blocks_for(int64_t n, int threads) {
-  const int64_t b = (n + threads - 1) / threads;
-  return static_cast<int>(b < kMaxGrid ? (b > 0 ? b : 1) : kMaxGrid);
-}
 
 }  // namespace
 
@@ -324,20 +270,6 @@ void bernoulli_elbo_fwd(const RowwiseParams& p) {
 void bernoulli_elbo_bwd(const RowwiseParams& p) {
   by_dtype(p.dtype, [&](auto t) { launch_rows<ElboBwdLaunch, decltype(t)>(p, p.cols); });
   check_launch("bernoulli_elbo_bwd");
-}
-
-void reparameterize_fwd(const ReparamParams& p) {
-  const int64_t groups = (p.samples * p.numel + 3) / 4;
-  by_dtype(p.dtype, [&](auto t) {
-    reparam_fwd_kernel<decltype(t)><<<blocks_for(groups, 256), 256, 0, stream_of(p.stream)>>>(p);
-  });
-  check_launch("reparameterize_fwd");
-}
-void reparameterize_bwd(const ReparamParams& p) {
-  by_dtype(p.dtype, [&](auto t) {
-    reparam_bwd_kernel<decltype(t)><<<blocks_for(p.numel, 256), 256, 0, stream_of(p.stream)>>>(p);
-  });
-  check_launch("reparameterize_bwd");
 }
 
 }  // namespace cuda

@@ -1,0 +1,103 @@
+// CPU launchers of reparameterize. In a file of its own because it is compiled with
+// -ffp-contract=off (CMakeLists.txt): fused multiply-adds would change the last bit of some draws
+// between the baseline, AVX2 and AVX-512 builds, and NOTE: [Counter-based eps] promises the same
+// eps for a seed everywhere. (The CUDA twin is compiled with --fmad=false for the same reason.)
+#include <algorithm>
+#include <cstdint>
+
+#include "common/params.h"
+#include "cpu/kernels.h"
+#include "ops/philox.h"
+#include "ops/reparameterize.h"
+
+#ifndef PYVAE_CPU_ARCH
+#error "compile with -DPYVAE_CPU_ARCH=base|avx2|avx512"
+#endif
+
+namespace pyvae {
+namespace cpu {
+namespace PYVAE_CPU_ARCH {
+namespace {
+
+constexpr int64_t kParallelGrain = 4096;  // elements; a draw costs ~30x a memory pass per element
+
+// ----------------------------------------------------------------------------- reparameterize
+constexpr int64_t kChunk = 2048;  // elements per task; a multiple of 4
+
+// eps for elements [i0, i0 + n) of the draw (seed, offset), n <= kChunk; NOTE: [Counter-based eps]
+void fill_normals(uint64_t seed, uint64_t offset, int64_t i0, int64_t n, float* dst) {
+  alignas(64) float buf[kChunk + 8];
+  const int64_t c0 = i0 / 4;
+  const int64_t c1 = (i0 + n + 3) / 4;
+#pragma omp simd
+  for (int64_t c = c0; c < c1; ++c) {
+    const philox::Normal4 v = philox::normal4(seed, offset + static_cast<uint64_t>(c));
+    for (int k = 0; k < 4; ++k) buf[4 * (c - c0) + k] = v.v[k];
+  }
+  std::copy(buf + (i0 - 4 * c0), buf + (i0 - 4 * c0) + n, dst);
+}
+
+template <typename T>
+void reparameterize_fwd_t(const ReparamParams& p) {
+  const int64_t M = p.numel;
+  const int64_t chunks = (M + kChunk - 1) / kChunk;
+  const int64_t tasks = p.samples * chunks;
+  const T* mu = static_cast<const T*>(p.mu);
+  const T* lv = static_cast<const T*>(p.logvar);
+  T* z = static_cast<T*>(p.z);
+#pragma omp parallel for schedule(static) if (p.samples * M >= kParallelGrain)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t s = t / chunks;
+    const int64_t m0 = (t % chunks) * kChunk;
+    const int64_t n = std::min(kChunk, M - m0);
+    alignas(64) float eps[kChunk];
+    fill_normals(p.seed, p.offset, s * M + m0, n, eps);
+    T* zs = z + s * M + m0;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) zs[j] = ops::reparameterize(mu[m0 + j], lv[m0 + j], T(eps[j]));
+  }
+}
+
+template <typename T>
+void reparameterize_bwd_t(const ReparamParams& p) {
+  const int64_t M = p.numel;
+  const int64_t chunks = (M + kChunk - 1) / kChunk;
+  const T* lv = static_cast<const T*>(p.logvar);
+  const T* G = static_cast<const T*>(p.grad_out);
+  T* gmu = static_cast<T*>(p.grad_mu);
+  T* glv = static_cast<T*>(p.grad_logvar);
+#pragma omp parallel for schedule(static) if (p.samples * M >= kParallelGrain)
+  for (int64_t t = 0; t < chunks; ++t) {
+    const int64_t m0 = t * kChunk;
+    const int64_t n = std::min(kChunk, M - m0);
+    alignas(64) float eps[kChunk];
+    for (int64_t s = 0; s < p.samples; ++s) {
+      fill_normals(p.seed, p.offset, s * M + m0, n, eps);
+      const T* g = G + s * M + m0;
+      const bool first = s == 0;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const auto d = ops::reparameterize_grad(lv[m0 + j], T(eps[j]), g[j]);
+        if (gmu) gmu[m0 + j] = first ? d.mu : gmu[m0 + j] + d.mu;
+        if (glv) glv[m0 + j] = first ? d.lv : glv[m0 + j] + d.lv;
+      }
+    }
+  }
+}
+
+
+}  // namespace
+
+void reparameterize_fwd(const ReparamParams& p) {
+  if (p.dtype == DType::kFloat64) reparameterize_fwd_t<double>(p);
+  else reparameterize_fwd_t<float>(p);
+}
+
+void reparameterize_bwd(const ReparamParams& p) {
+  if (p.dtype == DType::kFloat64) reparameterize_bwd_t<double>(p);
+  else reparameterize_bwd_t<float>(p);
+}
+
+}  // namespace PYVAE_CPU_ARCH
+}  // namespace cpu
+}  // namespace pyvae
