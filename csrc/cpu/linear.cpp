@@ -89,17 +89,6 @@ void act_bwd_t(const LinearParams& p) {
 }
 
 template <typename F>
-void act_switch(int act, const F& f) {
-  switch (static_cast<ops::Act>(act)) {
-    case ops::Act::kIdentity: f(std::integral_constant<ops::Act, ops::Act::kIdentity>{}); break;
-    case ops::Act::kReLU: f(std::integral_constant<ops::Act, ops::Act::kReLU>{}); break;
-    case ops::Act::kTanh: f(std::integral_constant<ops::Act, ops::Act::kTanh>{}); break;
-    case ops::Act::kSigmoid: f(std::integral_constant<ops::Act, ops::Act::kSigmoid>{}); break;
-    case ops::Act::kSoftplus: f(std::integral_constant<ops::Act, ops::Act::kSoftplus>{}); break;
-  }
-}
-
-template <typename F>
 void storage_switch(DType dt, const F& f) {
   if (dt == DType::kFloat64) f(double{});
   else if (dt == DType::kBFloat16) f(uint16_t{});
@@ -109,11 +98,11 @@ void storage_switch(DType dt, const F& f) {
 }  // namespace
 
 void bias_act_fwd(const LinearParams& p) {
-  act_switch(p.act, [&](auto a) { storage_switch(p.dtype, [&](auto s) { bias_act_fwd_t<decltype(a)::value, decltype(s)>(p); }); });
+  ops::act_switch(p.act, [&](auto a) { storage_switch(p.dtype, [&](auto s) { bias_act_fwd_t<decltype(a)::value, decltype(s)>(p); }); });
 }
 
 void act_bwd(const LinearParams& p) {
-  act_switch(p.act, [&](auto a) { storage_switch(p.dtype, [&](auto s) { act_bwd_t<decltype(a)::value, decltype(s)>(p); }); });
+  ops::act_switch(p.act, [&](auto a) { storage_switch(p.dtype, [&](auto s) { act_bwd_t<decltype(a)::value, decltype(s)>(p); }); });
 }
 
 }  // namespace PYVAE_CPU_ARCH

@@ -1,14 +1,9 @@
 // CUDA launchers for the fused ELBO ops. Same math as the CPU (csrc/ops), one block per row with a
 // CUB block reduction over the event dim; float16/bfloat16 are computed and accumulated in float.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cub/block/block_reduce.cuh>
-#include <stdexcept>
-#include <string>
 
 #include "common/params.h"
+#include "cuda/common.cuh"
 #include "cuda/kernels.h"
 #include "ops/bernoulli.h"
 #include "ops/elbo.h"
@@ -18,33 +13,6 @@
 namespace pyvae {
 namespace cuda {
 namespace {
-
-// Storage type T, compute/accumulate type C: double for double, float otherwise.
-template <typename T>
-struct Compute {
-  using type = float;
-};
-template <>
-struct Compute<double> {
-  using type = double;
-};
-
-template <typename T>
-__device__ __forceinline__ typename Compute<T>::type load(const T* p, int64_t i) {
-  return static_cast<typename Compute<T>::type>(p[i]);
-}
-template <typename T, typename C>
-__device__ __forceinline__ void store(T* p, int64_t i, C v) {
-  p[i] = static_cast<T>(v);
-}
-
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("pyvae CUDA kernel ") + what + " failed: " + cudaGetErrorString(err));
-}
-
-constexpr int kMaxGrid = 65535 * 8;
 
 int grid_for(int64_t n) { return static_cast<int>(n < kMaxGrid ? n : kMaxGrid); }
 
@@ -68,7 +36,7 @@ enum class Fwd { kBernoulli, kKLStd, kKL, kGaussian };
 
 template <Fwd OP, typename T, int THREADS>
 __global__ void __launch_bounds__(THREADS) rowwise_fwd_kernel(RowwiseParams p) {
-  using C = typename Compute<T>::type;
+  using C = compute_t<T>;
   const int64_t D = p.cols;
   for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
     const T* a = row<T>(p.a, r, D);
@@ -90,7 +58,7 @@ __global__ void __launch_bounds__(THREADS) rowwise_fwd_kernel(RowwiseParams p) {
 // ----------------------------------------------------------------------------- backward kernels
 template <Fwd OP, typename T, int THREADS>
 __global__ void __launch_bounds__(THREADS) rowwise_bwd_kernel(RowwiseParams p) {
-  using C = typename Compute<T>::type;
+  using C = compute_t<T>;
   const int64_t D = p.cols;
   T* ga = static_cast<T*>(p.grad_a);
   T* gb = static_cast<T*>(p.grad_b);
@@ -134,7 +102,7 @@ __global__ void __launch_bounds__(THREADS) rowwise_bwd_kernel(RowwiseParams p) {
 // --------------------------------------------------------------------------------- fused ELBO
 template <typename T, int THREADS>
 __global__ void __launch_bounds__(THREADS) elbo_fwd_kernel(RowwiseParams p) {
-  using C = typename Compute<T>::type;
+  using C = compute_t<T>;
   const int64_t B = p.rows, D = p.cols, Z = p.cols2, S = p.samples;
   for (int64_t r = blockIdx.x; r < B; r += gridDim.x) {
     const T* x = row<T>(p.b, r, D);
@@ -155,7 +123,7 @@ __global__ void __launch_bounds__(THREADS) elbo_fwd_kernel(RowwiseParams p) {
 
 template <typename T, int THREADS>
 __global__ void __launch_bounds__(THREADS) elbo_bwd_kernel(RowwiseParams p) {
-  using C = typename Compute<T>::type;
+  using C = compute_t<T>;
   const int64_t B = p.rows, D = p.cols, Z = p.cols2, S = p.samples;
   T* gl = static_cast<T*>(p.grad_a);
   T* gx = static_cast<T*>(p.grad_b);
@@ -186,18 +154,6 @@ __global__ void __launch_bounds__(THREADS) elbo_bwd_kernel(RowwiseParams p) {
 }
 
 // ------------------------------------------------------------------------------------ dispatch
-template <typename F>
-void by_dtype(DType dt, const F& f) {
-  switch (dt) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kFloat64: f(double{}); break;
-    case DType::kFloat16: f(__half{}); break;
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
-  }
-}
-
-cudaStream_t stream_of(void* s) { return static_cast<cudaStream_t>(s); }
-
 // Small event dims (the latent's Z) get one warp per row; image-sized rows a 256-thread block.
 template <template <typename, int> class Launch, typename T>
 void launch_rows(const RowwiseParams& p, int64_t cols) {

@@ -1,16 +1,11 @@
 // CUDA epilogues of the fused linear layers: bias + activation forward, activation gradient + bias
 // gradient backward. Same csrc/ops/activation.h math as the CPU; computed in float (double for
 // double), stored in the tensor's dtype.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cub/block/block_reduce.cuh>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
 #include "common/params.h"
+#include "cuda/common.cuh"
 #include "cuda/kernels.h"
 #include "ops/activation.h"
 
@@ -18,14 +13,6 @@ namespace pyvae {
 namespace cuda {
 namespace {
 
-template <typename T>
-using compute_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
-
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("pyvae CUDA kernel ") + what + " failed: " + cudaGetErrorString(err));
-}
 
 // One thread per element, grid-stride.
 template <ops::Act A, typename T>
@@ -87,38 +74,16 @@ __global__ void colsum_kernel(const compute_t<T>* partial, int64_t row_blocks, i
   out[c] = static_cast<T>(s);
 }
 
-template <typename F>
-void act_switch(int act, const F& f) {
-  switch (static_cast<ops::Act>(act)) {
-    case ops::Act::kIdentity: f(std::integral_constant<ops::Act, ops::Act::kIdentity>{}); break;
-    case ops::Act::kReLU: f(std::integral_constant<ops::Act, ops::Act::kReLU>{}); break;
-    case ops::Act::kTanh: f(std::integral_constant<ops::Act, ops::Act::kTanh>{}); break;
-    case ops::Act::kSigmoid: f(std::integral_constant<ops::Act, ops::Act::kSigmoid>{}); break;
-    case ops::Act::kSoftplus: f(std::integral_constant<ops::Act, ops::Act::kSoftplus>{}); break;
-  }
-}
-
-template <typename F>
-void by_dtype(DType dt, const F& f) {
-  switch (dt) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kFloat64: f(double{}); break;
-    case DType::kFloat16: f(__half{}); break;
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
-  }
-}
-
 }  // namespace
 
 void bias_act_fwd(const LinearParams& p) {
   const int64_t n = p.rows * p.cols;
   if (n == 0) return;
-  const int64_t blocks64 = (n + 255) / 256;
-  const int blocks = static_cast<int>(blocks64 < 65535 * 16 ? blocks64 : 65535 * 16);
-  act_switch(p.act, [&](auto a) {
+  const int blocks = blocks_for(n, 256);
+  ops::act_switch(p.act, [&](auto a) {
     by_dtype(p.dtype, [&](auto t) {
       bias_act_kernel<decltype(a)::value, decltype(t)>
-          <<<blocks, 256, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
+          <<<blocks, 256, 0, stream_of(p.stream)>>>(p);
     });
   });
   check_launch("bias_act_fwd");
@@ -135,8 +100,8 @@ void act_bwd(const LinearParams& p) {
   }
   const int64_t row_blocks = (p.rows + kRowsPerBlock - 1) / kRowsPerBlock;
   const dim3 grid(static_cast<unsigned>((p.cols + kColTile - 1) / kColTile), static_cast<unsigned>(row_blocks));
-  const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
-  act_switch(p.act, [&](auto a) {
+  const cudaStream_t stream = stream_of(p.stream);
+  ops::act_switch(p.act, [&](auto a) {
     by_dtype(p.dtype, [&](auto t) {
       using T = decltype(t);
       using C = compute_t<T>;

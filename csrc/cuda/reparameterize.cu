@@ -1,14 +1,7 @@
 // CUDA launchers of reparameterize, compiled with --fmad=false (CMakeLists.txt) so that the draws
 // are computed with the same roundings as the CPU builds (see csrc/cpu/reparameterize.cpp).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <stdexcept>
-#include <string>
-#include <type_traits>
-
 #include "common/params.h"
+#include "cuda/common.cuh"
 #include "cuda/kernels.h"
 #include "ops/philox.h"
 #include "ops/reparameterize.h"
@@ -17,50 +10,11 @@ namespace pyvae {
 namespace cuda {
 namespace {
 
-template <typename T>
-struct Compute {
-  using type = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
-};
-
-template <typename T>
-__device__ __forceinline__ typename Compute<T>::type load(const T* p, int64_t i) {
-  return static_cast<typename Compute<T>::type>(p[i]);
-}
-template <typename T, typename C>
-__device__ __forceinline__ void store(T* p, int64_t i, C v) {
-  p[i] = static_cast<T>(v);
-}
-
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("pyvae CUDA kernel ") + what + " failed: " + cudaGetErrorString(err));
-}
-
-constexpr int kMaxGrid = 65535 * 8;
-
-int blocks_for(int64_t n, int threads) {
-  const int64_t b = (n + threads - 1) / threads;
-  return static_cast<int>(b < kMaxGrid ? (b > 0 ? b : 1) : kMaxGrid);
-}
-
-template <typename F>
-void by_dtype(DType dt, const F& f) {
-  switch (dt) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kFloat64: f(double{}); break;
-    case DType::kFloat16: f(__half{}); break;
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
-  }
-}
-
-cudaStream_t stream_of(void* s) { return static_cast<cudaStream_t>(s); }
-
 // ----------------------------------------------------------------------------- reparameterize
 // One thread per Philox counter: four consecutive elements of the [S, M] draw.
 template <typename T>
 __global__ void reparam_fwd_kernel(ReparamParams p) {
-  using C = typename Compute<T>::type;
+  using C = compute_t<T>;
   const int64_t total = p.samples * p.numel;
   const int64_t groups = (total + 3) / 4;
   const T* mu = static_cast<const T*>(p.mu);
@@ -83,7 +37,7 @@ __global__ void reparam_fwd_kernel(ReparamParams p) {
 // One thread per element of mu: sums the S samples' gradients in a fixed order (deterministic).
 template <typename T>
 __global__ void reparam_bwd_kernel(ReparamParams p) {
-  using C = typename Compute<T>::type;
+  using C = compute_t<T>;
   const T* lv = static_cast<const T*>(p.logvar);
   const T* G = static_cast<const T*>(p.grad_out);
   T* gmu = static_cast<T*>(p.grad_mu);

@@ -7,6 +7,8 @@
 // (e^y = 1 + e^a gives sigmoid(a) = 1 - e^-y; expm1 keeps it exact when y is tiny).
 #pragma once
 
+#include <type_traits>
+
 #include "common/hd.h"
 #include "ops/fastmath.h"
 
@@ -45,6 +47,19 @@ PYVAE_HD PYVAE_FORCEINLINE T bias_act(T acc, T bias) {
 template <Act A, typename T>
 PYVAE_HD PYVAE_FORCEINLINE T act_backward(T grad_y, T y) {
   return grad_y * act_derivative_from_output<A>(y);
+}
+
+// Calls f(std::integral_constant<Act, A>{}) for a run-time activation code, so launchers get the
+// activation as a compile-time constant (no branch in their inner loops). Host only.
+template <typename F>
+inline void act_switch(int act, const F& f) {
+  switch (static_cast<Act>(act)) {
+    case Act::kIdentity: f(std::integral_constant<Act, Act::kIdentity>{}); break;
+    case Act::kReLU: f(std::integral_constant<Act, Act::kReLU>{}); break;
+    case Act::kTanh: f(std::integral_constant<Act, Act::kTanh>{}); break;
+    case Act::kSigmoid: f(std::integral_constant<Act, Act::kSigmoid>{}); break;
+    case Act::kSoftplus: f(std::integral_constant<Act, Act::kSoftplus>{}); break;
+  }
 }
 
 }  // namespace ops
