@@ -1,0 +1,693 @@
+"""Marginal inference on x with a trained VAE: inpainting (missing pixels) and denoising (flipped bits).
+
+Inpainting fills the missing pixels x_mis of ``x`` given the observed ones x_obs by iterating
+
+    x_t = (x_obs, x_mis_t)  ->  z ~ q(z | x_t)  ->  x_mis_{t+1} ~ p(x_mis | z)
+
+with the observed pixels clamped: the pseudo-Gibbs sampler of Rezende, Mohamed & Wierstra (2014,
+section 5.2). Its stationary distribution is only approximately p(x_mis | x_obs) (q is not the exact
+posterior). With ``metropolis=True`` each z draw is a Metropolis-Hastings step with q(z | x_t) as an
+independent proposal (Mattei & Frellsen 2018, "Leveraging the exact likelihood of deep latent variable
+models", Metropolis-within-Gibbs): z' is accepted with probability
+
+    min(1, p(x_t | z') p(z') q(z_t | x_t) / (p(x_t | z_t) p(z_t) q(z' | x_t)))
+
+and the chain then targets p(z, x_mis | x_obs) exactly.
+
+Conventions:
+    - ``x`` is ``[B, D]`` float (rows are flattened H x W images); ``mask`` is ``[D]`` or ``[B, D]``,
+      1 (or True) = observed, 0 = missing.
+    - ``steps`` counts the iterations after the first pass: ``steps=0`` is one encode -> z -> decode
+      pass from the initial fill (0 by default: no ink), ``steps=K`` is K + 1 passes. The first pass is always
+      accepted (there is no previous z); Metropolis corrections apply to the K further steps.
+    - During the chain, the missing pixels of a Bernoulli model are binary draws from p(x_mis | z) (a
+      proper Markov chain; ``chain="mean"`` feeds the probabilities back instead, a deterministic
+      mean-field variant, not allowed with ``metropolis``). Gaussian models draw
+      x_mis ~ N(mean, exp(logvar)).
+    - The returned completions hold, at the missing pixels, E[x_mis | z] of the last z (decoder
+      probabilities for Bernoulli models; ``output="sample"`` returns the last draw of x_mis instead).
+      Observed pixels are copied from ``x`` bit for bit.
+    - All S chains of all B images run as one batch of S * B rows; ``completions[s, b]`` is chain s of
+      image b.
+
+Randomness comes from ``generator`` (default: torch's global generator): z through
+``pyvae.ops.reparameterize`` (seeded from it), the Bernoulli draws and the Metropolis uniforms from
+``torch.rand`` with it. The same seed gives the same result.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import ops
+
+__all__ = ["Inpainting", "inpaint", "denoise", "flip_noise", "make_mask", "load_mask", "mask_kinds",
+           "completion_metrics", "image_shape_for", "cli_inpaint", "cli_denoise", "add_cli"]
+
+PathLike = Union[str, os.PathLike]
+MASK_KINDS = ("top-half", "bottom-half", "left-half", "right-half", "random:P")
+_EPS = 1e-6  # probabilities are clamped to [eps, 1 - eps] for log-likelihoods of completions
+
+
+def mask_kinds() -> Tuple[str, ...]:
+    """The mask kinds ``make_mask`` knows (besides a ``.npy``/``.png`` file)."""
+    return MASK_KINDS
+
+
+@dataclass
+class Inpainting:
+    """What ``inpaint`` returns; unpacks as ``completions, mean = inpaint(...)``.
+
+    Attributes:
+        completions: ``[S, B, D]``, x's dtype and device; observed pixels equal ``x``.
+        mean: ``[B, D]``, the mean of the completions over S.
+        accept_rate: ``[B]`` fraction of accepted Metropolis proposals per image (over the S chains and
+            ``steps`` steps), or None without ``metropolis`` (or with ``steps=0``).
+    """
+
+    completions: torch.Tensor
+    mean: torch.Tensor
+    accept_rate: Optional[torch.Tensor] = None
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        yield self.completions
+        yield self.mean
+
+
+# ------------------------------------------------------------------------------ validation
+def _check_model(model) -> None:
+    for attr in ("encode", "decode", "x_dim", "z_dim", "likelihood"):
+        if not hasattr(model, attr):
+            raise TypeError(f"model must be a pyvae.models.VAE (no attribute {attr!r}), got {type(model).__name__}")
+
+
+def _model_param(model) -> torch.Tensor:
+    return next(model.parameters())
+
+
+def _check_x(model, x, name: str = "x") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 2 or x.shape[1] != model.x_dim:
+        raise ValueError(f"{name} must have shape [B, {model.x_dim}] (B rows of x_dim pixels), got {tuple(x.shape)}")
+    p = _model_param(model)
+    if x.device != p.device:
+        raise ValueError(f"{name} is on {x.device} but the model is on {p.device}")
+    return x
+
+
+def _check_mask(mask, x: torch.Tensor) -> torch.Tensor:
+    """``mask`` as a bool ``[B, D]`` tensor (True = observed), after checking shape, values and device."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor (1 = observed, 0 = missing), got {type(mask).__name__}")
+    B, D = x.shape
+    if tuple(mask.shape) not in ((D,), (B, D), (1, D)):
+        raise ValueError(f"mask must have shape [{D}] or [{B}, {D}] like x, got {tuple(mask.shape)}")
+    if mask.device != x.device:
+        raise ValueError(f"x and mask are on different devices: x on {x.device}, mask on {mask.device}")
+    if mask.dtype != torch.bool:
+        if mask.is_complex():
+            raise TypeError(f"mask must be bool, integer or float, got dtype {mask.dtype}")
+        bad = ~((mask == 0) | (mask == 1))
+        if bool(bad.any()):
+            vals = torch.unique(mask[bad].detach().cpu())[:5].tolist()
+            raise ValueError(f"mask must be binary (1 = observed, 0 = missing); found values such as {vals}")
+        mask = mask != 0
+    return mask.expand(B, D)
+
+
+def _check_int(name: str, v, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    return v
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+# ---------------------------------------------------------------------------- randomness
+def _rand(shape, generator: Optional[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+    """U[0, 1) of ``shape`` on ``like``'s device and dtype, drawn on the generator's device."""
+    g_dev = generator.device if generator is not None else like.device
+    return torch.rand(shape, generator=generator, device=g_dev, dtype=like.dtype).to(like.device)
+
+
+def _draw_x(model, out, generator) -> torch.Tensor:
+    """One draw x ~ p(x | z) from the decoder output (binary for Bernoulli)."""
+    if model.likelihood == "bernoulli":
+        p = torch.sigmoid(out)
+        return (_rand(p.shape, generator, p) < p).to(p.dtype)
+    mean, logvar = out
+    return ops.reparameterize(mean, logvar, generator=generator)
+
+
+def _mean_x(model, out) -> torch.Tensor:
+    return torch.sigmoid(out) if model.likelihood == "bernoulli" else out[0]
+
+
+def _log_px(model, out, x: torch.Tensor) -> torch.Tensor:
+    """log p(x | z) summed over D from a decoder output ``out``: ``[R, D] -> [R]``."""
+    if model.likelihood == "bernoulli":
+        return ops.bernoulli_log_prob(out, x)
+    return ops.gaussian_log_prob(x, out[0], out[1])
+
+
+def _select(acc: torch.Tensor, new, old):
+    """Rows of ``new`` where ``acc`` else rows of ``old`` (tensors or (mean, logvar) pairs)."""
+    if isinstance(new, tuple):
+        return tuple(_select(acc, a, b) for a, b in zip(new, old))
+    return torch.where(acc.unsqueeze(-1), new, old)
+
+
+# ------------------------------------------------------------------------------ inpainting
+@torch.no_grad()
+def inpaint(model, x: torch.Tensor, mask: torch.Tensor, steps: int = 20, samples: int = 1,
+            generator: Optional[torch.Generator] = None, metropolis: bool = False, *, output: str = "mean",
+            chain: str = "sample", init: Union[float, torch.Tensor] = 0.0) -> Inpainting:
+    """Fills the missing pixels (``mask == 0``) of ``x`` given the observed ones, with S chains per image.
+
+    Args:
+        model: a trained ``pyvae.models.VAE`` (Bernoulli or Gaussian decoder); put in eval mode by you.
+        x: ``[B, D]`` float tensor on the model's device; its missing pixels are ignored.
+        mask: ``[D]`` or ``[B, D]`` bool/int/float tensor on x's device, 1 = observed, 0 = missing.
+        steps: pseudo-Gibbs iterations after the first pass (0: one encode -> z -> decode pass).
+        samples: S, chains (completions) per image.
+        generator: torch generator for every random draw (default: torch's global one).
+        metropolis: Metropolis-within-Gibbs correction of the z draws (Mattei & Frellsen 2018).
+        output: "mean" (E[x_mis | z], the decoder's probabilities for Bernoulli) or "sample" (the last
+            draw of x_mis, binary for Bernoulli) at the missing pixels of the completions.
+        chain: "sample" (the chain carries draws of x_mis) or "mean" (it carries E[x_mis | z]; Bernoulli
+            and Gaussian; not with ``metropolis``).
+        init: fill of the missing pixels before the first pass: a number, or a ``[D]``/``[B, D]`` tensor.
+            The default 0 (background) works best on MNIST (docs/INFERENCE.md): a 0.5 or mean-image fill
+            is far from any training image, and the chain can stay stuck near the odd first z.
+
+    Returns:
+        ``Inpainting(completions [S, B, D], mean [B, D], accept_rate [B] or None)`` in x's dtype; it
+        unpacks as ``completions, mean``.
+
+    Raises:
+        TypeError: non-tensor or non-float ``x``, non-tensor ``mask``. ValueError: wrong shapes,
+        non-binary mask values, tensors on different devices, bad ``steps``/``samples``/``output``/``chain``.
+    """
+    _check_model(model)
+    _check_x(model, x)
+    m = _check_mask(mask, x)
+    _check_int("steps", steps, 0)
+    S = _check_int("samples", samples, 1)
+    _check_generator(generator)
+    if output not in ("mean", "sample"):
+        raise ValueError(f"output must be 'mean' or 'sample', got {output!r}")
+    if chain not in ("sample", "mean"):
+        raise ValueError(f"chain must be 'sample' or 'mean', got {chain!r}")
+    if metropolis and chain != "sample":
+        raise ValueError("metropolis=True needs chain='sample' (the acceptance ratio is for draws of x_mis)")
+    B, D = x.shape
+    dt = _model_param(model).dtype
+    if isinstance(init, torch.Tensor):
+        if tuple(init.shape) not in ((D,), (B, D), (1, D)) or init.device != x.device:
+            raise ValueError(f"init must be a number or a [{D}] / [{B}, {D}] tensor on {x.device}, got "
+                             f"{tuple(init.shape)} on {init.device}")
+        fill0 = init.to(dt).expand(B, D)
+    else:
+        fill0 = torch.full((B, D), float(init), dtype=dt, device=x.device)
+
+    # S chains of B images as one batch: row s * B + b is chain s of image b.
+    obs = m.repeat(S, 1)
+    xo = x.to(dt).repeat(S, 1)
+    cur = torch.where(obs, xo, fill0.repeat(S, 1))
+    zero = xo.new_zeros(1)
+
+    def propose(xc):
+        mu, logvar = model.encode(xc)
+        z = ops.reparameterize(mu.to(dt), logvar.to(dt), generator=generator)
+        return mu, logvar, z
+
+    # first pass: always accepted
+    _, _, z = propose(cur)
+    out = model.decode(z)
+    accepted = torch.zeros(S * B, dtype=torch.float64, device=x.device)
+    for _ in range(steps):
+        cur = torch.where(obs, xo, _draw_x(model, out, generator) if chain == "sample" else _mean_x(model, out))
+        mu, logvar, z_new = propose(cur)
+        out_new = model.decode(z_new)
+        if metropolis:
+            # log rho = log p(x|z') + log p(z') - log q(z'|x) - [log p(x|z) + log p(z) - log q(z|x)]
+            log_w_new = _log_px(model, out_new, cur) + ops.gaussian_log_prob(z_new, zero, zero) \
+                - ops.gaussian_log_prob(z_new, mu, logvar)
+            log_w_old = _log_px(model, out, cur) + ops.gaussian_log_prob(z, zero, zero) \
+                - ops.gaussian_log_prob(z, mu, logvar)
+            u = _rand((S * B,), generator, log_w_new)
+            acc = torch.log(u) < (log_w_new - log_w_old)  # u = 0 -> -inf: always accepted
+            acc = acc | torch.isnan(log_w_old)  # never keep a NaN state
+            accepted += acc.double()
+            z = torch.where(acc.unsqueeze(-1), z_new, z)
+            out = _select(acc, out_new, out)
+        else:
+            z, out = z_new, out_new
+    fill = _mean_x(model, out) if output == "mean" else _draw_x(model, out, generator)
+    comp = torch.where(obs, x.repeat(S, 1), fill.to(x.dtype)).view(S, B, D)
+    rate = None
+    if metropolis and steps > 0:
+        rate = (accepted.view(S, B).sum(0) / (S * steps)).to(x.dtype)
+    return Inpainting(comp, comp.mean(0), rate)
+
+
+# ------------------------------------------------------------------------------- denoising
+def flip_noise(x: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Bit-flip (salt-and-pepper) noise on binary images: each pixel becomes ``1 - x`` with probability p.
+
+    Args:
+        x: ``[..., D]`` float tensor of 0s and 1s.
+        p: flip probability in [0, 1].
+        generator: torch generator for the uniforms (may live on another device than ``x``).
+
+    Returns:
+        Tensor of x's shape, dtype and device.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
+    _check_generator(generator)
+    flip = _rand(x.shape, generator, x) < p
+    return torch.where(flip, 1.0 - x, x)
+
+
+@torch.no_grad()
+def denoise(model, x_noisy: torch.Tensor, steps: int = 1, samples: int = 0,
+            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Reconstructs ``x_noisy`` through the model: x <- E[x | z] with z from q(z | x), ``steps`` times.
+
+    Args:
+        model: a trained ``pyvae.models.VAE``.
+        x_noisy: ``[B, D]`` float tensor on the model's device (e.g. ``flip_noise(x, 0.1)``).
+        steps: reconstructions in a row (1: ``model.reconstruct``; more pulls further toward the model's
+            typical images).
+        samples: 0 to decode the posterior mean z = mu(x) (deterministic), or L >= 1 to average E[x | z]
+            over L draws z ~ q(z | x) (the posterior predictive mean).
+        generator: torch generator for the z draws (only with ``samples >= 1``).
+
+    Returns:
+        ``[B, D]`` tensor in x_noisy's dtype: the decoder's mean (probabilities for Bernoulli models);
+        threshold at 0.5 for a binary image.
+    """
+    _check_model(model)
+    _check_x(model, x_noisy, "x_noisy")
+    _check_int("steps", steps, 1)
+    _check_int("samples", samples, 0)
+    _check_generator(generator)
+    dt = _model_param(model).dtype
+    cur = x_noisy.to(dt)
+    for _ in range(steps):
+        mu, logvar = model.encode(cur)
+        if samples == 0:
+            cur = model.mean(mu.to(dt))
+        else:
+            z = ops.reparameterize(mu.to(dt), logvar.to(dt), samples=samples, generator=generator)
+            cur = model.mean(z).mean(0)
+    return cur.to(x_noisy.dtype)
+
+
+# ----------------------------------------------------------------------------------- masks
+def image_shape_for(x_dim: int, dataset: Optional[str] = None) -> Tuple[int, int]:
+    """(H, W) of flattened images: by dataset name, else square (784 -> 28 x 28)."""
+    known = {"digits": (8, 8), "frey": (28, 20), "mnist-5k": (28, 28), "mnist": (28, 28), "fashion-mnist": (28, 28)}
+    if dataset in known and known[dataset][0] * known[dataset][1] == x_dim:
+        return known[dataset]
+    r = int(round(math.sqrt(x_dim)))
+    if r * r != x_dim:
+        raise ValueError(f"cannot guess the image shape of x_dim={x_dim} (not a square); give image_shape")
+    return (r, r)
+
+
+def _image_hw(shape) -> Tuple[Optional[int], int, int]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 2:
+        return None, shape[0], shape[1]
+    if len(shape) == 3:
+        return shape
+    raise ValueError(f"shape must be (H, W) or (B, H, W), got {shape}")
+
+
+def load_mask(path: PathLike, image_shape: Tuple[int, int]) -> torch.Tensor:
+    """A mask from a file: ``.npy`` (0/1 or bool, shape ``(H, W)`` or ``(H*W,)``) or ``.png`` (grayscale
+    or RGB of size W x H, black = missing, white = observed; only the values 0 and 255 are allowed).
+
+    Returns:
+        ``[H*W]`` float32 tensor of 0s and 1s (1 = observed).
+
+    Raises:
+        FileNotFoundError; ValueError: unknown extension, wrong shape, non-binary values (naming the file).
+    """
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"mask file not found: {p}")
+    H, W = image_shape
+    if p.suffix.lower() == ".npy":
+        try:
+            a = np.load(p, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001  (np.load raises many types for bad files)
+            raise ValueError(f"{p}: not a readable .npy file ({type(e).__name__}: {e})") from None
+        if a.shape not in ((H, W), (H * W,)):
+            raise ValueError(f"{p}: mask must have shape ({H}, {W}) or ({H * W},) for images of {H} x {W}, "
+                             f"got {a.shape}")
+        if a.dtype == bool:
+            a = a.astype(np.float32)
+        if not np.issubdtype(a.dtype, np.number) or not np.isin(a, (0, 1)).all():
+            raise ValueError(f"{p}: mask values must be 0 (missing) or 1 (observed)")
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).reshape(H * W)
+    if p.suffix.lower() == ".png":
+        from PIL import Image
+
+        try:
+            with Image.open(p) as im:
+                a = np.asarray(im.convert("L"))
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{p}: not a readable PNG ({type(e).__name__}: {e})") from None
+        if a.shape != (H, W):
+            raise ValueError(f"{p}: mask image must be {W} x {H} pixels (W x H), got {a.shape[1]} x {a.shape[0]}")
+        if not np.isin(a, (0, 255)).all():
+            raise ValueError(f"{p}: mask PNG must be black (0, missing) and white (255, observed) only; "
+                             f"found values such as {sorted(set(np.unique(a).tolist()) - {0, 255})[:5]}")
+        return torch.from_numpy((a == 255).astype(np.float32)).reshape(H * W)
+    raise ValueError(f"{p}: mask file must be .npy or .png, got {p.suffix!r}")
+
+
+def make_mask(kind: str, shape: Sequence[int], generator: Optional[torch.Generator] = None,
+              device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """A mask for flattened images (1 = observed, 0 = missing).
+
+    Args:
+        kind: "top-half" / "bottom-half" / "left-half" / "right-half" (the first/last floor(H/2) rows or
+            floor(W/2) columns missing), "random:P" (exactly round(P * H * W) pixels missing per image,
+            chosen uniformly; P in [0, 1]), or a path to a ``.npy``/``.png`` file (see ``load_mask``).
+        shape: ``(H, W)`` for one mask ``[H*W]`` shared by all images, or ``(B, H, W)`` for ``[B, H*W]``
+            (random masks differ per row).
+        generator: torch generator for "random:P" (CPU).
+        device: where the mask is returned.
+
+    Returns:
+        float32 tensor of 0s and 1s.
+    """
+    if not isinstance(kind, str):
+        raise TypeError(f"kind must be a str, got {type(kind).__name__}")
+    B, H, W = _image_hw(shape)
+    if H < 1 or W < 1 or (B is not None and B < 1):
+        raise ValueError(f"shape must be positive, got {tuple(shape)}")
+    _check_generator(generator)
+    rows = 1 if B is None else B
+    if kind.startswith("random:"):
+        try:
+            frac = float(kind.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"mask kind 'random:P' needs a number P in [0, 1], got {kind!r}") from None
+        if not 0.0 <= frac <= 1.0:
+            raise ValueError(f"mask kind 'random:P' needs P in [0, 1], got {frac}")
+        k = int(round(frac * H * W))
+        g_dev = generator.device if generator is not None else "cpu"
+        order = torch.rand((rows, H * W), generator=generator, device=g_dev).argsort(1)
+        m = torch.ones(rows, H * W)
+        m.scatter_(1, order[:, :k].cpu(), 0.0)
+    elif kind in ("top-half", "bottom-half", "left-half", "right-half"):
+        img = torch.ones(H, W)
+        if kind == "top-half":
+            img[: H // 2] = 0
+        elif kind == "bottom-half":
+            img[H - H // 2:] = 0
+        elif kind == "left-half":
+            img[:, : W // 2] = 0
+        else:
+            img[:, W - W // 2:] = 0
+        m = img.reshape(1, H * W).expand(rows, H * W).clone()
+    elif kind.lower().endswith((".npy", ".png")) or os.path.exists(kind):
+        m = load_mask(kind, (H, W)).reshape(1, H * W).expand(rows, H * W).clone()
+    else:
+        raise ValueError(f"unknown mask kind {kind!r}: use one of {list(MASK_KINDS)} or a .npy/.png file")
+    return (m[0] if B is None else m).to(device)
+
+
+# --------------------------------------------------------------------------------- metrics
+def completion_metrics(pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> Dict[str, float]:
+    """Quality of predictions at the missing pixels (``mask == 0``) of binary (or [0, 1]) targets.
+
+    Args:
+        pred: ``[B, D]`` predicted probabilities (e.g. ``Inpainting.mean``); ``x``: ``[B, D]`` truth;
+            ``mask``: ``[D]`` or ``[B, D]``, 1 = observed.
+
+    Returns:
+        ``{"ll": mean Bernoulli log-likelihood per missing pixel (nats; pred clamped to [1e-6, 1 - 1e-6]),
+        "mae": mean |pred - x| per missing pixel, "err": fraction of missing pixels with
+        (pred > 0.5) != (x > 0.5), "missing": number of missing pixels}``.
+    """
+    miss = (mask == 0).expand_as(x)
+    n = int(miss.sum())
+    if n == 0:
+        return {"ll": 0.0, "mae": 0.0, "err": 0.0, "missing": 0}
+    p = pred.double().clamp(_EPS, 1 - _EPS)[miss]
+    t = x.double()[miss]
+    ll = (t * p.log() + (1 - t) * (-p).log1p()).mean().item()
+    return {"ll": ll, "mae": (p - t).abs().mean().item(), "err": ((p > 0.5) != (t > 0.5)).double().mean().item(),
+            "missing": n}
+
+
+# ------------------------------------------------------------------------- run-level entry points
+def _load_run(run_or_ckpt: PathLike, device: str, data_dir: Optional[str]):
+    """Model, train set, test set and image shape of a run, through pyvae.runs / pyvae.checkpoint."""
+    from .checkpoint import load_model
+    from .runs import _test_data
+
+    model, ckpt = load_model(run_or_ckpt, device)
+    _, data, test = _test_data(ckpt, data_dir, None)
+    return model, data, test, tuple(data.image_shape)
+
+
+def _out_path(run_or_ckpt: PathLike, out: Optional[PathLike], name: str) -> Path:
+    from .checkpoint import resolve_checkpoint
+
+    p = Path(out) if out else resolve_checkpoint(run_or_ckpt).parent / name
+    if p.suffix.lower() != ".png":
+        raise ValueError(f"out must be a .png file, got {str(p)!r}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def cli_inpaint(run: PathLike, mask: str = "top-half", n: int = 16, steps: int = 20, samples: int = 4,
+                seed: int = 0, metropolis: bool = False, out: Optional[PathLike] = None, device: str = "cpu",
+                data_dir: Optional[str] = None, verbose: bool = True) -> Dict[str, object]:
+    """Inpaints the first ``n`` test images of a run and writes a PNG grid; prints and returns the numbers.
+
+    The grid's rows: originals, corrupted inputs (missing pixels gray), ``min(samples, 3)`` completions,
+    the mean completion.
+
+    Returns:
+        ``{"png": Path, "n", "steps", "samples", "mask", "model": completion_metrics of the mean completion,
+        "mean_image": completion_metrics of the training-set mean image, "accept_rate" (metropolis)}``.
+    """
+    _check_int("n", n, 1)
+    _check_int("seed", seed, 0)
+    model, data, test, shape = _load_run(run, device, data_dir)
+    x = test[:n].to(device, _model_param(model).dtype)
+    g = torch.Generator().manual_seed(seed)
+    m = make_mask(mask, (x.shape[0], *shape), generator=g, device=device)
+    res = inpaint(model, x, m, steps=steps, samples=samples, generator=g, metropolis=metropolis)
+    mean_img = data.train.mean(0).to(x).expand_as(x)
+    nums: Dict[str, object] = {
+        "n": x.shape[0], "steps": steps, "samples": samples, "mask": mask,
+        "model": completion_metrics(res.mean, x, m), "mean_image": completion_metrics(mean_img, x, m),
+    }
+    if res.accept_rate is not None:
+        nums["accept_rate"] = res.accept_rate.mean().item()
+    from .plots import image_grid
+
+    shown = res.completions[: min(samples, 3)]
+    rows = [x, torch.where(m.bool(), x, torch.full_like(x, 0.5)), *shown, res.mean]
+    nums["png"] = image_grid(torch.cat([r.cpu() for r in rows]), shape, _out_path(run, out, "inpaint.png"),
+                             nrow=len(rows))
+    if verbose:
+        mm, mi = nums["model"], nums["mean_image"]
+        print(f"inpaint {mask}: {x.shape[0]} test images, {mm['missing']} missing pixels, steps={steps}, "
+              f"samples={samples}{', metropolis' if metropolis else ''}")
+        print(f"  model:      log-lik {mm['ll']:.4f} nats/pixel, mean abs error {mm['mae']:.4f}, "
+              f"error rate {mm['err']:.4f}")
+        print(f"  mean image: log-lik {mi['ll']:.4f} nats/pixel, mean abs error {mi['mae']:.4f}, "
+              f"error rate {mi['err']:.4f}")
+        if "accept_rate" in nums:
+            print(f"  Metropolis acceptance rate: {nums['accept_rate']:.3f}")
+        print(f"picture: {nums['png']}")
+    return nums
+
+
+def cli_denoise(run: PathLike, flip: float = 0.1, n: int = 16, steps: int = 1, seed: int = 0,
+                out: Optional[PathLike] = None, device: str = "cpu", data_dir: Optional[str] = None,
+                verbose: bool = True) -> Dict[str, object]:
+    """Flips each pixel of the first ``n`` (binary) test images with probability ``flip``, denoises them
+    through the model and writes a PNG grid (originals / noisy / denoised probabilities / thresholded).
+
+    Returns:
+        ``{"png": Path, "n", "flip", "steps", "err_noisy": fraction of wrong pixels before,
+        "err_denoised": after (denoised > 0.5), "ll_denoised": mean Bernoulli log-likelihood per pixel
+        of the clean image under the denoised probabilities}``.
+    """
+    _check_int("n", n, 1)
+    _check_int("seed", seed, 0)
+    model, data, test, shape = _load_run(run, device, data_dir)
+    if data.binarize == "none":
+        raise ValueError("denoise needs a run on binary images (binarize 'dynamic' or 'static')")
+    x = test[:n].to(device, _model_param(model).dtype)
+    g = torch.Generator().manual_seed(seed)
+    noisy = flip_noise(x, flip, g)
+    den = denoise(model, noisy, steps=steps)
+    all_missing = torch.zeros_like(x)
+    nums: Dict[str, object] = {
+        "n": x.shape[0], "flip": flip, "steps": steps,
+        "err_noisy": (noisy != x).double().mean().item(),
+        "err_denoised": ((den > 0.5).to(x.dtype) != x).double().mean().item(),
+        "ll_denoised": completion_metrics(den, x, all_missing)["ll"],
+    }
+    from .plots import image_grid
+
+    rows = [x, noisy, den, (den > 0.5).to(x.dtype)]
+    nums["png"] = image_grid(torch.cat([r.cpu() for r in rows]), shape, _out_path(run, out, "denoise.png"),
+                             nrow=len(rows))
+    if verbose:
+        print(f"denoise: {x.shape[0]} test images, flip {flip}, steps={steps}")
+        print(f"  wrong pixels: noisy {nums['err_noisy']:.4f} -> denoised {nums['err_denoised']:.4f}; "
+              f"log-lik of the clean image {nums['ll_denoised']:.4f} nats/pixel")
+        print(f"picture: {nums['png']}")
+    return nums
+
+
+# ------------------------------------------------------------------------------------- CLI
+def _mask_spec(s: str) -> str:
+    if s in ("top-half", "bottom-half", "left-half", "right-half"):
+        return s
+    if s.startswith("random:"):
+        try:
+            v = float(s.split(":", 1)[1])
+        except ValueError:
+            v = -1.0
+        if not 0.0 <= v <= 1.0:
+            raise argparse.ArgumentTypeError(f"random:P needs P in [0, 1], got {s!r}")
+        return s
+    if s.lower().endswith((".npy", ".png")):
+        return s  # existence is checked when loading (FileNotFoundError -> one error line)
+    raise argparse.ArgumentTypeError(f"expected top-half, bottom-half, left-half, right-half, random:P or a "
+                                     f".npy/.png file, got {s!r}")
+
+
+def _probability(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {s!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {s}")
+    return v
+
+
+def _int_at_least(lo: int):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s}")
+        return v
+    return parse
+
+
+def _cmd_inpaint(args) -> int:
+    cli_inpaint(args.run, mask=args.mask, n=args.n, steps=args.steps, samples=args.samples, seed=args.seed,
+                metropolis=args.metropolis, out=args.out, device=args.device, data_dir=args.data_dir)
+    return 0
+
+
+def _cmd_denoise(args) -> int:
+    cli_denoise(args.run, flip=args.flip, n=args.n, steps=args.steps, seed=args.seed, out=args.out,
+                device=args.device, data_dir=args.data_dir)
+    return 0
+
+
+COMMANDS = {"inpaint": _cmd_inpaint, "denoise": _cmd_denoise}
+
+
+def add_cli(subparsers) -> None:
+    """Adds ``pyvae inpaint`` and ``pyvae denoise`` to an argparse subparsers object.
+
+    Each subparser gets ``handler`` (``args.handler(args) -> exit status``) as a default; the same
+    functions are in ``COMMANDS``. Library errors (ValueError, FileNotFoundError, ...) propagate, for the
+    caller's one-line error handling (``pyvae.cli.main``).
+    """
+    pos, nonneg = _int_at_least(1), _int_at_least(0)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = subparsers.add_parser("inpaint", help="fill missing pixels of test images (pseudo-Gibbs / Metropolis)",
+                              description="Fill the missing pixels of the first N test images of a run by "
+                                          "iterating encode -> z -> decode with the observed pixels clamped; "
+                                          "writes a PNG grid (originals / corrupted / completions / mean) and "
+                                          "prints the log-likelihood and error at the missing pixels.",
+                              formatter_class=fmt)
+    p.add_argument("run", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
+    p.add_argument("--mask", type=_mask_spec, default="top-half",
+                   help="top-half, bottom-half, left-half, right-half, random:P (fraction P missing) or a "
+                        ".npy/.png file of the image shape (0/black = missing)")
+    p.add_argument("--n", type=pos, default=16, help="number of test images")
+    p.add_argument("--steps", type=nonneg, default=20, help="iterations after the first pass")
+    p.add_argument("--samples", type=pos, default=4, help="completions (chains) per image")
+    p.add_argument("--metropolis", action="store_true", help="Metropolis-within-Gibbs correction")
+    p.add_argument("--seed", type=nonneg, default=0)
+    p.add_argument("--out", metavar="PNG", default=None, help="picture to write [RUN/inpaint.png]")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default=None, help="where the data files are now")
+    p.set_defaults(handler=_cmd_inpaint)
+    d = subparsers.add_parser("denoise", help="reconstruct bit-flipped test images through the model",
+                              description="Flip each pixel of the first N binary test images with probability "
+                                          "--flip, reconstruct them through the model (E[x | z = mu(x)]) and "
+                                          "print the fraction of wrong pixels before and after; writes a PNG "
+                                          "grid (originals / noisy / denoised / thresholded).",
+                              formatter_class=fmt)
+    d.add_argument("run", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
+    d.add_argument("--flip", type=_probability, default=0.1, help="probability of flipping each pixel")
+    d.add_argument("--n", type=pos, default=16, help="number of test images")
+    d.add_argument("--steps", type=pos, default=1, help="reconstructions in a row")
+    d.add_argument("--seed", type=nonneg, default=0)
+    d.add_argument("--out", metavar="PNG", default=None, help="picture to write [RUN/denoise.png]")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--data-dir", default=None, help="where the data files are now")
+    d.set_defaults(handler=_cmd_denoise)
+
+
+def main(argv=None) -> int:  # pragma: no cover - a stand-in until pyvae.cli wires add_cli in
+    """``python -m pyvae.inference inpaint|denoise ...`` with pyvae.cli's one-line error handling."""
+    parser = argparse.ArgumentParser(prog="pyvae")
+    sub = parser.add_subparsers(dest="command", metavar="{inpaint,denoise}")
+    add_cli(sub)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError, NotADirectoryError, PermissionError) as e:
+        print(f"pyvae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
