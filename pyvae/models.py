@@ -1,0 +1,361 @@
+"""The variational auto-encoder of Kingma & Welling (2013) and its estimators, on pyvae's fused ops.
+
+``VAE`` has a Gaussian MLP encoder q(z|x) = N(mu(x), diag(exp(logvar(x)))) and a Bernoulli (logits) or
+Gaussian (sigmoid mean, learned log-variance; the paper's Frey Face decoder) MLP decoder p(x|z), with
+the prior p(z) = N(0, I). Estimators, all per datapoint (``[B]``):
+
+- ``elbo(x, samples=L, estimator="analytic")``: SGVB estimator B (analytic KL, the paper's eq. 7);
+  ``estimator="mc"``: estimator A (eq. 6), the mean over L draws of log p(x, z) - log q(z|x).
+- ``iwae_bound(x, k)``: the importance-weighted bound of Burda et al. (2015).
+- ``log_likelihood(x, samples)``: importance-sampled log p(x) with q as proposal, in bounded memory.
+
+The hot path runs on pyvae's fused ops: ``reparameterize`` (Philox eps drawn in the kernel),
+``bernoulli_elbo`` (estimator B for Bernoulli decoders in one pass), ``gaussian_kl``,
+``gaussian_log_prob``, ``bernoulli_log_prob``, and the fused linear layers of ``pyvae.nn``.
+
+Layers: every linear layer is built by ``_linear`` (``pyvae.nn.FusedLinear`` when available, else an
+``nn.Linear`` subclass applying the activation in eager torch). Both ARE ``nn.Linear`` subclasses, so
+parameter names (``weight``, ``bias``) and state dicts are identical whichever is used, and a
+checkpoint loads in both.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import ops
+
+__all__ = ["VAE", "LIKELIHOODS", "ESTIMATORS", "Shard"]
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+ESTIMATORS = ("analytic", "mc")
+_LOG_2PI = math.log(2.0 * math.pi)
+
+Shard = Tuple[int, int]
+"""``(row0, global_rows)``: this batch is rows ``[row0, row0 + B)`` of a global batch (data parallel)."""
+
+try:  # the fused layers (pyvae.nn); the fallback keeps the same parameter names
+    from .nn import FusedLinear as _FusedLinear
+    from .nn import GaussianHead as _FusedGaussianHead
+except ImportError:  # pragma: no cover - only while pyvae.nn is missing
+    _FusedLinear = None
+    _FusedGaussianHead = None
+
+_EAGER_ACT = {
+    "identity": lambda t: t,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "softplus": torch.nn.functional.softplus,
+}
+
+
+class _EagerLinear(nn.Linear):
+    """``act(nn.Linear(x))`` in eager torch: the stand-in for ``pyvae.nn.FusedLinear`` (same state dict)."""
+
+    def __init__(self, in_features: int, out_features: int, activation: str = "tanh"):
+        super().__init__(in_features, out_features)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _EAGER_ACT[self.activation](super().forward(x))
+
+
+class _EagerGaussianHead(nn.Linear):
+    """(mu, logvar) heads as one ``nn.Linear`` of width ``2 * z_dim`` (same layout as pyvae.nn.GaussianHead)."""
+
+    def __init__(self, in_features: int, z_dim: int):
+        super().__init__(in_features, 2 * z_dim)
+        self.z_dim = z_dim
+
+    def forward(self, x):
+        h = super().forward(x)
+        return h[..., : self.z_dim], h[..., self.z_dim:]
+
+
+def _linear(in_features: int, out_features: int, activation: str, fused: bool = True) -> nn.Linear:
+    """The one place that chooses the layer implementation (fused or eager; same parameters)."""
+    if fused and _FusedLinear is not None:
+        return _FusedLinear(in_features, out_features, activation=activation)
+    return _EagerLinear(in_features, out_features, activation)
+
+
+def _gaussian_head(in_features: int, z_dim: int, fused: bool = True) -> nn.Linear:
+    if fused and _FusedGaussianHead is not None:
+        return _FusedGaussianHead(in_features, z_dim)
+    return _EagerGaussianHead(in_features, z_dim)
+
+
+def _check_int(name: str, v, lo: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    return v
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 (autocast outputs) to float32; other dtypes unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _draw_seed(generator: Optional[torch.Generator]) -> int:
+    g_dev = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=g_dev).item())
+
+
+def _reparameterize(mu: torch.Tensor, logvar: torch.Tensor, samples: int, generator: Optional[torch.Generator],
+                    shard: Optional[Shard]) -> torch.Tensor:
+    """``[L, B, Z]`` z from pyvae's fused reparameterize; one seed per call, drawn from ``generator``.
+
+    With ``shard = (row0, rows)`` the eps of row b of sample l is the one a single process drawing
+    ``[L, rows, Z]`` would use for row ``row0 + b``: pyvae's Philox eps depend only on (seed, element
+    index) (DESIGN.md, decision 4), so the draw is offset by counters (4 elements each). This makes N
+    data-parallel processes draw exactly the eps of one process at the same global batch. When the
+    offsets are not multiples of 4 elements the ranks fall back to independent seeds (same
+    distribution, different draws).
+    """
+    seed = _draw_seed(generator)
+    B, Z = mu.shape[-2], mu.shape[-1]
+    row0, rows = (0, B) if shard is None else shard
+    if (row0 * Z) % 4 or (rows * Z) % 4:
+        seed = (seed + 0x9E3779B97F4A7C15 * (row0 + 1)) % 2**62
+        row0, rows = 0, B
+    if row0 == 0 and rows == B:
+        return torch.ops.pyvae.reparameterize(mu, logvar, samples, torch.tensor([seed, 0], dtype=torch.int64))
+    zs = [
+        torch.ops.pyvae.reparameterize(mu, logvar, 0, torch.tensor([seed, (l * rows + row0) * Z // 4],
+                                                                   dtype=torch.int64))
+        for l in range(samples)
+    ]
+    return torch.stack(zs)
+
+
+class VAE(nn.Module):
+    """Variational auto-encoder with MLP encoder and decoder (the paper's Appendix C).
+
+    Args:
+        x_dim: data dimension D (e.g. 784).
+        z_dim: latent dimension Z (paper: 2..200; 20 by default).
+        hidden: units per hidden layer (paper: 500 for MNIST, 200 for Frey Face).
+        likelihood: "bernoulli" (decoder outputs logits) or "gaussian" (sigmoid mean and a learned
+            per-pixel log-variance, both functions of z, as the paper's Frey Face model).
+        activation: hidden activation ("tanh" as the paper; "relu", "sigmoid", "softplus").
+        layers: hidden layers in each of encoder and decoder (paper: 1).
+        init: "default" (PyTorch's nn.Linear init) or "paper" (every weight and bias ~ N(0, 0.01^2)).
+        fused: use pyvae's fused linear layers (True) or eager torch layers (False); same parameters.
+
+    Shapes: ``x`` is ``[B, D]`` (any leading batch dims work where noted); ``z`` is ``[..., Z]``.
+    """
+
+    def __init__(self, x_dim: int, z_dim: int = 20, hidden: int = 500, likelihood: str = "bernoulli",
+                 activation: str = "tanh", layers: int = 1, init: str = "default", fused: bool = True):
+        super().__init__()
+        _check_int("x_dim", x_dim)
+        _check_int("z_dim", z_dim)
+        _check_int("hidden", hidden)
+        _check_int("layers", layers)
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {list(LIKELIHOODS)}, got {likelihood!r}")
+        if activation not in _EAGER_ACT or activation == "identity":
+            raise ValueError(f"activation must be one of {sorted(set(_EAGER_ACT) - {'identity'})}, got {activation!r}")
+        if init not in ("default", "paper"):
+            raise ValueError(f"init must be 'default' or 'paper', got {init!r}")
+        self.x_dim, self.z_dim, self.hidden, self.layers = x_dim, z_dim, hidden, layers
+        self.likelihood, self.activation = likelihood, activation
+        enc = [x_dim] + [hidden] * layers
+        self.encoder = nn.Sequential(*[_linear(a, b, activation, fused) for a, b in zip(enc[:-1], enc[1:])])
+        self.enc_head = _gaussian_head(hidden, z_dim, fused)
+        dec = [z_dim] + [hidden] * layers
+        self.decoder = nn.Sequential(*[_linear(a, b, activation, fused) for a, b in zip(dec[:-1], dec[1:])])
+        if likelihood == "bernoulli":
+            self.dec_logits = _linear(hidden, x_dim, "identity", fused)
+        else:
+            self.dec_mean = _linear(hidden, x_dim, "sigmoid", fused)
+            self.dec_logvar = _linear(hidden, x_dim, "identity", fused)
+        if init == "paper":
+            for p in self.parameters():
+                nn.init.normal_(p, 0.0, 0.01)
+
+    def config(self) -> dict:
+        """Constructor arguments (without ``init``/``fused``) as a plain dict, for checkpoints."""
+        return dict(x_dim=self.x_dim, z_dim=self.z_dim, hidden=self.hidden, likelihood=self.likelihood,
+                    activation=self.activation, layers=self.layers)
+
+    # ------------------------------------------------------------------------- the networks
+    def _check_x(self, x, name: str = "x") -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.x_dim:
+            raise ValueError(f"{name} must have shape [..., {self.x_dim}] (x_dim), got {tuple(x.shape)}")
+        return x
+
+    def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """q(z|x): ``x [..., D] -> (mu [..., Z], logvar [..., Z])`` (float32 under autocast)."""
+        self._check_x(x)
+        mu, logvar = self.enc_head(self.encoder(x))
+        return _wide(mu), _wide(logvar)  # the ELBO terms are computed in float32 under autocast
+
+    def decode(self, z: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """p(x|z)'s parameters: Bernoulli ``logits [..., D]``; Gaussian ``(mean [..., D], logvar [..., D])``."""
+        if not isinstance(z, torch.Tensor) or z.dim() < 1 or z.shape[-1] != self.z_dim:
+            raise ValueError(f"z must be a tensor of shape [..., {self.z_dim}] (z_dim), got "
+                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+        h = self.decoder(z)
+        if self.likelihood == "bernoulli":
+            return _wide(self.dec_logits(h))
+        return _wide(self.dec_mean(h)), _wide(self.dec_logvar(h))
+
+    def mean(self, z: torch.Tensor) -> torch.Tensor:
+        """E[x|z] ``[..., D]``: sigmoid(logits) (Bernoulli) or the mean (Gaussian)."""
+        out = self.decode(z)
+        return torch.sigmoid(out) if self.likelihood == "bernoulli" else out[0]
+
+    def log_px_given_z(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) summed over D: ``x [B, D]``, ``z [..., B, Z] -> [..., B]``."""
+        out = self.decode(z)
+        if self.likelihood == "bernoulli":
+            return ops.bernoulli_log_prob(out, x.to(out.dtype))
+        return ops.gaussian_log_prob(x.to(out[0].dtype), out[0], out[1])
+
+    # ---------------------------------------------------------------------------- estimators
+    def _log_weights(self, x, mu, logvar, z) -> torch.Tensor:
+        """log p(x, z) - log q(z|x) for ``z [L, B, Z]`` -> ``[L, B]``."""
+        zero = z.new_zeros(1)
+        return self.log_px_given_z(x, z) + ops.gaussian_log_prob(z, zero, zero) - ops.gaussian_log_prob(z, mu, logvar)
+
+    def forward(self, x: torch.Tensor, samples: int = 1, estimator: str = "analytic", kl_weight: float = 1.0,
+                generator: Optional[torch.Generator] = None, shard: Optional[Shard] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training objective (what ``DistributedDataParallel`` wraps).
+
+        Args:
+            x: ``[B, D]`` targets (binary for Bernoulli; in [0, 1] allowed).
+            samples: L, draws of z per datapoint.
+            estimator: "analytic" (SGVB B) or "mc" (SGVB A).
+            kl_weight: beta in ``recon - beta * KL`` (KL warm-up); 1 is the ELBO.
+            generator: torch generator the eps seed is drawn from (default: torch's global one).
+            shard: ``(row0, global_rows)`` for data-parallel training (see ``_reparameterize``).
+
+        Returns:
+            ``(objective [B], elbo [B], kl [B])``: the objective to maximize (differentiable; equals
+            the ELBO when ``kl_weight == 1``), and the detached ELBO and KL (analytic KL for "analytic";
+            the MC estimate of E_q[log q(z|x) - log p(z)] for "mc").
+        """
+        self._check_x(x)
+        _check_int("samples", samples)
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
+        mu, logvar = self.encode(x)
+        z = _reparameterize(mu, logvar, samples, generator, shard)
+        if estimator == "analytic":
+            if self.likelihood == "bernoulli":
+                logits = self.decode(z)
+                elbo = ops.bernoulli_elbo(logits, x.to(logits.dtype), mu, logvar)
+                if kl_weight == 1.0:
+                    with torch.no_grad():
+                        kl = ops.gaussian_kl(mu, logvar)
+                    return elbo, elbo.detach(), kl
+                kl = ops.gaussian_kl(mu, logvar)
+                return elbo + (1.0 - kl_weight) * kl, elbo.detach(), kl.detach()
+            kl = ops.gaussian_kl(mu, logvar)
+            rec = self.log_px_given_z(x, z).mean(0)
+            return rec - kl_weight * kl, (rec - kl).detach(), kl.detach()
+        zero = z.new_zeros(1)
+        rec = self.log_px_given_z(x, z).mean(0)
+        kl = (ops.gaussian_log_prob(z, mu, logvar) - ops.gaussian_log_prob(z, zero, zero)).mean(0)
+        return rec - kl_weight * kl, (rec - kl).detach(), kl.detach()
+
+    def elbo(self, x: torch.Tensor, samples: int = 1, estimator: str = "analytic",
+             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The SGVB estimate of the ELBO per datapoint (differentiable).
+
+        Args:
+            x: ``[B, D]``.
+            samples: L >= 1 draws of z per datapoint.
+            estimator: "analytic" (SGVB B: E_q[log p(x|z)] by L draws minus the analytic KL) or "mc"
+                (SGVB A: mean over L draws of log p(x|z) + log p(z) - log q(z|x)).
+            generator: torch generator for the eps seed.
+
+        Returns:
+            ``[B]`` tensor.
+        """
+        return self.forward(x, samples, estimator, 1.0, generator)[0]
+
+    def iwae_bound(self, x: torch.Tensor, k: int = 50, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The importance-weighted bound log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x).
+
+        ``k == 1`` is the ELBO (SGVB A with L = 1); the bound is non-decreasing in k in expectation.
+
+        Args:
+            x: ``[B, D]``.
+            k: number of importance samples.
+            generator: torch generator for the eps seed.
+
+        Returns:
+            ``[B]`` tensor (differentiable), computed with a stable log-mean-exp.
+        """
+        self._check_x(x)
+        _check_int("k", k)
+        mu, logvar = self.encode(x)
+        z = _reparameterize(mu, logvar, k, generator, None)
+        return torch.logsumexp(self._log_weights(x, mu, logvar, z), 0) - math.log(k)
+
+    @torch.no_grad()
+    def log_likelihood(self, x: torch.Tensor, samples: int = 5000, batch: int = 500,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Importance-sampled estimate of log p(x) with q(z|x) as the proposal (the paper's Figure 3).
+
+        ``log (1/S) sum_s p(x, z_s) / q(z_s|x)`` with S = ``samples`` draws taken ``batch`` at a time and
+        combined by a running log-sum-exp, so memory is ``O(batch * B * D)`` whatever S is.
+
+        Args:
+            x: ``[B, D]``.
+            samples: S, total importance samples per datapoint.
+            batch: draws per chunk.
+            generator: torch generator for the eps seeds.
+
+        Returns:
+            ``[B]`` tensor (no gradient).
+        """
+        self._check_x(x)
+        _check_int("samples", samples)
+        _check_int("batch", batch)
+        mu, logvar = self.encode(x)
+        acc = None
+        done = 0
+        while done < samples:
+            c = min(batch, samples - done)
+            z = _reparameterize(mu, logvar, c, generator, None)
+            lse = torch.logsumexp(self._log_weights(x, mu, logvar, z).double(), 0)
+            acc = lse if acc is None else torch.logaddexp(acc, lse)
+            done += c
+        return (acc - math.log(samples)).to(mu.dtype)
+
+    # ---------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def sample(self, n: int, generator: Optional[torch.Generator] = None, binary: bool = False) -> torch.Tensor:
+        """``n`` draws from the model: z ~ N(0, I), then E[x|z] (default) or a draw of x (``binary``).
+
+        Returns:
+            ``[n, D]`` tensor on the model's device.
+        """
+        _check_int("n", n)
+        p = next(self.parameters())
+        z = torch.randn((n, self.z_dim), generator=generator, dtype=p.dtype,
+                        device=generator.device if generator is not None else "cpu").to(p.device)
+        m = self.mean(z)
+        if binary:
+            if self.likelihood == "bernoulli":
+                return torch.bernoulli(m, generator=generator if m.device.type == "cpu" else None)
+            raise ValueError("binary=True needs the bernoulli likelihood")
+        return m
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """E[x | z = mu(x)]: ``x [..., D] -> [..., D]`` (deterministic reconstruction)."""
+        mu, _ = self.encode(x)
+        return self.mean(mu.to(next(self.parameters()).dtype))

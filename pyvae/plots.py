@@ -1,0 +1,147 @@
+"""PNG plots of a run: learning curves (the paper's Figure 2), samples, reconstructions, 2-D manifold.
+
+All functions use matplotlib's non-interactive Agg backend and write a file; none opens a window.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = ["learning_curve", "image_grid", "sample_grid", "reconstructions", "manifold", "run_plots"]
+
+PathLike = Union[str, os.PathLike]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def learning_curve(history: Sequence[Dict[str, float]], path: PathLike, title: str = "") -> Path:
+    """Train and test ELBO (per datapoint) against training samples seen, log x axis (Figure 2).
+
+    Args:
+        history: per-epoch metrics with ``samples_seen``, ``train_elbo``, ``test_elbo``.
+        path: the PNG to write.
+    """
+    if not history:
+        raise ValueError("history is empty: nothing to plot")
+    plt = _plt()
+    xs = [h["samples_seen"] for h in history]
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=100)
+    ax.plot(xs, [h["train_elbo"] for h in history], "o-", ms=3, label="AEVB (train)")
+    ax.plot(xs, [h["test_elbo"] for h in history], "s--", ms=3, label="AEVB (test)")
+    ax.set_xscale("log")
+    ax.set_xlabel("# training samples evaluated")
+    ax.set_ylabel("ELBO (nats per datapoint)")
+    ax.set_title(title or "learning curve")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _tile(images: torch.Tensor, image_shape: Tuple[int, int], nrow: int, pad: int = 1) -> torch.Tensor:
+    n = images.shape[0]
+    h, w = image_shape
+    ncol = -(-n // nrow)
+    out = torch.ones(nrow * (h + pad) + pad, ncol * (w + pad) + pad)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = \
+            images[i].reshape(h, w)
+    return out
+
+
+def image_grid(images: torch.Tensor, image_shape: Tuple[int, int], path: PathLike, nrow: Optional[int] = None,
+               title: str = "") -> Path:
+    """Tiles ``images [N, H*W]`` (values in [0, 1]) into one grayscale PNG, pixel-exact (white borders).
+
+    ``title`` is accepted for the callers' documentation but not drawn (the PNG is the bare grid).
+
+    Args:
+        images: ``[N, D]`` tensor with ``D == H * W``.
+        image_shape: ``(H, W)``.
+        path: the PNG to write.
+        nrow: rows of the grid (default: about square).
+    """
+    images = images.detach().float().cpu()
+    if images.dim() != 2 or images.shape[1] != image_shape[0] * image_shape[1]:
+        raise ValueError(f"images must be [N, {image_shape[0] * image_shape[1]}] for image_shape {image_shape}, "
+                         f"got {tuple(images.shape)}")
+    n = images.shape[0]
+    nrow = nrow or max(1, round(n ** 0.5))
+    grid = _tile(images.clamp(0, 1), image_shape, nrow)
+    k = max(1, round(400 / max(grid.shape)))  # whole pixels per image pixel: exact, no resampling blur
+    grid = grid.repeat_interleave(k, 0).repeat_interleave(k, 1)
+    # PIL is a matplotlib dependency; 8-bit grayscale PNGs are ~4x smaller than matplotlib's RGBA.
+    from PIL import Image
+
+    path = Path(path)
+    Image.fromarray((grid * 255).round().to(torch.uint8).numpy(), mode="L").save(path, optimize=True)
+    return path
+
+
+def sample_grid(model, image_shape: Tuple[int, int], path: PathLike, n: int = 100, seed: int = 0) -> Path:
+    """``n`` samples E[x|z], z ~ N(0, I), from ``model`` as a grid."""
+    g = torch.Generator().manual_seed(seed)
+    return image_grid(model.sample(n, generator=g), image_shape, path, title="samples E[x|z], z ~ N(0, I)")
+
+
+def reconstructions(model, x: torch.Tensor, image_shape: Tuple[int, int], path: PathLike, n: int = 10) -> Path:
+    """``n`` originals spread evenly over ``x`` (odd rows) above their reconstructions E[x | z = mu(x)]."""
+    idx = torch.linspace(0, x.shape[0] - 1, min(n, x.shape[0])).round().long()  # spread over the set
+    x = x[idx].to(next(model.parameters()).device, next(model.parameters()).dtype)
+    r = model.reconstruct(x)
+    rows = []
+    per = min(10, x.shape[0])
+    for i in range(0, x.shape[0], per):
+        rows += [x[i:i + per].cpu(), r[i:i + per].cpu()]
+    return image_grid(torch.cat(rows), image_shape, path, nrow=len(rows), title="originals / reconstructions")
+
+
+def manifold(model, image_shape: Tuple[int, int], path: PathLike, n: int = 20) -> Path:
+    """The paper's Figure 4: E[x|z] on an ``n x n`` grid of a 2-D latent space.
+
+    The grid is linearly spaced in the unit square and mapped through the inverse Gaussian CDF, so it
+    covers N(0, I) by equal probability mass.
+    """
+    if model.z_dim != 2:
+        raise ValueError(f"the manifold plot needs a 2-D latent space, got z_dim={model.z_dim}")
+    p = torch.linspace(0.5 / n, 1 - 0.5 / n, n, dtype=torch.float64)
+    q = torch.distributions.Normal(0.0, 1.0).icdf(p)
+    zz = torch.stack(torch.meshgrid(q.flip(0), q, indexing="ij"), -1).reshape(-1, 2)
+    par = next(model.parameters())
+    zz = zz[:, [1, 0]].to(par.device, par.dtype)
+    with torch.no_grad():
+        imgs = model.mean(zz)
+    return image_grid(imgs, image_shape, path, nrow=n, title="learned manifold (z through the inverse Gaussian CDF)")
+
+
+def run_plots(model, data, history: List[Dict[str, float]], run_dir: PathLike) -> Dict[str, Path]:
+    """The PNGs written after training: ``learning_curve.png``, ``samples.png``, ``reconstructions.png``
+    and, for a 2-D latent space, ``manifold.png``. Returns name -> path."""
+    run_dir = Path(run_dir)
+    model = model.module if hasattr(model, "module") else model
+    was = model.training
+    model.eval()
+    out = {
+        "learning_curve": learning_curve(history, run_dir / "learning_curve.png",
+                                         f"{data.name}: {model.x_dim}-{model.hidden}-{model.z_dim} {model.activation}"),
+        "samples": sample_grid(model, data.image_shape, run_dir / "samples.png"),
+        "reconstructions": reconstructions(model, data.test, data.image_shape, run_dir / "reconstructions.png", n=20),
+    }
+    if model.z_dim == 2:
+        out["manifold"] = manifold(model, data.image_shape, run_dir / "manifold.png")
+    model.train(was)
+    return out

@@ -1,0 +1,138 @@
+"""The ``pyvae`` command line end to end on tiny data: train, resume, eval, sample, help, errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pyvae.cli import main
+
+TINY = ["--dataset", "digits", "--hidden", "16", "--batch-size", "50", "--threads", "1", "--no-progress"]
+
+
+def _run(*args, timeout=120):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "pyvae", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, check=False)
+
+
+@pytest.fixture(scope="module")
+def run2d(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *TINY, "--latent", "2", "--epochs", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_end_to_end(run2d, capsys):
+    for name in ("metrics.jsonl", "metrics.csv", "checkpoint.pt", "config.json", "learning_curve.png",
+                 "samples.png", "reconstructions.png", "manifold.png"):
+        assert (run2d / name).is_file(), name
+    rows = [json.loads(x) for x in (run2d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_train_prints_final_elbo_and_pictures(tmp_path, capsys):
+    assert main(["train", *TINY, "--latent", "3", "--epochs", "1", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "final test ELBO:" in out and "pictures:" in out and str(tmp_path / "r" / "samples.png") in out
+
+
+def test_resume_more_epochs(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["train", *TINY, "--latent", "3", "--epochs", "1", "--no-plots", "--out", str(out)]) == 0
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--no-plots"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_config_file(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('dataset = "digits"\nhidden = 8\nlatent = 2\nepochs = 1\nplots = false\nprogress = false\n')
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["hidden"] == 8
+
+
+def test_eval(run2d, capsys):
+    assert main(["eval", str(run2d), "--k", "5", "--ll-samples", "20", "--limit", "40"]) == 0
+    out = capsys.readouterr().out
+    vals = {line.split(":")[0]: float(line.split(":")[1].split()[0]) for line in out.splitlines() if "nats" in line}
+    assert set(vals) == {"test ELBO", "IWAE bound (k=5)", "log p(x) (importance sampling, 20 samples)"}
+    assert vals["test ELBO"] < 0 and "test points: 40" in out
+
+
+def test_sample_manifold(run2d, tmp_path, capsys):
+    assert main(["sample", str(run2d / "checkpoint.pt"), "--manifold", "--n", "16", "--out", str(tmp_path)]) == 0
+    for name in ("samples.png", "manifold.png", "reconstructions.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sample_manifold_needs_2d(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["train", *TINY, "--latent", "3", "--epochs", "1", "--no-plots", "--out", str(out)]) == 0
+    assert main(["sample", str(out), "--manifold"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2-D latent" in err[0]
+
+
+@pytest.mark.parametrize("cmd", [[], ["train"], ["eval"], ["sample"]])
+def test_help(cmd):
+    r = _run(*cmd, "--help")
+    assert r.returncode == 0 and "usage: pyvae" in r.stdout
+    if cmd == ["train"]:
+        for flag in ("--dataset", "--data-dir", "--epochs", "--batch-size", "--latent", "--hidden", "--likelihood",
+                     "--estimator", "--samples", "--optimizer", "--lr", "--weight-decay", "--device", "--precision",
+                     "--seed", "--out", "--resume", "--config"):
+            assert flag in r.stdout, flag
+
+
+@pytest.mark.parametrize("args,match", [
+    (["train", "--latent", "zero"], "--latent: expected a positive integer"),
+    (["train", "--optimizer", "sgd"], "--optimizer: invalid choice"),
+    (["train", "--dataset", "mnist", "--data-dir", "/nonexistent-dir", "--no-progress"], "dataset 'mnist'"),
+    (["train", "--precision", "fp16-mixed", "--epochs", "0"], "fp16-mixed"),
+    (["eval", "/nonexistent-run"], "no checkpoint"),
+    (["train", "--weight-decay", "lots"], "--weight-decay"),
+])
+def test_errors_are_one_line(args, match):
+    r = _run(*args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("pyvae") and "error:" in last and match in last
+
+
+def test_console_script_installed():
+    exe = shutil.which("pyvae")
+    if exe is None:
+        pytest.skip("the pyvae console script is not installed (pip install -e . re-creates it)")
+    r = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0 and r.stdout.startswith("pyvae ")
+
+
+def test_torchrun_two_processes(tmp_path):
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        "-m", "pyvae", "train", *TINY, "--latent", "4", "--epochs", "1", "--no-plots",
+                        "--out", str(out)], capture_output=True, text=True, timeout=180,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("final test ELBO") == 1  # rank 0 alone reports
+    assert (out / "checkpoint.pt").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_frey_gaussian_from_synthetic_mat(tmp_path, capsys):
+    scipy_io = pytest.importorskip("scipy.io")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    scipy_io.savemat(tmp_path / "frey_rawface.mat", {"ff": rng.integers(0, 256, (560, 120), dtype=np.uint8)})
+    out = tmp_path / "frey"
+    assert main(["train", "--dataset", "frey", "--data-dir", str(tmp_path), "--likelihood", "gaussian",
+                 "--hidden", "20", "--latent", "2", "--batch-size", "20", "--epochs", "1", "--no-progress",
+                 "--threads", "1", "--out", str(out)]) == 0
+    assert (out / "manifold.png").is_file()
+    assert json.loads((out / "config.json").read_text())["likelihood"] == "gaussian"

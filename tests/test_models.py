@@ -1,0 +1,231 @@
+"""pyvae.models.VAE: estimators against hand computation, each other, and exact integration."""
+import math
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Independent, Normal, kl_divergence
+
+import pyvae
+from pyvae import models as M
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and pyvae.cuda_built() else [])
+
+
+def _x(b=6, d=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(b, d, generator=g) < 0.4).float()
+
+
+def _model(likelihood="bernoulli", z=3, d=12, dtype=torch.float32, seed=0, **kw):
+    torch.manual_seed(seed)
+    return M.VAE(d, z_dim=z, hidden=7, likelihood=likelihood, **kw).to(dtype)
+
+
+def _z_for(model, x, samples, seed):
+    """The z the model draws for generator seed ``seed`` (same fused reparameterize call)."""
+    mu, logvar = model.encode(x)
+    return M._reparameterize(mu, logvar, samples, torch.Generator().manual_seed(seed), None), mu, logvar
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("samples", [1, 4])
+def test_elbo_analytic_bernoulli_by_hand(samples, device):
+    m, x = _model().to(device), _x().to(device)
+    z, mu, logvar = _z_for(m, x, samples, 11)
+    rec = Independent(Bernoulli(logits=m.decode(z)), 1).log_prob(x).mean(0)
+    q = Independent(Normal(mu, (0.5 * logvar).exp()), 1)
+    p = Independent(Normal(torch.zeros_like(mu), torch.ones_like(mu)), 1)
+    want = rec - kl_divergence(q, p)
+    got = m.elbo(x, samples=samples, generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_elbo_mc_by_hand(likelihood):
+    m = _model(likelihood)
+    x = _x() if likelihood == "bernoulli" else torch.rand(6, 12, generator=torch.Generator().manual_seed(2))
+    z, mu, logvar = _z_for(m, x, 3, 5)
+    if likelihood == "bernoulli":
+        lpx = Independent(Bernoulli(logits=m.decode(z)), 1).log_prob(x)
+    else:
+        mean, lv = m.decode(z)
+        assert 0 <= mean.min() and mean.max() <= 1  # sigmoid-constrained mean
+        lpx = Independent(Normal(mean, (0.5 * lv).exp()), 1).log_prob(x)
+    lpz = Independent(Normal(torch.zeros_like(z), torch.ones_like(z)), 1).log_prob(z)
+    lqz = Independent(Normal(mu, (0.5 * logvar).exp()), 1).log_prob(z)
+    want = (lpx + lpz - lqz).mean(0)
+    got = m.elbo(x, samples=3, estimator="mc", generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_estimators_agree_in_expectation(likelihood):
+    m, x = _model(likelihood, dtype=torch.float64), _x().double()
+    g = torch.Generator().manual_seed(0)
+    a = m.elbo(x, samples=4000, estimator="analytic", generator=g).detach()
+    b = m.elbo(x, samples=4000, estimator="mc", generator=g).detach()
+    torch.testing.assert_close(a, b, rtol=0, atol=0.15)
+
+
+def test_iwae_k1_is_mc_elbo_and_elbo_in_expectation():
+    m, x = _model(dtype=torch.float64), _x().double()
+    iw = m.iwae_bound(x, 1, generator=torch.Generator().manual_seed(3))
+    mc = m.elbo(x, estimator="mc", generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(iw, mc)  # the same z: identical
+    g = torch.Generator().manual_seed(4)
+    iw_mean = torch.stack([m.iwae_bound(x, 1, generator=g) for _ in range(2000)]).mean(0).detach()
+    an = m.elbo(x, samples=2000, generator=g).detach()
+    torch.testing.assert_close(iw_mean, an, rtol=0, atol=0.15)
+
+
+def test_iwae_tightens_with_k():
+    m, x = _model(z=2, dtype=torch.float64), _x(b=20).double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        bounds = [torch.stack([m.iwae_bound(x, k, generator=g) for _ in range(30)]).mean() for k in (1, 10, 100)]
+        ll = m.log_likelihood(x, samples=5000, batch=1000, generator=g).mean()
+    assert bounds[0] < bounds[1] < bounds[2] <= ll + 0.02
+
+
+def _exact_log_px_1d(model, x):
+    """log p(x) = log int p(x|z) N(z; 0, 1) dz by the trapezoid rule on a fine grid (Z = 1)."""
+    zs = torch.linspace(-12, 12, 24001, dtype=torch.float64)
+    dz = (zs[1] - zs[0]).item()
+    with torch.no_grad():
+        lpx = model.log_px_given_z(x, zs.view(-1, 1, 1).expand(-1, x.shape[0], 1))  # [G, B]
+    lp = lpx + Normal(0.0, 1.0).log_prob(zs).unsqueeze(1)
+    w = torch.full_like(zs, dz)
+    w[0] = w[-1] = dz / 2
+    return torch.logsumexp(lp + w.log().unsqueeze(1), 0)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_log_likelihood_matches_numerical_integration(likelihood):
+    torch.manual_seed(2)
+    m = M.VAE(5, z_dim=1, hidden=4, likelihood=likelihood).double()
+    x = _x(b=4, d=5).double() if likelihood == "bernoulli" else torch.rand(4, 5, dtype=torch.float64)
+    exact = _exact_log_px_1d(m, x)
+    est = m.log_likelihood(x, samples=20000, batch=3000, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(est, exact, rtol=0, atol=0.01)
+    assert est.shape == (4,)
+    # and the ELBO is a lower bound of the exact value
+    elbo = m.elbo(x, samples=5000, generator=torch.Generator().manual_seed(1)).detach()
+    assert (elbo <= exact + 0.01).all()
+
+
+def test_log_likelihood_chunking_is_exact():
+    m, x = _model(dtype=torch.float64), _x().double()
+    a = m.log_likelihood(x, samples=300, batch=300, generator=torch.Generator().manual_seed(9))
+    b = m.log_likelihood(x, samples=300, batch=300, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(a, b)
+    c = m.log_likelihood(x, samples=300, batch=7, generator=torch.Generator().manual_seed(9))
+    assert torch.isfinite(c).all() and (c - a).abs().max() < 1.0  # different draws, same estimand
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_shard_reproduces_global_batch(device):
+    m, x = _model(z=4).to(device), _x(b=8).to(device)
+    for samples in (1, 3):
+        full = m(x, samples=samples, generator=torch.Generator().manual_seed(7))[0]
+        parts = [m(x[r * 4:(r + 1) * 4], samples=samples, generator=torch.Generator().manual_seed(7),
+                   shard=(r * 4, 8))[0] for r in range(2)]
+        torch.testing.assert_close(torch.cat(parts), full, rtol=1e-6, atol=1e-5)
+
+
+def test_fused_and_eager_layers_same_state_dict_same_result():
+    m, x = _model(), _x()
+    e = M.VAE(12, z_dim=3, hidden=7, fused=False)
+    e.load_state_dict(m.state_dict())
+    assert list(e.state_dict()) == list(m.state_dict())
+    torch.testing.assert_close(e.elbo(x, generator=torch.Generator().manual_seed(1)),
+                               m.elbo(x, generator=torch.Generator().manual_seed(1)), rtol=1e-5, atol=1e-4)
+
+
+def test_kl_weight_objective():
+    m, x = _model(), _x()
+    obj, elbo, kl = m(x, kl_weight=0.25, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(obj, elbo + 0.75 * kl, rtol=1e-5, atol=1e-4)
+    assert obj.requires_grad and not elbo.requires_grad and (kl >= 0).all()
+
+
+def test_gradients_flow_to_all_parameters():
+    m, x = _model("gaussian"), torch.rand(6, 12)
+    m.elbo(x, samples=2).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+def test_generation_shapes_and_ranges():
+    m = _model()
+    s = m.sample(5, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (5, 12) and 0 <= s.min() and s.max() <= 1
+    b = m.sample(5, generator=torch.Generator().manual_seed(0), binary=True)
+    assert set(b.unique().tolist()) <= {0.0, 1.0}
+    r = m.reconstruct(_x())
+    assert r.shape == (6, 12)
+    mu, lv = m.encode(_x())
+    assert mu.shape == lv.shape == (6, 3)
+
+
+def test_paper_init():
+    m = M.VAE(12, z_dim=3, hidden=50, init="paper")
+    w = torch.cat([p.flatten() for p in m.parameters()])
+    assert abs(w.std().item() - 0.01) < 0.002 and abs(w.mean().item()) < 0.002
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(likelihood="poisson"), "likelihood"),
+    (dict(z_dim=0), "z_dim"),
+    (dict(activation="gelu"), "activation"),
+    (dict(init="xavier"), "init"),
+    (dict(layers=1.5), "layers"),
+])
+def test_bad_constructor_args(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        M.VAE(12, **kwargs)
+
+
+def test_bad_call_args():
+    m = _model()
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 12\]"):
+        m.elbo(torch.zeros(3, 11))
+    with pytest.raises(TypeError, match="floating-point"):
+        m.elbo(torch.zeros(3, 12, dtype=torch.int64))
+    with pytest.raises(ValueError, match="estimator"):
+        m.elbo(_x(), estimator="c")
+    with pytest.raises(ValueError, match="samples"):
+        m.elbo(_x(), samples=0)
+    with pytest.raises(ValueError, match="k must"):
+        m.iwae_bound(_x(), 0)
+    with pytest.raises(ValueError, match="z must"):
+        m.decode(torch.zeros(2, 5))
+
+
+def test_bf16_autocast_cpu():
+    m, x = _model(), _x()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        e = m.elbo(x, generator=torch.Generator().manual_seed(0))
+    assert e.dtype == torch.float32 and torch.isfinite(e).all()
+    ref = m.elbo(x, generator=torch.Generator().manual_seed(0))
+    assert (e - ref).abs().max() < 0.5
+    assert math.isfinite(e.sum().item())
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_gradients_match_plain_torch(samples):
+    """The fused training objective has the gradients of the same objective in plain torch (same eps)."""
+    from pyvae import reference as R
+
+    m, x = _model(z=4), _x(b=9)
+    ref = M.VAE(12, z_dim=4, hidden=7, fused=False)
+    ref.load_state_dict(m.state_dict())
+    z, mu, logvar = _z_for(m, x, samples, 21)
+    eps = ((z - mu) / (0.5 * logvar).exp()).detach()
+    m.elbo(x, samples=samples, generator=torch.Generator().manual_seed(21)).sum().backward()
+    h = torch.tanh(torch.nn.functional.linear(x, ref.encoder[0].weight, ref.encoder[0].bias))
+    mu_r, lv_r = torch.nn.functional.linear(h, ref.enc_head.weight, ref.enc_head.bias).chunk(2, -1)
+    z_r = mu_r + (0.5 * lv_r).exp() * eps
+    hd = torch.tanh(torch.nn.functional.linear(z_r, ref.decoder[0].weight, ref.decoder[0].bias))
+    logits = torch.nn.functional.linear(hd, ref.dec_logits.weight, ref.dec_logits.bias)
+    (R.bernoulli_log_prob(logits, x).mean(0) - R.gaussian_kl(mu_r, lv_r)).sum().backward()
+    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -1,0 +1,232 @@
+"""pyvae.train: the AEVB loop, metrics, checkpoints, exact resume, Ctrl-C, config, 2-process DDP."""
+import dataclasses
+import json
+import os
+import signal
+import socket
+
+import pytest
+import torch
+
+from pyvae import checkpoint as C
+from pyvae.data import load_dataset
+from pyvae.train import METRIC_KEYS, TrainConfig, build_config, evaluate, train
+
+TINY = dict(dataset="digits", hidden=32, latent=4, batch_size=50, epochs=2, progress=False, plots=False, threads=1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", binarize="dynamic")
+
+
+def _cfg(tmp_path, name="run", **kw):
+    return build_config({**TINY, "out": str(tmp_path / name), **kw})
+
+
+def _quiet(*a):
+    pass
+
+
+def _params(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_train_writes_run_dir(tmp_path, digits):
+    r = train(_cfg(tmp_path, epochs=3, plots=True), data=digits, log=_quiet)
+    assert [h["epoch"] for h in r.history] == [1, 2, 3]
+    assert r.history[-1]["test_elbo"] > r.history[0]["test_elbo"]  # it learns
+    assert r.history[-1]["samples_seen"] == 3 * (digits.train.shape[0] // 50) * 50
+    rows = [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and set(METRIC_KEYS) <= set(rows[0])
+    csv_lines = (r.run_dir / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].split(",") == list(METRIC_KEYS) and len(csv_lines) == 4
+    for name in ("learning_curve", "samples", "reconstructions"):
+        assert r.plots[name].is_file() and r.plots[name].read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((r.run_dir / "config.json").read_text())["hidden"] == 32
+    assert not [p for p in r.run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_fresh_run_leaves_global_rng_alone(tmp_path, digits):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    train(_cfg(tmp_path, epochs=1), data=digits, log=_quiet)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_checkpoint_is_weights_only_and_complete(tmp_path, digits):
+    r = train(_cfg(tmp_path, epochs=1), data=digits, log=_quiet)
+    ck = torch.load(r.checkpoint, weights_only=True)  # no code can run
+    assert ck["format"] == C.FORMAT
+    assert set(ck) >= {"model", "optimizer", "state", "config", "rng", "history", "model_config"}
+    assert ck["state"]["epoch"] == 1 and ck["state"]["step"] == digits.train.shape[0] // 50
+    model, _ = C.load_model(r.run_dir)
+    for k, v in r.model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        C.load_checkpoint(tmp_path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt"):
+        C.load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"a": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a pyvae checkpoint"):
+        C.load_checkpoint(tmp_path / "other.pt")
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, digits):
+    full = train(_cfg(tmp_path, "full", epochs=3), data=digits, log=_quiet)
+    part = train(_cfg(tmp_path, "part", epochs=1), data=digits, log=_quiet)
+    assert len(part.history) == 1
+    res = train(build_config({"resume": str(part.run_dir), "epochs": 3}), data=digits, log=_quiet)
+    assert res.run_dir == part.run_dir
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(res.model.state_dict()[k], v), k
+    assert [h["test_elbo"] for h in res.history] == [h["test_elbo"] for h in full.history]
+    assert [h["train_elbo"] for h in res.history] == [h["train_elbo"] for h in full.history]
+
+
+def test_ctrl_c_saves_and_resumes_exactly(tmp_path, digits):
+    full = train(_cfg(tmp_path, "full", epochs=2, optimizer="adagrad", lr=0.02), data=digits, log=_quiet)
+    seen = []
+
+    def interrupt(p):
+        seen.append(p["step"])
+        if p["step"] == 7:  # a real SIGINT in the middle of epoch 1
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cut = train(_cfg(tmp_path, "cut", epochs=2, optimizer="adagrad", lr=0.02), data=digits, on_step=interrupt,
+                log=_quiet)
+    assert cut.interrupted and seen[-1] == 7 and cut.history == []
+    ck = C.load_checkpoint(cut.run_dir)
+    assert ck["state"]["batch"] == 7 and ck["state"]["epoch"] == 0
+    res = train(build_config({"resume": str(cut.run_dir)}), data=digits, log=_quiet)
+    assert not res.interrupted
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(res.model.state_dict()[k], v), k
+    assert res.history[-1]["test_elbo"] == full.history[-1]["test_elbo"]
+
+
+def test_options_run(tmp_path, digits):
+    r = train(_cfg(tmp_path, epochs=2, optimizer="adagrad", lr=0.05, weight_decay="prior", kl_warmup=1.0,
+                   grad_clip=5.0, estimator="mc", samples=2, precision="bf16-mixed", init="paper"),
+              data=digits, log=_quiet)
+    h = r.history[-1]
+    assert all(torch.isfinite(torch.tensor(h[k])) for k in METRIC_KEYS)
+    assert h["recon"] - h["kl"] == pytest.approx(h["train_elbo"], abs=1e-6)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and __import__("pyvae").cuda_built()), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "fp16-mixed"])
+def test_cuda_training(tmp_path, digits, precision):
+    r = train(_cfg(tmp_path, device="cuda", precision=precision), data=digits, log=_quiet)
+    assert r.history[-1]["test_elbo"] > r.history[0]["test_elbo"]
+    assert next(r.model.parameters()).device.type == "cuda"
+
+
+def test_gaussian_likelihood_continuous(tmp_path):
+    data = load_dataset("digits", binarize="none")
+    r = train(_cfg(tmp_path, likelihood="gaussian", epochs=2), data=data, log=_quiet)
+    assert r.history[-1]["test_elbo"] > r.history[0]["test_elbo"]
+
+
+def test_evaluate_deterministic(digits):
+    torch.manual_seed(0)
+    from pyvae.models import VAE
+    m = VAE(64, 4, 16)
+    a = evaluate(m, digits.test, batch_size=64, seed=3)
+    b = evaluate(m, digits.test, batch_size=64, seed=3)
+    assert a == b and a["elbo"] == pytest.approx(a["recon"] - a["kl"])
+
+
+def test_toml_config(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('dataset = "digits"\nlatent = 2\nlr = 0.01\nbatch-size = 20\n')
+    cfg = build_config({"epochs": 1}, config_file=str(p))
+    assert (cfg.dataset, cfg.latent, cfg.lr, cfg.batch_size, cfg.epochs) == ("digits", 2, 0.01, 20, 1)
+    cfg2 = build_config({"latent": 3}, config_file=str(p))  # flags override the file
+    assert cfg2.latent == 3
+    p.write_text('[train]\nhidden = 7\n')
+    assert build_config(config_file=str(p)).hidden == 7
+    p.write_text('latnet = 3\n')
+    with pytest.raises(ValueError, match="unknown config keys.*latnet"):
+        build_config(config_file=str(p))
+    p.write_text('latent = \n')
+    with pytest.raises(ValueError, match="invalid TOML"):
+        build_config(config_file=str(p))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(dataset="cifar"), "dataset"), (dict(lr=-1.0), "lr"), (dict(epochs=-1), "epochs"),
+    (dict(optimizer="sgd"), "optimizer"), (dict(precision="fp16-mixed"), "fp16-mixed"),
+    (dict(likelihood="gaussian", binarize="dynamic"), "binarize"), (dict(weight_decay="big"), "weight_decay"),
+    (dict(device="tpu"), "device"), (dict(batch_size=0), "batch_size"),
+])
+def test_config_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        build_config(kw)
+
+
+def test_resume_refuses_model_changes(tmp_path, digits):
+    r = train(_cfg(tmp_path, epochs=1), data=digits, log=_quiet)
+    with pytest.raises(ValueError, match="cannot change.*latent"):
+        build_config({"resume": str(r.run_dir), "latent": 9})
+    assert build_config({"resume": str(r.run_dir), "epochs": 5}).epochs == 5
+
+
+# ------------------------------------------------------------------------------------ DDP
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, cfg_dict, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        r = train(TrainConfig(**cfg_dict), log=lambda *a: None)
+        if rank == 0:
+            torch.save({"params": r.model.state_dict(), "history": r.history}, out)
+        # Ctrl-C on rank 0 only in the middle of epoch 1 of a second run: all ranks stop at the same
+        # step, rank 0 checkpoints, and the resumed run matches the uninterrupted one.
+        cut = dict(cfg_dict, out=cfg_dict["out"] + "-cut")
+
+        def interrupt(p):
+            if rank == 0 and p["step"] == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        r1 = train(TrainConfig(**cut), on_step=interrupt, log=lambda *a: None)
+        assert r1.interrupted and r1.history == []
+        r2 = train(build_config({"resume": cut["out"]}), log=lambda *a: None)
+        if rank == 0:
+            torch.save({"params": r2.model.state_dict(), "history": r2.history}, out + "-resumed")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    cfg = _cfg(tmp_path, "ddp", epochs=2, limit=600)
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), dataclasses.asdict(cfg), str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    one = train(_cfg(tmp_path, "one", epochs=2, limit=600), log=_quiet)
+    for k, v in one.model.state_dict().items():
+        torch.testing.assert_close(got["params"][k], v, rtol=1e-4, atol=1e-5)
+    for a, b in zip(got["history"], one.history):
+        assert a["samples_seen"] == b["samples_seen"]
+        assert a["test_elbo"] == pytest.approx(b["test_elbo"], abs=1e-3)
+        assert a["train_elbo"] == pytest.approx(b["train_elbo"], abs=1e-3)
+    assert (tmp_path / "ddp" / "checkpoint.pt").is_file()
+    resumed = torch.load(str(out) + "-resumed", weights_only=True)
+    for k, v in got["params"].items():
+        torch.testing.assert_close(resumed["params"][k], v, rtol=1e-4, atol=1e-5)
+    for a, b in zip(resumed["history"], got["history"]):
+        assert a["train_elbo"] == pytest.approx(b["train_elbo"], abs=1e-3)  # partial-epoch sums kept once
+        assert a["test_elbo"] == pytest.approx(b["test_elbo"], abs=1e-3)
