@@ -2,9 +2,18 @@
 import torch  # noqa: F401  (import torch before _C: it loads the OpenMP runtime both share)
 
 from . import _C
-from .ops import bernoulli_elbo, bernoulli_log_prob, gaussian_kl, gaussian_log_prob, reparameterize
+from .ops import bernoulli_elbo, bernoulli_log_prob, gaussian_kl, gaussian_log_prob, linear_act, reparameterize
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # VAE lives in pyvae.models, which imports pyvae.nn: load it on first use, not at import.
+    if name == "VAE":
+        from .models import VAE
+
+        return VAE
+    raise AttributeError(f"module 'pyvae' has no attribute {name!r}")
 
 
 def cuda_available() -> bool:
@@ -18,6 +27,8 @@ def cuda_built() -> bool:
 
 
 __all__ = [
+    "VAE",
+    "linear_act",
     "bernoulli_elbo",
     "bernoulli_log_prob",
     "gaussian_kl",

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"pyvae {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample,inpaint,denoise}")
     _train_parser(sub)
     e = sub.add_parser("eval", help="test ELBO, IWAE bound and importance-sampled log p(x) of a run",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_nonneg_int, default=0)
     s.add_argument("--device", default="cpu")
     s.add_argument("--data-dir", default=None)
+    from .inference import add_cli
+
+    add_cli(sub)  # pyvae inpaint, pyvae denoise
     return parser
 
 
@@ -187,7 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    cmd = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample}[args.command]
+    cmd = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample}.get(args.command) or args.handler
     try:
         return cmd(args)
     except (ValueError, TypeError, FileNotFoundError, ImportError, NotADirectoryError, PermissionError) as e:

@@ -359,3 +359,16 @@ class VAE(nn.Module):
         """E[x | z = mu(x)]: ``x [..., D] -> [..., D]`` (deterministic reconstruction)."""
         mu, _ = self.encode(x)
         return self.mean(mu.to(next(self.parameters()).dtype))
+
+    # ------------------------------------------------------------ marginal inference on x
+    def inpaint(self, x: torch.Tensor, mask: torch.Tensor, **kwargs):
+        """Fills the ``mask == 0`` pixels of ``x [B, D]``; see :func:`pyvae.inference.inpaint`."""
+        from .inference import inpaint
+
+        return inpaint(self, x, mask, **kwargs)
+
+    def denoise(self, x_noisy: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Reconstructs ``x_noisy [B, D]`` through the model; see :func:`pyvae.inference.denoise`."""
+        from .inference import denoise
+
+        return denoise(self, x_noisy, **kwargs)
