@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -12,10 +13,18 @@ from pyvae.cli import main
 TINY = ["--dataset", "digits", "--hidden", "16", "--batch-size", "50", "--threads", "1", "--no-progress"]
 
 
+# Subprocesses run outside the source checkout: its pyvae/ has no compiled _C when pyvae is installed
+# non-editable, and `python -m` would put the working directory first on sys.path.
+_CWD = tempfile.gettempdir()
+
+
+def _env(**extra):
+    return dict(os.environ, **extra)
+
+
 def _run(*args, timeout=120):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, "-m", "pyvae", *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, check=False)
+                          env=_env(PYTHONWARNINGS="ignore"), cwd=_CWD, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +127,7 @@ def test_torchrun_two_processes(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                         "-m", "pyvae", "train", *TINY, "--latent", "4", "--epochs", "1", "--no-plots",
                         "--out", str(out)], capture_output=True, text=True, timeout=180,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
+                       env=_env(OMP_NUM_THREADS="1"), cwd=_CWD, check=False)
     assert r.returncode == 0, r.stderr[:4000] + "\n...\n" + r.stderr[-1500:]
     assert r.stdout.count("final test ELBO") == 1  # rank 0 alone reports
     assert (out / "checkpoint.pt").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 1
