@@ -10,7 +10,8 @@ test:
 	pytest -q tests
 
 bench:
-	$(PYTHON) bench/bench_elbo.py
+	$(PYTHON) bench/bench_elbo.py --malloc both
+	$(PYTHON) bench/bench_mlp.py
 
 # Compile the CUDA kernels (sm_80, sm_90, warnings as errors) without installing.
 cuda-check:

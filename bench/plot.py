@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
-import _common as C  # bench/ is sys.path[0] when this script runs
+from pyvae.benchmarks import common as C
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COLORS = {"torch-eager": "tab:blue", "torch-compile": "tab:orange", "pyvae": "tab:green"}

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"pyvae {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample,inpaint,denoise}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample,inpaint,denoise,bench}")
     _train_parser(sub)
     e = sub.add_parser("eval", help="test ELBO, IWAE bound and importance-sampled log p(x) of a run",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .inference import add_cli
 
     add_cli(sub)  # pyvae inpaint, pyvae denoise
+    b = sub.add_parser("bench", help="benchmark the fused ops/layers against PyTorch eager and torch.compile",
+                       description="Runs a benchmark family; its own options follow the family name "
+                                   "(pyvae bench elbo --help). Results go to bench/results/<family>.jsonl.")
+    b.add_argument("family", choices=["elbo", "mlp"], help="elbo: the ELBO ops; mlp: the VAE's linear layers")
+    b.add_argument("options", nargs=argparse.REMAINDER, help="options of the family (see its --help)")
     return parser
 
 
@@ -180,6 +185,15 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    import importlib
+
+    mod = importlib.import_module(f"pyvae.benchmarks.{args.family}")
+    sys.argv = [sys.argv[0], "bench", args.family, *args.options]  # the benchmark may re-exec itself
+    mod.main(list(args.options))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``pyvae`` console script; returns the exit status.
 
@@ -190,7 +204,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    cmd = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample}.get(args.command) or args.handler
+    cmd = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample,
+           "bench": _cmd_bench}.get(args.command) or args.handler
     try:
         return cmd(args)
     except (ValueError, TypeError, FileNotFoundError, ImportError, NotADirectoryError, PermissionError) as e:

@@ -145,3 +145,14 @@ def test_frey_gaussian_from_synthetic_mat(tmp_path, capsys):
                  "--threads", "1", "--out", str(out)]) == 0
     assert (out / "manifold.png").is_file()
     assert json.loads((out / "config.json").read_text())["likelihood"] == "gaussian"
+
+
+def test_bench_runs_and_records(tmp_path):
+    out = tmp_path / "kl.jsonl"
+    r = _run("bench", "elbo", "--ops", "kl", "--batch", "3", "--reps", "2", "--modes", "full", "--providers",
+             "torch-eager", "pyvae", "--no-memory", "--quiet-wait", "0", "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["op"] == "kl" and rows[0]["B"] == 3
+    assert set(rows[0]["results"]) == {"torch-eager", "pyvae"}
+    assert rows[0]["results"]["pyvae"]["median_ms"] > 0 and "eager/pyvae" in r.stdout

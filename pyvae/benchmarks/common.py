@@ -60,6 +60,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="JSONL file to append results to")
 
 
+_OMP_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+_STARTUP_OMP_ENV = {k: os.environ.get(k) for k in _OMP_KEYS}  # as this process started
+
+
 def apply_env(args: argparse.Namespace) -> None:
     """Sets the OpenMP / inductor environment; must run before torch (and libgomp) is loaded.
 
@@ -81,7 +85,9 @@ def apply_env(args: argparse.Namespace) -> None:
     elif policy in ("active", "passive"):
         os.environ["OMP_WAIT_POLICY"] = policy.upper()
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    if "torch" in sys.modules:
+    changed = any(os.environ.get(k) != _STARTUP_OMP_ENV[k] for k in _OMP_KEYS)
+    if changed and "torch" in sys.modules and os.environ.get(_MALLOC_MARK) is not None:
+        # A process that will not re-exec itself (apply_malloc) keeps the runtime it loaded.
         print("warning: torch was imported before apply_env; the OpenMP settings may not apply", file=sys.stderr)
 
 
@@ -109,7 +115,7 @@ def apply_malloc(args: argparse.Namespace) -> None:
         for setting in ("default", "reuse"):
             argv = _replace_flag(sys.argv, "--malloc", setting)
             print(f"\n### malloc={setting}\n", flush=True)
-            rc = max(rc, subprocess.call([sys.executable] + argv, env=_env_for(setting)))
+            rc = max(rc, subprocess.call(_python_argv(argv), env=_env_for(setting)))
         sys.exit(rc)
     want = REUSE_TUNABLES if args.malloc == "reuse" else None
     have = os.environ.get("GLIBC_TUNABLES")
@@ -117,7 +123,27 @@ def apply_malloc(args: argparse.Namespace) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable] + sys.argv, _env_for(args.malloc))
+    argv = _python_argv(sys.argv)
+    os.execve(argv[0], argv, _env_for(args.malloc))
+
+
+def _python_argv(argv: Sequence[str]) -> list[str]:
+    """The command that runs this benchmark again: a script (bench/*.py, the ``pyvae`` console
+    script) directly, ``python -m pyvae`` when started that way."""
+    if os.path.basename(argv[0]) == "__main__.py":
+        return [sys.executable, "-m", "pyvae", *argv[1:]]
+    return [sys.executable, *argv]
+
+
+def default_out(family: str) -> str:
+    """Where results are appended by default: ``bench/results/<family>.jsonl`` of the source
+    checkout pyvae runs from, else of the working directory (``$PYVAE_BENCH_RESULTS`` overrides)."""
+    env = os.environ.get("PYVAE_BENCH_RESULTS")
+    if env:
+        return os.path.join(env, family + ".jsonl")
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    base = checkout if os.path.isdir(os.path.join(checkout, "bench")) else os.getcwd()
+    return os.path.join(base, "bench", "results", family + ".jsonl")
 
 
 def _replace_flag(argv: Sequence[str], flag: str, value: str) -> list[str]:

@@ -1,0 +1,173 @@
+"""Benchmark of pyvae's fused linear layers against PyTorch eager and torch.compile.
+
+Providers:
+    torch-eager    ``nn.Sequential(nn.Linear(...), act)`` per layer (the reference of the tests)
+    torch-compile  the same modules run through ``torch.compile`` (default mode, static shapes)
+    pyvae          ``pyvae.nn.FusedLinear`` with the same weights
+
+Ops (the layers of the paper's MNIST VAE, 784-500-20 with a tanh hidden layer):
+    enc1   784 -> 500 tanh        enc2   500 -> 40 (mu and logvar of Z=20 from one GEMM)
+    dec1    20 -> 500 tanh        dec2   500 -> 784 (Bernoulli logits)
+    stack  the whole VAE MLP: enc1 -> enc2 -> split -> dec1(mu) -> dec2, forward and backward
+Inputs of inner layers require grad (as inside a network); the data x of enc1/stack does not.
+
+Precision: fp32, or bf16 = ``torch.autocast("cpu"/"cuda", dtype=torch.bfloat16)`` around the forward
+of every provider (parameters stay float32).
+
+Examples:
+    pyvae bench mlp                                    # everything
+    pyvae bench mlp --ops stack --precision fp32 bf16 --batch 1024
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+from . import common as C
+
+LAYERS = {"enc1": (784, 500, "tanh"), "enc2": (500, 40, "identity"), "dec1": (20, 500, "tanh"),
+          "dec2": (500, 784, "identity")}
+OPS = tuple(LAYERS) + ("stack",)
+BATCHES = (100, 1024, 8192)
+Z = 20
+
+
+def _torch_layer(fin, fout, act):
+    from torch import nn
+
+    acts = {"tanh": nn.Tanh(), "identity": nn.Identity()}
+    return nn.Sequential(nn.Linear(fin, fout), acts[act])
+
+
+def _fused_like(seq, act):
+    import torch
+
+    import pyvae.nn as pnn
+
+    lin = seq[0]
+    f = pnn.FusedLinear(lin.in_features, lin.out_features, act)
+    with torch.no_grad():
+        f.weight.copy_(lin.weight)
+        f.bias.copy_(lin.bias)
+    return f
+
+
+def _autocast(precision, device):
+    import torch
+
+    if precision == "bf16":
+        return torch.autocast(device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def setup_layer(name, B, device, precision):
+    import torch
+
+    fin, fout, act = LAYERS[name]
+    torch.manual_seed(0)
+    ref = _torch_layer(fin, fout, act).to(device)
+    fused = _fused_like(ref, act).to(device)
+    x = torch.randn(B, fin, device=device, requires_grad=name != "enc1")
+    out_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    grad_out = torch.randn(B, fout, device=device, dtype=out_dtype)
+
+    def make(mod):
+        def fwd(x):
+            with _autocast(precision, device):
+                return mod(x)
+        return fwd
+
+    leaves = lambda mod: [p for p in mod.parameters()] + ([x] if x.requires_grad else [])  # noqa: E731
+    return {"args": (x,), "grad_out": grad_out, "reference": make(ref), "pyvae": make(fused),
+            "leaves": {"reference": leaves(ref), "pyvae": leaves(fused)}}
+
+
+def setup_stack(B, device, precision):
+    import torch
+
+    torch.manual_seed(0)
+    ref = {n: _torch_layer(*LAYERS[n]).to(device) for n in LAYERS}
+    fused = {n: _fused_like(ref[n], LAYERS[n][2]).to(device) for n in LAYERS}
+    x = torch.randn(B, 784, device=device)
+
+    def make(m):
+        def fwd(x):
+            with _autocast(precision, device):
+                h = m["enc2"](m["enc1"](x))
+                mu = h[:, :Z]
+                return m["dec2"](m["dec1"](mu))
+        return fwd
+
+    out_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    params = lambda m: [p for mod in m.values() for p in mod.parameters()]  # noqa: E731
+    return {"args": (x,), "grad_out": torch.randn(B, 784, device=device, dtype=out_dtype),
+            "reference": make(ref), "pyvae": make(fused),
+            "leaves": {"reference": params(ref), "pyvae": params(fused)}}
+
+
+def run(args) -> list:
+    import torch
+
+    machine = C.machine_info(args)
+    run_id = f"{machine['date']}-{os.getpid()}"
+    rows = []
+    for precision in args.precision:
+        for op in args.ops:
+            for B in args.batch:
+                case = setup_stack(B, args.device, precision) if op == "stack" else \
+                    setup_layer(op, B, args.device, precision)
+                steps_full, first_call = {}, {}
+                for p in args.providers:
+                    if p == "pyvae":
+                        fn, leaves = case["pyvae"], case["leaves"]["pyvae"]
+                    else:
+                        fn, leaves = case["reference"], case["leaves"]["reference"]
+                        if p == "torch-compile":
+                            torch._dynamo.reset()
+                            fn = torch.compile(fn, dynamic=False)
+                    step = C.Step(lambda fn=fn, a=case["args"]: fn(*a), leaves, case["grad_out"], "full")
+                    t0 = time.perf_counter()
+                    step.run(step.prepare())
+                    first_call[p] = time.perf_counter() - t0
+                    steps_full[p] = step
+                for mode in args.modes:
+                    steps = {p: C.Step(s.fwd, s.leaves, s.grad_out, mode) for p, s in steps_full.items()}
+                    res = C.measure_case(steps, device=args.device, reps=args.reps, target_s=args.target_s,
+                                         memory=not args.no_memory)
+                    rows.append({
+                        "bench": "mlp", "run_id": run_id, "op": f"{op} {precision}", "layer": op,
+                        "precision": precision, "mode": mode, "B": B, "device": args.device,
+                        "malloc": args.malloc, "threads": machine["threads"], "results": res,
+                        "ratios": C.ratios(res), "first_call_s": first_call, "loadavg": os.getloadavg(),
+                        "machine": machine,
+                    })
+                    summary = "  ".join(f"{p}={r['median_ms']:.4g}ms" for p, r in res.items())
+                    print(f"[{op} {precision} {mode} B={B}] {summary}", file=sys.stderr, flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    p.add_argument("--batch", nargs="+", type=int, default=list(BATCHES))
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    C.add_common_args(p)
+    args = p.parse_args(argv)
+    C.apply_malloc(args)
+    C.setup_torch(args)
+    out = args.out or C.default_out("mlp")
+    rows = run(args)
+    C.append_jsonl(out, rows)
+    m = rows[0]["machine"] if rows else C.machine_info(args)
+    print(f"\nmalloc={args.malloc}, {m['cpu_model']}, {m['cores_usable']} cores, {m['threads']} threads, "
+          f"torch {m['torch']}, pyvae {m['pyvae']} ({m['pyvae_cpu_arch']}), device {args.device}; "
+          "median (p20-p80) ms; speedup = baseline/pyvae\n")
+    print(C.markdown_tables(rows, args.providers))
+    print(f"\n{len(rows)} rows appended to {os.path.relpath(out)}")
+
+
+if __name__ == "__main__":
+    main()
