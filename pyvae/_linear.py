@@ -70,9 +70,12 @@ def _linear_act_impl(x, weight, bias, activation):
     _check(x, weight, bias, activation)
     out_features = weight.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
-    y = torch.mm(x2, weight.t())
     act = ACTIVATIONS[activation]
-    if (bias is not None or act != 0) and y.numel() > 0:
+    if act == 0 and bias is not None:
+        # No activation: the library GEMM adds the bias itself (beta = 1), saving our epilogue pass.
+        return torch.addmm(bias, x2, weight.t()).view(*x.shape[:-1], out_features)
+    y = torch.mm(x2, weight.t())
+    if act != 0 and y.numel() > 0:
         kd = _kernel_dtype(y)
         yk = y if kd == y.dtype else y.to(kd)
         bk = None if bias is None else bias.to(kd)
@@ -151,17 +154,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, output if activation != "identity" else None)
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, direct: bool = False):
     x, weight, out = ctx.saved_tensors
     mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
     if out is None:
         out = x.new_empty(0)
     from .ops import _first_order_only  # NOTE: [No double backward] in pyvae/ops.py
 
+    bwd = _linear_act_backward_impl if direct else torch.ops.pyvae.linear_act_backward
     gx, gw, gb = _first_order_only(
-        "linear_act",
-        torch.ops.pyvae.linear_act_backward(grad, x, weight, out, ctx.has_bias, ctx.activation, mask),
-        (x, weight),
+        "linear_act", bwd(grad, x, weight, out, ctx.has_bias, ctx.activation, mask), (x, weight)
     )
     return (gx if mask[0] else None, gw if mask[1] else None, gb if (mask[2] and ctx.has_bias) else None, None)
 
@@ -197,7 +199,7 @@ class _LinearActFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _backward(ctx, grad)
+        return _backward(ctx, grad, direct=True)
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
