@@ -36,6 +36,17 @@ void check_dtype(int device, int dtype) {
   throw std::runtime_error("pyvae._C was built without CUDA kernels (PYVAE_CUDA=OFF or nvcc not found)");
 }
 
+// Runs a launcher on the CPU build chosen at import (cpu/dispatch.h) or on CUDA.
+template <typename P>
+void launch(int device, void (*const cpu::KernelTable::*cpu_fn)(const P&), void (*cuda_fn)(const P&), const P& p) {
+  if (device == kCPU) {
+    (cpu::kernels().*cpu_fn)(p);
+  } else {
+    if (!cuda_fn) no_cuda();
+    cuda_fn(p);
+  }
+}
+
 using RowwiseFn = void (*)(const RowwiseParams&);
 
 // One Python entry per row-reduction op: (device, dtype, rows, cols, cols2, samples,
@@ -66,12 +77,7 @@ void def_rowwise(py::module_& m, const char* name, RowwiseFn cpu::KernelTable::*
         p.grad_d = ptr<void>(grad_d);
         p.stream = ptr<void>(stream);
         if (rows == 0) return;
-        if (device == kCPU) {
-          (cpu::kernels().*cpu_fn)(p);
-        } else {
-          if (!cuda_fn) no_cuda();
-          cuda_fn(p);
-        }
+        launch(device, cpu_fn, cuda_fn, p);
       },
       py::call_guard<py::gil_scoped_release>());
 }
@@ -100,12 +106,7 @@ void def_reparam(py::module_& m, const char* name, ReparamFn cpu::KernelTable::*
         p.offset = offset;
         p.stream = ptr<void>(stream);
         if (numel == 0 || samples == 0) return;
-        if (device == kCPU) {
-          (cpu::kernels().*cpu_fn)(p);
-        } else {
-          if (!cuda_fn) no_cuda();
-          cuda_fn(p);
-        }
+        launch(device, cpu_fn, cuda_fn, p);
       },
       py::call_guard<py::gil_scoped_release>());
 }
@@ -134,12 +135,7 @@ void def_linear(py::module_& m, const char* name, LinearFn cpu::KernelTable::*cp
         p.grad_bias = ptr<void>(grad_bias);
         p.stream = ptr<void>(stream);
         if (cols == 0) return;
-        if (device == kCPU) {
-          (cpu::kernels().*cpu_fn)(p);
-        } else {
-          if (!cuda_fn) no_cuda();
-          cuda_fn(p);
-        }
+        launch(device, cpu_fn, cuda_fn, p);
       },
       py::call_guard<py::gil_scoped_release>());
 }
