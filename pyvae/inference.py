@@ -289,8 +289,15 @@ def flip_noise(x: torch.Tensor, p: float, generator: Optional[torch.Generator] =
 
 @torch.no_grad()
 def denoise(model, x_noisy: torch.Tensor, steps: int = 1, samples: int = 0,
-            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+            generator: Optional[torch.Generator] = None, flip: Optional[float] = None) -> torch.Tensor:
     """Reconstructs ``x_noisy`` through the model: x <- E[x | z] with z from q(z | x), ``steps`` times.
+
+    With ``flip`` (the bit-flip probability of the noise, Bernoulli models), the noise model is used:
+    each step returns P(x = 1 | z, x_noisy) = pi q / (pi q + (1 - pi)(1 - q)) with pi = P(x = 1 | z)
+    and q = P(x_noisy | x = 1) = 1 - flip where x_noisy = 1, flip where 0, averaged over the z draws.
+    Measured on MNIST-5k at flip 0.1 (docs/INFERENCE.md): wrong pixels 0.099 noisy, 0.112 after a
+    plain reconstruction, 0.060 after one noise-aware step with 8 draws. More steps drift toward the
+    model's typical digits (0.096 after 2, 0.23 after 5): keep ``steps=1``.
 
     Args:
         model: a trained ``pyvae.models.VAE``.
@@ -300,6 +307,7 @@ def denoise(model, x_noisy: torch.Tensor, steps: int = 1, samples: int = 0,
         samples: 0 to decode the posterior mean z = mu(x) (deterministic), or L >= 1 to average E[x | z]
             over L draws z ~ q(z | x) (the posterior predictive mean).
         generator: torch generator for the z draws (only with ``samples >= 1``).
+        flip: the noise's bit-flip probability in [0, 0.5), or None to ignore the noise model.
 
     Returns:
         ``[B, D]`` tensor in x_noisy's dtype: the decoder's mean (probabilities for Bernoulli models);
@@ -310,15 +318,27 @@ def denoise(model, x_noisy: torch.Tensor, steps: int = 1, samples: int = 0,
     _check_int("steps", steps, 1)
     _check_int("samples", samples, 0)
     _check_generator(generator)
+    if flip is not None:
+        if not isinstance(flip, (int, float)) or not 0.0 <= float(flip) < 0.5:
+            raise ValueError(f"flip must be a probability in [0, 0.5), got {flip!r}")
+        if model.likelihood != "bernoulli":
+            raise ValueError("flip (the bit-flip noise model) needs a Bernoulli model")
+        if not bool(((x_noisy == 0) | (x_noisy == 1)).all()):
+            raise ValueError("with flip, x_noisy must be binary (0/1)")
     dt = _model_param(model).dtype
-    cur = x_noisy.to(dt)
+    noisy = x_noisy.to(dt)
+    if flip is not None:
+        like1 = torch.where(noisy > 0.5, 1.0 - float(flip), float(flip))  # P(x_noisy | x = 1)
+    cur = noisy
     for _ in range(steps):
         mu, logvar = model.encode(cur)
         if samples == 0:
-            cur = model.mean(mu.to(dt))
+            pi = model.mean(mu.to(dt))
         else:
-            z = ops.reparameterize(mu.to(dt), logvar.to(dt), samples=samples, generator=generator)
-            cur = model.mean(z).mean(0)
+            pi = model.mean(ops.reparameterize(mu.to(dt), logvar.to(dt), samples=samples, generator=generator))
+        if flip is not None:
+            pi = pi * like1 / (pi * like1 + (1.0 - pi) * (1.0 - like1))
+        cur = pi if samples == 0 else pi.mean(0)
     return cur.to(x_noisy.dtype)
 
 
@@ -537,11 +557,12 @@ def cli_denoise(run: PathLike, flip: float = 0.1, n: int = 16, steps: int = 1, s
                 out: Optional[PathLike] = None, device: str = "cpu", data_dir: Optional[str] = None,
                 verbose: bool = True) -> Dict[str, object]:
     """Flips each pixel of the first ``n`` (binary) test images with probability ``flip``, denoises them
-    through the model and writes a PNG grid (originals / noisy / denoised probabilities / thresholded).
+    through the model with the flip noise model (``denoise(..., flip=flip)``, 8 z draws) and writes a
+    PNG grid (originals / noisy / denoised probabilities / thresholded).
 
     Returns:
         ``{"png": Path, "n", "flip", "steps", "err_noisy": fraction of wrong pixels before,
-        "err_denoised": after (denoised > 0.5), "ll_denoised": mean Bernoulli log-likelihood per pixel
+        "err_reconstruction": after a plain reconstruction, "err_denoised": after denoising (> 0.5), "ll_denoised": mean Bernoulli log-likelihood per pixel
         of the clean image under the denoised probabilities}``.
     """
     _check_int("n", n, 1)
@@ -552,11 +573,13 @@ def cli_denoise(run: PathLike, flip: float = 0.1, n: int = 16, steps: int = 1, s
     x = test[:n].to(device, _model_param(model).dtype)
     g = torch.Generator().manual_seed(seed)
     noisy = flip_noise(x, flip, g)
-    den = denoise(model, noisy, steps=steps)
+    plain = denoise(model, noisy, steps=steps)
+    den = denoise(model, noisy, steps=steps, samples=8, generator=torch.Generator().manual_seed(seed + 1), flip=flip)
     all_missing = torch.zeros_like(x)
     nums: Dict[str, object] = {
         "n": x.shape[0], "flip": flip, "steps": steps,
         "err_noisy": (noisy != x).double().mean().item(),
+        "err_reconstruction": ((plain > 0.5).to(x.dtype) != x).double().mean().item(),
         "err_denoised": ((den > 0.5).to(x.dtype) != x).double().mean().item(),
         "ll_denoised": completion_metrics(den, x, all_missing)["ll"],
     }
@@ -567,7 +590,8 @@ def cli_denoise(run: PathLike, flip: float = 0.1, n: int = 16, steps: int = 1, s
                              nrow=len(rows))
     if verbose:
         print(f"denoise: {x.shape[0]} test images, flip {flip}, steps={steps}")
-        print(f"  wrong pixels: noisy {nums['err_noisy']:.4f} -> denoised {nums['err_denoised']:.4f}; "
+        print(f"  wrong pixels: noisy {nums['err_noisy']:.4f}; plain reconstruction {nums['err_reconstruction']:.4f}; "
+              f"denoised with the flip noise model {nums['err_denoised']:.4f}; "
               f"log-lik of the clean image {nums['ll_denoised']:.4f} nats/pixel")
         print(f"picture: {nums['png']}")
     return nums

@@ -262,3 +262,20 @@ def test_add_cli(run, tmp_path, capsys):
     args = parser.parse_args(["inpaint", str(tmp_path / "nowhere")])
     with pytest.raises(FileNotFoundError):
         args.handler(args)
+
+
+def test_denoise_with_the_flip_noise_model(run, test_x):
+    _, model = run
+    x = (test_x > 0.5).to(test_x.dtype)
+    # flip = 0 means the noisy pixels are the truth: the posterior returns them exactly.
+    torch.testing.assert_close(denoise(model, x, flip=0.0), x)
+    noisy = flip_noise(x, 0.1, torch.Generator().manual_seed(1))
+    den = denoise(model, noisy, samples=8, generator=torch.Generator().manual_seed(2), flip=0.1)
+    assert den.shape == x.shape and float(den.min()) >= 0 and float(den.max()) <= 1
+    err_noisy = (noisy != x).float().mean().item()
+    err_den = ((den > 0.5).to(x.dtype) != x).float().mean().item()
+    assert err_den < 0.8 * err_noisy, (err_den, err_noisy)
+    with pytest.raises(ValueError, match="flip must be a probability"):
+        denoise(model, noisy, flip=0.7)
+    with pytest.raises(ValueError, match="binary"):
+        denoise(model, noisy * 0.5, flip=0.1)
