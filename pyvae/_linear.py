@@ -117,12 +117,12 @@ def _linear_act_backward_impl(grad, x, weight, out, has_bias, activation, output
     if output_mask[0]:
         grad_x = torch.mm(grad_pre, weight).view(*x.shape[:-1], in_features)
     else:
-        grad_x = x.new_empty(0)
-    grad_w = torch.mm(grad_pre.t(), x.reshape(-1, in_features)) if output_mask[1] else weight.new_empty(0)
+        grad_x = x.new_zeros(1)
+    grad_w = torch.mm(grad_pre.t(), x.reshape(-1, in_features)) if output_mask[1] else weight.new_zeros(1)
     if need_bias:
         grad_b = grad_bias.to(weight.dtype)
     else:
-        grad_b = weight.new_empty(0)
+        grad_b = weight.new_zeros(1)
     return grad_x, grad_w, grad_b
 
 
@@ -133,9 +133,9 @@ def _linear_act_fake(x, weight, bias, activation):
 
 def _linear_act_backward_fake(grad, x, weight, out, has_bias, activation, output_mask):
     return (
-        x.new_empty(x.shape) if output_mask[0] else x.new_empty(0),
-        weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty(0),
-        weight.new_empty(weight.shape[0]) if (has_bias and output_mask[2]) else weight.new_empty(0),
+        x.new_empty(x.shape) if output_mask[0] else x.new_zeros(1),
+        weight.new_empty(weight.shape) if output_mask[1] else weight.new_zeros(1),
+        weight.new_empty(weight.shape[0]) if (has_bias and output_mask[2]) else weight.new_zeros(1),
     )
 
 
@@ -158,7 +158,7 @@ def _backward(ctx, grad, direct: bool = False):
     x, weight, out = ctx.saved_tensors
     mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
     if out is None:
-        out = x.new_empty(0)
+        out = x.new_zeros(1)
     from .ops import _first_order_only  # NOTE: [No double backward] in pyvae/ops.py
 
     bwd = _linear_act_backward_impl if direct else torch.ops.pyvae.linear_act_backward

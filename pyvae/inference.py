@@ -507,6 +507,12 @@ def _out_path(run_or_ckpt: PathLike, out: Optional[PathLike], name: str) -> Path
     return p
 
 
+def _spread(total: int, n: int) -> torch.Tensor:
+    """Indices of ``n`` test images spread evenly over the test set (splits are ordered by label)."""
+    n = min(n, total)
+    return torch.linspace(0, total - 1, n).round().long() if n > 1 else torch.zeros(n, dtype=torch.long)
+
+
 def cli_inpaint(run: PathLike, mask: str = "top-half", n: int = 16, steps: int = 20, samples: int = 4,
                 seed: int = 0, metropolis: bool = False, out: Optional[PathLike] = None, device: str = "cpu",
                 data_dir: Optional[str] = None, verbose: bool = True) -> Dict[str, object]:
@@ -522,7 +528,7 @@ def cli_inpaint(run: PathLike, mask: str = "top-half", n: int = 16, steps: int =
     _check_int("n", n, 1)
     _check_int("seed", seed, 0)
     model, data, test, shape = _load_run(run, device, data_dir)
-    x = test[:n].to(device, _model_param(model).dtype)
+    x = test[_spread(len(test), n)].to(device, _model_param(model).dtype)
     g = torch.Generator().manual_seed(seed)
     m = make_mask(mask, (x.shape[0], *shape), generator=g, device=device)
     res = inpaint(model, x, m, steps=steps, samples=samples, generator=g, metropolis=metropolis)
@@ -556,7 +562,7 @@ def cli_inpaint(run: PathLike, mask: str = "top-half", n: int = 16, steps: int =
 def cli_denoise(run: PathLike, flip: float = 0.1, n: int = 16, steps: int = 1, seed: int = 0,
                 out: Optional[PathLike] = None, device: str = "cpu", data_dir: Optional[str] = None,
                 verbose: bool = True) -> Dict[str, object]:
-    """Flips each pixel of the first ``n`` (binary) test images with probability ``flip``, denoises them
+    """Flips each pixel of ``n`` (binary) test images spread over the test set with probability ``flip``, denoises them
     through the model with the flip noise model (``denoise(..., flip=flip)``, 8 z draws) and writes a
     PNG grid (originals / noisy / denoised probabilities / thresholded).
 
@@ -570,7 +576,7 @@ def cli_denoise(run: PathLike, flip: float = 0.1, n: int = 16, steps: int = 1, s
     model, data, test, shape = _load_run(run, device, data_dir)
     if data.binarize == "none":
         raise ValueError("denoise needs a run on binary images (binarize 'dynamic' or 'static')")
-    x = test[:n].to(device, _model_param(model).dtype)
+    x = test[_spread(len(test), n)].to(device, _model_param(model).dtype)
     g = torch.Generator().manual_seed(seed)
     noisy = flip_noise(x, flip, g)
     plain = denoise(model, noisy, steps=steps)

@@ -102,15 +102,18 @@ def _launch_rowwise(fn, device, dtype, rows, cols, operands, *, cols2=0, samples
 def _reduce_grad(g: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> torch.Tensor:
     """Sums a full-size gradient down to ``like``'s (broadcast) shape, in ``like``'s dtype."""
     if like is None:
-        return torch.empty(0)
+        return torch.zeros(1)
     if g is None:
-        return like.new_empty(0)
+        return like.new_zeros(1)
     g = g.sum_to_size(like.shape) if g.shape != like.shape else g
     return g.to(like.dtype)
 
 
-def _empty_grad(like: Optional[torch.Tensor]) -> torch.Tensor:
-    return torch.empty(0) if like is None else like.new_empty(0)
+def _empty_grad(like: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+    """The placeholder a backward op returns for an input that gets no gradient: a 1-element zero
+    tensor (NOTE: [No None in backward ops]) with the input's dtype and device (or ``fallback``'s for
+    an absent optional input)."""
+    return (fallback if like is None else like).new_zeros(1)
 
 
 # ------------------------------------------------------------------------ no double backward
@@ -229,7 +232,7 @@ def _rowwise_backward(op: str, fn, grad: torch.Tensor, named: Sequence[tuple], m
         operands = [None if t is None else _as_rows(t, lead, cols, cd) for _, t in named]
         g = grad.to(cd).expand(lead).contiguous()
         _launch_rowwise(fn, device, cd, rows, cols, operands, grad_out=g, grads=grads + [None] * (4 - len(grads)))
-    return tuple(_reduce_grad(g, t) if (m and t is not None) else _empty_grad(t)
+    return tuple(_reduce_grad(g, t) if (m and t is not None) else _empty_grad(t, grad)
                  for g, (_, t), m in zip(grads, named, mask))
 
 
@@ -238,17 +241,20 @@ def _rowwise_fake_forward(op: str, named: Sequence[tuple]) -> torch.Tensor:
     return named[0][1].new_empty(full[:-1])
 
 
-def _rowwise_fake_backward(op: str, named: Sequence[tuple], mask: Sequence[bool]):
+def _rowwise_fake_backward(op: str, grad: torch.Tensor, named: Sequence[tuple], mask: Sequence[bool]):
     _plan(op, [(n, t) for n, t in named if t is not None])
-    return tuple(t.new_empty(t.shape) if (m and t is not None) else _empty_grad(t)
+    return tuple(t.new_empty(t.shape) if (m and t is not None) else _empty_grad(t, grad)
                  for (_, t), m in zip(named, mask))
 
 
 def _register_rowwise(name: str, schema: str, bwd_schema: str, arg_names: Sequence[str], fwd_fn, bwd_fn,
-                      fill=lambda args: args):
+                      fill=lambda args: args, optional: bool = False):
     """Defines ``pyvae::<name>`` and ``pyvae::<name>_backward`` with CPU/CUDA, fake and autograd.
 
     ``fill`` maps the op's tensor arguments to the ones the kernel gets (optional ones completed).
+    ``optional``: the op has ``Tensor?`` arguments. Its backward op then takes plain ``Tensor``s (an
+    absent one passed as a 1-element placeholder) and a ``bool[] present`` list; see NOTE: [No None in
+    backward ops].
     """
     _lib.define(schema)
     _lib.define(bwd_schema)
@@ -260,32 +266,56 @@ def _register_rowwise(name: str, schema: str, bwd_schema: str, arg_names: Sequen
         *inputs, mask = args
         return _rowwise_backward(name, bwd_fn, grad, list(zip(arg_names, fill(inputs))), mask)
 
+    def fake_bwd(grad, *args):
+        *inputs, mask = args
+        return _rowwise_fake_backward(name, grad, list(zip(arg_names, fill(inputs))), mask)
+
     def fake_fwd(*args):
         return _rowwise_fake_forward(name, list(zip(arg_names, fill(args))))
 
-    def fake_bwd(grad, *args):
-        *inputs, mask = args
-        return _rowwise_fake_backward(name, list(zip(arg_names, fill(inputs))), mask)
+    def unpack(impl):  # the backward op's (grad, *inputs, present, mask) -> impl(grad, *inputs, mask)
+        def op(grad, *args):
+            *inputs, present, mask = args
+            return impl(grad, *(t if p else None for t, p in zip(inputs, present)), mask)
+        return op
 
     for key in ("CPU", "CUDA"):
         _lib.impl(name, fwd, key)
-        _lib.impl(name + "_backward", bwd, key)
+        _lib.impl(name + "_backward", unpack(bwd) if optional else bwd, key)
     torch.library.register_fake("pyvae::" + name, fake_fwd, lib=_lib)
-    torch.library.register_fake("pyvae::" + name + "_backward", fake_bwd, lib=_lib)
+    torch.library.register_fake("pyvae::" + name + "_backward", unpack(fake_bwd) if optional else fake_bwd,
+                                lib=_lib)
     _EAGER[name] = _eager_function(name, fwd, bwd, len(arg_names))
 
     backward_op = getattr(torch.ops.pyvae, name + "_backward")
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        ctx.present = [t is not None for t in inputs]
+        ctx.save_for_backward(*(t for t in inputs if t is not None))
 
     def backward(ctx, grad):
-        inputs = ctx.saved_tensors
+        saved = iter(ctx.saved_tensors)
+        inputs = [next(saved) if p else None for p in ctx.present]
         mask = [bool(n) and t is not None for n, t in zip(ctx.needs_input_grad, inputs)]
-        grads = _first_order_only(name, backward_op(grad, *inputs, mask), inputs)
+        if optional:
+            present = [t is not None for t in inputs]
+            args = [t if t is not None else grad.new_zeros(1) for t in inputs] + [present]
+        else:
+            args = list(inputs)
+        grads = _first_order_only(name, backward_op(grad, *args, mask), inputs)
         return tuple(g if m else None for g, m in zip(grads, mask))
 
     torch.library.register_autograd("pyvae::" + name, backward, setup_context=setup_context, lib=_lib)
+
+
+# NOTE: [No None in backward ops]
+# Traced by AOTAutograd (torch.compile, opcheck), gaussian_kl's backward segfaulted inside torch
+# 2.13's functionalization when it returned two zero-size placeholder gradients (for absent priors):
+# intermittently (~1 in 100 traces) with one kind of placeholder, on every trace with another;
+# reproduced in a loop of opcheck calls, gone with the fix (120 traces). So no backward op returns or
+# takes zero-size placeholders: a gradient that is not wanted comes back as a 1-element zero tensor
+# (dropped by the autograd wrapper), and an absent optional input travels as a 1-element zero tensor
+# with ``present[i] = False`` (backward ops take no ``Tensor?``).
 
 
 def _fill_prior(mu, logvar, prior_mu=None, prior_logvar=None):
@@ -316,10 +346,10 @@ _register_rowwise(
 _register_rowwise(
     "gaussian_kl",
     "gaussian_kl(Tensor mu, Tensor logvar, Tensor? prior_mu=None, Tensor? prior_logvar=None) -> Tensor",
-    "gaussian_kl_backward(Tensor grad, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar,"
-    " bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+    "gaussian_kl_backward(Tensor grad, Tensor mu, Tensor logvar, Tensor prior_mu, Tensor prior_logvar,"
+    " bool[] present, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
     ("mu", "logvar", "prior_mu", "prior_logvar"), _C.gaussian_kl_fwd, _C.gaussian_kl_bwd,
-    fill=lambda args: _fill_prior(*args),
+    fill=lambda args: _fill_prior(*args), optional=True,
 )
 
 
@@ -403,10 +433,10 @@ def _elbo_bwd(grad, logits, x, mu, logvar, mask):
         _launch_rowwise(_C.bernoulli_elbo_bwd, device, cd, rows, D, operands, cols2=Z, samples=S,
                         grad_out=g, grads=(g_l, g_x, g_mu, g_lv))
     return (
-        _reduce_grad(g_l, logits) if mask[0] else logits.new_empty(0),
-        _reduce_grad(g_x, x) if mask[1] else x.new_empty(0),
-        _reduce_grad(g_mu, mu) if mask[2] else mu.new_empty(0),
-        _reduce_grad(g_lv, logvar) if mask[3] else logvar.new_empty(0),
+        _reduce_grad(g_l, logits) if mask[0] else logits.new_zeros(1),
+        _reduce_grad(g_x, x) if mask[1] else x.new_zeros(1),
+        _reduce_grad(g_mu, mu) if mask[2] else mu.new_zeros(1),
+        _reduce_grad(g_lv, logvar) if mask[3] else logvar.new_zeros(1),
     )
 
 
@@ -417,7 +447,7 @@ def _elbo_fake_fwd(logits, x, mu, logvar):
 
 def _elbo_fake_bwd(grad, logits, x, mu, logvar, mask):
     _elbo_plan(logits, x, mu, logvar)
-    return tuple(t.new_empty(t.shape) if m else t.new_empty(0) for t, m in zip((logits, x, mu, logvar), mask))
+    return tuple(t.new_empty(t.shape) if m else t.new_zeros(1) for t, m in zip((logits, x, mu, logvar), mask))
 
 
 # ----------------------------------------------------------------------------- reparameterize
@@ -479,8 +509,8 @@ def _reparam_bwd(grad, mu, logvar, samples, seed, mask):
         _C.reparameterize_bwd(0 if device.type == "cpu" else 1, _DTYPE_CODE[cd], n, max(samples, 1),
                               0, lv.data_ptr(), g.data_ptr(), 0, _ptr(g_mu), _ptr(g_lv), s, off, _stream(device))
     return (
-        _reduce_grad(g_mu, mu) if mask[0] else mu.new_empty(0),
-        _reduce_grad(g_lv, logvar) if mask[1] else logvar.new_empty(0),
+        _reduce_grad(g_mu, mu) if mask[0] else mu.new_zeros(1),
+        _reduce_grad(g_lv, logvar) if mask[1] else logvar.new_zeros(1),
     )
 
 
@@ -490,7 +520,7 @@ def _reparam_fake_fwd(mu, logvar, samples, seed):
 
 def _reparam_fake_bwd(grad, mu, logvar, samples, seed, mask):
     _reparam_plan(mu, logvar, samples, seed)
-    return tuple(t.new_empty(t.shape) if m else t.new_empty(0) for t, m in zip((mu, logvar), mask))
+    return tuple(t.new_empty(t.shape) if m else t.new_zeros(1) for t, m in zip((mu, logvar), mask))
 
 
 def _register(name, fwd, bwd, fake_fwd, fake_bwd, n_tensor_inputs):

@@ -5,12 +5,18 @@ or pyvae.reference) runs on the very same values converted to float64, and the t
 one table keyed by the tested dtype.
 """
 import contextlib
+import os
+import tempfile
 
-import pytest
-import torch
-from torch.overrides import TorchFunctionMode
+# A private torch.compile cache per test session: inductor's on-disk cache does not key on a custom
+# op's schema, so graphs compiled against an older pyvae can be replayed with stale calls.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="pyvae-tests-inductor-"))
 
-import pyvae
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
+
+import pyvae  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and pyvae.cuda_built() else [])
 HALF_DTYPES = [torch.float16, torch.bfloat16]
