@@ -668,7 +668,7 @@ def add_cli(subparsers) -> None:
     pos, nonneg = _int_at_least(1), _int_at_least(0)
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = subparsers.add_parser("inpaint", help="fill missing pixels of test images (pseudo-Gibbs / Metropolis)",
-                              description="Fill the missing pixels of the first N test images of a run by "
+                              description="Fill the missing pixels of N test images (spread over the test set) of a run by "
                                           "iterating encode -> z -> decode with the observed pixels clamped; "
                                           "writes a PNG grid (originals / corrupted / completions / mean) and "
                                           "prints the log-likelihood and error at the missing pixels.",
