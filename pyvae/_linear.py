@@ -17,9 +17,9 @@ import torch
 
 from . import _C
 from . import _validate as V
+from .ops import _DTYPE_CODE, _stream  # defined before pyvae.ops imports this module
 
 ACTIVATIONS = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "softplus": 4}
-_DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 _lib = torch.library.Library("pyvae", "FRAGMENT")
 _lib.define("linear_act(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor")
@@ -60,10 +60,6 @@ def _kernel_dtype(t: torch.Tensor) -> torch.dtype:
     if t.device.type == "cpu" and t.dtype == torch.float16:
         return torch.float32
     return t.dtype
-
-
-def _stream(device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
 def _linear_act_impl(x, weight, bias, activation):
