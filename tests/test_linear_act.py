@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyvae
+import pyvae._gemm
 import pyvae.nn as pnn
 from pyvae.ops import linear_act
 
@@ -20,6 +21,16 @@ ACTS = {
 SHAPES = [(1, 1, (1,)), (3, 5, (7,)), (13, 11, (2, 3)), (784, 500, (4,)), (20, 1007, (3,)), (500, 40, (2, 1, 5))]
 
 
+# Both CPU GEMM routes (NOTE: [CPU GEMM backend] in pyvae/_gemm.py), oneDNN for every size.
+GEMMS = ["torch"] + (["onednn"] if pyvae._gemm.onednn_enabled() else [])
+
+
+@pytest.fixture(params=GEMMS)
+def cpu_gemm(request):
+    with pyvae._gemm.override(request.param, min_flops=0):
+        yield request.param
+
+
 def _ref(x, w, b, act):
     return ACTS[act](F.linear(x, w, b))
 
@@ -28,7 +39,7 @@ def _ref(x, w, b, act):
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_linear_plus_activation(device, act, dtype, shape):
+def test_matches_linear_plus_activation(device, act, dtype, shape, cpu_gemm):
     torch.manual_seed(0)
     fin, fout, lead = shape
     x = torch.randn(*lead, fin, dtype=torch.float64, device=device, requires_grad=True)
@@ -110,6 +121,15 @@ def test_bf16_autocast(act):
     y.float().sum().backward()
     assert lin.weight.grad.dtype == torch.float32 and lin.bias.grad.dtype == torch.float32
     assert torch.isfinite(lin.weight.grad).all()
+    # The eager path (casts in Python, then the direct function) and the registered AutocastCPU kernel
+    # (what torch.compile and modes see) run the same implementation: identical values and gradients.
+    grads = (lin.weight.grad.clone(), lin.bias.grad.clone())
+    lin.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_op = torch.ops.pyvae.linear_act(x, lin.weight, lin.bias, act)
+    assert y_op.dtype == torch.bfloat16 and torch.equal(y_op, y)
+    y_op.float().sum().backward()
+    assert torch.equal(lin.weight.grad, grads[0]) and torch.equal(lin.bias.grad, grads[1])
 
 
 def test_thread_count_does_not_change_bias_gradient():
@@ -192,7 +212,7 @@ def test_bad_input():
         pnn.FusedMLP([5])
 
 
-def test_empty_batch_and_noncontiguous():
+def test_empty_batch_and_noncontiguous(cpu_gemm):
     w, b = torch.randn(3, 5, requires_grad=True), torch.randn(3, requires_grad=True)
     x = torch.randn(0, 5, requires_grad=True)
     y = linear_act(x, w, b, "tanh")

@@ -1,0 +1,147 @@
+"""Which library runs the GEMMs of pyvae's linear layers on CPU.
+
+NOTE: [CPU GEMM backend]
+torch's CPU ``mm``/``addmm`` in float32 call MKL's sgemm. On CPUs that MKL does not take the AVX-512
+path for (the AMD EPYC this project is developed on, with 2 x 512-bit FMA per cycle) that sgemm runs
+at ~200 GFLOP/s, 38% of the measured FMA peak of ~525 GFLOP/s (2 cores). The same torch wheel carries
+oneDNN, whose JIT picks its kernels from the CPU's feature flags: its float32 matmul reaches
+~330-490 GFLOP/s on the VAE's layer shapes (bench/RESULTS.md, "CPU GEMM backend"). torch reaches it
+through ``torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")`` = ``x @ w.T + b``; it takes
+strided (transposed) views without copying, so the three products of a linear layer map onto it:
+
+    forward      y  = x @ W.T + b      linear(x, W, b)
+    grad input   dx = g @ W            linear(g, W.T)          (W.T is a view)
+    grad weight  dW = g.T @ x          linear(g.T, x.T)        if in_features >= 64
+                                       linear(x.T, g.T).T      otherwise (oneDNN is 3-10x slower on
+                                                               the first form for in_features = 20;
+                                                               the final transposed copy is cheap there
+                                                               and slow for wide layers)
+
+The op is private to torch, so pyvae checks it once (a small product compared against ``torch.mm``)
+and falls back to torch's own GEMMs if it is missing or wrong. float64 and float16 always use torch's
+GEMMs (oneDNN has no float64 matmul). ``PYVAE_CPU_GEMM=torch`` forces torch's GEMMs,
+``PYVAE_CPU_GEMM=onednn`` fails loudly if oneDNN is not usable; the default is ``auto``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+_ONEDNN_DTYPES = (torch.float32,)  # bfloat16 mm already runs on oneDNN in torch
+_NARROW_IN = 64  # below this in_features, grad_weight uses the transposed form (see the note)
+# oneDNN's linear costs ~10 us more per call than torch's mm (primitive lookup, tensor wrapping);
+# at ~200 vs ~450 GFLOP/s that is repaid from about 4 MFLOP per product up.
+_MIN_FLOPS = 4e6
+_state = {"onednn": None}  # None = not probed yet
+
+
+def _mode() -> str:
+    mode = os.environ.get("PYVAE_CPU_GEMM", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "onednn", "torch"):
+        raise ValueError(f"PYVAE_CPU_GEMM must be 'auto', 'onednn' or 'torch', got {mode!r}")
+    return mode
+
+
+def _probe() -> bool:
+    """True when oneDNN's linear is present and computes the three products right on this machine."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None:
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(7, 5, generator=gen)
+        w = torch.randn(3, 5, generator=gen)
+        b = torch.randn(3, generator=gen)
+        g = torch.randn(7, 3, generator=gen)
+        checks = [
+            (op(x, w, b, "none", [], ""), torch.addmm(b, x, w.t())),
+            (op(g, w.t(), None, "none", [], ""), g @ w),
+            (op(g.t(), x.t(), None, "none", [], ""), g.t() @ x),
+            (op(x.t(), g.t(), None, "none", [], "").t(), g.t() @ x),
+        ]
+        return all(a.shape == r.shape and torch.allclose(a, r, rtol=1e-5, atol=1e-5) for a, r in checks)
+    except Exception:  # any failure means: do not use it
+        return False
+
+
+def onednn_enabled() -> bool:
+    """Whether float32/bfloat16 CPU GEMMs of pyvae's linear layers run on oneDNN (NOTE: [CPU GEMM backend])."""
+    mode = _mode()
+    if mode == "torch":
+        return False
+    if _state["onednn"] is None:
+        _state["onednn"] = _probe()
+    if mode == "onednn" and not _state["onednn"]:
+        raise RuntimeError("PYVAE_CPU_GEMM=onednn, but torch.ops.mkldnn._linear_pointwise is missing or wrong here")
+    return _state["onednn"]
+
+
+def backend(t: torch.Tensor, flops: float = float("inf")) -> str:
+    """'onednn' or 'torch': who runs a GEMM of ``flops`` on tensors like ``t``."""
+    # flops == 0: an empty dimension, which oneDNN's primitive rejects.
+    if flops > 0 and flops >= _MIN_FLOPS and t.device.type == "cpu" and t.dtype in _ONEDNN_DTYPES and onednn_enabled():
+        return "onednn"
+    return "torch"
+
+
+def _lin(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` for 2-D x [rows, in] and weight [out, in]; a new contiguous tensor."""
+    if backend(x, 2.0 * x.shape[0] * x.shape[1] * weight.shape[0]) == "onednn":
+        return _lin(x, weight, bias)
+    if bias is None:
+        return torch.mm(x, weight.t())
+    return torch.addmm(bias, x, weight.t())
+
+
+def grad_input(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``g @ weight`` for g [rows, out]: the input gradient of a linear layer."""
+    if backend(g, 2.0 * g.shape[0] * g.shape[1] * weight.shape[1]) == "onednn":
+        return _lin(g, weight.t())
+    return torch.mm(g, weight)
+
+
+def grad_weight(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``g.T @ x`` for g [rows, out], x [rows, in]: the weight gradient, contiguous [out, in]."""
+    if backend(g, 2.0 * g.shape[0] * g.shape[1] * x.shape[1]) == "onednn":
+        if x.shape[1] >= _NARROW_IN:
+            return _lin(g.t(), x.t())
+        return _lin(x.t(), g.t()).t().contiguous()
+    return torch.mm(g.t(), x)
+
+
+class override:
+    """Context manager for tests and benchmarks: ``override("onednn", min_flops=0)`` routes every eligible
+    GEMM to oneDNN, ``override("torch")`` none. Not thread-safe; restores the previous state on exit."""
+
+    def __init__(self, backend: str, min_flops: Optional[float] = None):
+        if backend not in ("onednn", "torch"):
+            raise ValueError(f"backend must be 'onednn' or 'torch', got {backend!r}")
+        self.backend, self.min_flops = backend, min_flops
+
+    def __enter__(self):
+        global _MIN_FLOPS
+        self._saved = (dict(_state), _MIN_FLOPS, os.environ.get("PYVAE_CPU_GEMM"))
+        if self.backend == "onednn" and not onednn_enabled():
+            raise RuntimeError("oneDNN's linear is not usable in this torch build")
+        os.environ["PYVAE_CPU_GEMM"] = self.backend
+        if self.min_flops is not None:
+            _MIN_FLOPS = self.min_flops
+        return self
+
+    def __exit__(self, *exc):
+        global _MIN_FLOPS
+        state, _MIN_FLOPS, env = self._saved
+        _state.update(state)
+        if env is None:
+            os.environ.pop("PYVAE_CPU_GEMM", None)
+        else:
+            os.environ["PYVAE_CPU_GEMM"] = env
+        return False

@@ -1,0 +1,69 @@
+"""pyvae._gemm: the CPU GEMM routing of the linear layers (NOTE: [CPU GEMM backend])."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pyvae._gemm as G
+
+needs_onednn = pytest.mark.skipif(not G.onednn_enabled(), reason="torch build without a usable oneDNN linear")
+
+
+def _rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=torch.float64).to(dtype)
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows,fin,fout", [(1, 1, 1), (7, 20, 500), (100, 784, 500), (33, 500, 40), (64, 63, 64),
+                                           (64, 64, 63), (5, 500, 784)])
+def test_products_match_float64(rows, fin, fout):
+    x, w, b, g = _rand(rows, fin), _rand(fout, fin), _rand(fout), _rand(rows, fout)
+    xd, wd, bd, gd = (t.double() for t in (x, w, b, g))
+    with G.override("onednn", min_flops=0):
+        assert G.backend(x, 1.0) == "onednn"
+        got = [G.linear(x, w, b), G.linear(x, w), G.grad_input(g, w), G.grad_weight(g, x)]
+    want = [xd @ wd.t() + bd, xd @ wd.t(), gd @ wd, gd.t() @ xd]
+    for a, r in zip(got, want):
+        assert a.dtype == torch.float32 and a.shape == r.shape and a.is_contiguous()
+        torch.testing.assert_close(a.double(), r, rtol=1e-5, atol=1e-4 * max(1.0, rows**0.5))
+
+
+@needs_onednn
+def test_strided_inputs():
+    # The decoder's input is the mu half of the encoder head's output: a column slice (strides (40, 1)).
+    h, w, g = _rand(50, 40), _rand(500, 20), _rand(50, 500)
+    mu = h[:, :20]
+    with G.override("onednn", min_flops=0):
+        torch.testing.assert_close(G.linear(mu, w), mu @ w.t(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(G.grad_weight(g, mu), g.t() @ mu, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(G.grad_input(g, w), g @ w, rtol=1e-5, atol=1e-4)
+
+
+def test_routing_rules():
+    x = torch.randn(4, 3)
+    with G.override("torch"):
+        assert G.backend(x) == "torch"
+    if G.onednn_enabled():
+        with G.override("onednn"):
+            assert G.backend(x) == "onednn"  # unbounded flops
+            assert G.backend(x, 1e3) == "torch"  # tiny products stay on torch's mm (per-call cost)
+            assert G.backend(x.double()) == "torch"  # no float64 matmul in oneDNN
+            assert G.backend(x.bfloat16()) == "torch"  # torch's bf16 mm is oneDNN already
+    with G.override("onednn", min_flops=0) if G.onednn_enabled() else G.override("torch"):
+        empty = torch.empty(0, 3)
+        assert G.linear(empty, torch.randn(2, 3)).shape == (0, 2)
+        assert torch.equal(G.grad_weight(torch.empty(0, 2), empty), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="backend"):
+        G.override("mkl")
+
+
+def test_env_var_is_validated():
+    code = "import pyvae._gemm as G; G.onednn_enabled()"
+    env = dict(os.environ, PYVAE_CPU_GEMM="fast")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "PYVAE_CPU_GEMM must be" in r.stderr
+    env["PYVAE_CPU_GEMM"] = "torch"
+    code = "import torch, pyvae._gemm as G; assert G.backend(torch.randn(2, 2)) == 'torch'"
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
