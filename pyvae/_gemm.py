@@ -20,7 +20,8 @@ strided (transposed) views without copying, so the three products of a linear la
 The op is private to torch, so pyvae checks it once (a small product compared against ``torch.mm``)
 and falls back to torch's own GEMMs if it is missing or wrong. float64 and float16 always use torch's
 GEMMs (oneDNN has no float64 matmul). ``PYVAE_CPU_GEMM=torch`` forces torch's GEMMs,
-``PYVAE_CPU_GEMM=onednn`` fails loudly if oneDNN is not usable; the default is ``auto``.
+``PYVAE_CPU_GEMM=onednn`` fails loudly if oneDNN is not usable; the default is ``auto``. The variable is
+read at the first GEMM.
 """
 from __future__ import annotations
 
@@ -34,13 +35,17 @@ _NARROW_IN = 64  # below this in_features, grad_weight uses the transposed form 
 # oneDNN's linear costs ~10 us more per call than torch's mm (primitive lookup, tensor wrapping);
 # at ~200 vs ~450 GFLOP/s that is repaid from about 4 MFLOP per product up.
 _MIN_FLOPS = 4e6
-_state = {"onednn": None}  # None = not probed yet
+_state = {"onednn": None, "mode": None, "enabled": None}  # None = not probed / read yet
 
 
 def _mode() -> str:
-    mode = os.environ.get("PYVAE_CPU_GEMM", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "onednn", "torch"):
-        raise ValueError(f"PYVAE_CPU_GEMM must be 'auto', 'onednn' or 'torch', got {mode!r}")
+    """PYVAE_CPU_GEMM, read once (first GEMM) and then cached in _state."""
+    mode = _state.get("mode")
+    if mode is None:
+        mode = os.environ.get("PYVAE_CPU_GEMM", "auto").strip().lower() or "auto"
+        if mode not in ("auto", "onednn", "torch"):
+            raise ValueError(f"PYVAE_CPU_GEMM must be 'auto', 'onednn' or 'torch', got {mode!r}")
+        _state["mode"] = mode
     return mode
 
 
@@ -69,21 +74,22 @@ def _probe() -> bool:
 
 
 def onednn_enabled() -> bool:
-    """Whether float32/bfloat16 CPU GEMMs of pyvae's linear layers run on oneDNN (NOTE: [CPU GEMM backend])."""
-    mode = _mode()
-    if mode == "torch":
-        return False
-    if _state["onednn"] is None:
-        _state["onednn"] = _probe()
-    if mode == "onednn" and not _state["onednn"]:
-        raise RuntimeError("PYVAE_CPU_GEMM=onednn, but torch.ops.mkldnn._linear_pointwise is missing or wrong here")
-    return _state["onednn"]
+    """Whether float32 CPU GEMMs of pyvae's linear layers run on oneDNN (NOTE: [CPU GEMM backend])."""
+    ok = _state.get("enabled")
+    if ok is None:
+        mode = _mode()
+        if mode != "torch" and _state["onednn"] is None:
+            _state["onednn"] = _probe()
+        if mode == "onednn" and not _state["onednn"]:
+            raise RuntimeError("PYVAE_CPU_GEMM=onednn, but torch.ops.mkldnn._linear_pointwise is missing or wrong here")
+        ok = _state["enabled"] = mode != "torch" and bool(_state["onednn"])
+    return ok
 
 
 def backend(t: torch.Tensor, flops: float = float("inf")) -> str:
     """'onednn' or 'torch': who runs a GEMM of ``flops`` on tensors like ``t``."""
     # flops == 0: an empty dimension, which oneDNN's primitive rejects.
-    if flops > 0 and flops >= _MIN_FLOPS and t.device.type == "cpu" and t.dtype in _ONEDNN_DTYPES and onednn_enabled():
+    if flops > 0 and flops >= _MIN_FLOPS and t.dtype in _ONEDNN_DTYPES and t.is_cpu and onednn_enabled():
         return "onednn"
     return "torch"
 
@@ -128,20 +134,20 @@ class override:
 
     def __enter__(self):
         global _MIN_FLOPS
-        self._saved = (dict(_state), _MIN_FLOPS, os.environ.get("PYVAE_CPU_GEMM"))
-        if self.backend == "onednn" and not onednn_enabled():
-            raise RuntimeError("oneDNN's linear is not usable in this torch build")
-        os.environ["PYVAE_CPU_GEMM"] = self.backend
+        self._saved = (dict(_state), _MIN_FLOPS)
+        if self.backend == "onednn":
+            if _state["onednn"] is None:
+                _state["onednn"] = _probe()
+            if not _state["onednn"]:
+                raise RuntimeError("oneDNN's linear is not usable in this torch build")
+        _state["mode"] = self.backend
+        _state["enabled"] = self.backend == "onednn"
         if self.min_flops is not None:
             _MIN_FLOPS = self.min_flops
         return self
 
     def __exit__(self, *exc):
         global _MIN_FLOPS
-        state, _MIN_FLOPS, env = self._saved
+        state, _MIN_FLOPS = self._saved
         _state.update(state)
-        if env is None:
-            os.environ.pop("PYVAE_CPU_GEMM", None)
-        else:
-            os.environ["PYVAE_CPU_GEMM"] = env
         return False

@@ -84,44 +84,55 @@ def _linear_act_impl(x, weight, bias, activation):
     return y.view(*x.shape[:-1], out_features)
 
 
-def _linear_act_backward_impl(grad, x, weight, out, has_bias, activation, output_mask):
-    _check(x, weight, None, activation)
-    act = ACTIVATIONS[activation]
+def _backward_core(grad, x, weight, out, has_bias, act, mask):
+    """Gradients (x, weight, bias) of y = act(x @ weight.T + b), None where ``mask`` (or no bias) says
+    not needed. Inputs are already validated (by the forward or the op wrapper below)."""
     in_features, out_features = weight.shape[1], weight.shape[0]
-    g2 = grad.reshape(-1, out_features).to(x.dtype)
+    g2 = grad.reshape(-1, out_features)
+    if g2.dtype != x.dtype:
+        g2 = g2.to(x.dtype)
     if not g2.is_contiguous():
         g2 = g2.contiguous()
     rows = g2.shape[0]
-    need_pre = output_mask[0] or output_mask[1]
-    need_bias = bool(has_bias and output_mask[2])
+    need_pre = mask[0] or mask[1]
+    need_bias = bool(has_bias and mask[2])
     kd = _kernel_dtype(g2)
+    dev = 0 if x.device.type == "cpu" else 1
     grad_bias = torch.empty(out_features, dtype=kd, device=x.device) if need_bias else None
     if act == 0:
         grad_pre = g2
         if need_bias:
-            _C.act_bwd(0 if x.device.type == "cpu" else 1, _DTYPE_CODE[kd], 0, rows, out_features, 0, 0,
-                       g2.to(kd).data_ptr() if kd != g2.dtype else g2.data_ptr(), 0, 0, grad_bias.data_ptr(),
-                       _stream(x.device))
+            gk = g2 if kd == g2.dtype else g2.to(kd)  # kept alive until the kernel has run
+            _C.act_bwd(dev, _DTYPE_CODE[kd], 0, rows, out_features, 0, 0, gk.data_ptr(), 0, 0,
+                       grad_bias.data_ptr(), _stream(x.device))
     else:
-        gk = g2.to(kd)
-        yk = out.reshape(-1, out_features).to(kd).contiguous()
+        gk = g2 if kd == g2.dtype else g2.to(kd)
+        yk = out.reshape(-1, out_features)
+        if yk.dtype != kd:
+            yk = yk.to(kd)
+        if not yk.is_contiguous():
+            yk = yk.contiguous()
         grad_pre = torch.empty_like(gk) if need_pre else None
         if need_pre or need_bias:
-            _C.act_bwd(0 if x.device.type == "cpu" else 1, _DTYPE_CODE[kd], act, rows, out_features, 0, 0,
-                       gk.data_ptr(), yk.data_ptr(), 0 if grad_pre is None else grad_pre.data_ptr(),
+            _C.act_bwd(dev, _DTYPE_CODE[kd], act, rows, out_features, 0, 0, gk.data_ptr(), yk.data_ptr(),
+                       0 if grad_pre is None else grad_pre.data_ptr(),
                        0 if grad_bias is None else grad_bias.data_ptr(), _stream(x.device))
         if grad_pre is not None and grad_pre.dtype != x.dtype:
             grad_pre = grad_pre.to(x.dtype)
-    if output_mask[0]:
-        grad_x = _gemm.grad_input(grad_pre, weight).view(*x.shape[:-1], in_features)
-    else:
-        grad_x = x.new_zeros(1)
-    grad_w = _gemm.grad_weight(grad_pre, x.reshape(-1, in_features)) if output_mask[1] else weight.new_zeros(1)
+    grad_x = _gemm.grad_input(grad_pre, weight).view(*x.shape[:-1], in_features) if mask[0] else None
+    grad_w = _gemm.grad_weight(grad_pre, x.reshape(-1, in_features)) if mask[1] else None
+    grad_b = None
     if need_bias:
-        grad_b = grad_bias.to(weight.dtype)
-    else:
-        grad_b = weight.new_zeros(1)
+        grad_b = grad_bias if grad_bias.dtype == weight.dtype else grad_bias.to(weight.dtype)
     return grad_x, grad_w, grad_b
+
+
+def _linear_act_backward_impl(grad, x, weight, out, has_bias, activation, output_mask):
+    _check(x, weight, None, activation)
+    gx, gw, gb = _backward_core(grad, x, weight, out, has_bias, ACTIVATIONS[activation], output_mask)
+    # NOTE: [No None in backward ops] in pyvae/ops.py: 1-element placeholders for unneeded gradients.
+    return (x.new_zeros(1) if gx is None else gx, weight.new_zeros(1) if gw is None else gw,
+            weight.new_zeros(1) if gb is None else gb)
 
 
 def _linear_act_fake(x, weight, bias, activation):
@@ -197,7 +208,12 @@ class _LinearActFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _backward(ctx, grad, direct=True)
+        x, weight, out = ctx.saved_tensors
+        mask = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: the checked path, which refuses double backward
+            return _backward(ctx, grad, direct=True)
+        gx, gw, gb = _backward_core(grad, x, weight, out, ctx.has_bias, ACTIVATIONS[ctx.activation], mask[:3])
+        return gx, gw, gb, None
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

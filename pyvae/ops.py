@@ -171,12 +171,16 @@ def _eager_function(name: str, fwd, bwd, n_tensors: int):
     return _Fn.apply
 
 
+_Parameter = torch.nn.Parameter
+
+
 def _eager_ok(*tensors) -> bool:
     """True when the direct path of NOTE: [Eager fast path] is safe for these inputs."""
     if torch.compiler.is_compiling():
         return False
     for t in tensors:
-        if t is not None and type(t) is not torch.Tensor:
+        # nn.Parameter is a subclass without a __torch_function__ of its own: it takes this path too.
+        if t is not None and type(t) is not torch.Tensor and type(t) is not _Parameter:
             return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False

@@ -230,3 +230,23 @@ def test_double_backward_raises():
     (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         gx.sum().backward()
+
+
+def test_modules_take_the_eager_fast_path():
+    # nn.Parameter inputs must not push FusedLinear onto the slower dispatcher path (NOTE: [Eager fast
+    # path] in pyvae/ops.py); under torch.compile or a dispatch mode the registered op runs instead.
+    lin = pnn.FusedLinear(6, 4, "tanh")
+    x = torch.randn(3, 6)
+    assert type(lin(x).grad_fn).__name__ == "_LinearActFunctionBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(lin(x).grad_fn).__name__ == "_LinearActFunctionBackward"
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        y = lin(x)
+    assert type(y.grad_fn).__name__ != "_LinearActFunctionBackward"
+    torch.testing.assert_close(y, lin(x))
