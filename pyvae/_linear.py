@@ -19,7 +19,7 @@ import torch
 from . import _C
 from . import _gemm
 from . import _validate as V
-from .ops import _DTYPE_CODE, _stream  # defined before pyvae.ops imports this module
+from .ops import _DTYPE_CODE, _eager_ok, _stream  # defined before pyvae.ops imports this module
 
 ACTIVATIONS = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "softplus": 4}
 
@@ -40,7 +40,7 @@ def _check(x, weight, bias, activation):
     named = [("x", x), ("weight", weight)]
     if bias is not None:
         V.tensor("bias", bias, op=op)
-        if bias.shape != (weight.shape[0],):
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:  # (not Size == tuple: slow sym_eq)
             raise ValueError(
                 f"pyvae.{op}: bias must have shape [out_features] = [{weight.shape[0]}], got {tuple(bias.shape)}"
             )
@@ -66,12 +66,13 @@ def _kernel_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _linear_act_impl(x, weight, bias, activation):
     _check(x, weight, bias, activation)
-    out_features = weight.shape[0]
-    x2 = x.reshape(-1, x.shape[-1])
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(-1, x.shape[-1])
     act = ACTIVATIONS[activation]
     if act == 0 and bias is not None:
         # No activation: the library GEMM adds the bias itself, saving our epilogue pass.
-        return _gemm.linear(x2, weight, bias).view(*x.shape[:-1], out_features)
+        y = _gemm.linear(x2, weight, bias)
+        return y if flat else y.view(*x.shape[:-1], weight.shape[0])
     y = _gemm.linear(x2, weight)
     if act != 0 and y.numel() > 0:
         kd = _kernel_dtype(y)
@@ -81,7 +82,7 @@ def _linear_act_impl(x, weight, bias, activation):
                         yk.data_ptr(), 0 if bk is None else bk.data_ptr(), 0, 0, 0, 0, _stream(y.device))
         if yk is not y:
             y.copy_(yk)
-    return y.view(*x.shape[:-1], out_features)
+    return y if flat else y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _backward_core(grad, x, weight, out, has_bias, act, mask):
@@ -216,6 +217,38 @@ class _LinearActFunction(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+class _LinearActAutocastFunction(torch.autograd.Function):
+    """The direct eager path under autocast: casts to ``dtype`` inside, so the graph has one node per
+    layer instead of one plus a cast node per input; gradients are cast back to each input's dtype, as
+    the cast nodes of the dispatcher path would do."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation, dtype):
+        xc, wc = x.to(dtype), weight.to(dtype)
+        bc = None if bias is None else bias.to(dtype)
+        out = _linear_act_impl(xc, wc, bc, activation)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        _setup_context(ctx, (xc, wc, bc, activation), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, out = ctx.saved_tensors
+        grads = _backward_core(grad, x, weight, out, ctx.has_bias, ACTIVATIONS[ctx.activation],
+                               ctx.needs_input_grad[:3])
+        grads = [None if g is None or g.dtype == dt else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
+        if torch.is_grad_enabled():  # create_graph=True: NOTE: [No double backward] in pyvae/ops.py
+            from .ops import _FirstOrderOnly
+
+            idx = [i for i, g in enumerate(grads) if g is not None]
+            # The casted inputs saved here carry no history, so a fresh leaf gives the node its edge.
+            anchor = torch.zeros((), device=grad.device, requires_grad=True)
+            wrapped = _FirstOrderOnly.apply("linear_act", len(idx), *(grads[i] for i in idx), anchor)
+            for i, g in zip(idx, wrapped):
+                grads[i] = g
+        return (*grads, None, None)
+
+
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                activation: str = "identity") -> torch.Tensor:
     """y = act(x @ weight.T + bias), fused epilogue, differentiable in x, weight and bias.
@@ -229,17 +262,15 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     Returns:
         ``[..., out_features]``.
     """
-    from .ops import _eager_ok
-
     if _eager_ok(x, weight, bias):
         if torch._C._is_any_autocast_enabled():
             # What the Autocast kernels registered above do, without the dispatcher round trip
             # (which costs ~50 us per layer forward + backward): cast, then the direct path.
+            # Inside the function, autocast still sees the GEMMs, but their inputs already have
+            # the autocast dtype (a no-op for it).
             dev = x.device.type
             if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
                 return torch.ops.pyvae.linear_act(x, weight, bias, activation)
-            dt = torch.get_autocast_dtype(dev)
-            x, weight = x.to(dt), weight.to(dt)
-            bias = None if bias is None else bias.to(dt)
+            return _LinearActAutocastFunction.apply(x, weight, bias, activation, torch.get_autocast_dtype(dev))
         return _LinearActFunction.apply(x, weight, bias, activation)
     return torch.ops.pyvae.linear_act(x, weight, bias, activation)

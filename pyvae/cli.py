@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark the fused ops/layers against PyTorch eager and torch.compile",
                        description="Runs a benchmark family; its own options follow the family name "
                                    "(pyvae bench elbo --help). Results go to bench/results/<family>.jsonl.")
-    b.add_argument("family", choices=["elbo", "mlp"], help="elbo: the ELBO ops; mlp: the VAE's linear layers")
+    b.add_argument("family", choices=["elbo", "mlp", "gemm"],
+                   help="elbo: the ELBO ops; mlp: the VAE's linear layers; gemm: the CPU GEMM routes of those layers")
     b.add_argument("options", nargs=argparse.REMAINDER, help="options of the family (see its --help)")
     return parser
 

@@ -239,7 +239,7 @@ def test_modules_take_the_eager_fast_path():
     x = torch.randn(3, 6)
     assert type(lin(x).grad_fn).__name__ == "_LinearActFunctionBackward"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert type(lin(x).grad_fn).__name__ == "_LinearActFunctionBackward"
+        assert type(lin(x).grad_fn).__name__ == "_LinearActAutocastFunctionBackward"
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Passthrough(TorchDispatchMode):
@@ -250,3 +250,14 @@ def test_modules_take_the_eager_fast_path():
         y = lin(x)
     assert type(y.grad_fn).__name__ != "_LinearActFunctionBackward"
     torch.testing.assert_close(y, lin(x))
+
+
+def test_double_backward_raises_under_autocast():
+    lin = pnn.FusedLinear(4, 2, "tanh")
+    x = torch.randn(3, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    (gx,) = torch.autograd.grad(y.float().sum(), x, create_graph=True)
+    assert gx.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
