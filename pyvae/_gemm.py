@@ -33,8 +33,9 @@ import torch
 _ONEDNN_DTYPES = (torch.float32,)  # bfloat16 mm already runs on oneDNN in torch
 _NARROW_IN = 64  # below this in_features, grad_weight uses the transposed form (see the note)
 # oneDNN's linear costs ~10 us more per call than torch's mm (primitive lookup, tensor wrapping);
-# at ~200 vs ~450 GFLOP/s that is repaid from about 4 MFLOP per product up.
-_MIN_FLOPS = 4e6
+# at ~200 vs ~450 GFLOP/s that is repaid from about 4-8 MFLOP per product up (bench gemm: at 4 MFLOP,
+# enc2 at B=100, the two routes tie on two products and oneDNN loses 18% on the third).
+_MIN_FLOPS = 8e6
 _state = {"onednn": None, "mode": None, "enabled": None}  # None = not probed / read yet
 
 
