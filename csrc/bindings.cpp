@@ -140,10 +140,63 @@ void def_linear(py::module_& m, const char* name, LinearFn cpu::KernelTable::*cp
       py::call_guard<py::gil_scoped_release>());
 }
 
+using LinearLtFn = int (*)(const LinearLtParams&);
+
+// cuBLASLt GEMMs of a linear layer (NOTE: [cuBLASLt path] in csrc/cuda/linear_lt.cu), one signature for
+// the three: (dtype, act, rows, in_features, out_features, x, weight, bias, y, grad_pre, grad_x,
+// grad_weight, grad_bias, aux, aux_ld, workspace, workspace_bytes, allow_tf32, strict_reduction,
+// fuse_act, device, stream) -> 0 done, 1 unsupported (nothing written). fn == nullptr: not built.
+void def_linear_lt(py::module_& m, const char* name, LinearLtFn fn) {
+  m.def(
+      name,
+      [fn](int dtype, int act, int64_t rows, int64_t in_features, int64_t out_features, uintptr_t x,
+           uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t grad_pre, uintptr_t grad_x,
+           uintptr_t grad_weight, uintptr_t grad_bias, uintptr_t aux, int64_t aux_ld, uintptr_t workspace,
+           uint64_t workspace_bytes, bool allow_tf32, bool strict_reduction, bool fuse_act, int device,
+           uintptr_t stream) -> int {
+        if (!fn)
+          throw std::runtime_error(
+              "pyvae._C was built without the cuBLASLt path (no CUDA, or cublasLt.h not found at build "
+              "time; see CONTRIBUTING.md)");
+        if (dtype < 0 || dtype > 3)
+          throw std::invalid_argument("pyvae._C: dtype code " + std::to_string(dtype) + " not supported");
+        LinearLtParams p;
+        p.dtype = static_cast<DType>(dtype);
+        p.act = act;
+        p.rows = rows;
+        p.in_features = in_features;
+        p.out_features = out_features;
+        p.x = ptr<const void>(x);
+        p.weight = ptr<const void>(weight);
+        p.bias = ptr<const void>(bias);
+        p.y = ptr<void>(y);
+        p.grad_pre = ptr<const void>(grad_pre);
+        p.grad_x = ptr<void>(grad_x);
+        p.grad_weight = ptr<void>(grad_weight);
+        p.grad_bias = ptr<void>(grad_bias);
+        p.aux = ptr<void>(aux);
+        p.aux_ld = aux_ld;
+        p.workspace = ptr<void>(workspace);
+        p.workspace_bytes = workspace_bytes;
+        p.allow_tf32 = allow_tf32;
+        p.strict_reduction = strict_reduction;
+        p.fuse_act = fuse_act;
+        p.device = device;
+        p.stream = ptr<void>(stream);
+        return fn(p);
+      },
+      py::call_guard<py::gil_scoped_release>());
+}
+
 #if defined(PYVAE_WITH_CUDA)
 #define PYVAE_CUDA_FN(NAME) &cuda::NAME
 #else
 #define PYVAE_CUDA_FN(NAME) nullptr
+#endif
+#if defined(PYVAE_WITH_CUBLASLT)
+#define PYVAE_LT_FN(NAME) &cuda::NAME
+#else
+#define PYVAE_LT_FN(NAME) nullptr
 #endif
 
 }  // namespace
@@ -175,6 +228,63 @@ PYBIND11_MODULE(_C, m) {
   // (device, dtype, act, rows, cols, y, bias, grad_y, out, grad_pre, grad_bias, stream)
   def_linear(m, "bias_act_fwd", &cpu::KernelTable::bias_act_fwd, PYVAE_CUDA_FN(bias_act_fwd));
   def_linear(m, "act_bwd", &cpu::KernelTable::act_bwd, PYVAE_CUDA_FN(act_bwd));
+
+#if defined(PYVAE_WITH_CUBLASLT)
+  m.attr("cublaslt_built") = true;
+  m.attr("cublaslt_header_version") = cuda::lt_header_version();
+#else
+  m.attr("cublaslt_built") = false;
+  m.attr("cublaslt_header_version") = 0;
+#endif
+  def_linear_lt(m, "cublaslt_linear_fwd", PYVAE_LT_FN(lt_linear_fwd));
+  def_linear_lt(m, "cublaslt_linear_wgrad", PYVAE_LT_FN(lt_linear_wgrad));
+  def_linear_lt(m, "cublaslt_linear_dgrad", PYVAE_LT_FN(lt_linear_dgrad));
+  m.def(
+      "cublaslt_load",
+      [](const std::string& path) -> std::string {
+#if defined(PYVAE_WITH_CUBLASLT)
+        std::string why;
+        return cuda::lt_load(path, &why) ? std::string() : why;
+#else
+        (void)path;
+        return "pyvae._C was built without the cuBLASLt path";
+#endif
+      },
+      py::arg("path") = "", py::call_guard<py::gil_scoped_release>(),
+      "Load libcublasLt (path, or the default names when empty) unless loaded. '' on success, else why not.");
+  m.def(
+      "cublaslt_unavailable_reason",
+      []() -> std::string {
+#if defined(PYVAE_WITH_CUBLASLT)
+        std::string why;
+        return cuda::lt_usable(&why) ? std::string() : why;
+#else
+        return "pyvae._C was built without the cuBLASLt path (no CUDA, or cublasLt.h not found at build time)";
+#endif
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "'' when the cuBLASLt path can run (built with it, library loaded, a CUDA device present), else why not.");
+  m.def(
+      "cublaslt_available",
+      []() -> bool {
+#if defined(PYVAE_WITH_CUBLASLT)
+        return cuda::lt_usable(nullptr);
+#else
+        return false;
+#endif
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Built with cublasLt.h, libcublasLt loads, and the CUDA runtime sees a device.");
+  m.def(
+      "cublaslt_version",
+      []() -> size_t {
+#if defined(PYVAE_WITH_CUBLASLT)
+        return cuda::lt_version();
+#else
+        return 0;
+#endif
+      },
+      "cublasLtGetVersion() of the loaded library; 0 when none is loaded.");
 
   m.def("cpu_arch", [] { return std::string(cpu::kernels().name); },
         "Name of the CPU kernel build in use (avx512, avx2 or base).");

@@ -72,3 +72,36 @@ struct LinearParams {
 };
 
 }  // namespace pyvae
+
+namespace pyvae {
+
+// One linear layer's GEMM run by cuBLASLt (csrc/cuda/linear_lt.cu, NOTE: [cuBLASLt path]), in the
+// row-major (torch) terms of y = act(x @ weight^T + bias). Every matrix is contiguous row-major.
+// Which fields an entry reads is written beside its declaration in csrc/cuda/kernels.h.
+struct LinearLtParams {
+  DType dtype = DType::kFloat32;
+  int act = 0;  // ops::Act
+  int64_t rows = 0;
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+  const void* x = nullptr;         // [rows, in]
+  const void* weight = nullptr;    // [out, in]
+  const void* bias = nullptr;      // forward: [out] or nullptr
+  void* y = nullptr;               // forward: [rows, out]
+  const void* grad_pre = nullptr;  // backward: dL/d(pre-activation) [rows, out]
+  void* grad_x = nullptr;          // dgrad: [rows, in]
+  void* grad_weight = nullptr;     // wgrad: [out, in]
+  void* grad_bias = nullptr;       // wgrad: [out]; dgrad with the ReLU mask: [in]; or nullptr
+  // ReLU bit mask in cuBLASLt's layout: written by the forward, read by the dgrad of the next layer.
+  void* aux = nullptr;
+  int64_t aux_ld = 0;  // in bits: a multiple of 128, >= the features the mask covers
+  void* workspace = nullptr;
+  uint64_t workspace_bytes = 0;
+  bool allow_tf32 = false;        // float32: CUBLAS_COMPUTE_32F_FAST_TF32
+  bool strict_reduction = false;  // half types: no split-K reduction in the output type
+  bool fuse_act = true;           // let cuBLASLt apply the ReLU (else: pyvae's kernel does)
+  int device = 0;
+  void* stream = nullptr;
+};
+
+}  // namespace pyvae

@@ -2,6 +2,9 @@
 // p.stream is the caller's cudaStream_t. float32, float16 and bfloat16 (float accumulation).
 #pragma once
 
+#include <cstddef>
+#include <string>
+
 #include "common/params.h"
 
 namespace pyvae {
@@ -19,6 +22,36 @@ void reparameterize_fwd(const ReparamParams& p);
 void reparameterize_bwd(const ReparamParams& p);
 void bias_act_fwd(const LinearParams& p);
 void act_bwd(const LinearParams& p);
+
+#if defined(PYVAE_WITH_CUBLASLT)
+// The cuBLASLt GEMMs of a linear layer (csrc/cuda/linear_lt.cu, NOTE: [cuBLASLt path]). Each returns
+// kLtDone, or kLtUnsupported when cuBLASLt has no algorithm for the problem (nothing was written: the
+// caller computes it another way); any other failure throws std::runtime_error. p.device is made
+// current for the call; p.workspace is caller-owned device memory used on p.stream.
+constexpr int kLtDone = 0;
+constexpr int kLtUnsupported = 1;
+
+// Loads libcublasLt (path, or when empty: $PYVAE_CUBLASLT_LIBRARY, libcublasLt.so.<header major>,
+// libcublasLt.so) unless already loaded. Thread-safe. False with *why set when it cannot.
+bool lt_load(const std::string& path, std::string* why);
+// The loaded library's cublasLtGetVersion(), 0 when none is loaded.
+size_t lt_version();
+// CUBLAS_VERSION of the cublasLt.h this was compiled against (major * 10000 + minor * 100 + patch).
+int lt_header_version();
+// Loaded, and the CUDA runtime sees at least one device.
+bool lt_usable(std::string* why);
+
+// y = act(x W^T + bias); reads x, weight, bias (or null), act, fuse_act; writes y and, for ReLU when
+// aux is set, the bit mask (aux, aux_ld >= out_features).
+int lt_linear_fwd(const LinearLtParams& p);
+// grad_weight = grad_pre^T x, and grad_bias = column sums of grad_pre when grad_bias is set.
+int lt_linear_wgrad(const LinearLtParams& p);
+// grad_x = grad_pre W. With aux (the previous layer's ReLU mask, aux_ld >= in_features): grad_x is
+// instead the previous layer's pre-activation gradient, (grad_pre W) * relu'(its pre-activation),
+// and grad_bias (if set, [in]) its column sums; x must then be that layer's output (this layer's
+// input), used when cuBLASLt has no ReLU-gradient epilogue for the problem.
+int lt_linear_dgrad(const LinearLtParams& p);
+#endif
 
 }  // namespace cuda
 }  // namespace pyvae
