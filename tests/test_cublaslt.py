@@ -1,0 +1,275 @@
+"""pyvae._cublaslt, the cuBLASLt path of the fused linear layer (NOTE: [cuBLASLt path] in
+csrc/cuda/linear_lt.cu).
+
+The numerical tests need a GPU and skip elsewhere: each compares against float64 torch on the same
+input values, with at most twice torch's own error in the tested dtype (plus a small floor). The rest
+run everywhere: the module imports and says why the path is unavailable, the bindings exist in every
+build and fail loudly, and a build that was asked for the path has it (PYVAE_EXPECT_CUBLASLT=1, set by
+.ci/run, so a silent loss of the feature fails CI). PYVAE_TEST_CUBLASLT_LIBRARY=<path to
+libcublasLt.so.13> makes the loader tests run without a GPU (CI extracts the library for this).
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyvae import _C, _cublaslt
+
+GPU = torch.cuda.is_available() and _cublaslt.available()
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device and the cuBLASLt path")
+
+ACTS = {0: lambda t: t, 1: torch.relu, 2: torch.tanh, 3: torch.sigmoid, 4: F.softplus}
+ACT_IDS = {0: "identity", 1: "relu", 2: "tanh", 3: "sigmoid", 4: "softplus"}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# Absolute floor added to 2x torch's own error (a same-dtype torch result can be exact by luck).
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# (in_features, out_features, rows): 1-element, odd sizes, a mask row over 128 bits, the VAE's layer,
+# 1000+7 features, many rows.
+SHAPES = [(1, 1, 1), (3, 5, 7), (13, 130, 6), (784, 500, 37), (20, 1007, 3), (500, 40, 1031)]
+
+
+def _params(shape, dtype, bias=True, seed=0):
+    in_f, out_f, rows = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_f, generator=g)
+    w = torch.randn(out_f, in_f, generator=g) / in_f ** 0.5
+    b = torch.randn(out_f, generator=g) * 0.5 if bias else None
+    return tuple(None if t is None else t.to("cuda", dtype) for t in (x, w, b))
+
+
+def _assert_within(ours, torch_same, ref, dtype, what):
+    """ours and torch's same-dtype result both against the float64 reference ref."""
+    err = (ours.double() - ref).abs().max().item()
+    err_torch = (torch_same.double() - ref).abs().max().item()
+    assert err <= 2 * err_torch + FLOOR[dtype], f"{what}: error {err:.3g}, torch's own {err_torch:.3g}"
+
+
+def _null_call(fn, rows, act=0):
+    # The raw entries' order: (dtype, act, rows, in, out, 9 pointers, aux_ld, workspace, workspace_bytes,
+    # allow_tf32, strict_reduction, fuse_act, device, stream); every pointer null.
+    return fn(0, act, rows, 3, 4, *([0] * 12), False, False, True, 0, 0)
+
+
+def _require(result, dtype, what):
+    # float64 epilogues are not documented for cuBLASLt: "no algorithm" is an allowed answer there,
+    # reported as a skip so it shows; for the other dtypes the path must work.
+    if result is None:
+        if dtype == torch.float64:
+            pytest.skip(f"{what}: cuBLASLt has no float64 algorithm here (the torch path is used)")
+        pytest.fail(f"{what}: the cuBLASLt path declined a {dtype} problem")
+    return result
+
+
+# ---------------------------------------------------------------- everywhere (no GPU needed)
+
+def test_binding_surface_exists_in_every_build():
+    assert isinstance(_C.cublaslt_built, bool)
+    assert isinstance(_C.cublaslt_available(), bool)
+    for name in ("cublaslt_linear_fwd", "cublaslt_linear_wgrad", "cublaslt_linear_dgrad", "cublaslt_load",
+                 "cublaslt_unavailable_reason", "cublaslt_version"):
+        assert callable(getattr(_C, name)), name
+    if _C.cublaslt_built:
+        assert _C.cublaslt_header_version // 10000 >= 12
+        assert _C.cuda_built
+    else:
+        assert _C.cublaslt_header_version == 0
+        assert not _C.cublaslt_available()
+        with pytest.raises(RuntimeError, match="built without the cuBLASLt path"):
+            _null_call(_C.cublaslt_linear_fwd, 2)
+
+
+@pytest.mark.skipif("PYVAE_EXPECT_CUBLASLT" not in os.environ, reason="PYVAE_EXPECT_CUBLASLT is not set")
+def test_build_has_the_expected_cublaslt_path():
+    expected = os.environ["PYVAE_EXPECT_CUBLASLT"] == "1"
+    assert _C.cublaslt_built == expected, (
+        f"PYVAE_EXPECT_CUBLASLT={os.environ['PYVAE_EXPECT_CUBLASLT']} but pyvae._C.cublaslt_built is "
+        f"{_C.cublaslt_built}: the build did not find cublasLt.h (see CONTRIBUTING.md)"
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
+def test_unavailable_without_gpu_says_why():
+    assert _cublaslt.available() is False
+    reason = _cublaslt.unavailable_reason()
+    assert isinstance(reason, str) and reason
+    assert _C.cublaslt_available() is False
+    assert _C.cublaslt_unavailable_reason()
+
+
+def test_disable_variable(monkeypatch):
+    monkeypatch.setenv("PYVAE_DISABLE_CUBLASLT", "1")
+    assert not _cublaslt.available()
+    assert "PYVAE_DISABLE_CUBLASLT" in _cublaslt.unavailable_reason()
+
+
+def test_aux_shape_pads_rows_to_128_bits():
+    assert _cublaslt.aux_shape(5, 1) == (5, 16)
+    assert _cublaslt.aux_shape(5, 128) == (5, 16)
+    assert _cublaslt.aux_shape(5, 129) == (5, 32)
+    assert _cublaslt.aux_shape(0, 500) == (0, 64)
+
+
+def test_wrappers_decline_what_they_cannot_take():
+    x, w, b = torch.randn(4, 3), torch.randn(5, 3), torch.randn(5)
+    assert _cublaslt.linear_fwd(x, w, b, 1) is None  # CPU tensors
+    assert _cublaslt.linear_bwd(torch.randn(4, 5), x, w, torch.randn(4, 5), 2, True, True, True) is None
+    aux = torch.zeros(_cublaslt.aux_shape(4, 3), dtype=torch.uint8)
+    assert _cublaslt.linear_dgrad_relu(torch.randn(4, 5), w, x, aux, True) is None
+    assert _cublaslt.linear_bwd(torch.randn(4, 5), x, w, None, 0, False, False, False) == (None, None, None)
+
+
+def test_wrappers_reject_shapes_that_do_not_fit():
+    x, w = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="in_features"):
+        _cublaslt.linear_fwd(x, torch.randn(5, 4), None, 0)
+    with pytest.raises(ValueError, match="bias"):
+        _cublaslt.linear_fwd(x, w, torch.randn(4), 0)
+    with pytest.raises(ValueError, match="activation"):
+        _cublaslt.linear_fwd(x, w, None, 7)
+    with pytest.raises(ValueError, match="grad"):
+        _cublaslt.linear_bwd(torch.randn(4, 4), x, w, None, 0, True, True, True)
+    with pytest.raises(ValueError, match="aux"):
+        _cublaslt.linear_dgrad_relu(torch.randn(4, 5), w, x, torch.zeros(4, 8, dtype=torch.uint8), False)
+
+
+@pytest.mark.skipif(GPU, reason="checks the failure without a usable GPU")
+def test_raw_entries_fail_loudly_without_gpu():
+    # Valid sizes, null pointers: must raise (not built, no library, or no device), never touch memory.
+    with pytest.raises(RuntimeError):
+        _null_call(_C.cublaslt_linear_fwd, 2, act=1)
+    if _C.cublaslt_built:
+        with pytest.raises(ValueError, match="positive"):
+            _null_call(_C.cublaslt_linear_wgrad, 0)
+
+
+@pytest.mark.skipif(not _C.cublaslt_built or _C.cublaslt_version() != 0,
+                    reason="needs the cuBLASLt build with no library loaded yet")
+def test_loader_names_the_missing_file():
+    reason = _C.cublaslt_load("/nonexistent/libcublasLt.so.13")
+    assert "/nonexistent/libcublasLt.so.13" in reason
+    assert _C.cublaslt_version() == 0
+
+
+@pytest.mark.skipif(not _C.cublaslt_built or not os.environ.get("PYVAE_TEST_CUBLASLT_LIBRARY"),
+                    reason="needs the cuBLASLt build and PYVAE_TEST_CUBLASLT_LIBRARY")
+def test_loader_resolves_every_function_of_the_real_library():
+    path = os.environ["PYVAE_TEST_CUBLASLT_LIBRARY"]
+    assert _C.cublaslt_load(path) == ""
+    version = _C.cublaslt_version()
+    assert version // 10000 == _C.cublaslt_header_version // 10000, version
+    assert _C.cublaslt_load("") == ""  # loaded once, for the process
+    if not torch.cuda.is_available():
+        assert "device" in _C.cublaslt_unavailable_reason()
+
+
+# ---------------------------------------------------------------- GPU: numerics
+
+@needs_gpu
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("act", list(ACTS), ids=ACT_IDS.get)
+def test_forward(act, dtype, shape, bias):
+    x, w, b = _params(shape, dtype, bias)
+    y, aux = _require(_cublaslt.linear_fwd(x, w, b, act), dtype, "linear_fwd")
+    assert aux is None and y.dtype == dtype and y.shape == (shape[2], shape[1])
+    ref = ACTS[act](F.linear(x.double(), w.double(), None if b is None else b.double()))
+    _assert_within(y, ACTS[act](F.linear(x, w, b)), ref, dtype, "y")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES[:3], ids=lambda d: str(d)[6:])
+def test_forward_unfused_relu_and_mask_variants_agree(dtype):
+    x, w, b = _params((13, 130, 6), dtype)
+    ref = torch.relu(F.linear(x.double(), w.double(), b.double()))
+    same = torch.relu(F.linear(x, w, b))
+    for kwargs in ({"fuse_relu": False}, {"want_aux": True}):
+        y, aux = _require(_cublaslt.linear_fwd(x, w, b, 1, **kwargs), dtype, str(kwargs))
+        _assert_within(y, same, ref, dtype, str(kwargs))
+        if "want_aux" in kwargs and aux is not None:
+            assert aux.dtype == torch.uint8 and tuple(aux.shape) == _cublaslt.aux_shape(6, 130)
+
+
+@needs_gpu
+def test_relu_keeps_nan_like_torch():
+    # NOTE: [cuBLASLt path]: cublasLt.h does not say what its ReLU epilogue makes of NaN.
+    x, w, b = _params((3, 5, 4), torch.float32)
+    x[1, 0] = float("nan")
+    y, _ = _require(_cublaslt.linear_fwd(x, w, b, 1), torch.float32, "linear_fwd")
+    assert torch.isnan(y[1]).all(), "cuBLASLt's ReLU epilogue drops NaN: run with fuse_relu=False"
+    assert not torch.isnan(y[[0, 2, 3]]).any()
+
+
+@needs_gpu
+def test_runs_on_the_current_stream():
+    x, w, b = _params((784, 500, 37), torch.float32)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        y, _ = _cublaslt.linear_fwd(x, w, b, 2)
+        grads = _cublaslt.linear_bwd(torch.ones_like(y), x, w, y, 2, True, True, True)
+    s.synchronize()
+    ref = torch.tanh(F.linear(x.double(), w.double(), b.double()))
+    _assert_within(y, torch.tanh(F.linear(x, w, b)), ref, torch.float32, "y on a side stream")
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+# Which gradients: all (weight GEMM with BGRADB), input only, weight only (no epilogue), bias only
+# (pyvae's column sum, no GEMM).
+MASKS = [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: "".join("xwb"[i] for i in range(3) if m[i]))
+@pytest.mark.parametrize("shape", SHAPES[1:5], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("act", list(ACTS), ids=ACT_IDS.get)
+def test_backward(act, dtype, shape, mask):
+    x, w, b = _params(shape, dtype)
+    gen = torch.Generator().manual_seed(1)
+    grad = torch.randn(shape[2], shape[1], generator=gen).to("cuda", dtype)
+    y, _ = _require(_cublaslt.linear_fwd(x, w, b, act), dtype, "linear_fwd")
+    out = _require(_cublaslt.linear_bwd(grad, x, w, y, act, *mask), dtype, "linear_bwd")
+
+    def autograd(dt):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (x, w, b)]
+        ACTS[act](F.linear(*leaves)).backward(grad.to(dt))
+        return [t.grad for t in leaves]
+
+    ref, same = autograd(torch.float64), autograd(dtype)
+    for name, need, got, r, s in zip("xwb", mask, out, ref, same):
+        if not need:
+            assert got is None, name
+            continue
+        assert got.dtype == dtype and got.shape == r.shape, name
+        _assert_within(got, s, r, dtype, f"grad_{name}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("need_bias", [True, False], ids=["bgrad", "nobgrad"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", [(7, 1, 3), (20, 130, 9), (784, 500, 37), (40, 1007, 5)], ids=str)
+def test_dgrad_through_relu_mask(shape, dtype, need_bias):
+    # x -> h = x W1^T + b1 -> x2 = relu(h) (mask) -> z = x2 W2^T: dL/dh and dL/db1 from dL/dz in one GEMM.
+    in1, hidden, rows = shape
+    x, w1, b1 = _params((in1, hidden, rows), dtype)
+    _, w2, _ = _params((hidden, 11, rows), dtype, seed=2)
+    x2, aux = _require(_cublaslt.linear_fwd(x, w1, b1, 1, want_aux=True), dtype, "linear_fwd")
+    if aux is None:
+        pytest.skip("cuBLASLt wrote no ReLU mask for this problem")
+    gz = torch.randn(rows, 11, generator=torch.Generator().manual_seed(3)).to("cuda", dtype)
+    got = _require(_cublaslt.linear_dgrad_relu(gz, w2, x2, aux, need_bias), dtype, "linear_dgrad_relu")
+
+    # relu' as [x2 > 0], from our own forward: equal to the mask's [h > 0] except where h rounds to 0,
+    # and free of the sign flips a recomputed h could have near 0.
+    def chain(dt):
+        gh = (gz.to(dt) @ w2.to(dt)) * (x2 > 0)
+        return gh, gh.sum(0)
+
+    ref, same = chain(torch.float64), chain(dtype)
+    _assert_within(got[0], same[0], ref[0], dtype, "grad_h")
+    if need_bias:
+        _assert_within(got[1], same[1], ref[1], dtype, "grad_hb")
+    else:
+        assert got[1] is None
