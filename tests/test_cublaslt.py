@@ -207,8 +207,9 @@ def test_runs_on_the_current_stream():
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        y, _ = _cublaslt.linear_fwd(x, w, b, 2)
-        grads = _cublaslt.linear_bwd(torch.ones_like(y), x, w, y, 2, True, True, True)
+        y, _ = _require(_cublaslt.linear_fwd(x, w, b, 2), torch.float32, "linear_fwd")
+        grads = _require(_cublaslt.linear_bwd(torch.ones_like(y), x, w, y, 2, True, True, True), torch.float32,
+                         "linear_bwd")
     s.synchronize()
     ref = torch.tanh(F.linear(x.double(), w.double(), b.double()))
     _assert_within(y, torch.tanh(F.linear(x, w, b)), ref, torch.float32, "y on a side stream")

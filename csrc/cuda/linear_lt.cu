@@ -67,7 +67,9 @@
 // Library and state. libcublasLt is loaded with dlopen, never linked, so _C imports on machines
 // without it; a CUDA build of torch has already loaded the same soname, which dlopen then returns.
 // One cuBLASLt handle per device, created on first use under a mutex and never destroyed
-// (cublasLtDestroy at process exit can run after the CUDA context is gone). Nothing else is kept:
+// (cublasLtDestroy at process exit can run after the CUDA context is gone); threads share it, which
+// the cuBLAS guide ("Thread Safety") allows for a handle whose configuration nobody changes: ours
+// has none, stream and workspace are arguments of each cublasLtMatmul. Nothing else is kept:
 // descriptors are built per call (small host objects) and the workspace is the caller's, allocated
 // by torch on the stream the GEMM runs on, so nothing can go stale across devices or streams.
 #include <cublasLt.h>
