@@ -1,7 +1,9 @@
 """The fused linear layer op ``pyvae::linear_act``: y = act(x @ weight.T + bias).
 
-GEMMs are library GEMMs (oneDNN on CPU for float32/bfloat16, NOTE: [CPU GEMM backend] in
-pyvae/_gemm.py; torch's mm otherwise; cuBLAS on CUDA); the bias + activation epilogue (forward) and
+GEMMs are library GEMMs: on CPU oneDNN for float32 (NOTE: [CPU GEMM backend] in pyvae/_gemm.py),
+torch's mm otherwise; on CUDA cuBLASLt with its bias / ReLU / bias-gradient epilogues
+(pyvae/_cublaslt.py, NOTE: [cuBLASLt path] in csrc/cuda/linear_lt.cu), or torch's cuBLAS mm where
+that path is unavailable; the bias + activation epilogue (forward) and
 the activation-gradient + bias-gradient pass (backward) are pyvae kernels (csrc/cpu/linear.cpp,
 csrc/cuda/linear.cu) with the math of csrc/ops/activation.h. The backward needs only x, weight and
 the output y (NOTE: [Derivative from the output] in that header): no pre-activation is saved.
@@ -17,6 +19,7 @@ from typing import Optional
 import torch
 
 from . import _C
+from . import _cublaslt
 from . import _gemm
 from . import _validate as V
 from .ops import _DTYPE_CODE, _eager_ok, _stream  # defined before pyvae.ops imports this module
@@ -81,6 +84,12 @@ def _linear_act_impl(x, weight, bias, activation):
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, x.shape[-1])
     act = ACTIVATIONS[activation]
+    if x2.is_cuda and _cublaslt.available():
+        # cuBLASLt: bias (and ReLU) in the GEMM's epilogue, pyvae's kernel for the other activations.
+        r = _cublaslt.linear_fwd(x2.contiguous(), weight.contiguous(),
+                                 None if bias is None else bias.contiguous(), act)
+        if r is not None:
+            return r[0] if flat else r[0].view(*x.shape[:-1], weight.shape[0])
     if act == 0 and bias is not None:
         # No activation: the library GEMM adds the bias itself, saving our epilogue pass.
         y = _gemm.linear(x2, weight, bias)
@@ -109,6 +118,14 @@ def _backward_core(grad, x, weight, out, has_bias, act, mask):
     rows = g2.shape[0]
     need_pre = mask[0] or mask[1]
     need_bias = bool(has_bias and mask[2])
+    if g2.is_cuda and _cublaslt.available():
+        x2 = x.reshape(-1, in_features).contiguous()
+        y2 = None if act == 0 else out.reshape(-1, out_features).contiguous()
+        r = _cublaslt.linear_bwd(g2, x2, weight.contiguous(), y2, act, bool(mask[0]), bool(mask[1]), need_bias)
+        if r is not None:
+            gx, gw, gb = r
+            return (None if gx is None else gx.view(*x.shape[:-1], in_features), gw,
+                    None if gb is None else gb.to(weight.dtype))
     kd = _kernel_dtype(g2)
     dev = 0 if x.device.type == "cpu" else 1
     grad_bias = torch.empty(out_features, dtype=kd, device=x.device) if need_bias else None

@@ -59,11 +59,12 @@ def test_routing_rules():
         G.override("mkl")
 
 
-def test_env_var_is_validated():
+def test_env_var_is_validated(tmp_path):
+    # Run outside the checkout: there the source tree's pyvae/ (no compiled _C) would shadow the install.
     code = "import pyvae._gemm as G; G.onednn_enabled()"
     env = dict(os.environ, PYVAE_CPU_GEMM="fast")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert r.returncode != 0 and "PYVAE_CPU_GEMM must be" in r.stderr
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and "PYVAE_CPU_GEMM must be" in r.stderr, r.stderr
     env["PYVAE_CPU_GEMM"] = "torch"
     code = "import torch, pyvae._gemm as G; assert G.backend(torch.randn(2, 2)) == 'torch'"
-    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path).returncode == 0
