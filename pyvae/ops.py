@@ -252,16 +252,20 @@ def _rowwise_fake_backward(op: str, grad: torch.Tensor, named: Sequence[tuple], 
 
 
 def _register_rowwise(name: str, schema: str, bwd_schema: str, arg_names: Sequence[str], fwd_fn, bwd_fn,
-                      fill=lambda args: args, optional: bool = False):
+                      fill=lambda args: args, required: Optional[int] = None, bwd_required_schema: str = ""):
     """Defines ``pyvae::<name>`` and ``pyvae::<name>_backward`` with CPU/CUDA, fake and autograd.
 
     ``fill`` maps the op's tensor arguments to the ones the kernel gets (optional ones completed).
-    ``optional``: the op has ``Tensor?`` arguments. Its backward op then takes plain ``Tensor``s (an
-    absent one passed as a 1-element placeholder) and a ``bool[] present`` list; see NOTE: [No None in
-    backward ops].
+    ``required``: the op has ``Tensor?`` arguments after its first ``required`` ones. Backward ops take
+    no ``Tensor?`` (NOTE: [No None in backward ops]): when every optional input is absent, autograd
+    calls ``pyvae::<name>_required_backward`` (``bwd_required_schema``: the required inputs only);
+    otherwise ``pyvae::<name>_backward`` with the absent ones completed by ``fill`` (real values,
+    e.g. a 1-element zero for a prior's missing mean) and no gradient asked for them.
     """
     _lib.define(schema)
     _lib.define(bwd_schema)
+    if required is not None:
+        _lib.define(bwd_required_schema)
 
     def fwd(*args):
         return _rowwise_forward(name, fwd_fn, list(zip(arg_names, fill(args))))
@@ -277,21 +281,27 @@ def _register_rowwise(name: str, schema: str, bwd_schema: str, arg_names: Sequen
     def fake_fwd(*args):
         return _rowwise_fake_forward(name, list(zip(arg_names, fill(args))))
 
-    def unpack(impl):  # the backward op's (grad, *inputs, present, mask) -> impl(grad, *inputs, mask)
+    n_opt = 0 if required is None else len(arg_names) - required
+
+    def required_only(impl):  # (grad, *required inputs, mask) -> impl with the optional ones absent
         def op(grad, *args):
-            *inputs, present, mask = args
-            return impl(grad, *(t if p else None for t, p in zip(inputs, present)), mask)
+            *inputs, mask = args
+            return impl(grad, *inputs, *([None] * n_opt), list(mask) + [False] * n_opt)[: len(inputs)]
         return op
 
     for key in ("CPU", "CUDA"):
         _lib.impl(name, fwd, key)
-        _lib.impl(name + "_backward", unpack(bwd) if optional else bwd, key)
+        _lib.impl(name + "_backward", bwd, key)
+        if n_opt:
+            _lib.impl(name + "_required_backward", required_only(bwd), key)
     torch.library.register_fake("pyvae::" + name, fake_fwd, lib=_lib)
-    torch.library.register_fake("pyvae::" + name + "_backward", unpack(fake_bwd) if optional else fake_bwd,
-                                lib=_lib)
+    torch.library.register_fake("pyvae::" + name + "_backward", fake_bwd, lib=_lib)
+    if n_opt:
+        torch.library.register_fake("pyvae::" + name + "_required_backward", required_only(fake_bwd), lib=_lib)
     _EAGER[name] = _eager_function(name, fwd, bwd, len(arg_names))
 
     backward_op = getattr(torch.ops.pyvae, name + "_backward")
+    required_op = getattr(torch.ops.pyvae, name + "_required_backward") if n_opt else None
 
     def setup_context(ctx, inputs, output):
         ctx.present = [t is not None for t in inputs]
@@ -299,27 +309,33 @@ def _register_rowwise(name: str, schema: str, bwd_schema: str, arg_names: Sequen
 
     def backward(ctx, grad):
         saved = iter(ctx.saved_tensors)
-        inputs = [next(saved) if p else None for p in ctx.present]
-        mask = [bool(n) and t is not None for n, t in zip(ctx.needs_input_grad, inputs)]
-        if optional:
-            present = [t is not None for t in inputs]
-            args = [t if t is not None else grad.new_zeros(1) for t in inputs] + [present]
+        n = len(arg_names)
+        # Pad to the op's full argument list: torch may hand over fewer entries when trailing optional
+        # arguments were left at their default.
+        inputs = ([next(saved) if p else None for p in ctx.present] + [None] * n)[:n]
+        needs = (list(ctx.needs_input_grad) + [False] * n)[:n]
+        mask = [bool(m) and t is not None for m, t in zip(needs, inputs)]
+        if n_opt and all(t is None for t in inputs[-n_opt:]):
+            req = inputs[:-n_opt]
+            grads = tuple(_first_order_only(name, required_op(grad, *req, mask[:-n_opt]), req)) + (None,) * n_opt
         else:
-            args = list(inputs)
-        grads = _first_order_only(name, backward_op(grad, *args, mask), inputs)
-        return tuple(g if m else None for g, m in zip(grads, mask))
+            args = list(fill(inputs)) if n_opt else list(inputs)
+            grads = _first_order_only(name, backward_op(grad, *args, mask), inputs)
+        return tuple(g if m else None for g, m in zip(grads, mask))[: len(ctx.needs_input_grad)]
 
     torch.library.register_autograd("pyvae::" + name, backward, setup_context=setup_context, lib=_lib)
 
 
 # NOTE: [No None in backward ops]
-# Traced by AOTAutograd (torch.compile, opcheck), gaussian_kl's backward segfaulted inside torch
-# 2.13's functionalization when it returned two zero-size placeholder gradients (for absent priors):
-# intermittently (~1 in 100 traces) with one kind of placeholder, on every trace with another;
-# reproduced in a loop of opcheck calls, gone with the fix (120 traces). So no backward op returns or
-# takes zero-size placeholders: a gradient that is not wanted comes back as a 1-element zero tensor
-# (dropped by the autograd wrapper), and an absent optional input travels as a 1-element zero tensor
-# with ``present[i] = False`` (backward ops take no ``Tensor?``).
+# Traced by AOTAutograd (torch.compile, opcheck), gaussian_kl's backward crashed inside torch 2.13's
+# functionalization (a segfault, or "tensor does not have a device") when absent priors travelled
+# into its backward op as placeholders: on every trace with zero-size placeholder gradients; and,
+# with 1-element placeholder inputs flagged by a ``bool[] present`` list, in about 1 full test run in
+# 3 (never in 2,500 opcheck calls alone: it needs the state earlier tests leave). So backward ops take
+# only real inputs: with no prior at all, autograd calls gaussian_kl_required_backward (mu, logvar
+# only); with one prior tensor, the missing one is filled with its real value (0) as in the forward.
+# A gradient that is not wanted still comes back as a 1-element zero tensor (dropped by the autograd
+# wrapper), never a zero-size one.
 
 
 def _fill_prior(mu, logvar, prior_mu=None, prior_logvar=None):
@@ -351,9 +367,11 @@ _register_rowwise(
     "gaussian_kl",
     "gaussian_kl(Tensor mu, Tensor logvar, Tensor? prior_mu=None, Tensor? prior_logvar=None) -> Tensor",
     "gaussian_kl_backward(Tensor grad, Tensor mu, Tensor logvar, Tensor prior_mu, Tensor prior_logvar,"
-    " bool[] present, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+    " bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
     ("mu", "logvar", "prior_mu", "prior_logvar"), _C.gaussian_kl_fwd, _C.gaussian_kl_bwd,
-    fill=lambda args: _fill_prior(*args), optional=True,
+    fill=lambda args: _fill_prior(*args), required=2,
+    bwd_required_schema="gaussian_kl_required_backward(Tensor grad, Tensor mu, Tensor logvar, bool[] output_mask)"
+                        " -> (Tensor, Tensor)",
 )
 
 
