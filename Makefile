@@ -12,6 +12,7 @@ test:
 bench:
 	$(PYTHON) bench/bench_elbo.py --malloc both
 	$(PYTHON) bench/bench_mlp.py
+	$(PYTHON) bench/bench_gemm.py
 
 # Compile the CUDA kernels (sm_80, sm_90, warnings as errors) without installing; with
 # PYVAE_CUBLASLT_INCLUDE=<dir of cublasLt.h> the cuBLASLt path too (CONTRIBUTING.md, "Build flags").
