@@ -175,6 +175,18 @@ def setup_torch(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- machine info
+def run_family(args: argparse.Namespace, family: str, run) -> tuple[list, dict, str]:
+    """The start of every benchmark's main: malloc/OpenMP setup (may re-exec), torch setup, then
+    ``run(args)``; appends the rows to ``args.out`` (default bench/results/<family>.jsonl).
+    Returns (rows, machine info, output path)."""
+    apply_malloc(args)  # sets OMP_WAIT_POLICY etc.; may re-exec with GLIBC_TUNABLES set or removed
+    setup_torch(args)
+    out = args.out or default_out(family)
+    rows = run(args)
+    append_jsonl(out, rows)
+    return rows, (rows[0]["machine"] if rows else machine_info(args)), out
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -90,12 +90,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.device != "cpu":
         p.error("the gemm benchmark is CPU-only (it compares CPU GEMM libraries)")
-    C.apply_malloc(args)
-    C.setup_torch(args)
-    out = args.out or C.default_out("gemm")
-    rows = run(args)
-    C.append_jsonl(out, rows)
-    m = rows[0]["machine"] if rows else C.machine_info(args)
+    rows, m, out = C.run_family(args, "gemm", run)
     print(f"\nmalloc={args.malloc}, {m['cpu_model']}, {m['cores_usable']} cores, {m['threads']} threads, "
           f"torch {m['torch']}, {args.dtype}; GFLOP/s of the median of interleaved runs\n")
     print(markdown(rows))

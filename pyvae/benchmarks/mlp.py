@@ -156,12 +156,7 @@ def main(argv=None):
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     C.add_common_args(p)
     args = p.parse_args(argv)
-    C.apply_malloc(args)
-    C.setup_torch(args)
-    out = args.out or C.default_out("mlp")
-    rows = run(args)
-    C.append_jsonl(out, rows)
-    m = rows[0]["machine"] if rows else C.machine_info(args)
+    rows, m, out = C.run_family(args, "mlp", run)
     print(f"\nmalloc={args.malloc}, {m['cpu_model']}, {m['cores_usable']} cores, {m['threads']} threads, "
           f"torch {m['torch']}, pyvae {m['pyvae']} ({m['pyvae_cpu_arch']}), device {args.device}; "
           "median (p20-p80) ms; speedup = baseline/pyvae\n")
