@@ -40,7 +40,7 @@ _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float64, torch.float16)
 def _check(x, weight, bias, activation):
     # The common, valid case in one expression (a few us less per call at small batch); anything
     # else (including every invalid input) goes through the checks below, which name the problem.
-    if (type(x) is not torch.Tensor and not isinstance(x, torch.Tensor)) or not isinstance(weight, torch.Tensor):
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         pass
     elif (activation in ACTIVATIONS and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
           and x.dtype in _FAST_DTYPES and weight.dtype == x.dtype and x.is_cpu and weight.is_cpu
@@ -210,6 +210,14 @@ def _backward(ctx, grad, direct: bool = False):
 torch.library.register_autograd("pyvae::linear_act", _backward, setup_context=_setup_context, lib=_lib)
 
 
+def _autocast_cast(t, dtype):
+    """What autocast does to one input of a lower-precision op: floating tensors other than float64
+    are cast to the autocast dtype; float64 (and None) pass through, as for nn.Linear."""
+    if t is None or t.dtype == torch.float64 or not t.is_floating_point():
+        return t
+    return t.to(dtype)
+
+
 def _make_autocast(device_type: str):
     key = {"cpu": torch._C.DispatchKey.AutocastCPU, "cuda": torch._C.DispatchKey.AutocastCUDA}[device_type]
 
@@ -217,7 +225,7 @@ def _make_autocast(device_type: str):
         dt = torch.get_autocast_dtype(device_type)
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
             return torch.ops.pyvae.linear_act(
-                x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), activation
+                _autocast_cast(x, dt), _autocast_cast(weight, dt), _autocast_cast(bias, dt), activation
             )
 
     return autocast_impl
@@ -253,8 +261,7 @@ class _LinearActAutocastFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, activation, dtype):
-        xc, wc = x.to(dtype), weight.to(dtype)
-        bc = None if bias is None else bias.to(dtype)
+        xc, wc, bc = _autocast_cast(x, dtype), _autocast_cast(weight, dtype), _autocast_cast(bias, dtype)
         out = _linear_act_impl(xc, wc, bc, activation)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         _setup_context(ctx, (xc, wc, bc, activation), out)

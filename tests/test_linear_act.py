@@ -261,3 +261,16 @@ def test_double_backward_raises_under_autocast():
     assert gx.dtype == torch.float32
     with pytest.raises(RuntimeError, match="double backward"):
         gx.sum().backward()
+
+
+@pytest.mark.parametrize("path", ["eager", "dispatcher"])
+def test_autocast_leaves_float64_alone(path):
+    # Like nn.Linear under autocast: float64 inputs are not cast (autocast only lowers float32/16).
+    lin = pnn.FusedLinear(5, 3, "tanh").double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    fn = lin if path == "eager" else (lambda t: torch.ops.pyvae.linear_act(t, lin.weight, lin.bias, "tanh"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fn(x)
+        y_ref = torch.tanh(F.linear(x, lin.weight, lin.bias))
+    assert y.dtype == y_ref.dtype == torch.float64
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
