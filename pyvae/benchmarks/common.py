@@ -288,6 +288,25 @@ class Step:
         return out
 
 
+def first_calls(fns: dict, args: tuple, leaves: dict, grad_out) -> tuple[dict, dict]:
+    """One full (forward + backward) call per provider, timed once: for torch-compile this is the
+    compilation of its forward and backward graphs. Returns (full-mode Steps, first-call seconds).
+    ``leaves`` maps each provider to the tensors whose .grad is reset before every call."""
+    steps, seconds = {}, {}
+    for p, fn in fns.items():
+        step = Step(lambda fn=fn, a=args: fn(*a), leaves[p], grad_out, "full")
+        t0 = time.perf_counter()
+        step.run(step.prepare())
+        seconds[p] = time.perf_counter() - t0
+        steps[p] = step
+    return steps, seconds
+
+
+def in_mode(steps: dict, mode: str) -> dict:
+    """The same providers' Steps in another mode (forward, backward or full)."""
+    return {p: Step(s.fwd, s.leaves, s.grad_out, mode) for p, s in steps.items()}
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         import torch

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 from . import common as C
 
@@ -144,17 +143,10 @@ def run(args, out: str) -> list:
         for B in args.batch:
             case = SETUPS[op](B, args.dim, args.latent, args.device, dtype)
             fns = _provider_fns(case, args.providers)
-            steps_full = {}
-            compile_s = {}
-            for p, fn in fns.items():
-                step = C.Step(lambda fn=fn, a=case["args"]: fn(*a), case["leaves"], case["grad_out"], "full")
-                t0 = time.perf_counter()
-                step.run(step.prepare())  # compiles torch-compile's forward and backward graphs
-                compile_s[p] = time.perf_counter() - t0
-                steps_full[p] = step
+            steps_full, compile_s = C.first_calls(fns, case["args"], {p: case["leaves"] for p in fns},
+                                                  case["grad_out"])
             for mode in args.modes:
-                steps = {p: C.Step(s.fwd, s.leaves, s.grad_out, mode) for p, s in steps_full.items()}
-                res = C.measure_case(steps, device=args.device, reps=args.reps, target_s=args.target_s,
+                res = C.measure_case(C.in_mode(steps_full, mode), device=args.device, reps=args.reps, target_s=args.target_s,
                                      memory=not args.no_memory)
                 row = {
                     "bench": "elbo", "run_id": run_id, "op": op, "mode": mode, "B": B, "D": args.dim,

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 
 from . import common as C
 
@@ -119,23 +118,16 @@ def run(args) -> list:
             for B in args.batch:
                 case = setup_stack(B, args.device, precision) if op == "stack" else \
                     setup_layer(op, B, args.device, precision)
-                steps_full, first_call = {}, {}
+                fns, leaves = {}, {}
                 for p in args.providers:
-                    if p == "pyvae":
-                        fn, leaves = case["pyvae"], case["leaves"]["pyvae"]
-                    else:
-                        fn, leaves = case["reference"], case["leaves"]["reference"]
-                        if p == "torch-compile":
-                            torch._dynamo.reset()
-                            fn = torch.compile(fn, dynamic=False)
-                    step = C.Step(lambda fn=fn, a=case["args"]: fn(*a), leaves, case["grad_out"], "full")
-                    t0 = time.perf_counter()
-                    step.run(step.prepare())
-                    first_call[p] = time.perf_counter() - t0
-                    steps_full[p] = step
+                    side = "pyvae" if p == "pyvae" else "reference"
+                    fns[p], leaves[p] = case[side], case["leaves"][side]
+                    if p == "torch-compile":
+                        torch._dynamo.reset()
+                        fns[p] = torch.compile(fns[p], dynamic=False)
+                steps_full, first_call = C.first_calls(fns, case["args"], leaves, case["grad_out"])
                 for mode in args.modes:
-                    steps = {p: C.Step(s.fwd, s.leaves, s.grad_out, mode) for p, s in steps_full.items()}
-                    res = C.measure_case(steps, device=args.device, reps=args.reps, target_s=args.target_s,
+                    res = C.measure_case(C.in_mode(steps_full, mode), device=args.device, reps=args.reps, target_s=args.target_s,
                                          memory=not args.no_memory)
                     rows.append({
                         "bench": "mlp", "run_id": run_id, "op": f"{op} {precision}", "layer": op,
