@@ -272,7 +272,7 @@ class _LinearActAutocastFunction(torch.autograd.Function):
         x, weight, out = ctx.saved_tensors
         grads = _backward_core(grad, x, weight, out, ctx.has_bias, ACTIVATIONS[ctx.activation],
                                ctx.needs_input_grad[:3])
-        grads = [None if g is None or g.dtype == dt else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
+        grads = [g if g is None or g.dtype == dt else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         if torch.is_grad_enabled():  # create_graph=True: NOTE: [No double backward] in pyvae/ops.py
             from .ops import _FirstOrderOnly
 

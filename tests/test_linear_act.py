@@ -132,6 +132,44 @@ def test_bf16_autocast(act):
     assert torch.equal(lin.weight.grad, grads[0]) and torch.equal(lin.bias.grad, grads[1])
 
 
+@pytest.mark.parametrize("path", ["eager", "dispatcher"])
+def test_bf16_autocast_stack_trains_every_layer(path):
+    # Inner layers under autocast take bf16 inputs and fp32 weights: the gradient of a bf16 input
+    # must flow back (a bug once dropped every gradient whose dtype already matched its input's, so
+    # the first layer of a bf16 stack got none). Compared with nn.Linear stacks under autocast.
+    torch.manual_seed(5)
+    sizes = [(30, 20, "tanh"), (20, 16, "relu"), (16, 12, "identity")]
+    fused = [pnn.FusedLinear(i, o, a) for i, o, a in sizes]
+    ref = [nn.Linear(i, o) for i, o, _ in sizes]
+    for f, r in zip(fused, ref):
+        r.load_state_dict(f.state_dict())
+    x = torch.randn(8, 30, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+
+    def run(layers, h, is_ref):
+        for layer, (_, _, a) in zip(layers, sizes):
+            if is_ref:
+                h = ACTS[a](layer(h))
+            elif path == "eager":
+                h = layer(h)
+            else:
+                h = torch.ops.pyvae.linear_act(h, layer.weight, layer.bias, a)
+        return h
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, yr = run(fused, x, False), run(ref, xr, True)
+    assert y.dtype == yr.dtype == torch.bfloat16
+    g = torch.randn(8, 12)
+    y.float().backward(g)
+    yr.float().backward(g)
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, xr.grad, rtol=5e-2, atol=5e-2)
+    for f, r in zip(fused, ref):
+        assert f.weight.grad is not None and f.bias.grad is not None
+        torch.testing.assert_close(f.weight.grad, r.weight.grad, rtol=5e-2, atol=5e-2)
+        torch.testing.assert_close(f.bias.grad, r.bias.grad, rtol=5e-2, atol=5e-2)
+
+
 def test_thread_count_does_not_change_bias_gradient():
     torch.manual_seed(4)
     x = torch.randn(1000, 64)
