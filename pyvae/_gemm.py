@@ -95,6 +95,11 @@ def backend(t: torch.Tensor, flops: float = float("inf")) -> str:
     return "torch"
 
 
+def uses_onednn(dtype: torch.dtype, flops: float) -> bool:
+    """Whether a CPU GEMM of ``flops`` in ``dtype`` would run on oneDNN (same rule as ``backend``)."""
+    return flops > 0 and flops >= _MIN_FLOPS and dtype in _ONEDNN_DTYPES and onednn_enabled()
+
+
 def _lin(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
 

@@ -37,16 +37,25 @@ _lib.define(
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float64, torch.float16)
 
 
+_CASTABLE = (torch.float32, torch.bfloat16, torch.float16)  # what autocast lowers
+
+
+def _fast_valid(x, weight, bias, activation, autocast: bool = False) -> bool:
+    """The common, valid CPU case in one expression (a few us less per call at small batch than the
+    named checks of ``_check``). ``autocast``: dtypes may differ if all are ones autocast casts."""
+    return (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and activation in ACTIVATIONS
+            and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1] and x.is_cpu and weight.is_cpu
+            and ((x.dtype in _CASTABLE and weight.dtype in _CASTABLE) if autocast
+                 else (x.dtype in _FAST_DTYPES and weight.dtype == x.dtype))
+            and (bias is None or (isinstance(bias, torch.Tensor) and bias.dim() == 1
+                                  and ((bias.dtype in _CASTABLE) if autocast else (bias.dtype == x.dtype))
+                                  and bias.shape[0] == weight.shape[0] and bias.is_cpu)))
+
+
 def _check(x, weight, bias, activation):
-    # The common, valid case in one expression (a few us less per call at small batch); anything
-    # else (including every invalid input) goes through the checks below, which name the problem.
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        pass
-    elif (activation in ACTIVATIONS and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
-          and x.dtype in _FAST_DTYPES and weight.dtype == x.dtype and x.is_cpu and weight.is_cpu
-          and (bias is None or (isinstance(bias, torch.Tensor) and bias.dim() == 1 and bias.dtype == x.dtype
-                                and bias.shape[0] == weight.shape[0] and bias.is_cpu))):
+    if _fast_valid(x, weight, bias, activation):
         return
+    # Anything else (including every invalid input): checks that name the problem.
     op = "linear_act"
     V.tensor("x", x, op=op)
     V.tensor("weight", weight, op=op)
@@ -72,19 +81,17 @@ def _check(x, weight, bias, activation):
         raise RuntimeError(f"pyvae.{op}: got CUDA tensors, but this pyvae was built without CUDA kernels")
 
 
-def _kernel_dtype(t: torch.Tensor) -> torch.dtype:
-    # CPU epilogues exist for float32, float64 and bfloat16; float16 on CPU is computed in float32.
-    if t.device.type == "cpu" and t.dtype == torch.float16:
-        return torch.float32
-    return t.dtype
-
-
 def _linear_act_impl(x, weight, bias, activation):
     _check(x, weight, bias, activation)
+    return _forward(x, weight, bias, ACTIVATIONS[activation])
+
+
+def _forward(x, weight, bias, act):
+    """The forward of a validated call (``act`` = ACTIVATIONS code)."""
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, x.shape[-1])
-    act = ACTIVATIONS[activation]
-    if x2.is_cuda and _cublaslt.available():
+    cpu = x2.is_cpu
+    if not cpu and _cublaslt.available():
         # cuBLASLt: bias (and ReLU) in the GEMM's epilogue, pyvae's kernel for the other activations.
         r = _cublaslt.linear_fwd(x2.contiguous(), weight.contiguous(),
                                  None if bias is None else bias.contiguous(), act)
@@ -96,11 +103,13 @@ def _linear_act_impl(x, weight, bias, activation):
         return y if flat else y.view(*x.shape[:-1], weight.shape[0])
     y = _gemm.linear(x2, weight)
     if act != 0 and y.numel() > 0:
-        kd = _kernel_dtype(y)
+        # CPU epilogues exist for float32, float64 and bfloat16; float16 on CPU is computed in float32.
+        kd = torch.float32 if cpu and y.dtype == torch.float16 else y.dtype
         yk = y if kd == y.dtype else y.to(kd)
         bk = None if bias is None else bias.to(kd)
-        _C.bias_act_fwd(0 if y.device.type == "cpu" else 1, _DTYPE_CODE[kd], act, yk.shape[0], yk.shape[1],
-                        yk.data_ptr(), 0 if bk is None else bk.data_ptr(), 0, 0, 0, 0, _stream(y.device))
+        _C.bias_act_fwd(0 if cpu else 1, _DTYPE_CODE[kd], act, yk.shape[0], yk.shape[1],
+                        yk.data_ptr(), 0 if bk is None else bk.data_ptr(), 0, 0, 0, 0,
+                        0 if cpu else _stream(y.device))
         if yk is not y:
             y.copy_(yk)
     return y if flat else y.view(*x.shape[:-1], weight.shape[0])
@@ -110,34 +119,38 @@ def _backward_core(grad, x, weight, out, has_bias, act, mask):
     """Gradients (x, weight, bias) of y = act(x @ weight.T + b), None where ``mask`` (or no bias) says
     not needed. Inputs are already validated (by the forward or the op wrapper below)."""
     in_features, out_features = weight.shape[1], weight.shape[0]
-    g2 = grad.reshape(-1, out_features)
+    flat = x.dim() == 2
+    g2 = grad if grad.dim() == 2 else grad.reshape(-1, out_features)
     if g2.dtype != x.dtype:
         g2 = g2.to(x.dtype)
     if not g2.is_contiguous():
         g2 = g2.contiguous()
+    x2 = x if flat else x.reshape(-1, in_features)
     rows = g2.shape[0]
     need_pre = mask[0] or mask[1]
     need_bias = bool(has_bias and mask[2])
-    if g2.is_cuda and _cublaslt.available():
-        x2 = x.reshape(-1, in_features).contiguous()
+    cpu = g2.is_cpu
+    if not cpu and _cublaslt.available():
         y2 = None if act == 0 else out.reshape(-1, out_features).contiguous()
-        r = _cublaslt.linear_bwd(g2, x2, weight.contiguous(), y2, act, bool(mask[0]), bool(mask[1]), need_bias)
+        r = _cublaslt.linear_bwd(g2, x2.contiguous(), weight.contiguous(), y2, act, bool(mask[0]), bool(mask[1]),
+                                 need_bias)
         if r is not None:
             gx, gw, gb = r
-            return (None if gx is None else gx.view(*x.shape[:-1], in_features), gw,
+            return (None if gx is None else (gx if flat else gx.view(*x.shape[:-1], in_features)), gw,
                     None if gb is None else gb.to(weight.dtype))
-    kd = _kernel_dtype(g2)
-    dev = 0 if x.device.type == "cpu" else 1
+    # CPU epilogues exist for float32, float64 and bfloat16; float16 on CPU is computed in float32.
+    kd = torch.float32 if cpu and g2.dtype == torch.float16 else g2.dtype
+    dev, stream = (0, 0) if cpu else (1, _stream(x.device))
     grad_bias = torch.empty(out_features, dtype=kd, device=x.device) if need_bias else None
     if act == 0:
         grad_pre = g2
         if need_bias:
             gk = g2 if kd == g2.dtype else g2.to(kd)  # kept alive until the kernel has run
             _C.act_bwd(dev, _DTYPE_CODE[kd], 0, rows, out_features, 0, 0, gk.data_ptr(), 0, 0,
-                       grad_bias.data_ptr(), _stream(x.device))
+                       grad_bias.data_ptr(), stream)
     else:
         gk = g2 if kd == g2.dtype else g2.to(kd)
-        yk = out.reshape(-1, out_features)
+        yk = out if out.dim() == 2 else out.reshape(-1, out_features)
         if yk.dtype != kd:
             yk = yk.to(kd)
         if not yk.is_contiguous():
@@ -146,11 +159,15 @@ def _backward_core(grad, x, weight, out, has_bias, act, mask):
         if need_pre or need_bias:
             _C.act_bwd(dev, _DTYPE_CODE[kd], act, rows, out_features, 0, 0, gk.data_ptr(), yk.data_ptr(),
                        0 if grad_pre is None else grad_pre.data_ptr(),
-                       0 if grad_bias is None else grad_bias.data_ptr(), _stream(x.device))
+                       0 if grad_bias is None else grad_bias.data_ptr(), stream)
         if grad_pre is not None and grad_pre.dtype != x.dtype:
             grad_pre = grad_pre.to(x.dtype)
-    grad_x = _gemm.grad_input(grad_pre, weight).view(*x.shape[:-1], in_features) if mask[0] else None
-    grad_w = _gemm.grad_weight(grad_pre, x.reshape(-1, in_features)) if mask[1] else None
+    grad_x = None
+    if mask[0]:
+        grad_x = _gemm.grad_input(grad_pre, weight)
+        if not flat:
+            grad_x = grad_x.view(*x.shape[:-1], in_features)
+    grad_w = _gemm.grad_weight(grad_pre, x2) if mask[1] else None
     grad_b = None
     if need_bias:
         grad_b = grad_bias if grad_bias.dtype == weight.dtype else grad_bias.to(weight.dtype)
@@ -236,21 +253,24 @@ _lib.impl("linear_act", _make_autocast("cuda"), "AutocastCUDA")
 
 
 class _LinearActFunction(torch.autograd.Function):
-    """The direct eager path (NOTE: [Eager fast path] in pyvae/ops.py) of pyvae::linear_act."""
+    """The direct eager path (NOTE: [Eager fast path] in pyvae/ops.py) of pyvae::linear_act, for
+    inputs ``linear_act`` has already validated."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, activation):
-        out = _linear_act_impl(x, weight, bias, activation)
-        _setup_context(ctx, (x, weight, bias, activation), out)
+        act = ACTIVATIONS[activation]
+        out = _forward(x, weight, bias, act)
+        ctx.activation, ctx.act, ctx.has_bias = activation, act, bias is not None
+        # The output is needed only for the activation's derivative (identity needs nothing of it).
+        ctx.save_for_backward(x, weight, out if act != 0 else None)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, out = ctx.saved_tensors
-        mask = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: the checked path, which refuses double backward
             return _backward(ctx, grad, direct=True)
-        gx, gw, gb = _backward_core(grad, x, weight, out, ctx.has_bias, ACTIVATIONS[ctx.activation], mask[:3])
+        x, weight, out = ctx.saved_tensors
+        gx, gw, gb = _backward_core(grad, x, weight, out, ctx.has_bias, ctx.act, ctx.needs_input_grad)
         return gx, gw, gb, None
 
 
@@ -285,6 +305,47 @@ class _LinearActAutocastFunction(torch.autograd.Function):
         return (*grads, None, None)
 
 
+# NOTE: [Small layers run torch's ops]
+# pyvae's fused layer is a Python autograd node: forward + backward cost ~10 us more per layer than
+# torch's F.linear, whose autograd node is C++ (bench/RESULTS.md, MLP section). It repays that where
+# it has something to win: float32 GEMMs on oneDNN (NOTE: [CPU GEMM backend] in pyvae/_gemm.py, about
+# 2x torch's MKL on the VAE's layers) or an activation pass fused into the GEMM's output. An identity
+# layer whose GEMMs would run on torch's mm anyway (every bfloat16/float16/float64 one, float32 ones
+# under _gemm._MIN_FLOPS) has neither: there the eager path of ``linear_act`` calls F.linear, which
+# adds the bias in the GEMM as pyvae's identity path does. Layers with an activation are always fused:
+# measured against F.linear + torch's activation, the fused node is level or faster from batch 100 up,
+# in float32 and under bf16 autocast (enc1 784->500 tanh: 1.00x at B=100, 1.05x at 1024; dec1 20->500
+# tanh: 1.05x / 1.34x). CUDA calls and the registered op (torch.ops.pyvae.linear_act, torch.compile,
+# opcheck) always run pyvae's kernels. One visible difference: F.linear supports double backward,
+# pyvae's node refuses it (NOTE: [No double backward] in pyvae/ops.py). ``fused_only()`` turns the
+# routing off (the kernel tests, benchmarks of the kernels themselves).
+_route = {"fused_only": False}
+
+
+def _torch_route(x, weight, activation, dtype) -> bool:
+    """NOTE: [Small layers run torch's ops]: True when F.linear runs this valid call, whose GEMMs would
+    have ``dtype``."""
+    if activation != "identity" or _route["fused_only"] or not x.is_cpu:
+        return False
+    fin = weight.shape[1]
+    rows = x.numel() // fin if fin else 0
+    return not _gemm.uses_onednn(dtype, 2.0 * rows * fin * weight.shape[0])
+
+
+class fused_only:
+    """Context manager: every eager ``linear_act`` call runs pyvae's fused node, none torch's ops
+    (NOTE: [Small layers run torch's ops]). Not thread-safe; restores the previous setting on exit."""
+
+    def __enter__(self):
+        self._saved = _route["fused_only"]
+        _route["fused_only"] = True
+        return self
+
+    def __exit__(self, *exc):
+        _route["fused_only"] = self._saved
+        return False
+
+
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                activation: str = "identity") -> torch.Tensor:
     """y = act(x @ weight.T + bias), fused epilogue, differentiable in x, weight and bias.
@@ -297,6 +358,9 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
     Returns:
         ``[..., out_features]``.
+
+    In eager mode, a CPU identity layer that pyvae's GEMM route would not speed up runs F.linear
+    (NOTE: [Small layers run torch's ops] in pyvae/_linear.py); results agree to rounding.
     """
     if _eager_ok(x, weight, bias):
         if torch._C._is_any_autocast_enabled():
@@ -307,6 +371,14 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             dev = x.device.type
             if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
                 return torch.ops.pyvae.linear_act(x, weight, bias, activation)
-            return _LinearActAutocastFunction.apply(x, weight, bias, activation, torch.get_autocast_dtype(dev))
+            dt = torch.get_autocast_dtype(dev)
+            if _fast_valid(x, weight, bias, activation, autocast=True) and _torch_route(x, weight, activation, dt):
+                return torch.nn.functional.linear(x, weight, bias)  # autocast casts for it
+            return _LinearActAutocastFunction.apply(x, weight, bias, activation, dt)  # checks after the casts
+        if _fast_valid(x, weight, bias, activation):
+            if _torch_route(x, weight, activation, x.dtype):
+                return torch.nn.functional.linear(x, weight, bias)
+        else:
+            _check(x, weight, bias, activation)
         return _LinearActFunction.apply(x, weight, bias, activation)
     return torch.ops.pyvae.linear_act(x, weight, bias, activation)

@@ -1,4 +1,6 @@
 """pyvae.ops.linear_act and the pyvae.nn modules against nn.Linear + activation."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,6 +8,7 @@ from torch import nn
 
 import pyvae
 import pyvae._gemm
+import pyvae._linear
 import pyvae.nn as pnn
 from pyvae.ops import linear_act
 
@@ -23,6 +26,18 @@ SHAPES = [(1, 1, (1,)), (3, 5, (7,)), (13, 11, (2, 3)), (784, 500, (4,)), (20, 1
 
 # Both CPU GEMM routes (NOTE: [CPU GEMM backend] in pyvae/_gemm.py), oneDNN for every size.
 GEMMS = ["torch"] + (["onednn"] if pyvae._gemm.onednn_enabled() else [])
+
+
+@pytest.fixture(autouse=True)
+def fused(request):
+    # The tests here are of pyvae's kernels: small layers would otherwise run torch's own ops
+    # (NOTE: [Small layers run torch's ops] in pyvae/_linear.py). The routing has its own tests,
+    # marked "routing", which run with it on.
+    if "routing" in request.keywords:
+        yield
+        return
+    with pyvae._linear.fused_only():
+        yield
 
 
 @pytest.fixture(params=GEMMS)
@@ -312,3 +327,84 @@ def test_autocast_leaves_float64_alone(path):
         y_ref = torch.tanh(F.linear(x, lin.weight, lin.bias))
     assert y.dtype == y_ref.dtype == torch.float64
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------ NOTE: [Small layers run torch's ops] (the routing)
+def _node(y):
+    return type(y.grad_fn).__name__
+
+
+@pytest.mark.routing
+@pytest.mark.parametrize("act,dtype,rows,fin,fout,autocast,torch_ops", [
+    ("identity", torch.float32, 100, 500, 40, False, True),    # 4 MFLOP: torch's mm either way
+    ("identity", torch.float64, 100, 500, 40, False, True),    # no oneDNN float64 route
+    ("identity", torch.float32, 2, 3, 5, False, True),
+    ("identity", torch.float32, 100, 20, 500, True, True),     # bf16 GEMMs are torch's mm anyway
+    ("identity", torch.bfloat16, 8192, 500, 784, True, True),
+    ("identity", torch.float32, 1024, 500, 784, False, False),  # 800 MFLOP: oneDNN, fused
+    ("tanh", torch.float32, 100, 500, 40, False, False),       # activations: always fused
+    ("tanh", torch.float32, 3, 4, 5, True, False),
+    ("softplus", torch.float64, 3, 4, 5, False, False),
+])
+def test_routing_picks_torch_ops_only_for_identity_layers_on_torchs_gemm(act, dtype, rows, fin, fout, autocast,
+                                                                        torch_ops):
+    lin = pnn.FusedLinear(fin, fout, act).to(dtype)
+    x = torch.randn(rows, fin, dtype=dtype, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = lin(x)
+    if torch_ops or pyvae._gemm.onednn_enabled():
+        assert _node(y).startswith("_LinearAct") != torch_ops, _node(y)
+    else:  # no oneDNN route in this torch build: every identity layer is on torch's mm
+        assert _node(y).startswith("_LinearAct") == (act != "identity")
+
+
+@pytest.mark.routing
+def test_identity_on_onednn_stays_fused():
+    if not pyvae._gemm.onednn_enabled():
+        pytest.skip("oneDNN's linear is not usable in this torch build")
+    with pyvae._gemm.override("onednn", min_flops=0):
+        y = pnn.FusedLinear(5, 3, "identity")(torch.randn(2, 5))
+    assert _node(y) == "_LinearActFunctionBackward"
+
+
+@pytest.mark.routing
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("lead", [(7,), (2, 3), (0,)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_routes_agree(autocast, lead, bias):
+    # Same values and gradients from torch's ops (auto routing) and pyvae's node (fused_only), with
+    # an input of another dtype than the weights under autocast, as an inner layer of a network has.
+    torch.manual_seed(0)
+    lin = pnn.FusedLinear(13, 11, "identity", bias=bias)
+    x0 = torch.randn(*lead, 13, dtype=torch.bfloat16 if autocast else torch.float32)
+    g = torch.randn(*lead, 11)
+    outs = []
+    for fused in (False, True):
+        x = x0.clone().requires_grad_()
+        lin.zero_grad()
+        ctx = pyvae._linear.fused_only() if fused else contextlib.nullcontext()
+        with ctx, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = lin(x)
+        assert _node(y).startswith("_LinearAct") == fused
+        y.backward(g.to(y.dtype))
+        outs.append((y, x.grad, lin.weight.grad) + ((lin.bias.grad,) if bias else ()))
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    for a, b in zip(*outs):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+@pytest.mark.routing
+def test_routing_keeps_pyvae_errors():
+    w, b = torch.randn(3, 5), torch.randn(3)
+    with pytest.raises(ValueError, match="in_features = 5"):
+        linear_act(torch.randn(2, 4), w, b, "identity")
+    with pytest.raises(ValueError, match="bias must have shape"):
+        linear_act(torch.randn(2, 5), w, torch.randn(4), "identity")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        linear_act(torch.randn(2, 5), w, b, "gelu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match="in_features = 5"):
+            linear_act(torch.randn(2, 4), w, b, "identity")
+        with pytest.raises(ValueError, match="activation must be one of"):
+            linear_act(torch.randn(2, 5), w, b, "gelu")

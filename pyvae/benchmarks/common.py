@@ -36,9 +36,10 @@ _MALLOC_MARK = "PYVAE_BENCH_MALLOC"
 
 
 # ----------------------------------------------------------------------------- process setup
-def add_common_args(p: argparse.ArgumentParser) -> None:
+def add_common_args(p: argparse.ArgumentParser, extra_providers: Sequence[str] = ()) -> None:
+    """The arguments every benchmark family takes; ``extra_providers`` are opt-in (not in the default)."""
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS + tuple(extra_providers), default=list(PROVIDERS))
     p.add_argument("--reps", type=int, default=None,
                    help="fixed repetitions per case (default: adaptive, 15..200 by case cost)")
     p.add_argument("--target-s", type=float, default=1.5,

@@ -4,6 +4,8 @@ Providers:
     torch-eager    ``nn.Sequential(nn.Linear(...), act)`` per layer (the reference of the tests)
     torch-compile  the same modules run through ``torch.compile`` (default mode, static shapes)
     pyvae          ``pyvae.nn.FusedLinear`` with the same weights
+    pyvae-fused    (opt-in) the same under ``pyvae._linear.fused_only()``: pyvae's node even for the
+                   identity layers that ``pyvae`` runs on F.linear (NOTE: [Small layers run torch's ops])
 
 Ops (the layers of the paper's MNIST VAE, 784-500-20 with a tanh hidden layer):
     enc1   784 -> 500 tanh        enc2   500 -> 40 (mu and logvar of Z=20 from one GEMM)
@@ -17,6 +19,7 @@ of every provider (parameters stay float32).
 Examples:
     pyvae bench mlp                                    # everything
     pyvae bench mlp --ops stack --precision fp32 bf16 --batch 1024
+    pyvae bench mlp --ops enc2 dec2 --providers torch-eager pyvae pyvae-fused
 """
 from __future__ import annotations
 
@@ -52,6 +55,16 @@ def _fused_like(seq, act):
         f.weight.copy_(lin.weight)
         f.bias.copy_(lin.bias)
     return f
+
+
+def _fused_only(fwd):
+    """``fwd`` with pyvae's routing to F.linear turned off (the pyvae-fused provider)."""
+    from pyvae._linear import fused_only
+
+    def run(*a):
+        with fused_only():
+            return fwd(*a)
+    return run
 
 
 def _autocast(precision, device):
@@ -120,8 +133,10 @@ def run(args) -> list:
                     setup_layer(op, B, args.device, precision)
                 fns, leaves = {}, {}
                 for p in args.providers:
-                    side = "pyvae" if p == "pyvae" else "reference"
+                    side = "pyvae" if p.startswith("pyvae") else "reference"
                     fns[p], leaves[p] = case[side], case["leaves"][side]
+                    if p == "pyvae-fused":
+                        fns[p] = _fused_only(fns[p])
                     if p == "torch-compile":
                         torch._dynamo.reset()
                         fns[p] = torch.compile(fns[p], dynamic=False)
@@ -146,7 +161,7 @@ def main(argv=None):
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     p.add_argument("--batch", nargs="+", type=int, default=list(BATCHES))
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
-    C.add_common_args(p)
+    C.add_common_args(p, extra_providers=("pyvae-fused",))
     args = p.parse_args(argv)
     rows, m, out = C.run_family(args, "mlp", run)
     print(f"\nmalloc={args.malloc}, {m['cpu_model']}, {m['cores_usable']} cores, {m['threads']} threads, "
