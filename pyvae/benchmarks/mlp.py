@@ -11,7 +11,9 @@ Ops (the layers of the paper's MNIST VAE, 784-500-20 with a tanh hidden layer):
     enc1   784 -> 500 tanh        enc2   500 -> 40 (mu and logvar of Z=20 from one GEMM)
     dec1    20 -> 500 tanh        dec2   500 -> 784 (Bernoulli logits)
     stack  the whole VAE MLP: enc1 -> enc2 -> split -> dec1(mu) -> dec2, forward and backward
-Inputs of inner layers require grad (as inside a network); the data x of enc1/stack does not.
+Inputs of inner layers require grad (as inside a network); the data x of enc1/stack does not. All
+providers use the same input and parameter tensors (gradients are reset before every call), so none
+finds its operands in cache more often than another.
 
 Precision: fp32, or bf16 = ``torch.autocast("cpu"/"cuda", dtype=torch.bfloat16)`` around the forward
 of every provider (parameters stay float32).
@@ -45,15 +47,14 @@ def _torch_layer(fin, fout, act):
 
 
 def _fused_like(seq, act):
-    import torch
-
+    """A FusedLinear on the very parameter tensors of ``seq``'s nn.Linear. Shared, not copied: with
+    copies, a provider timed right after one using the same tensors found them in cache and the
+    others did not (at B=100, pyvae-fused ran 5-9% faster than pyvae on identical code)."""
     import pyvae.nn as pnn
 
     lin = seq[0]
-    f = pnn.FusedLinear(lin.in_features, lin.out_features, act)
-    with torch.no_grad():
-        f.weight.copy_(lin.weight)
-        f.bias.copy_(lin.bias)
+    f = pnn.FusedLinear(lin.in_features, lin.out_features, act, device=lin.weight.device)
+    f.weight, f.bias = lin.weight, lin.bias
     return f
 
 
