@@ -327,6 +327,8 @@ def _torch_route(x, weight, activation, dtype) -> bool:
     have ``dtype``."""
     if activation != "identity" or _route["fused_only"] or not x.is_cpu:
         return False
+    if dtype not in _gemm._ONEDNN_DTYPES:
+        return True
     fin = weight.shape[1]
     rows = x.numel() // fin if fin else 0
     return not _gemm.uses_onednn(dtype, 2.0 * rows * fin * weight.shape[0])
@@ -368,7 +370,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             # (which costs ~50 us per layer forward + backward): cast, then the direct path.
             # Inside the function, autocast still sees the GEMMs, but their inputs already have
             # the autocast dtype (a no-op for it).
-            dev = x.device.type
+            dev = "cpu" if x.is_cpu else x.device.type  # (is_cpu: no device object built)
             if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
                 return torch.ops.pyvae.linear_act(x, weight, bias, activation)
             dt = torch.get_autocast_dtype(dev)

@@ -156,3 +156,19 @@ def test_bench_runs_and_records(tmp_path):
     assert len(rows) == 1 and rows[0]["op"] == "kl" and rows[0]["B"] == 3
     assert set(rows[0]["results"]) == {"torch-eager", "pyvae"}
     assert rows[0]["results"]["pyvae"]["median_ms"] > 0 and "eager/pyvae" in r.stdout
+
+
+def test_bench_mlp_fused_provider_and_shared_parameters(tmp_path):
+    from pyvae.benchmarks import mlp
+
+    case = mlp.setup_layer("enc2", 4, "cpu", "fp32")
+    ref, fused = case["leaves"]["reference"], case["leaves"]["pyvae"]
+    assert all(a is b for a, b in zip(ref, fused)) and len(ref) == len(fused) == 3  # weight, bias, x
+    out = tmp_path / "mlp.jsonl"
+    r = _run("bench", "mlp", "--ops", "enc2", "--batch", "3", "--precision", "fp32", "--reps", "2", "--modes",
+             "full", "--providers", "torch-eager", "pyvae", "pyvae-fused", "--no-memory", "--quiet-wait", "0",
+             "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 1 and set(rows[0]["results"]) == {"torch-eager", "pyvae", "pyvae-fused"}
+    assert "pyvae-fused ms" in r.stdout
