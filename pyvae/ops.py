@@ -106,7 +106,7 @@ def _reduce_grad(g: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> tor
     if g is None:
         return like.new_zeros(1)
     g = g.sum_to_size(like.shape) if g.shape != like.shape else g
-    return g.to(like.dtype)
+    return g if g.dtype == like.dtype else g.to(like.dtype)
 
 
 def _empty_grad(like: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
@@ -480,7 +480,18 @@ _lib.define(
 )
 
 
+_REPARAM_FAST = (torch.float32, torch.float64)
+
+
 def _reparam_plan(mu, logvar, samples, seed):
+    # The common valid case (same shape and dtype, CPU float32/float64: nothing to broadcast or
+    # cast) in one expression, ~2.5 us less per call; anything else gets the checks that name it.
+    if (type(mu) is type(logvar) and isinstance(mu, torch.Tensor) and mu.dtype in _REPARAM_FAST
+            and logvar.dtype == mu.dtype and mu.is_cpu and logvar.is_cpu and mu.shape == logvar.shape
+            and type(samples) is int and samples >= 0 and isinstance(seed, torch.Tensor)
+            and seed.dtype == torch.int64 and seed.shape == (2,)):
+        shape = tuple(mu.shape)
+        return shape, ((samples, *shape) if samples > 0 else shape), mu.dtype, mu.device
     op = "reparameterize"
     V.tensor("mu", mu, op=op)
     V.tensor("logvar", logvar, op=op)
@@ -506,8 +517,9 @@ def _reparam_fwd(mu, logvar, samples, seed):
     if z.numel() == 0:
         return z
     cd = _compute_dtype(dtype, device)
-    m = mu.to(cd).expand(shape).contiguous()
-    lv = logvar.to(cd).expand(shape).contiguous()
+    m = mu if mu.dtype == cd and mu.shape == shape and mu.is_contiguous() else mu.to(cd).expand(shape).contiguous()
+    lv = logvar if logvar.dtype == cd and logvar.shape == shape and logvar.is_contiguous() else \
+        logvar.to(cd).expand(shape).contiguous()
     zc = z if cd == dtype else torch.empty(out_shape, dtype=cd, device=device)
     s, off = _seed_words(seed)
     _C.reparameterize_fwd(0 if device.type == "cpu" else 1, _DTYPE_CODE[cd], m.numel(), max(samples, 1),
@@ -521,12 +533,18 @@ def _reparam_bwd(grad, mu, logvar, samples, seed, mask):
     shape, out_shape, dtype, device = _reparam_plan(mu, logvar, samples, seed)
     _check_cuda_built(device, "reparameterize")
     cd = _compute_dtype(dtype, device)
-    g_mu = torch.zeros(shape, dtype=cd, device=device) if mask[0] else None
-    g_lv = torch.zeros(shape, dtype=cd, device=device) if mask[1] else None
     n = V.numel(shape)
-    if n > 0 and (g_mu is not None or g_lv is not None) and V.numel(out_shape) > 0:
-        lv = logvar.to(cd).expand(shape).contiguous()
-        g = grad.to(cd).expand(out_shape).contiguous()
+    # The kernel writes every element of each gradient it is given (its first sample assigns), so
+    # they need no zero fill unless it does not run.
+    runs = n > 0 and (mask[0] or mask[1]) and V.numel(out_shape) > 0
+    alloc = torch.empty if runs else torch.zeros
+    g_mu = alloc(shape, dtype=cd, device=device) if mask[0] else None
+    g_lv = alloc(shape, dtype=cd, device=device) if mask[1] else None
+    if runs:
+        lv = logvar if logvar.dtype == cd and logvar.shape == shape and logvar.is_contiguous() else \
+            logvar.to(cd).expand(shape).contiguous()
+        g = grad if grad.dtype == cd and grad.shape == out_shape and grad.is_contiguous() else \
+            grad.to(cd).expand(out_shape).contiguous()
         s, off = _seed_words(seed)
         _C.reparameterize_bwd(0 if device.type == "cpu" else 1, _DTYPE_CODE[cd], n, max(samples, 1),
                               0, lv.data_ptr(), g.data_ptr(), 0, _ptr(g_mu), _ptr(g_lv), s, off, _stream(device))

@@ -343,3 +343,23 @@ def test_half_on_cpu_computes_in_float32(dtype):
     g_mu, g_lv = grads(z, [mu, lv])
     assert g_mu.dtype == dtype and g_lv.dtype == dtype
     assert_close(g_lv, (0.5 * (0.5 * lv64).exp() * eps).sum(0), dtype)
+
+
+@pytest.mark.parametrize("samples", [None, 3])
+@pytest.mark.parametrize("which", ["mu", "logvar"])
+def test_one_input_needing_grad_gets_the_same_gradient(samples, which):
+    # The backward kernel skips what is not needed (no eps for a mu-only gradient): the gradient it
+    # returns must equal the one computed alongside the other.
+    def run(need_mu, need_lv):
+        mu = make(4, 6, dtype=torch.float32, seed=1, grad=need_mu)
+        lv = make(4, 6, dtype=torch.float32, seed=2, grad=need_lv)
+        z = pyvae.reparameterize(mu, lv, samples=samples, generator=_gen(5))
+        g = make(*z.shape, dtype=torch.float32, seed=3)
+        z.backward(g)
+        return mu.grad, lv.grad
+
+    both = run(True, True)
+    one = run(which == "mu", which == "logvar")
+    k = 0 if which == "mu" else 1
+    assert one[1 - k] is None
+    assert torch.equal(one[k], both[k])

@@ -72,14 +72,28 @@ void reparameterize_bwd_t(const ReparamParams& p) {
     const int64_t n = std::min(kChunk, M - m0);
     alignas(64) float eps[kChunk];
     for (int64_t s = 0; s < p.samples; ++s) {
-      fill_normals(p.seed, p.offset, s * M + m0, n, eps);
       const T* g = G + s * M + m0;
       const bool first = s == 0;
+      // dz/dmu = 1: the mu gradient is the sum of g over samples and needs no eps.
+      if (gmu) {
+        T* gm = gmu + m0;
+        if (first) std::copy(g, g + n, gm);
+        else {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const auto d = ops::reparameterize_grad(lv[m0 + j], T(eps[j]), g[j]);
-        if (gmu) gmu[m0 + j] = first ? d.mu : gmu[m0 + j] + d.mu;
-        if (glv) glv[m0 + j] = first ? d.lv : glv[m0 + j] + d.lv;
+          for (int64_t j = 0; j < n; ++j) gm[j] += g[j];
+        }
+      }
+      if (!glv) continue;
+      fill_normals(p.seed, p.offset, s * M + m0, n, eps);
+      T* gl = glv + m0;
+      const T* l = lv + m0;
+      // Branch-free inner loops (one per case) so they vectorize.
+      if (first) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) gl[j] = ops::reparameterize_grad(l[j], T(eps[j]), g[j]).lv;
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) gl[j] += ops::reparameterize_grad(l[j], T(eps[j]), g[j]).lv;
       }
     }
   }
