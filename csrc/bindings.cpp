@@ -118,7 +118,12 @@ void def_linear(py::module_& m, const char* name, LinearFn cpu::KernelTable::*cp
   m.def(
       name,
       [cpu_fn, cuda_fn](int device, int dtype, int act, int64_t rows, int64_t cols, uintptr_t y, uintptr_t bias,
-                        uintptr_t grad_y, uintptr_t out, uintptr_t grad_pre, uintptr_t grad_bias, uintptr_t stream) {
+                        uintptr_t grad_y, uintptr_t out, uintptr_t grad_pre, uintptr_t grad_bias, uintptr_t stream,
+                        uintptr_t grad_pre_t) {
+        if (grad_pre_t && device != kCPU)
+          throw std::invalid_argument("pyvae._C: grad_pre_t (the transposed gradient) is CPU-only");
+        if (grad_pre_t && act != 0 && !grad_pre)
+          throw std::invalid_argument("pyvae._C: grad_pre_t needs grad_pre with an activation (it is its transpose)");
         if (dtype < 0 || dtype > 3 || (device == kCPU && dtype == 2))
           throw std::invalid_argument("pyvae._C: dtype code " + std::to_string(dtype) + " not supported on this device");
         if (act < 0 || act > 4) throw std::invalid_argument("pyvae._C: unknown activation code " + std::to_string(act));
@@ -133,10 +138,14 @@ void def_linear(py::module_& m, const char* name, LinearFn cpu::KernelTable::*cp
         p.out = ptr<const void>(out);
         p.grad_pre = ptr<void>(grad_pre);
         p.grad_bias = ptr<void>(grad_bias);
+        p.grad_pre_t = ptr<void>(grad_pre_t);
         p.stream = ptr<void>(stream);
         if (cols == 0) return;
         launch(device, cpu_fn, cuda_fn, p);
       },
+      py::arg("device"), py::arg("dtype"), py::arg("act"), py::arg("rows"), py::arg("cols"), py::arg("y"),
+      py::arg("bias"), py::arg("grad_y"), py::arg("out"), py::arg("grad_pre"), py::arg("grad_bias"),
+      py::arg("stream"), py::arg("grad_pre_t") = 0,
       py::call_guard<py::gil_scoped_release>());
 }
 
@@ -225,7 +234,7 @@ PYBIND11_MODULE(_C, m) {
   def_reparam(m, "reparameterize_fwd", &cpu::KernelTable::reparameterize_fwd, PYVAE_CUDA_FN(reparameterize_fwd));
   def_reparam(m, "reparameterize_bwd", &cpu::KernelTable::reparameterize_bwd, PYVAE_CUDA_FN(reparameterize_bwd));
 
-  // (device, dtype, act, rows, cols, y, bias, grad_y, out, grad_pre, grad_bias, stream)
+  // (device, dtype, act, rows, cols, y, bias, grad_y, out, grad_pre, grad_bias, stream, grad_pre_t=0)
   def_linear(m, "bias_act_fwd", &cpu::KernelTable::bias_act_fwd, PYVAE_CUDA_FN(bias_act_fwd));
   def_linear(m, "act_bwd", &cpu::KernelTable::act_bwd, PYVAE_CUDA_FN(act_bwd));
 

@@ -11,7 +11,11 @@ strided (transposed) views without copying, so the three products of a linear la
 
     forward      y  = x @ W.T + b      linear(x, W, b)
     grad input   dx = g @ W            linear(g, W.T)          (W.T is a view)
-    grad weight  dW = g.T @ x          linear(g.T, x.T)        if in_features >= 64
+    grad weight  dW = g.T @ x          linear(g.T, x.T)        if in_features >= 64, with g.T
+                                                               written contiguous by pyvae's backward
+                                                               epilogue kernel (oneDNN would copy the
+                                                               view single-threaded: 20-26% of the
+                                                               product's time at B=8192)
                                        linear(x.T, g.T).T      otherwise (oneDNN is 3-10x slower on
                                                                the first form for in_features = 20;
                                                                the final transposed copy is cheap there
@@ -120,11 +124,19 @@ def grad_input(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.mm(g, weight)
 
 
-def grad_weight(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``g.T @ x`` for g [rows, out], x [rows, in]: the weight gradient, contiguous [out, in]."""
+def wants_transposed_grad(g: torch.Tensor, in_features: int) -> bool:
+    """Whether ``grad_weight`` takes ``g`` transposed ([out, rows], contiguous) for g [rows, out]: the
+    oneDNN form ``linear(g.T, x.T)`` needs its first operand row-major, and a g.T written by the
+    backward epilogue kernel beside g costs less than the copy oneDNN would make of the view."""
+    return in_features >= _NARROW_IN and backend(g, 2.0 * g.shape[0] * g.shape[1] * in_features) == "onednn"
+
+
+def grad_weight(g: torch.Tensor, x: torch.Tensor, g_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``g.T @ x`` for g [rows, out], x [rows, in]: the weight gradient, contiguous [out, in].
+    ``g_t``: g.T as a contiguous [out, rows] tensor, where ``wants_transposed_grad`` said so."""
     if backend(g, 2.0 * g.shape[0] * g.shape[1] * x.shape[1]) == "onednn":
         if x.shape[1] >= _NARROW_IN:
-            return _lin(g.t(), x.t())
+            return _lin(g.t() if g_t is None else g_t, x.t())
         return _lin(x.t(), g.t()).t().contiguous()
     return torch.mm(g.t(), x)
 

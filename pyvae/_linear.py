@@ -22,7 +22,7 @@ from . import _C
 from . import _cublaslt
 from . import _gemm
 from . import _validate as V
-from .ops import _DTYPE_CODE, _eager_ok, _stream  # defined before pyvae.ops imports this module
+from .ops import _DTYPE_CODE, _eager_ok, _ptr, _stream  # defined before pyvae.ops imports this module
 
 ACTIVATIONS = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "softplus": 4}
 
@@ -142,12 +142,16 @@ def _backward_core(grad, x, weight, out, has_bias, act, mask):
     kd = torch.float32 if cpu and g2.dtype == torch.float16 else g2.dtype
     dev, stream = (0, 0) if cpu else (1, _stream(x.device))
     grad_bias = torch.empty(out_features, dtype=kd, device=x.device) if need_bias else None
+    # The weight gradient's GEMM wants dL/d(pre) transposed (NOTE: [CPU GEMM backend]): the epilogue
+    # kernel writes it too, in the same pass.
+    g_t = torch.empty(out_features, rows, dtype=kd, device=x.device) \
+        if cpu and mask[1] and kd == g2.dtype and rows > 0 and _gemm.wants_transposed_grad(g2, in_features) else None
     if act == 0:
         grad_pre = g2
-        if need_bias:
+        if need_bias or g_t is not None:
             gk = g2 if kd == g2.dtype else g2.to(kd)  # kept alive until the kernel has run
             _C.act_bwd(dev, _DTYPE_CODE[kd], 0, rows, out_features, 0, 0, gk.data_ptr(), 0, 0,
-                       grad_bias.data_ptr(), stream)
+                       0 if grad_bias is None else grad_bias.data_ptr(), stream, _ptr(g_t))
     else:
         gk = g2 if kd == g2.dtype else g2.to(kd)
         yk = out if out.dim() == 2 else out.reshape(-1, out_features)
@@ -159,7 +163,7 @@ def _backward_core(grad, x, weight, out, has_bias, act, mask):
         if need_pre or need_bias:
             _C.act_bwd(dev, _DTYPE_CODE[kd], act, rows, out_features, 0, 0, gk.data_ptr(), yk.data_ptr(),
                        0 if grad_pre is None else grad_pre.data_ptr(),
-                       0 if grad_bias is None else grad_bias.data_ptr(), stream)
+                       0 if grad_bias is None else grad_bias.data_ptr(), stream, _ptr(g_t))
         if grad_pre is not None and grad_pre.dtype != x.dtype:
             grad_pre = grad_pre.to(x.dtype)
     grad_x = None
@@ -167,7 +171,7 @@ def _backward_core(grad, x, weight, out, has_bias, act, mask):
         grad_x = _gemm.grad_input(grad_pre, weight)
         if not flat:
             grad_x = grad_x.view(*x.shape[:-1], in_features)
-    grad_w = _gemm.grad_weight(grad_pre, x2) if mask[1] else None
+    grad_w = _gemm.grad_weight(grad_pre, x2, g_t) if mask[1] else None
     grad_b = None
     if need_bias:
         grad_b = grad_bias if grad_bias.dtype == weight.dtype else grad_bias.to(weight.dtype)

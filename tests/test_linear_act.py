@@ -408,3 +408,61 @@ def test_routing_keeps_pyvae_errors():
             linear_act(torch.randn(2, 4), w, b, "identity")
         with pytest.raises(ValueError, match="activation must be one of"):
             linear_act(torch.randn(2, 5), w, b, "gelu")
+
+
+# ------------------------------------------------ the transposed gradient for the weight GEMM
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("act", ["identity", "tanh", "softplus"])
+@pytest.mark.parametrize("rows,cols", [(1, 1), (63, 5), (64, 7), (65, 130), (1000, 33)])
+def test_act_bwd_writes_the_transposed_gradient(dtype, act, rows, cols):
+    # act_bwd's grad_pre_t (NOTE: [CPU GEMM backend]): exactly grad_pre transposed (grad_y for
+    # identity), whatever the row count relative to the kernel's 64-row chunks, with or without the
+    # other outputs.
+    from pyvae import _C
+    from pyvae.ops import _DTYPE_CODE
+
+    torch.manual_seed(rows + cols)
+    gy = torch.randn(rows, cols).to(dtype)
+    y = torch.rand(rows, cols).to(dtype)
+    code, a = _DTYPE_CODE[dtype], pyvae.ops.ACTIVATIONS[act]
+    gp, gb = torch.empty(rows, cols, dtype=dtype), torch.empty(cols, dtype=dtype)
+    gt = torch.full((cols, rows), float("nan"), dtype=dtype)
+    _C.act_bwd(0, code, a, rows, cols, 0, 0, gy.data_ptr(), y.data_ptr(), 0 if a == 0 else gp.data_ptr(),
+               gb.data_ptr(), 0, gt.data_ptr())
+    want = gy if a == 0 else gp
+    assert torch.equal(gt, want.t())
+    gt_alone = torch.full((cols, rows), float("nan"), dtype=dtype)
+    if a == 0:
+        _C.act_bwd(0, code, a, rows, cols, 0, 0, gy.data_ptr(), 0, 0, 0, 0, gt_alone.data_ptr())
+        assert torch.equal(gt_alone, gt)
+    else:  # with an activation it is grad_pre's transpose, so grad_pre must be written too
+        with pytest.raises(ValueError, match="needs grad_pre"):
+            _C.act_bwd(0, code, a, rows, cols, 0, 0, gy.data_ptr(), y.data_ptr(), 0, 0, 0, gt_alone.data_ptr())
+
+
+def test_transposed_gradient_is_cpu_only():
+    from pyvae import _C
+
+    with pytest.raises(ValueError, match="CPU-only"):
+        _C.act_bwd(1, 0, 0, 2, 2, 0, 0, 1, 0, 0, 0, 0, 1)
+
+
+@pytest.mark.skipif(not pyvae._gemm.onednn_enabled(), reason="oneDNN's linear is not usable in this torch build")
+@pytest.mark.parametrize("act", ["identity", "tanh"])
+def test_weight_gradient_with_and_without_the_transposed_gradient(act, monkeypatch):
+    # The oneDNN weight-gradient GEMM on the kernel's g.T gives what it gives on the view g.T.
+    torch.manual_seed(9)
+    x = torch.randn(300, 96)
+    lin = pnn.FusedLinear(96, 70, act)
+    g = torch.randn(300, 70)
+    grads = []
+    for use in (True, False):
+        if not use:
+            monkeypatch.setattr(pyvae._gemm, "wants_transposed_grad", lambda *a: False)
+        lin.zero_grad()
+        with pyvae._gemm.override("onednn", min_flops=0):
+            lin(x).backward(g)
+        grads.append(lin.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)
+    ref = torch.autograd.grad(ACTS[act](F.linear(x, lin.weight, lin.bias)), lin.weight, g)[0]
+    torch.testing.assert_close(grads[0], ref, rtol=1e-4, atol=1e-4)

@@ -68,6 +68,10 @@ struct LinearParams {
   const void* out = nullptr;       // backward: the forward's output y [rows, cols]
   void* grad_pre = nullptr;        // backward: dL/d(pre-activation) [rows, cols], or nullptr
   void* grad_bias = nullptr;       // backward: [cols] (sum of grad_pre over rows), or nullptr
+  // backward, CPU only: also write dL/d(pre-activation) transposed, [cols, rows] row-major (the
+  // first operand of the weight-gradient GEMM; NOTE: [CPU GEMM backend] in pyvae/_gemm.py), or nullptr.
+  // With an activation it is copied from grad_pre, which must then be given.
+  void* grad_pre_t = nullptr;
   void* stream = nullptr;
 };
 

@@ -59,6 +59,7 @@ void act_bwd_t(const LinearParams& p) {
   const S* y = static_cast<const S*>(p.out);
   S* gp = static_cast<S*>(p.grad_pre);
   S* gb = static_cast<S*>(p.grad_bias);
+  S* gpt = static_cast<S*>(p.grad_pre_t);
   const int64_t R = p.rows, N = p.cols;
   const int64_t chunks = (R + kRowChunk - 1) / kRowChunk;
   std::vector<C> partial(gb ? static_cast<size_t>(chunks * N) : 0);
@@ -66,7 +67,8 @@ void act_bwd_t(const LinearParams& p) {
   for (int64_t k = 0; k < chunks; ++k) {
     C* acc = gb ? partial.data() + k * N : nullptr;
     if (acc) std::fill(acc, acc + N, C(0));
-    for (int64_t r = k * kRowChunk; r < std::min(R, (k + 1) * kRowChunk); ++r) {
+    const int64_t r0 = k * kRowChunk, r1 = std::min(R, r0 + kRowChunk);
+    for (int64_t r = r0; r < r1; ++r) {
       const S* gyr = gy + r * N;
       const S* yr = A == ops::Act::kIdentity ? nullptr : y + r * N;
       S* gpr = gp ? gp + r * N : nullptr;
@@ -76,6 +78,16 @@ void act_bwd_t(const LinearParams& p) {
                                               : ops::act_backward<A>(Io<S>::load(gyr, c), Io<S>::load(yr, c));
         if (gpr) Io<S>::store(gpr, c, g);
         if (acc) acc[c] += g;
+      }
+    }
+    if (gpt) {
+      // The chunk's rows of dL/d(pre) (just written, still in cache; for identity it is grad_y
+      // itself) stored transposed: column c of the chunk becomes r1 - r0 contiguous elements.
+      const S* src = gp ? gp : gy;
+      for (int64_t c = 0; c < N; ++c) {
+        S* dst = gpt + c * R;
+#pragma omp simd
+        for (int64_t r = r0; r < r1; ++r) dst[r] = src[r * N + c];
       }
     }
   }

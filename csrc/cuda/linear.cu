@@ -90,6 +90,7 @@ void bias_act_fwd(const LinearParams& p) {
 }
 
 void act_bwd(const LinearParams& p) {
+  // grad_pre_t is CPU-only (the binding refuses it for CUDA; cuBLAS takes transposed operands).
   if (p.rows == 0) {
     if (p.grad_bias) {
       const size_t bytes = static_cast<size_t>(p.cols) *
