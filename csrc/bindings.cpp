@@ -122,8 +122,6 @@ void def_linear(py::module_& m, const char* name, LinearFn cpu::KernelTable::*cp
                         uintptr_t grad_pre_t) {
         if (grad_pre_t && device != kCPU)
           throw std::invalid_argument("pyvae._C: grad_pre_t (the transposed gradient) is CPU-only");
-        if (grad_pre_t && act != 0 && !grad_pre)
-          throw std::invalid_argument("pyvae._C: grad_pre_t needs grad_pre with an activation (it is its transpose)");
         if (dtype < 0 || dtype > 3 || (device == kCPU && dtype == 2))
           throw std::invalid_argument("pyvae._C: dtype code " + std::to_string(dtype) + " not supported on this device");
         if (act < 0 || act > 4) throw std::invalid_argument("pyvae._C: unknown activation code " + std::to_string(act));

@@ -127,7 +127,6 @@ def _backward_core(grad, x, weight, out, has_bias, act, mask):
         g2 = g2.contiguous()
     x2 = x if flat else x.reshape(-1, in_features)
     rows = g2.shape[0]
-    need_pre = mask[0] or mask[1]
     need_bias = bool(has_bias and mask[2])
     cpu = g2.is_cpu
     if not cpu and _cublaslt.available():
@@ -146,6 +145,8 @@ def _backward_core(grad, x, weight, out, has_bias, act, mask):
     # kernel writes it too, in the same pass.
     g_t = torch.empty(out_features, rows, dtype=kd, device=x.device) \
         if cpu and mask[1] and kd == g2.dtype and rows > 0 and _gemm.wants_transposed_grad(g2, in_features) else None
+    # dL/d(pre) row-major is for the input gradient, and for the weight gradient unless g_t serves it.
+    need_pre = mask[0] or (mask[1] and g_t is None)
     if act == 0:
         grad_pre = g2
         if need_bias or g_t is not None:
@@ -160,18 +161,21 @@ def _backward_core(grad, x, weight, out, has_bias, act, mask):
         if not yk.is_contiguous():
             yk = yk.contiguous()
         grad_pre = torch.empty_like(gk) if need_pre else None
-        if need_pre or need_bias:
+        if need_pre or need_bias or g_t is not None:
             _C.act_bwd(dev, _DTYPE_CODE[kd], act, rows, out_features, 0, 0, gk.data_ptr(), yk.data_ptr(),
                        0 if grad_pre is None else grad_pre.data_ptr(),
                        0 if grad_bias is None else grad_bias.data_ptr(), stream, _ptr(g_t))
         if grad_pre is not None and grad_pre.dtype != x.dtype:
             grad_pre = grad_pre.to(x.dtype)
+    # The weight gradient first, so that g_t is freed before the input gradient is allocated (at
+    # B=8192 on dec2: 26 of the 44 MB peak of this backward).
+    grad_w = _gemm.grad_weight(grad_pre if grad_pre is not None else g2, x2, g_t) if mask[1] else None
+    del g_t
     grad_x = None
     if mask[0]:
         grad_x = _gemm.grad_input(grad_pre, weight)
         if not flat:
             grad_x = grad_x.view(*x.shape[:-1], in_features)
-    grad_w = _gemm.grad_weight(grad_pre, x2, g_t) if mask[1] else None
     grad_b = None
     if need_bias:
         grad_b = grad_bias if grad_bias.dtype == weight.dtype else grad_bias.to(weight.dtype)

@@ -70,7 +70,7 @@ struct LinearParams {
   void* grad_bias = nullptr;       // backward: [cols] (sum of grad_pre over rows), or nullptr
   // backward, CPU only: also write dL/d(pre-activation) transposed, [cols, rows] row-major (the
   // first operand of the weight-gradient GEMM; NOTE: [CPU GEMM backend] in pyvae/_gemm.py), or nullptr.
-  // With an activation it is copied from grad_pre, which must then be given.
+  // grad_pre may then be nullptr when only the weight gradient is wanted.
   void* grad_pre_t = nullptr;
   void* stream = nullptr;
 };

@@ -63,31 +63,45 @@ void act_bwd_t(const LinearParams& p) {
   const int64_t R = p.rows, N = p.cols;
   const int64_t chunks = (R + kRowChunk - 1) / kRowChunk;
   std::vector<C> partial(gb ? static_cast<size_t>(chunks * N) : 0);
-#pragma omp parallel for schedule(static) if (R * N >= kParallelGrain)
-  for (int64_t k = 0; k < chunks; ++k) {
-    C* acc = gb ? partial.data() + k * N : nullptr;
-    if (acc) std::fill(acc, acc + N, C(0));
-    const int64_t r0 = k * kRowChunk, r1 = std::min(R, r0 + kRowChunk);
-    for (int64_t r = r0; r < r1; ++r) {
-      const S* gyr = gy + r * N;
-      const S* yr = A == ops::Act::kIdentity ? nullptr : y + r * N;
-      S* gpr = gp ? gp + r * N : nullptr;
+  // grad_pre_t without grad_pre (only the weight gradient is wanted): the chunk's rows of
+  // dL/d(pre) go to a per-thread scratch block, transposed from there.
+  const bool scratch_rows = gpt && !gp && A != ops::Act::kIdentity;
+#pragma omp parallel if (R * N >= kParallelGrain)
+  {
+    std::vector<S> scratch(scratch_rows ? static_cast<size_t>(kRowChunk * N) : 0);
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < chunks; ++k) {
+      C* acc = gb ? partial.data() + k * N : nullptr;
+      if (acc) std::fill(acc, acc + N, C(0));
+      const int64_t r0 = k * kRowChunk, r1 = std::min(R, r0 + kRowChunk);
+      // Where row r of dL/d(pre) is (written below, or grad_y itself for identity), or nullptr.
+      const auto pre_row = [&](int64_t r) -> S* {
+        if (gp) return gp + r * N;
+        if (scratch_rows) return scratch.data() + (r - r0) * N;
+        return nullptr;
+      };
+      for (int64_t r = r0; r < r1; ++r) {
+        const S* gyr = gy + r * N;
+        const S* yr = A == ops::Act::kIdentity ? nullptr : y + r * N;
+        S* gpr = pre_row(r);
 #pragma omp simd
-      for (int64_t c = 0; c < N; ++c) {
-        const C g = A == ops::Act::kIdentity ? Io<S>::load(gyr, c)
-                                              : ops::act_backward<A>(Io<S>::load(gyr, c), Io<S>::load(yr, c));
-        if (gpr) Io<S>::store(gpr, c, g);
-        if (acc) acc[c] += g;
+        for (int64_t c = 0; c < N; ++c) {
+          const C g = A == ops::Act::kIdentity ? Io<S>::load(gyr, c)
+                                                : ops::act_backward<A>(Io<S>::load(gyr, c), Io<S>::load(yr, c));
+          if (gpr) Io<S>::store(gpr, c, g);
+          if (acc) acc[c] += g;
+        }
       }
-    }
-    if (gpt) {
-      // The chunk's rows of dL/d(pre) (just written, still in cache; for identity it is grad_y
-      // itself) stored transposed: column c of the chunk becomes r1 - r0 contiguous elements.
-      const S* src = gp ? gp : gy;
-      for (int64_t c = 0; c < N; ++c) {
-        S* dst = gpt + c * R;
+      if (gpt) {
+        // The chunk's rows of dL/d(pre) (just written, still in cache) stored transposed: column c
+        // of the chunk becomes r1 - r0 contiguous elements of row c of grad_pre_t.
+        const bool own = gp || scratch_rows;
+        const S* src = own ? pre_row(r0) : gy + r0 * N;  // rows r0.. at stride N
+        for (int64_t c = 0; c < N; ++c) {
+          S* dst = gpt + c * R + r0;
 #pragma omp simd
-        for (int64_t r = r0; r < r1; ++r) dst[r] = src[r * N + c];
+          for (int64_t r = 0; r < r1 - r0; ++r) dst[r] = src[r * N + c];
+        }
       }
     }
   }
