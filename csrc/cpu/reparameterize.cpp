@@ -74,13 +74,15 @@ void reparameterize_bwd_t(const ReparamParams& p) {
     for (int64_t s = 0; s < p.samples; ++s) {
       const T* g = G + s * M + m0;
       const bool first = s == 0;
-      // dz/dmu = 1: the mu gradient is the sum of g over samples and needs no eps.
+      // The mu gradient needs no eps (ops::reparameterize_grad_mu).
       if (gmu) {
         T* gm = gmu + m0;
-        if (first) std::copy(g, g + n, gm);
-        else {
+        if (first) {
 #pragma omp simd
-          for (int64_t j = 0; j < n; ++j) gm[j] += g[j];
+          for (int64_t j = 0; j < n; ++j) gm[j] = ops::reparameterize_grad_mu(g[j]);
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) gm[j] += ops::reparameterize_grad_mu(g[j]);
         }
       }
       if (!glv) continue;
@@ -90,10 +92,10 @@ void reparameterize_bwd_t(const ReparamParams& p) {
       // Branch-free inner loops (one per case) so they vectorize.
       if (first) {
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) gl[j] = ops::reparameterize_grad(l[j], T(eps[j]), g[j]).lv;
+        for (int64_t j = 0; j < n; ++j) gl[j] = ops::reparameterize_grad_lv(l[j], T(eps[j]), g[j]);
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) gl[j] += ops::reparameterize_grad(l[j], T(eps[j]), g[j]).lv;
+        for (int64_t j = 0; j < n; ++j) gl[j] += ops::reparameterize_grad_lv(l[j], T(eps[j]), g[j]);
       }
     }
   }
