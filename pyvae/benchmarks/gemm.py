@@ -3,13 +3,17 @@
 For every layer of the paper's MNIST VAE and every batch size, times the three products of a linear
 layer (forward x @ W.T + b, grad_input g @ W, grad_weight g.T @ x) on:
     torch-mm   torch's own mm/addmm (what nn.Linear and torch.compile call: MKL sgemm for float32)
-    onednn     oneDNN through torch.ops.mkldnn._linear_pointwise, in the form pyvae uses
-Both routes run interleaved round-robin in one process (the shared method of pyvae.benchmarks.common),
-and the result is reported as GFLOP/s of the median. Compare with the FMA peak of bench/fma_peak.c.
+    onednn     oneDNN through torch.ops.mkldnn._linear_pointwise, in the form pyvae uses; for
+               grad_weight with in_features >= 64 that is with g.T given row-major, as pyvae's
+               backward epilogue kernel writes it (made outside the timed call here; the kernel's
+               extra write is inside `bench mlp`'s backward times)
+Both routes run interleaved in one process (the shared method of pyvae.benchmarks.common), and the
+result is reported as GFLOP/s of the median. Compare with the FMA peak of bench/fma_peak.c.
 
 Examples:
     pyvae bench gemm
     pyvae bench gemm --batch 1024 --dtype float32
+    pyvae bench gemm --products grad_weight
 """
 from __future__ import annotations
 
@@ -48,11 +52,13 @@ def run(args) -> list:
             b = torch.randn(fout, generator=gen).to(dtype)
             g = torch.randn(B, fout, generator=gen).to(dtype)
             flops = 2.0 * B * fin * fout
-            for product in PRODUCTS:
+            with G.override("onednn", min_flops=0):
+                g_t = g.t().contiguous() if G.wants_transposed_grad(g, fin) else None
+            for product in args.products:
                 ref = {"forward": lambda: torch.addmm(b, x, w.t()), "grad_input": lambda: torch.mm(g, w),
                        "grad_weight": lambda: torch.mm(g.t(), x)}[product]
                 ours = {"forward": lambda: G.linear(x, w, b), "grad_input": lambda: G.grad_input(g, w),
-                        "grad_weight": lambda: G.grad_weight(g, x)}[product]
+                        "grad_weight": lambda: G.grad_weight(g, x, g_t)}[product]
 
                 with G.override("onednn", min_flops=0):  # the torch-mm route calls torch directly
                     res = C.measure_case({"torch-mm": _step(ref), "onednn": _step(ours)}, device="cpu",
@@ -86,6 +92,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", nargs="+", choices=list(LAYERS), default=list(LAYERS))
     p.add_argument("--batch", nargs="+", type=int, default=[100, 1024, 8192])
+    p.add_argument("--products", nargs="+", choices=PRODUCTS, default=list(PRODUCTS))
     C.add_common_args(p)
     args = p.parse_args(argv)
     if args.device != "cpu":
