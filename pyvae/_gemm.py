@@ -91,17 +91,15 @@ def onednn_enabled() -> bool:
     return ok
 
 
+def uses_onednn(dtype: torch.dtype, flops: float) -> bool:
+    """Whether a CPU GEMM of ``flops`` in ``dtype`` runs on oneDNN."""
+    # flops == 0: an empty dimension, which oneDNN's primitive rejects.
+    return flops > 0 and flops >= _MIN_FLOPS and dtype in _ONEDNN_DTYPES and onednn_enabled()
+
+
 def backend(t: torch.Tensor, flops: float = float("inf")) -> str:
     """'onednn' or 'torch': who runs a GEMM of ``flops`` on tensors like ``t``."""
-    # flops == 0: an empty dimension, which oneDNN's primitive rejects.
-    if flops > 0 and flops >= _MIN_FLOPS and t.dtype in _ONEDNN_DTYPES and t.is_cpu and onednn_enabled():
-        return "onednn"
-    return "torch"
-
-
-def uses_onednn(dtype: torch.dtype, flops: float) -> bool:
-    """Whether a CPU GEMM of ``flops`` in ``dtype`` would run on oneDNN (same rule as ``backend``)."""
-    return flops > 0 and flops >= _MIN_FLOPS and dtype in _ONEDNN_DTYPES and onednn_enabled()
+    return "onednn" if t.is_cpu and uses_onednn(t.dtype, flops) else "torch"
 
 
 def _lin(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

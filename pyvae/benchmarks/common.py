@@ -350,9 +350,9 @@ def peak_memory_bytes(step: Step, device: str) -> int | None:
         return int(peak)
     from torch.profiler import ProfilerActivity, profile
 
-    # Measured twice, the second one reported: in the first profiled call of a process the profiler
-    # misses frees of blocks allocated before it started, which inflated some peaks (identical code
-    # measured 24.6 and 8.5 MB).
+    # Measured twice, the second one reported: a case's first profiled call gave identical code
+    # 24.6 and 8.5 MB (the profiler warns that it misses frees of blocks allocated before it
+    # started); the second calls agreed.
     for _ in range(2):
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             keep = step.run(state)
