@@ -288,18 +288,26 @@ class _LinearActAutocastFunction(torch.autograd.Function):
     the cast nodes of the dispatcher path would do."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation, dtype):
-        xc, wc, bc = _autocast_cast(x, dtype), _autocast_cast(weight, dtype), _autocast_cast(bias, dtype)
-        out = _linear_act_impl(xc, wc, bc, activation)
+    def forward(ctx, x, weight, bias, activation, dtype, checked):
+        act = ACTIVATIONS.get(activation)
+        if checked:  # linear_act's _fast_valid(autocast=True) passed: valid, every dtype one autocast lowers
+            xc = x if x.dtype == dtype else x.to(dtype)
+            wc = weight if weight.dtype == dtype else weight.to(dtype)
+            bc = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+            out = _forward(xc, wc, bc, act)
+        else:
+            xc, wc, bc = _autocast_cast(x, dtype), _autocast_cast(weight, dtype), _autocast_cast(bias, dtype)
+            out = _linear_act_impl(xc, wc, bc, activation)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        _setup_context(ctx, (xc, wc, bc, activation), out)
+        ctx.activation, ctx.act, ctx.has_bias = activation, act, bias is not None
+        # The output is needed only for the activation's derivative (identity needs nothing of it).
+        ctx.save_for_backward(xc, wc, out if act != 0 else None)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, out = ctx.saved_tensors
-        grads = _backward_core(grad, x, weight, out, ctx.has_bias, ACTIVATIONS[ctx.activation],
-                               ctx.needs_input_grad[:3])
+        grads = _backward_core(grad, x, weight, out, ctx.has_bias, ctx.act, ctx.needs_input_grad[:3])
         grads = [g if g is None or g.dtype == dt else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         if torch.is_grad_enabled():  # create_graph=True: NOTE: [No double backward] in pyvae/ops.py
             from .ops import _FirstOrderOnly
@@ -310,7 +318,7 @@ class _LinearActAutocastFunction(torch.autograd.Function):
             wrapped = _FirstOrderOnly.apply("linear_act", len(idx), *(grads[i] for i in idx), anchor)
             for i, g in zip(idx, wrapped):
                 grads[i] = g
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 # NOTE: [Small layers run torch's ops]
@@ -382,9 +390,11 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
                 return torch.ops.pyvae.linear_act(x, weight, bias, activation)
             dt = torch.get_autocast_dtype(dev)
-            if _fast_valid(x, weight, bias, activation, autocast=True) and _torch_route(x, weight, activation, dt):
+            checked = _fast_valid(x, weight, bias, activation, autocast=True)
+            if checked and _torch_route(x, weight, activation, dt):
                 return torch.nn.functional.linear(x, weight, bias)  # autocast casts for it
-            return _LinearActAutocastFunction.apply(x, weight, bias, activation, dt)  # checks after the casts
+            # Unless checked here, the function checks after its casts.
+            return _LinearActAutocastFunction.apply(x, weight, bias, activation, dt, checked)
         if _fast_valid(x, weight, bias, activation):
             if _torch_route(x, weight, activation, x.dtype):
                 return torch.nn.functional.linear(x, weight, bias)
