@@ -211,3 +211,26 @@ def test_half_on_cpu_computes_in_float32(dtype):
     inputs = _inputs((4, 784), "per_feature", dtype)
     out, *_ = check_op(pyvae.gaussian_kl, oracle, inputs, dtype, scale=1.0)
     assert out.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,z", [(15, 20), (16, 20), (17, 1), (1000, 20), (5003, 64), (300, 65)])
+@pytest.mark.parametrize("want", ["both", "mu", "logvar"])
+def test_many_short_rows(dtype, rows, z, want):
+    # The standard-prior CPU kernels take rows in blocks of 16 when Z <= 64 (a partial last block,
+    # several threads from 32768 elements on); Z = 65 takes the per-row path. Against the oracle, in
+    # every build, with one or both gradients asked for.
+    mu = make(rows, z, dtype=dtype, seed=1, grad=want in ("both", "mu"))
+    lv = make(rows, z, dtype=dtype, seed=2, grad=want in ("both", "logvar"))
+    leaves = [t for t in (mu, lv) if t.requires_grad]
+    g = make(rows, dtype=dtype, seed=3)
+
+    def run():
+        out = pyvae.gaussian_kl(mu, lv)
+        return (out.detach(), *grads(out, leaves, g))
+
+    mu64, lv64 = ref(mu, lv)
+    leaves64 = [t for t, w in zip((mu64, lv64), (mu, lv)) if w.requires_grad]
+    expected = oracle(mu64, lv64)
+    expected = (expected, *grads(expected, leaves64, g.double()))
+    assert_archs_agree(per_arch(run), expected, dtype)
