@@ -197,8 +197,18 @@ def _call(name: str, *args):
 
 
 # ---------------------------------------------------------------- row-reduction op plumbing
+_PLAN_FAST = (torch.float32, torch.float64)
+
+
 def _plan(op: str, named: Sequence[tuple]):
     """Validates a row-reduction op's inputs; returns (full shape, dtype, device)."""
+    if len(named) == 2:
+        # The common valid case (two CPU float32/float64 tensors of one shape: nothing to broadcast)
+        # in one expression, ~2 us less per call; anything else gets the checks that name it.
+        a, b = named[0][1], named[1][1]
+        if (type(a) is type(b) and isinstance(a, torch.Tensor) and a.dtype in _PLAN_FAST and b.dtype == a.dtype
+                and a.is_cpu and b.is_cpu and a.dim() >= 1 and a.shape == b.shape):
+            return tuple(a.shape), a.dtype, a.device
     for name, t in named:
         V.tensor(name, t, op=op)
     dtype, device = V.same_dtype_device(named, op=op)
