@@ -210,12 +210,15 @@ torch.library.register_fake("pyvae::linear_act", _linear_act_fake, lib=_lib)
 torch.library.register_fake("pyvae::linear_act_backward", _linear_act_backward_fake, lib=_lib)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, activation = inputs
-    ctx.activation = activation
-    ctx.has_bias = bias is not None
+def _save(ctx, x, weight, bias, activation, output):
+    """What every backward of linear_act reads (the dispatcher's and both direct functions')."""
+    ctx.activation, ctx.act, ctx.has_bias = activation, ACTIVATIONS[activation], bias is not None
     # The output is needed only for the activation's derivative (identity needs nothing of it).
-    ctx.save_for_backward(x, weight, output if activation != "identity" else None)
+    ctx.save_for_backward(x, weight, output if ctx.act != 0 else None)
+
+
+def _setup_context(ctx, inputs, output):
+    _save(ctx, *inputs, output)
 
 
 def _backward(ctx, grad, direct: bool = False):
@@ -266,11 +269,8 @@ class _LinearActFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, activation):
-        act = ACTIVATIONS[activation]
-        out = _forward(x, weight, bias, act)
-        ctx.activation, ctx.act, ctx.has_bias = activation, act, bias is not None
-        # The output is needed only for the activation's derivative (identity needs nothing of it).
-        ctx.save_for_backward(x, weight, out if act != 0 else None)
+        out = _forward(x, weight, bias, ACTIVATIONS[activation])
+        _save(ctx, x, weight, bias, activation, out)
         return out
 
     @staticmethod
@@ -289,19 +289,11 @@ class _LinearActAutocastFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, activation, dtype, checked):
-        act = ACTIVATIONS.get(activation)
-        if checked:  # linear_act's _fast_valid(autocast=True) passed: valid, every dtype one autocast lowers
-            xc = x if x.dtype == dtype else x.to(dtype)
-            wc = weight if weight.dtype == dtype else weight.to(dtype)
-            bc = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
-            out = _forward(xc, wc, bc, act)
-        else:
-            xc, wc, bc = _autocast_cast(x, dtype), _autocast_cast(weight, dtype), _autocast_cast(bias, dtype)
-            out = _linear_act_impl(xc, wc, bc, activation)
+        xc, wc, bc = _autocast_cast(x, dtype), _autocast_cast(weight, dtype), _autocast_cast(bias, dtype)
+        # checked: linear_act's _fast_valid(autocast=True) passed, so the casts are valid inputs too.
+        out = _forward(xc, wc, bc, ACTIVATIONS[activation]) if checked else _linear_act_impl(xc, wc, bc, activation)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.activation, ctx.act, ctx.has_bias = activation, act, bias is not None
-        # The output is needed only for the activation's derivative (identity needs nothing of it).
-        ctx.save_for_backward(xc, wc, out if act != 0 else None)
+        _save(ctx, xc, wc, bc, activation, out)
         return out
 
     @staticmethod
