@@ -201,7 +201,8 @@ _PLAN_FAST = (torch.float32, torch.float64)
 
 
 def _plan(op: str, named: Sequence[tuple]):
-    """Validates a row-reduction op's inputs; returns (full shape, dtype, device)."""
+    """Validates an op's float tensor inputs (row reductions, reparameterize); returns (full shape,
+    dtype, device)."""
     if len(named) == 2:
         # The common valid case (two CPU float32/float64 tensors of one shape: nothing to broadcast)
         # in one expression, ~2 us less per call; anything else gets the checks that name it.
@@ -490,29 +491,15 @@ _lib.define(
 )
 
 
-_REPARAM_FAST = (torch.float32, torch.float64)
-
-
 def _reparam_plan(mu, logvar, samples, seed):
-    # The common valid case (same shape and dtype, CPU float32/float64: nothing to broadcast or
-    # cast) in one expression, ~2.5 us less per call; anything else gets the checks that name it.
-    if (type(mu) is type(logvar) and isinstance(mu, torch.Tensor) and mu.dtype in _REPARAM_FAST
-            and logvar.dtype == mu.dtype and mu.is_cpu and logvar.is_cpu and mu.shape == logvar.shape
-            and type(samples) is int and samples >= 0 and isinstance(seed, torch.Tensor)
-            and seed.dtype == torch.int64 and seed.shape == (2,)):
-        shape = tuple(mu.shape)
-        return shape, ((samples, *shape) if samples > 0 else shape), mu.dtype, mu.device
     op = "reparameterize"
-    V.tensor("mu", mu, op=op)
-    V.tensor("logvar", logvar, op=op)
-    dtype, device = V.same_dtype_device([("mu", mu), ("logvar", logvar)], op=op)
-    shape = V.broadcast([("mu", mu), ("logvar", logvar)], op=op)
+    shape, dtype, device = _plan(op, [("mu", mu), ("logvar", logvar)])  # (its fast path: same shape)
     if not isinstance(samples, int) or samples < 0:
         raise ValueError(f"pyvae.{op}: samples must be a non-negative int (0: no sample dim), got {samples!r}")
     if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.shape != (2,):
         raise ValueError(f"pyvae.{op}: seed must be an int64 tensor of shape [2] (seed, offset)")
-    out_shape = (samples, *shape) if samples > 0 else tuple(shape)
-    return tuple(shape), out_shape, dtype, device
+    shape = tuple(shape)
+    return shape, ((samples, *shape) if samples > 0 else shape), dtype, device
 
 
 def _seed_words(seed: torch.Tensor):
