@@ -89,6 +89,11 @@ void bernoulli_log_prob_bwd_t(const RowwiseParams& p) {
 constexpr int64_t kKlBlock = 16;
 constexpr int64_t kKlMaxCols = 64;
 
+// Whether the blocked kernels take this call: standard prior, Z <= kKlMaxCols, mu and logvar unbroadcast.
+bool kl_short_rows(const RowwiseParams& p) {
+  return p.c.data == nullptr && p.cols <= kKlMaxCols && p.a.mod >= p.rows && p.b.mod >= p.rows;
+}
+
 template <typename T>
 void gaussian_kl_fwd_short_rows(const RowwiseParams& p) {
   const int64_t D = p.cols, R = p.rows;
@@ -118,7 +123,7 @@ void gaussian_kl_fwd_t(const RowwiseParams& p) {
   const int64_t D = p.cols;
   T* out = static_cast<T*>(p.out);
   const bool std_prior = p.c.data == nullptr;
-  if (std_prior && D <= kKlMaxCols && p.a.mod >= p.rows && p.b.mod >= p.rows) {
+  if (kl_short_rows(p)) {
     gaussian_kl_fwd_short_rows<T>(p);
     return;
   }
@@ -176,7 +181,7 @@ void gaussian_kl_bwd_t(const RowwiseParams& p) {
   T* gplv = static_cast<T*>(p.grad_d);
   // Gradients are cheap next to their memory traffic: compute all four, store what is wanted.
   const bool std_prior = p.c.data == nullptr;
-  if (std_prior && D <= kKlMaxCols && p.a.mod >= p.rows && p.b.mod >= p.rows) {
+  if (kl_short_rows(p)) {
     gaussian_kl_bwd_short_rows<T>(p);
     return;
   }
