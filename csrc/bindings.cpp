@@ -10,6 +10,7 @@
 
 #include "common/params.h"
 #include "cpu/dispatch.h"
+#include "ops/activation.h"
 #include "ops/philox.h"
 #if defined(PYVAE_WITH_CUDA)
 #include "cuda/kernels.h"
@@ -20,16 +21,44 @@ namespace py = pybind11;
 namespace pyvae {
 namespace {
 
+// NOTE: [Codes are defined here]
+// Device, dtype and activation codes are C++ enums (Device below, DType in common/params.h, ops::Act in
+// ops/activation.h); the module exports each as a name -> code dict, and which dtypes each kernel
+// family takes on each device, so Python (pyvae/_gate.py) reads them instead of repeating numbers.
 enum Device : int { kCPU = 0, kCUDA = 1 };
+
+constexpr DType kAllDTypes[] = {DType::kFloat32, DType::kFloat64, DType::kFloat16, DType::kBFloat16};
+
+const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::kFloat32: return "float32";
+    case DType::kFloat64: return "float64";
+    case DType::kFloat16: return "float16";
+    case DType::kBFloat16: return "bfloat16";
+  }
+  return "?";
+}
+
+// The dtypes the row ops and reparameterize take: CPU launchers are built for float32 and float64
+// (Python computes half inputs in float32 there); CUDA launchers for all four (csrc/cuda/common.cuh).
+bool rowwise_supports(int device, DType d) {
+  return device == kCUDA || d == DType::kFloat32 || d == DType::kFloat64;
+}
+
+// The linear epilogues: CPU float32, float64 and bfloat16 (csrc/cpu/linear.cpp); CUDA all four.
+bool linear_supports(int device, DType d) { return device == kCUDA || d != DType::kFloat16; }
+
+DType checked_dtype(int device, int dtype, bool (*supports)(int, DType)) {
+  if (device != kCPU && device != kCUDA)
+    throw std::invalid_argument("pyvae._C: device code " + std::to_string(device) + " is not cpu (0) or cuda (1)");
+  for (DType d : kAllDTypes)
+    if (static_cast<int>(d) == dtype && supports(device, d)) return d;
+  throw std::invalid_argument("pyvae._C: dtype code " + std::to_string(dtype) + " not supported on this device");
+}
 
 template <typename T>
 T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
-}
-
-void check_dtype(int device, int dtype) {
-  const bool ok = device == kCPU ? (dtype == 0 || dtype == 1) : (dtype == 0 || dtype == 2 || dtype == 3);
-  if (!ok) throw std::invalid_argument("pyvae._C: dtype code " + std::to_string(dtype) + " not supported on this device");
 }
 
 [[noreturn]] void no_cuda() {
@@ -49,8 +78,8 @@ void launch(int device, void (*const cpu::KernelTable::*cpu_fn)(const P&), void 
 
 using RowwiseFn = void (*)(const RowwiseParams&);
 
-// One Python entry per row-reduction op: (device, dtype, rows, cols, cols2, samples,
-// a, a_mod, b, b_mod, c, c_mod, d, d_mod, grad_out, out, grad_a, grad_b, grad_c, grad_d, stream)
+// One Python entry per row-reduction op; every argument by name (pyvae/_gate.py checks each
+// tensor's size, dtype, device and layout before its pointer gets here).
 void def_rowwise(py::module_& m, const char* name, RowwiseFn cpu::KernelTable::*cpu_fn, RowwiseFn cuda_fn) {
   m.def(
       name,
@@ -58,9 +87,8 @@ void def_rowwise(py::module_& m, const char* name, RowwiseFn cpu::KernelTable::*
                         uintptr_t a, int64_t a_mod, uintptr_t b, int64_t b_mod, uintptr_t c, int64_t c_mod,
                         uintptr_t d, int64_t d_mod, uintptr_t grad_out, uintptr_t out, uintptr_t grad_a,
                         uintptr_t grad_b, uintptr_t grad_c, uintptr_t grad_d, uintptr_t stream) {
-        check_dtype(device, dtype);
         RowwiseParams p;
-        p.dtype = static_cast<DType>(dtype);
+        p.dtype = checked_dtype(device, dtype, rowwise_supports);
         p.rows = rows;
         p.cols = cols;
         p.cols2 = cols2;
@@ -79,21 +107,23 @@ void def_rowwise(py::module_& m, const char* name, RowwiseFn cpu::KernelTable::*
         if (rows == 0) return;
         launch(device, cpu_fn, cuda_fn, p);
       },
+      py::kw_only(), py::arg("device"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("cols2"),
+      py::arg("samples"), py::arg("a"), py::arg("a_mod"), py::arg("b"), py::arg("b_mod"), py::arg("c"),
+      py::arg("c_mod"), py::arg("d"), py::arg("d_mod"), py::arg("grad_out"), py::arg("out"), py::arg("grad_a"),
+      py::arg("grad_b"), py::arg("grad_c"), py::arg("grad_d"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>());
 }
 
 using ReparamFn = void (*)(const ReparamParams&);
 
-// (device, dtype, numel, samples, mu, logvar, grad_out, z, grad_mu, grad_logvar, seed, offset, stream)
 void def_reparam(py::module_& m, const char* name, ReparamFn cpu::KernelTable::*cpu_fn, ReparamFn cuda_fn) {
   m.def(
       name,
       [cpu_fn, cuda_fn](int device, int dtype, int64_t numel, int64_t samples, uintptr_t mu, uintptr_t logvar,
                         uintptr_t grad_out, uintptr_t z, uintptr_t grad_mu, uintptr_t grad_logvar, uint64_t seed,
                         uint64_t offset, uintptr_t stream) {
-        check_dtype(device, dtype);
         ReparamParams p;
-        p.dtype = static_cast<DType>(dtype);
+        p.dtype = checked_dtype(device, dtype, rowwise_supports);
         p.numel = numel;
         p.samples = samples;
         p.mu = ptr<const void>(mu);
@@ -108,25 +138,25 @@ void def_reparam(py::module_& m, const char* name, ReparamFn cpu::KernelTable::*
         if (numel == 0 || samples == 0) return;
         launch(device, cpu_fn, cuda_fn, p);
       },
-      py::call_guard<py::gil_scoped_release>());
+      py::kw_only(), py::arg("device"), py::arg("dtype"), py::arg("numel"), py::arg("samples"), py::arg("mu"),
+      py::arg("logvar"), py::arg("grad_out"), py::arg("z"), py::arg("grad_mu"), py::arg("grad_logvar"),
+      py::arg("seed"), py::arg("offset"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 }
 
 using LinearFn = void (*)(const LinearParams&);
 
-// Linear epilogues: CPU takes float32, float64 and bfloat16; CUDA float32, float64, float16, bfloat16.
 void def_linear(py::module_& m, const char* name, LinearFn cpu::KernelTable::*cpu_fn, LinearFn cuda_fn) {
   m.def(
       name,
       [cpu_fn, cuda_fn](int device, int dtype, int act, int64_t rows, int64_t cols, uintptr_t y, uintptr_t bias,
-                        uintptr_t grad_y, uintptr_t out, uintptr_t grad_pre, uintptr_t grad_bias, uintptr_t stream,
-                        uintptr_t grad_pre_t) {
+                        uintptr_t grad_y, uintptr_t out, uintptr_t grad_pre, uintptr_t grad_bias, uintptr_t grad_pre_t,
+                        uintptr_t stream) {
         if (grad_pre_t && device != kCPU)
           throw std::invalid_argument("pyvae._C: grad_pre_t (the transposed gradient) is CPU-only");
-        if (dtype < 0 || dtype > 3 || (device == kCPU && dtype == 2))
-          throw std::invalid_argument("pyvae._C: dtype code " + std::to_string(dtype) + " not supported on this device");
-        if (act < 0 || act > 4) throw std::invalid_argument("pyvae._C: unknown activation code " + std::to_string(act));
         LinearParams p;
-        p.dtype = static_cast<DType>(dtype);
+        p.dtype = checked_dtype(device, dtype, linear_supports);
+        if (act < 0 || act >= ops::kNumActs)
+          throw std::invalid_argument("pyvae._C: unknown activation code " + std::to_string(act));
         p.act = act;
         p.rows = rows;
         p.cols = cols;
@@ -141,18 +171,16 @@ void def_linear(py::module_& m, const char* name, LinearFn cpu::KernelTable::*cp
         if (cols == 0) return;
         launch(device, cpu_fn, cuda_fn, p);
       },
-      py::arg("device"), py::arg("dtype"), py::arg("act"), py::arg("rows"), py::arg("cols"), py::arg("y"),
-      py::arg("bias"), py::arg("grad_y"), py::arg("out"), py::arg("grad_pre"), py::arg("grad_bias"),
-      py::arg("stream"), py::arg("grad_pre_t") = 0,
-      py::call_guard<py::gil_scoped_release>());
+      py::kw_only(), py::arg("device"), py::arg("dtype"), py::arg("act"), py::arg("rows"), py::arg("cols"),
+      py::arg("y"), py::arg("bias"), py::arg("grad_y"), py::arg("out"), py::arg("grad_pre"), py::arg("grad_bias"),
+      py::arg("grad_pre_t"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 }
 
 using LinearLtFn = int (*)(const LinearLtParams&);
 
 // cuBLASLt GEMMs of a linear layer (NOTE: [cuBLASLt path] in csrc/cuda/linear_lt.cu), one signature for
-// the three: (dtype, act, rows, in_features, out_features, x, weight, bias, y, grad_pre, grad_x,
-// grad_weight, grad_bias, aux, aux_ld, workspace, workspace_bytes, allow_tf32, strict_reduction,
-// fuse_act, device, stream) -> 0 done, 1 unsupported (nothing written). fn == nullptr: not built.
+// the three (the fields of LinearLtParams, by name) -> 0 done, 1 unsupported (nothing written).
+// fn == nullptr: not built.
 void def_linear_lt(py::module_& m, const char* name, LinearLtFn fn) {
   m.def(
       name,
@@ -165,10 +193,10 @@ void def_linear_lt(py::module_& m, const char* name, LinearLtFn fn) {
           throw std::runtime_error(
               "pyvae._C was built without the cuBLASLt path (no CUDA, or cublasLt.h not found at build "
               "time; see CONTRIBUTING.md)");
-        if (dtype < 0 || dtype > 3)
-          throw std::invalid_argument("pyvae._C: dtype code " + std::to_string(dtype) + " not supported");
         LinearLtParams p;
-        p.dtype = static_cast<DType>(dtype);
+        p.dtype = checked_dtype(kCUDA, dtype, linear_supports);
+        if (act < 0 || act >= ops::kNumActs)
+          throw std::invalid_argument("pyvae._C: unknown activation code " + std::to_string(act));
         p.act = act;
         p.rows = rows;
         p.in_features = in_features;
@@ -192,6 +220,11 @@ void def_linear_lt(py::module_& m, const char* name, LinearLtFn fn) {
         p.stream = ptr<void>(stream);
         return fn(p);
       },
+      py::kw_only(), py::arg("dtype"), py::arg("act"), py::arg("rows"), py::arg("in_features"),
+      py::arg("out_features"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("grad_pre"),
+      py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"), py::arg("aux"), py::arg("aux_ld"),
+      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("allow_tf32"), py::arg("strict_reduction"),
+      py::arg("fuse_act"), py::arg("device"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>());
 }
 
@@ -213,6 +246,30 @@ PYBIND11_MODULE(_C, m) {
   using namespace pyvae;
   m.doc() = "pyvae compiled kernels (raw-pointer interface; use pyvae.ops)";
 
+  {
+    py::dict devices, dtypes, acts, rowwise, linear;
+    devices["cpu"] = static_cast<int>(kCPU);
+    devices["cuda"] = static_cast<int>(kCUDA);
+    for (DType d : kAllDTypes) dtypes[dtype_name(d)] = static_cast<int>(d);
+    for (int a = 0; a < ops::kNumActs; ++a) acts[ops::kActNames[a]] = a;
+    for (int dev : {static_cast<int>(kCPU), static_cast<int>(kCUDA)}) {
+      py::list r, l;
+      for (DType d : kAllDTypes) {
+        if (rowwise_supports(dev, d)) r.append(dtype_name(d));
+        if (linear_supports(dev, d)) l.append(dtype_name(d));
+      }
+      const char* name = dev == kCPU ? "cpu" : "cuda";
+      rowwise[name] = r;
+      linear[name] = l;
+    }
+    m.attr("device_codes") = devices;
+    m.attr("dtype_codes") = dtypes;
+    m.attr("activation_codes") = acts;
+    m.attr("rowwise_dtypes") = rowwise;  // row ops and reparameterize
+    m.attr("linear_dtypes") = linear;    // bias_act_fwd, act_bwd and the cuBLASLt entries
+    m.attr("normals_per_counter") = philox::kNormalsPerCounter;
+  }
+
 #if defined(PYVAE_WITH_CUDA)
   m.attr("cuda_built") = true;
 #else
@@ -232,7 +289,6 @@ PYBIND11_MODULE(_C, m) {
   def_reparam(m, "reparameterize_fwd", &cpu::KernelTable::reparameterize_fwd, PYVAE_CUDA_FN(reparameterize_fwd));
   def_reparam(m, "reparameterize_bwd", &cpu::KernelTable::reparameterize_bwd, PYVAE_CUDA_FN(reparameterize_bwd));
 
-  // (device, dtype, act, rows, cols, y, bias, grad_y, out, grad_pre, grad_bias, stream, grad_pre_t=0)
   def_linear(m, "bias_act_fwd", &cpu::KernelTable::bias_act_fwd, PYVAE_CUDA_FN(bias_act_fwd));
   def_linear(m, "act_bwd", &cpu::KernelTable::act_bwd, PYVAE_CUDA_FN(act_bwd));
 

@@ -1,7 +1,7 @@
 """pyvae: fast, trustworthy Auto-Encoding Variational Bayes for PyTorch."""
-import torch  # noqa: F401  (import torch before _C: it loads the OpenMP runtime both share)
+import torch  # (imported before pyvae._C, through _gate: it loads the OpenMP runtime both share)
 
-from . import _C
+from . import _gate
 from .ops import bernoulli_elbo, bernoulli_log_prob, gaussian_kl, gaussian_log_prob, linear_act, reparameterize
 
 __version__ = "0.1.0"
@@ -18,12 +18,12 @@ def __getattr__(name):
 
 def cuda_available() -> bool:
     """True when this build has CUDA kernels and torch sees a GPU."""
-    return bool(_C.cuda_built) and torch.cuda.is_available()
+    return _gate.cuda_built and torch.cuda.is_available()
 
 
 def cuda_built() -> bool:
     """True when this build of pyvae compiled its CUDA kernels (whether or not a GPU is present)."""
-    return bool(_C.cuda_built)
+    return _gate.cuda_built
 
 
 __all__ = [

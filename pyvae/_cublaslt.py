@@ -22,7 +22,7 @@ Contract shared by the functions below:
   (float64 for float64).
 - A GEMM for which cuBLASLt has no algorithm is done by ``torch.mm`` (backward) or makes the call
   return ``None`` (forward); a cuBLASLt or CUDA error raises ``RuntimeError``.
-- Activation codes: identity=0, relu=1, tanh=2, sigmoid=3, softplus=4 (``pyvae._linear.ACTIVATIONS``).
+- Activation codes: ``pyvae.ops.ACTIVATIONS`` (name -> code, exported by the compiled core).
 
 Set ``PYVAE_DISABLE_CUBLASLT=1`` to make ``available()`` False (for comparisons and bisection).
 """
@@ -34,10 +34,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _C
-from .ops import _DTYPE_CODE, _stream  # defined before pyvae.ops imports _linear (which imports this)
+from . import _gate
 
-_RELU = 1
+_RELU = _gate.ACTIVATIONS["relu"]
+_IDENTITY = _gate.ACTIVATIONS["identity"]
 _MASK_BITS = 128  # cuBLASLt: the ReLU mask's leading dimension is a multiple of 128 bits
 _state = {"checked": False, "reason": "not checked"}
 _workspace_bytes_by_device = {}
@@ -46,14 +46,14 @@ _workspace_bytes_by_device = {}
 def _find_library() -> str:
     """Why the library cannot be loaded ('' when loaded), trying the nvidia-cublas wheel's own copy
     when the default names fail (a torch that did not load it already)."""
-    why = _C.cublaslt_load("")
+    why = _gate.cublaslt_load("")
     if not why:
         return ""
-    major = _C.cublaslt_header_version // 10000
+    major = _gate.cublaslt_header_version // 10000
     for base in sys.path:
         for sub in (f"nvidia/cu{major}/lib", "nvidia/cublas/lib"):
             path = os.path.join(base or ".", sub, f"libcublasLt.so.{major}")
-            if os.path.isfile(path) and not _C.cublaslt_load(path):
+            if os.path.isfile(path) and not _gate.cublaslt_load(path):
                 return ""
     return why
 
@@ -63,16 +63,16 @@ def unavailable_reason() -> str:
     if os.environ.get("PYVAE_DISABLE_CUBLASLT", "").strip() not in ("", "0"):
         return "disabled by PYVAE_DISABLE_CUBLASLT"
     if not _state["checked"]:
-        if not _C.cuda_built:
+        if not _gate.cuda_built:
             reason = "pyvae was built without CUDA kernels"
-        elif not _C.cublaslt_built:
+        elif not _gate.cublaslt_built:
             reason = "pyvae was built without the cuBLASLt path (cublasLt.h not found at build time)"
         elif not torch.cuda.is_available():
             reason = "torch sees no CUDA device"
         else:
             reason = _find_library()
             if not reason:
-                reason = _C.cublaslt_unavailable_reason()
+                reason = _gate.cublaslt_unavailable_reason()
         _state["reason"] = reason
         _state["checked"] = True
     return _state["reason"]
@@ -121,7 +121,7 @@ def _flags(dtype: torch.dtype) -> Tuple[bool, bool]:
 def _usable(*tensors: Optional[torch.Tensor]) -> bool:
     """All given tensors are 2-D (1-D for a bias), contiguous, CUDA, of one supported dtype and device."""
     first = tensors[0]
-    if first is None or first.device.type != "cuda" or first.dtype not in _DTYPE_CODE:
+    if first is None or first.device.type != "cuda" or first.dtype not in _gate.LINEAR_DTYPES["cuda"]:
         return False
     for t in tensors:
         if t is None:
@@ -139,17 +139,10 @@ def _aligned(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t
 
 
-def _ptr(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def _call(fn, dtype, act, rows, in_f, out_f, device, *, x=None, weight=None, bias=None, y=None, grad_pre=None,
-          grad_x=None, grad_weight=None, grad_bias=None, aux=None, aux_ld=0, fuse_act=True, workspace=None) -> int:
+def _call(kind, dtype, act, rows, in_f, out_f, device, **tensors) -> int:
     tf32, strict = _flags(dtype)
-    return fn(_DTYPE_CODE[dtype], act, rows, in_f, out_f, _ptr(x), _ptr(weight), _ptr(bias), _ptr(y),
-              _ptr(grad_pre), _ptr(grad_x), _ptr(grad_weight), _ptr(grad_bias), _ptr(aux), aux_ld,
-              _ptr(workspace), 0 if workspace is None else workspace.numel(), tf32, strict, fuse_act,
-              device.index, _stream(device))
+    return _gate.cublaslt_linear(kind, dtype=dtype, device=device, act=act, rows=rows, in_features=in_f,
+                                 out_features=out_f, allow_tf32=tf32, strict_reduction=strict, **tensors)
 
 
 def _check_linear(x2: torch.Tensor, weight: torch.Tensor, op: str) -> Tuple[int, int, int]:
@@ -184,7 +177,7 @@ def linear_fwd(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     rows, in_f, out_f = _check_linear(x2, weight, "linear_fwd")
     if bias is not None and bias.shape != (out_f,):
         raise ValueError(f"pyvae._cublaslt.linear_fwd: bias must be [{out_f}], got {tuple(bias.shape)}")
-    if not 0 <= act <= 4:
+    if act not in _gate.ACTIVATIONS.values():
         raise ValueError(f"pyvae._cublaslt.linear_fwd: unknown activation code {act}")
     if rows == 0 or in_f == 0 or out_f == 0 or not _usable(x2, weight, bias):
         return None
@@ -195,11 +188,11 @@ def linear_fwd(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     ws = _workspace(dev)
     common = {"x": x2, "weight": weight, "bias": bias, "y": y, "fuse_act": fuse_relu, "workspace": ws}
     if aux is not None:
-        if _call(_C.cublaslt_linear_fwd, x2.dtype, act, rows, in_f, out_f, dev, aux=aux, aux_ld=aux.shape[1] * 8,
+        if _call("fwd", x2.dtype, act, rows, in_f, out_f, dev, aux=aux, aux_ld=aux.shape[1] * 8,
                  **common) == 0:
             return y, aux
         aux = None  # no algorithm writes the mask for this problem: try without it
-    if _call(_C.cublaslt_linear_fwd, x2.dtype, act, rows, in_f, out_f, dev, **common) != 0:
+    if _call("fwd", x2.dtype, act, rows, in_f, out_f, dev, **common) != 0:
         return None
     return y, None
 
@@ -233,40 +226,37 @@ def linear_bwd(grad: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, out: 
             f"pyvae._cublaslt.linear_bwd: grad (and out, unless identity) must be [{rows}, {out_f}], got "
             f"{tuple(grad.shape)} and {None if out is None else tuple(out.shape)}"
         )
-    if not 0 <= act <= 4:
+    if act not in _gate.ACTIVATIONS.values():
         raise ValueError(f"pyvae._cublaslt.linear_bwd: unknown activation code {act}")
     if not (need_x or need_w or need_b):
         return None, None, None
     if rows == 0 or in_f == 0 or out_f == 0 or not _usable(grad, x2, weight, out if act != 0 else None):
         return None
     dev, dt = x2.device, x2.dtype
-    stream = _stream(dev)
     grad_bias = torch.empty(out_f, dtype=dt, device=dev) if need_b else None
     bias_by_gemm = need_b and need_w  # BGRADB in the weight-gradient GEMM
     sum_bias = grad_bias if (need_b and not need_w) else None
-    if act == 0:
+    if act == _IDENTITY:
         grad_pre = grad
         if sum_bias is not None:
-            _C.act_bwd(1, _DTYPE_CODE[dt], 0, rows, out_f, 0, 0, grad.data_ptr(), 0, 0, sum_bias.data_ptr(), stream)
+            _gate.act_bwd(act=act, grad_y=grad, grad_bias=sum_bias)
     else:
         grad_pre = torch.empty_like(grad) if (need_x or need_w) else None
-        _C.act_bwd(1, _DTYPE_CODE[dt], act, rows, out_f, 0, 0, grad.data_ptr(), out.data_ptr(), _ptr(grad_pre),
-                   _ptr(sum_bias), stream)
+        _gate.act_bwd(act=act, grad_y=grad, out=out, grad_pre=grad_pre, grad_bias=sum_bias)
     ws = _workspace(dev) if (need_x or need_w) else None
     grad_w = None
     if need_w:
         grad_w = torch.empty_like(weight)
-        st = _call(_C.cublaslt_linear_wgrad, dt, act, rows, in_f, out_f, dev, x=x2, grad_pre=grad_pre,
+        st = _call("wgrad", dt, act, rows, in_f, out_f, dev, x=x2, grad_pre=grad_pre,
                    grad_weight=grad_w, grad_bias=grad_bias if bias_by_gemm else None, workspace=ws)
         if st != 0:
             torch.mm(grad_pre.t(), x2, out=grad_w)
             if bias_by_gemm:
-                _C.act_bwd(1, _DTYPE_CODE[dt], 0, rows, out_f, 0, 0, grad_pre.data_ptr(), 0, 0,
-                           grad_bias.data_ptr(), stream)
+                _gate.act_bwd(act=_IDENTITY, grad_y=grad_pre, grad_bias=grad_bias)
     grad_x = None
     if need_x:
         grad_x = torch.empty_like(x2)
-        st = _call(_C.cublaslt_linear_dgrad, dt, act, rows, in_f, out_f, dev, weight=weight, grad_pre=grad_pre,
+        st = _call("dgrad", dt, act, rows, in_f, out_f, dev, weight=weight, grad_pre=grad_pre,
                    grad_x=grad_x, workspace=ws)
         if st != 0:
             torch.mm(grad_pre, weight, out=grad_x)
@@ -307,7 +297,7 @@ def linear_dgrad_relu(grad_pre: torch.Tensor, weight: torch.Tensor, x2: torch.Te
     dev, dt = x2.device, x2.dtype
     grad_h = torch.empty_like(x2)
     grad_hb = torch.empty(in_f, dtype=dt, device=dev) if need_bias else None
-    st = _call(_C.cublaslt_linear_dgrad, dt, _RELU, rows, in_f, out_f, dev, x=x2, weight=weight, grad_pre=grad_pre,
+    st = _call("dgrad", dt, _RELU, rows, in_f, out_f, dev, x=x2, weight=weight, grad_pre=grad_pre,
                grad_x=grad_h, grad_bias=grad_hb, aux=aux, aux_ld=aux.shape[1] * 8, workspace=_workspace(dev))
     if st != 0:
         return None

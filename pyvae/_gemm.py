@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-_ONEDNN_DTYPES = (torch.float32,)  # bfloat16 mm already runs on oneDNN in torch
+ONEDNN_DTYPES = (torch.float32,)  # bfloat16 mm already runs on oneDNN in torch
 _NARROW_IN = 64  # below this in_features, grad_weight uses the transposed form (see the note)
 # oneDNN's linear costs ~10 us more per call than torch's mm (primitive lookup, tensor wrapping);
 # at ~200 vs ~450 GFLOP/s that is repaid from about 4-8 MFLOP per product up (bench gemm: at 4 MFLOP,
@@ -94,7 +94,7 @@ def onednn_enabled() -> bool:
 def uses_onednn(dtype: torch.dtype, flops: float) -> bool:
     """Whether a CPU GEMM of ``flops`` in ``dtype`` runs on oneDNN."""
     # flops == 0: an empty dimension, which oneDNN's primitive rejects.
-    return flops > 0 and flops >= _MIN_FLOPS and dtype in _ONEDNN_DTYPES and onednn_enabled()
+    return flops > 0 and flops >= _MIN_FLOPS and dtype in ONEDNN_DTYPES and onednn_enabled()
 
 
 def backend(t: torch.Tensor, flops: float = float("inf")) -> str:

@@ -46,6 +46,8 @@ __all__ = [
     "find_file",
     "ShardedBatches",
     "binarize_batch",
+    "resolve_binarize",
+    "mix_seed",
 ]
 
 DATASETS = ("mnist-5k", "digits", "mnist", "fashion-mnist", "frey")
@@ -319,6 +321,14 @@ def binarize_batch(x: torch.Tensor, generator: Optional[torch.Generator] = None)
     return (u < x).to(x.dtype)
 
 
+def resolve_binarize(binarize: str, likelihood: str) -> str:
+    """The binarization a run uses: ``binarize`` itself, or for "auto" dynamic binarization for a
+    Bernoulli likelihood and none for a Gaussian one."""
+    if binarize != "auto":
+        return binarize
+    return "dynamic" if likelihood == "bernoulli" else "none"
+
+
 def load_dataset(name: str = "mnist-5k", data_dir: Optional[PathLike] = None, binarize: str = "dynamic",
                  limit: Optional[int] = None) -> DataSplits:
     """Loads a dataset as float32 ``[N, D]`` tensors in [0, 1] with a deterministic train/test split.
@@ -416,7 +426,7 @@ class ShardedBatches:
         self.binarize, self.rank, self.world, self.start = binarize, rank, world, start
         self.num_batches = n // batch_size if drop_last else -(-n // batch_size)
         if shuffle:
-            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 1))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, 1))
             self.order = torch.randperm(n, generator=g)
         else:
             self.order = None
@@ -441,13 +451,13 @@ class ShardedBatches:
             else:
                 x = self.data[self.order[a + lo:a + lo + m]]
             if self.binarize:
-                g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 2, s))
+                g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, 2, s))
                 u = torch.rand((size, x.shape[1]), generator=g)[lo:lo + m]
                 x = (u < x).to(x.dtype)
             yield s, x
 
 
-def _mix(*ints: int) -> int:
+def mix_seed(*ints: int) -> int:
     """A 63-bit seed from integers (splitmix64 steps), so nearby (seed, epoch, step) are unrelated."""
     h = 0x9E3779B97F4A7C15
     for v in ints:

@@ -36,10 +36,8 @@ Randomness comes from ``generator`` (default: torch's global generator): z throu
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
@@ -49,7 +47,7 @@ import torch
 from . import ops
 
 __all__ = ["Inpainting", "inpaint", "denoise", "flip_noise", "make_mask", "load_mask", "mask_kinds",
-           "completion_metrics", "image_shape_for", "cli_inpaint", "cli_denoise", "add_cli"]
+           "completion_metrics", "image_shape_for", "MASK_KINDS"]
 
 PathLike = Union[str, os.PathLike]
 MASK_KINDS = ("top-half", "bottom-half", "left-half", "right-half", "random:P")
@@ -83,7 +81,7 @@ class Inpainting:
 
 # ------------------------------------------------------------------------------ validation
 def _check_model(model) -> None:
-    for attr in ("encode", "decode", "x_dim", "z_dim", "likelihood"):
+    for attr in ("encode", "decode", "mean_from", "log_weight", "x_dim", "z_dim", "likelihood"):
         if not hasattr(model, attr):
             raise TypeError(f"model must be a pyvae.models.VAE (no attribute {attr!r}), got {type(model).__name__}")
 
@@ -152,17 +150,6 @@ def _draw_x(model, out, generator) -> torch.Tensor:
     return ops.reparameterize(mean, logvar, generator=generator)
 
 
-def _mean_x(model, out) -> torch.Tensor:
-    return torch.sigmoid(out) if model.likelihood == "bernoulli" else out[0]
-
-
-def _log_px(model, out, x: torch.Tensor) -> torch.Tensor:
-    """log p(x | z) summed over D from a decoder output ``out``: ``[R, D] -> [R]``."""
-    if model.likelihood == "bernoulli":
-        return ops.bernoulli_log_prob(out, x)
-    return ops.gaussian_log_prob(x, out[0], out[1])
-
-
 def _select(acc: torch.Tensor, new, old):
     """Rows of ``new`` where ``acc`` else rows of ``old`` (tensors or (mean, logvar) pairs)."""
     if isinstance(new, tuple):
@@ -227,7 +214,6 @@ def inpaint(model, x: torch.Tensor, mask: torch.Tensor, steps: int = 20, samples
     obs = m.repeat(S, 1)
     xo = x.to(dt).repeat(S, 1)
     cur = torch.where(obs, xo, fill0.repeat(S, 1))
-    zero = xo.new_zeros(1)
 
     def propose(xc):
         mu, logvar = model.encode(xc)
@@ -239,15 +225,13 @@ def inpaint(model, x: torch.Tensor, mask: torch.Tensor, steps: int = 20, samples
     out = model.decode(z)
     accepted = torch.zeros(S * B, dtype=torch.float64, device=x.device)
     for _ in range(steps):
-        cur = torch.where(obs, xo, _draw_x(model, out, generator) if chain == "sample" else _mean_x(model, out))
+        cur = torch.where(obs, xo, _draw_x(model, out, generator) if chain == "sample" else model.mean_from(out))
         mu, logvar, z_new = propose(cur)
         out_new = model.decode(z_new)
         if metropolis:
-            # log rho = log p(x|z') + log p(z') - log q(z'|x) - [log p(x|z) + log p(z) - log q(z|x)]
-            log_w_new = _log_px(model, out_new, cur) + ops.gaussian_log_prob(z_new, zero, zero) \
-                - ops.gaussian_log_prob(z_new, mu, logvar)
-            log_w_old = _log_px(model, out, cur) + ops.gaussian_log_prob(z, zero, zero) \
-                - ops.gaussian_log_prob(z, mu, logvar)
+            # log rho = log w(z') - log w(z), w = p(x, z) / q(z | x) (the model's log importance weight)
+            log_w_new = model.log_weight(cur, z_new, mu, logvar, decoded=out_new)
+            log_w_old = model.log_weight(cur, z, mu, logvar, decoded=out)
             u = _rand((S * B,), generator, log_w_new)
             acc = torch.log(u) < (log_w_new - log_w_old)  # u = 0 -> -inf: always accepted
             acc = acc | torch.isnan(log_w_old)  # never keep a NaN state
@@ -256,7 +240,7 @@ def inpaint(model, x: torch.Tensor, mask: torch.Tensor, steps: int = 20, samples
             out = _select(acc, out_new, out)
         else:
             z, out = z_new, out_new
-    fill = _mean_x(model, out) if output == "mean" else _draw_x(model, out, generator)
+    fill = model.mean_from(out) if output == "mean" else _draw_x(model, out, generator)
     comp = torch.where(obs, x.repeat(S, 1), fill.to(x.dtype)).view(S, B, D)
     rate = None
     if metropolis and steps > 0:
@@ -481,243 +465,6 @@ def completion_metrics(pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) 
         return {"ll": 0.0, "mae": 0.0, "err": 0.0, "missing": 0}
     p = pred.double().clamp(_EPS, 1 - _EPS)[miss]
     t = x.double()[miss]
-    ll = (t * p.log() + (1 - t) * (-p).log1p()).mean().item()
+    ll = ops.bernoulli_log_prob(torch.logit(p), t).item() / n  # all missing pixels as one row
     return {"ll": ll, "mae": (p - t).abs().mean().item(), "err": ((p > 0.5) != (t > 0.5)).double().mean().item(),
             "missing": n}
-
-
-# ------------------------------------------------------------------------- run-level entry points
-def _load_run(run_or_ckpt: PathLike, device: str, data_dir: Optional[str]):
-    """Model, train set, test set and image shape of a run, through pyvae.runs / pyvae.checkpoint."""
-    from .checkpoint import load_model
-    from .runs import _test_data
-
-    model, ckpt = load_model(run_or_ckpt, device)
-    _, data, test = _test_data(ckpt, data_dir, None)
-    return model, data, test, tuple(data.image_shape)
-
-
-def _out_path(run_or_ckpt: PathLike, out: Optional[PathLike], name: str) -> Path:
-    from .checkpoint import resolve_checkpoint
-
-    p = Path(out) if out else resolve_checkpoint(run_or_ckpt).parent / name
-    if p.suffix.lower() != ".png":
-        raise ValueError(f"out must be a .png file, got {str(p)!r}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    return p
-
-
-def _spread(total: int, n: int) -> torch.Tensor:
-    """Indices of ``n`` test images spread evenly over the test set (splits are ordered by label)."""
-    n = min(n, total)
-    return torch.linspace(0, total - 1, n).round().long() if n > 1 else torch.zeros(n, dtype=torch.long)
-
-
-def cli_inpaint(run: PathLike, mask: str = "top-half", n: int = 16, steps: int = 20, samples: int = 4,
-                seed: int = 0, metropolis: bool = False, out: Optional[PathLike] = None, device: str = "cpu",
-                data_dir: Optional[str] = None, verbose: bool = True) -> Dict[str, object]:
-    """Inpaints the first ``n`` test images of a run and writes a PNG grid; prints and returns the numbers.
-
-    The grid's rows: originals, corrupted inputs (missing pixels gray), ``min(samples, 3)`` completions,
-    the mean completion.
-
-    Returns:
-        ``{"png": Path, "n", "steps", "samples", "mask", "model": completion_metrics of the mean completion,
-        "mean_image": completion_metrics of the training-set mean image, "accept_rate" (metropolis)}``.
-    """
-    _check_int("n", n, 1)
-    _check_int("seed", seed, 0)
-    model, data, test, shape = _load_run(run, device, data_dir)
-    x = test[_spread(len(test), n)].to(device, _model_param(model).dtype)
-    g = torch.Generator().manual_seed(seed)
-    m = make_mask(mask, (x.shape[0], *shape), generator=g, device=device)
-    res = inpaint(model, x, m, steps=steps, samples=samples, generator=g, metropolis=metropolis)
-    mean_img = data.train.mean(0).to(x).expand_as(x)
-    nums: Dict[str, object] = {
-        "n": x.shape[0], "steps": steps, "samples": samples, "mask": mask,
-        "model": completion_metrics(res.mean, x, m), "mean_image": completion_metrics(mean_img, x, m),
-    }
-    if res.accept_rate is not None:
-        nums["accept_rate"] = res.accept_rate.mean().item()
-    from .plots import image_grid
-
-    shown = res.completions[: min(samples, 3)]
-    rows = [x, torch.where(m.bool(), x, torch.full_like(x, 0.5)), *shown, res.mean]
-    nums["png"] = image_grid(torch.cat([r.cpu() for r in rows]), shape, _out_path(run, out, "inpaint.png"),
-                             nrow=len(rows))
-    if verbose:
-        mm, mi = nums["model"], nums["mean_image"]
-        print(f"inpaint {mask}: {x.shape[0]} test images, {mm['missing']} missing pixels, steps={steps}, "
-              f"samples={samples}{', metropolis' if metropolis else ''}")
-        print(f"  model:      log-lik {mm['ll']:.4f} nats/pixel, mean abs error {mm['mae']:.4f}, "
-              f"error rate {mm['err']:.4f}")
-        print(f"  mean image: log-lik {mi['ll']:.4f} nats/pixel, mean abs error {mi['mae']:.4f}, "
-              f"error rate {mi['err']:.4f}")
-        if "accept_rate" in nums:
-            print(f"  Metropolis acceptance rate: {nums['accept_rate']:.3f}")
-        print(f"picture: {nums['png']}")
-    return nums
-
-
-def cli_denoise(run: PathLike, flip: float = 0.1, n: int = 16, steps: int = 1, seed: int = 0,
-                out: Optional[PathLike] = None, device: str = "cpu", data_dir: Optional[str] = None,
-                verbose: bool = True) -> Dict[str, object]:
-    """Flips each pixel of ``n`` (binary) test images spread over the test set with probability ``flip``, denoises them
-    through the model with the flip noise model (``denoise(..., flip=flip)``, 8 z draws) and writes a
-    PNG grid (originals / noisy / denoised probabilities / thresholded).
-
-    Returns:
-        ``{"png": Path, "n", "flip", "steps", "err_noisy": fraction of wrong pixels before,
-        "err_reconstruction": after a plain reconstruction, "err_denoised": after denoising (> 0.5), "ll_denoised": mean Bernoulli log-likelihood per pixel
-        of the clean image under the denoised probabilities}``.
-    """
-    _check_int("n", n, 1)
-    _check_int("seed", seed, 0)
-    model, data, test, shape = _load_run(run, device, data_dir)
-    if data.binarize == "none":
-        raise ValueError("denoise needs a run on binary images (binarize 'dynamic' or 'static')")
-    x = test[_spread(len(test), n)].to(device, _model_param(model).dtype)
-    g = torch.Generator().manual_seed(seed)
-    noisy = flip_noise(x, flip, g)
-    plain = denoise(model, noisy, steps=steps)
-    den = denoise(model, noisy, steps=steps, samples=8, generator=torch.Generator().manual_seed(seed + 1), flip=flip)
-    all_missing = torch.zeros_like(x)
-    nums: Dict[str, object] = {
-        "n": x.shape[0], "flip": flip, "steps": steps,
-        "err_noisy": (noisy != x).double().mean().item(),
-        "err_reconstruction": ((plain > 0.5).to(x.dtype) != x).double().mean().item(),
-        "err_denoised": ((den > 0.5).to(x.dtype) != x).double().mean().item(),
-        "ll_denoised": completion_metrics(den, x, all_missing)["ll"],
-    }
-    from .plots import image_grid
-
-    rows = [x, noisy, den, (den > 0.5).to(x.dtype)]
-    nums["png"] = image_grid(torch.cat([r.cpu() for r in rows]), shape, _out_path(run, out, "denoise.png"),
-                             nrow=len(rows))
-    if verbose:
-        print(f"denoise: {x.shape[0]} test images, flip {flip}, steps={steps}")
-        print(f"  wrong pixels: noisy {nums['err_noisy']:.4f}; plain reconstruction {nums['err_reconstruction']:.4f}; "
-              f"denoised with the flip noise model {nums['err_denoised']:.4f}; "
-              f"log-lik of the clean image {nums['ll_denoised']:.4f} nats/pixel")
-        print(f"picture: {nums['png']}")
-    return nums
-
-
-# ------------------------------------------------------------------------------------- CLI
-def _mask_spec(s: str) -> str:
-    if s in ("top-half", "bottom-half", "left-half", "right-half"):
-        return s
-    if s.startswith("random:"):
-        try:
-            v = float(s.split(":", 1)[1])
-        except ValueError:
-            v = -1.0
-        if not 0.0 <= v <= 1.0:
-            raise argparse.ArgumentTypeError(f"random:P needs P in [0, 1], got {s!r}")
-        return s
-    if s.lower().endswith((".npy", ".png")):
-        return s  # existence is checked when loading (FileNotFoundError -> one error line)
-    raise argparse.ArgumentTypeError(f"expected top-half, bottom-half, left-half, right-half, random:P or a "
-                                     f".npy/.png file, got {s!r}")
-
-
-def _probability(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {s!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {s}")
-    return v
-
-
-def _int_at_least(lo: int):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s}")
-        return v
-    return parse
-
-
-def _cmd_inpaint(args) -> int:
-    cli_inpaint(args.run, mask=args.mask, n=args.n, steps=args.steps, samples=args.samples, seed=args.seed,
-                metropolis=args.metropolis, out=args.out, device=args.device, data_dir=args.data_dir)
-    return 0
-
-
-def _cmd_denoise(args) -> int:
-    cli_denoise(args.run, flip=args.flip, n=args.n, steps=args.steps, seed=args.seed, out=args.out,
-                device=args.device, data_dir=args.data_dir)
-    return 0
-
-
-COMMANDS = {"inpaint": _cmd_inpaint, "denoise": _cmd_denoise}
-
-
-def add_cli(subparsers) -> None:
-    """Adds ``pyvae inpaint`` and ``pyvae denoise`` to an argparse subparsers object.
-
-    Each subparser gets ``handler`` (``args.handler(args) -> exit status``) as a default; the same
-    functions are in ``COMMANDS``. Library errors (ValueError, FileNotFoundError, ...) propagate, for the
-    caller's one-line error handling (``pyvae.cli.main``).
-    """
-    pos, nonneg = _int_at_least(1), _int_at_least(0)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = subparsers.add_parser("inpaint", help="fill missing pixels of test images (pseudo-Gibbs / Metropolis)",
-                              description="Fill the missing pixels of N test images (spread over the test set) of a run by "
-                                          "iterating encode -> z -> decode with the observed pixels clamped; "
-                                          "writes a PNG grid (originals / corrupted / completions / mean) and "
-                                          "prints the log-likelihood and error at the missing pixels.",
-                              formatter_class=fmt)
-    p.add_argument("run", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
-    p.add_argument("--mask", type=_mask_spec, default="top-half",
-                   help="top-half, bottom-half, left-half, right-half, random:P (fraction P missing) or a "
-                        ".npy/.png file of the image shape (0/black = missing)")
-    p.add_argument("--n", type=pos, default=16, help="number of test images")
-    p.add_argument("--steps", type=nonneg, default=20, help="iterations after the first pass")
-    p.add_argument("--samples", type=pos, default=4, help="completions (chains) per image")
-    p.add_argument("--metropolis", action="store_true", help="Metropolis-within-Gibbs correction")
-    p.add_argument("--seed", type=nonneg, default=0)
-    p.add_argument("--out", metavar="PNG", default=None, help="picture to write [RUN/inpaint.png]")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--data-dir", default=None, help="where the data files are now")
-    p.set_defaults(handler=_cmd_inpaint)
-    d = subparsers.add_parser("denoise", help="reconstruct bit-flipped test images through the model",
-                              description="Flip each pixel of the first N binary test images with probability "
-                                          "--flip, reconstruct them through the model (E[x | z = mu(x)]) and "
-                                          "print the fraction of wrong pixels before and after; writes a PNG "
-                                          "grid (originals / noisy / denoised / thresholded).",
-                              formatter_class=fmt)
-    d.add_argument("run", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
-    d.add_argument("--flip", type=_probability, default=0.1, help="probability of flipping each pixel")
-    d.add_argument("--n", type=pos, default=16, help="number of test images")
-    d.add_argument("--steps", type=pos, default=1, help="reconstructions in a row")
-    d.add_argument("--seed", type=nonneg, default=0)
-    d.add_argument("--out", metavar="PNG", default=None, help="picture to write [RUN/denoise.png]")
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--data-dir", default=None, help="where the data files are now")
-    d.set_defaults(handler=_cmd_denoise)
-
-
-def main(argv=None) -> int:  # pragma: no cover - a stand-in until pyvae.cli wires add_cli in
-    """``python -m pyvae.inference inpaint|denoise ...`` with pyvae.cli's one-line error handling."""
-    parser = argparse.ArgumentParser(prog="pyvae")
-    sub = parser.add_subparsers(dest="command", metavar="{inpaint,denoise}")
-    add_cli(sub)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    try:
-        return args.handler(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, NotADirectoryError, PermissionError) as e:
-        print(f"pyvae {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

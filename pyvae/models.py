@@ -13,7 +13,7 @@ The hot path runs on pyvae's fused ops: ``reparameterize`` (Philox eps drawn in 
 ``bernoulli_elbo`` (estimator B for Bernoulli decoders in one pass), ``gaussian_kl``,
 ``gaussian_log_prob``, ``bernoulli_log_prob``, and the fused linear layers of ``pyvae.nn``.
 
-Layers: every linear layer is built by ``_linear`` (``pyvae.nn.FusedLinear`` when available, else an
+Layers: every linear layer is built by ``_linear`` (``pyvae.nn.FusedLinear``, or with ``fused=False`` an
 ``nn.Linear`` subclass applying the activation in eager torch). Both ARE ``nn.Linear`` subclasses, so
 parameter names (``weight``, ``bias``) and state dicts are identical whichever is used, and a
 checkpoint loads in both.
@@ -27,31 +27,16 @@ import torch
 from torch import nn
 
 from . import ops
+from .nn import FusedLinear, GaussianHead
+from .reference import ACTIVATIONS as TORCH_ACTIVATIONS
 
 __all__ = ["VAE", "LIKELIHOODS", "ESTIMATORS", "Shard"]
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 ESTIMATORS = ("analytic", "mc")
-_LOG_2PI = math.log(2.0 * math.pi)
 
 Shard = Tuple[int, int]
 """``(row0, global_rows)``: this batch is rows ``[row0, row0 + B)`` of a global batch (data parallel)."""
-
-try:  # the fused layers (pyvae.nn); the fallback keeps the same parameter names
-    from .nn import FusedLinear as _FusedLinear
-    from .nn import GaussianHead as _FusedGaussianHead
-except ImportError:  # pragma: no cover - only while pyvae.nn is missing
-    _FusedLinear = None
-    _FusedGaussianHead = None
-
-_EAGER_ACT = {
-    "identity": lambda t: t,
-    "relu": torch.relu,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "softplus": torch.nn.functional.softplus,
-}
-
 
 class _EagerLinear(nn.Linear):
     """``act(nn.Linear(x))`` in eager torch: the stand-in for ``pyvae.nn.FusedLinear`` (same state dict)."""
@@ -61,7 +46,7 @@ class _EagerLinear(nn.Linear):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _EAGER_ACT[self.activation](super().forward(x))
+        return TORCH_ACTIVATIONS[self.activation](super().forward(x))
 
 
 class _EagerGaussianHead(nn.Linear):
@@ -78,14 +63,14 @@ class _EagerGaussianHead(nn.Linear):
 
 def _linear(in_features: int, out_features: int, activation: str, fused: bool = True) -> nn.Linear:
     """The one place that chooses the layer implementation (fused or eager; same parameters)."""
-    if fused and _FusedLinear is not None:
-        return _FusedLinear(in_features, out_features, activation=activation)
+    if fused:
+        return FusedLinear(in_features, out_features, activation=activation)
     return _EagerLinear(in_features, out_features, activation)
 
 
 def _gaussian_head(in_features: int, z_dim: int, fused: bool = True) -> nn.Linear:
-    if fused and _FusedGaussianHead is not None:
-        return _FusedGaussianHead(in_features, z_dim)
+    if fused:
+        return GaussianHead(in_features, z_dim)
     return _EagerGaussianHead(in_features, z_dim)
 
 
@@ -100,36 +85,12 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _draw_seed(generator: Optional[torch.Generator]) -> int:
-    g_dev = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 2**62, (1,), generator=generator, device=g_dev).item())
-
-
 def _reparameterize(mu: torch.Tensor, logvar: torch.Tensor, samples: int, generator: Optional[torch.Generator],
                     shard: Optional[Shard]) -> torch.Tensor:
     """``[L, B, Z]`` z from pyvae's fused reparameterize; one seed per call, drawn from ``generator``.
-
-    With ``shard = (row0, rows)`` the eps of row b of sample l is the one a single process drawing
-    ``[L, rows, Z]`` would use for row ``row0 + b``: pyvae's Philox eps depend only on (seed, element
-    index) (DESIGN.md, decision 4), so the draw is offset by counters (4 elements each). This makes N
-    data-parallel processes draw exactly the eps of one process at the same global batch. When the
-    offsets are not multiples of 4 elements the ranks fall back to independent seeds (same
-    distribution, different draws).
-    """
-    seed = _draw_seed(generator)
-    B, Z = mu.shape[-2], mu.shape[-1]
-    row0, rows = (0, B) if shard is None else shard
-    if (row0 * Z) % 4 or (rows * Z) % 4:
-        seed = (seed + 0x9E3779B97F4A7C15 * (row0 + 1)) % 2**62
-        row0, rows = 0, B
-    if row0 == 0 and rows == B:
-        return torch.ops.pyvae.reparameterize(mu, logvar, samples, torch.tensor([seed, 0], dtype=torch.int64))
-    zs = [
-        torch.ops.pyvae.reparameterize(mu, logvar, 0, torch.tensor([seed, (l * rows + row0) * Z // 4],
-                                                                   dtype=torch.int64))
-        for l in range(samples)
-    ]
-    return torch.stack(zs)
+    With ``shard``, the draws of those rows of the global batch (NOTE: [Sharded draws] in
+    pyvae/ops/reparameterize.py)."""
+    return ops.reparameterize_shard(mu, logvar, samples, ops.draw_seed(generator), shard)
 
 
 class VAE(nn.Module):
@@ -158,8 +119,9 @@ class VAE(nn.Module):
         _check_int("layers", layers)
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {list(LIKELIHOODS)}, got {likelihood!r}")
-        if activation not in _EAGER_ACT or activation == "identity":
-            raise ValueError(f"activation must be one of {sorted(set(_EAGER_ACT) - {'identity'})}, got {activation!r}")
+        if activation not in TORCH_ACTIVATIONS or activation == "identity":
+            raise ValueError(f"activation must be one of {sorted(set(TORCH_ACTIVATIONS) - {'identity'})}, "
+                             f"got {activation!r}")
         if init not in ("default", "paper"):
             raise ValueError(f"init must be 'default' or 'paper', got {init!r}")
         self.x_dim, self.z_dim, self.hidden, self.layers = x_dim, z_dim, hidden, layers
@@ -209,23 +171,45 @@ class VAE(nn.Module):
             return _wide(self.dec_logits(h))
         return _wide(self.dec_mean(h)), _wide(self.dec_logvar(h))
 
+    def mean_from(self, decoded) -> torch.Tensor:
+        """E[x|z] ``[..., D]`` from ``decode(z)``'s output: sigmoid(logits) (Bernoulli) or the mean (Gaussian)."""
+        return torch.sigmoid(decoded) if self.likelihood == "bernoulli" else decoded[0]
+
     def mean(self, z: torch.Tensor) -> torch.Tensor:
         """E[x|z] ``[..., D]``: sigmoid(logits) (Bernoulli) or the mean (Gaussian)."""
-        out = self.decode(z)
-        return torch.sigmoid(out) if self.likelihood == "bernoulli" else out[0]
+        return self.mean_from(self.decode(z))
+
+    def log_px(self, x: torch.Tensor, decoded) -> torch.Tensor:
+        """log p(x|z) summed over D, from ``decoded = decode(z)``: ``x [B, D] -> [..., B]``."""
+        if self.likelihood == "bernoulli":
+            return ops.bernoulli_log_prob(decoded, x.to(decoded.dtype))
+        return ops.gaussian_log_prob(x.to(decoded[0].dtype), decoded[0], decoded[1])
 
     def log_px_given_z(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(x|z) summed over D: ``x [B, D]``, ``z [..., B, Z] -> [..., B]``."""
-        out = self.decode(z)
-        if self.likelihood == "bernoulli":
-            return ops.bernoulli_log_prob(out, x.to(out.dtype))
-        return ops.gaussian_log_prob(x.to(out[0].dtype), out[0], out[1])
+        return self.log_px(x, self.decode(z))
 
     # ---------------------------------------------------------------------------- estimators
-    def _log_weights(self, x, mu, logvar, z) -> torch.Tensor:
-        """log p(x, z) - log q(z|x) for ``z [L, B, Z]`` -> ``[L, B]``."""
+    @staticmethod
+    def _log_pz_qz(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(log p(z), log q(z|x)) for ``z [..., B, Z]``: the standard normal prior and the encoder's Gaussian."""
         zero = z.new_zeros(1)
-        return self.log_px_given_z(x, z) + ops.gaussian_log_prob(z, zero, zero) - ops.gaussian_log_prob(z, mu, logvar)
+        return ops.gaussian_log_prob(z, zero, zero), ops.gaussian_log_prob(z, mu, logvar)
+
+    def log_weight(self, x: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                   decoded=None) -> torch.Tensor:
+        """The log importance weight log p(x, z) - log q(z|x) = log p(x|z) + log p(z) - log q(z|x).
+
+        Args:
+            x: ``[B, D]``; z: ``[..., B, Z]`` draws from q(z|x) = N(mu, exp(logvar)); mu, logvar: ``[B, Z]``.
+            decoded: ``decode(z)`` when already computed (else it is computed here).
+
+        Returns:
+            ``[..., B]``. Every estimator of pyvae built on importance weights (SGVB A, the IWAE bound,
+            log p(x), the Metropolis step of inpainting) uses this one.
+        """
+        log_pz, log_qz = self._log_pz_qz(z, mu, logvar)
+        return self.log_px(x, self.decode(z) if decoded is None else decoded) + log_pz - log_qz
 
     def forward(self, x: torch.Tensor, samples: int = 1, estimator: str = "analytic", kl_weight: float = 1.0,
                 generator: Optional[torch.Generator] = None, shard: Optional[Shard] = None
@@ -264,9 +248,9 @@ class VAE(nn.Module):
             kl = ops.gaussian_kl(mu, logvar)
             rec = self.log_px_given_z(x, z).mean(0)
             return rec - kl_weight * kl, (rec - kl).detach(), kl.detach()
-        zero = z.new_zeros(1)
         rec = self.log_px_given_z(x, z).mean(0)
-        kl = (ops.gaussian_log_prob(z, mu, logvar) - ops.gaussian_log_prob(z, zero, zero)).mean(0)
+        log_pz, log_qz = self._log_pz_qz(z, mu, logvar)
+        kl = (log_qz - log_pz).mean(0)  # the MC estimate of KL(q || p): minus the latent part of log_weight
         return rec - kl_weight * kl, (rec - kl).detach(), kl.detach()
 
     def elbo(self, x: torch.Tensor, samples: int = 1, estimator: str = "analytic",
@@ -302,7 +286,7 @@ class VAE(nn.Module):
         _check_int("k", k)
         mu, logvar = self.encode(x)
         z = _reparameterize(mu, logvar, k, generator, None)
-        return torch.logsumexp(self._log_weights(x, mu, logvar, z), 0) - math.log(k)
+        return torch.logsumexp(self.log_weight(x, z, mu, logvar), 0) - math.log(k)
 
     @torch.no_grad()
     def log_likelihood(self, x: torch.Tensor, samples: int = 5000, batch: int = 500,
@@ -330,7 +314,7 @@ class VAE(nn.Module):
         while done < samples:
             c = min(batch, samples - done)
             z = _reparameterize(mu, logvar, c, generator, None)
-            lse = torch.logsumexp(self._log_weights(x, mu, logvar, z).double(), 0)
+            lse = torch.logsumexp(self.log_weight(x, z, mu, logvar).double(), 0)
             acc = lse if acc is None else torch.logaddexp(acc, lse)
             done += c
         return (acc - math.log(samples)).to(mu.dtype)

@@ -14,6 +14,21 @@ import torch.nn.functional as F
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
+ACTIVATIONS = {
+    "identity": lambda t: t,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "softplus": F.softplus,
+}
+"""Activation name (as ``pyvae.ops.linear_act`` takes it) -> torch's function of it."""
+
+
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               activation: str = "identity") -> torch.Tensor:
+    """act(x @ weight.T + bias) with torch's ``F.linear`` and activation."""
+    return ACTIVATIONS[activation](F.linear(x, weight, bias))
+
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: Optional[torch.Tensor] = None,
                 prior_logvar: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Working with finished runs: evaluate a checkpoint, draw samples and pictures (``pyvae eval|sample``)."""
+"""Working with finished runs: evaluate a checkpoint, draw samples and pictures, inpaint and denoise its
+test images (``pyvae eval|sample|inpaint|denoise``). Returns numbers and paths; the CLI prints them."""
 from __future__ import annotations
 
 import math
@@ -8,21 +9,31 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from . import plots as P
 from .checkpoint import load_model, resolve_checkpoint
-from .data import load_dataset
-from .train import TrainConfig, evaluate
+from .data import load_dataset, resolve_binarize
+from .evaluation import evaluate
+from .inference import completion_metrics, denoise, flip_noise, inpaint, make_mask
+from . import plots
 
-__all__ = ["eval_run", "sample_run"]
+__all__ = ["eval_run", "sample_run", "inpaint_run", "denoise_run", "run_data"]
 
 PathLike = Union[str, os.PathLike]
 
 
-def _test_data(ckpt: dict, data_dir: Optional[str], limit: Optional[int]):
-    cfg = TrainConfig(**ckpt["config"])
-    data = load_dataset(cfg.dataset, data_dir or cfg.data_dir, cfg.binarize_mode, cfg.limit)
+def run_data(ckpt: dict, data_dir: Optional[str] = None, limit: Optional[int] = None):
+    """``(data, test)``: the splits a run trained on (its checkpoint's configuration; ``data_dir`` when the
+    files have moved) and the first ``limit`` test rows (all when None)."""
+    cfg = ckpt["config"]
+    data = load_dataset(cfg["dataset"], data_dir or cfg.get("data_dir"),
+                        resolve_binarize(cfg["binarize"], cfg["likelihood"]), cfg.get("limit"))
     test = data.test if limit is None else data.test[:limit]
-    return cfg, data, test
+    return data, test
+
+
+def _check_count(name: str, v, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    return v
 
 
 @torch.no_grad()
@@ -48,10 +59,9 @@ def eval_run(run_or_ckpt: PathLike, *, k: int = 50, ll_samples: int = 1000, ll_b
     """
     for name, v, lo in (("k", k, 0), ("ll_samples", ll_samples, 0), ("ll_batch", ll_batch, 1),
                         ("batch_size", batch_size, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        _check_count(name, v, lo)
     model, ckpt = load_model(run_or_ckpt, device)
-    _, _, test = _test_data(ckpt, data_dir, limit)
+    _, test = run_data(ckpt, data_dir, limit)
     out = {"n": float(test.shape[0])}
     ev = evaluate(model, test, batch_size=batch_size, seed=seed, device=device)
     out.update(elbo=ev["elbo"], kl=ev["kl"], recon=ev["recon"])
@@ -87,22 +97,109 @@ def sample_run(run_or_ckpt: PathLike, *, n: int = 100, manifold: bool = False, r
     Returns:
         name -> path of each PNG written.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    _check_count("n", n, 1)
     model, ckpt = load_model(run_or_ckpt, device)
     if manifold and model.z_dim != 2:
         raise ValueError(f"--manifold needs a model with a 2-D latent space; this one has z_dim={model.z_dim}")
-    cfg = TrainConfig(**ckpt["config"])
     out = Path(out) if out else resolve_checkpoint(run_or_ckpt).parent
     out.mkdir(parents=True, exist_ok=True)
     if reconstructions:
-        _, data, test = _test_data(ckpt, data_dir, None)
+        data, test = run_data(ckpt, data_dir, None)
         shape = data.image_shape
     else:
-        shape = {"digits": (8, 8), "frey": (28, 20)}.get(cfg.dataset, (28, 28))
-    res = {"samples": P.sample_grid(model, shape, out / "samples.png", n=n, seed=seed)}
+        shape = {"digits": (8, 8), "frey": (28, 20)}.get(ckpt["config"]["dataset"], (28, 28))
+    res = {"samples": plots.sample_grid(model, shape, out / "samples.png", n=n, seed=seed)}
     if manifold:
-        res["manifold"] = P.manifold(model, shape, out / "manifold.png")
+        res["manifold"] = plots.manifold(model, shape, out / "manifold.png")
     if reconstructions:
-        res["reconstructions"] = P.reconstructions(model, test, shape, out / "reconstructions.png", n=20)
+        res["reconstructions"] = plots.reconstructions(model, test, shape, out / "reconstructions.png", n=20)
     return res
+
+
+def _load_run(run_or_ckpt: PathLike, device: str, data_dir: Optional[str]):
+    """Model, splits, test set and image shape of a run."""
+    model, ckpt = load_model(run_or_ckpt, device)
+    data, test = run_data(ckpt, data_dir, None)
+    return model, data, test, tuple(data.image_shape)
+
+
+def _out_path(run_or_ckpt: PathLike, out: Optional[PathLike], name: str) -> Path:
+    p = Path(out) if out else resolve_checkpoint(run_or_ckpt).parent / name
+    if p.suffix.lower() != ".png":
+        raise ValueError(f"out must be a .png file, got {str(p)!r}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _spread(total: int, n: int) -> torch.Tensor:
+    """Indices of ``n`` test images spread evenly over the test set (splits are ordered by label)."""
+    n = min(n, total)
+    return torch.linspace(0, total - 1, n).round().long() if n > 1 else torch.zeros(n, dtype=torch.long)
+
+
+def inpaint_run(run: PathLike, mask: str = "top-half", n: int = 16, steps: int = 20, samples: int = 4,
+                seed: int = 0, metropolis: bool = False, out: Optional[PathLike] = None, device: str = "cpu",
+                data_dir: Optional[str] = None) -> Dict[str, object]:
+    """Inpaints the first ``n`` test images of a run and writes a PNG grid; returns the numbers.
+
+    The grid's rows: originals, corrupted inputs (missing pixels gray), ``min(samples, 3)`` completions,
+    the mean completion.
+
+    Returns:
+        ``{"png": Path, "n", "steps", "samples", "mask", "model": completion_metrics of the mean completion,
+        "mean_image": completion_metrics of the training-set mean image, "accept_rate" (metropolis)}``.
+    """
+    _check_count("n", n, 1)
+    _check_count("seed", seed, 0)
+    model, data, test, shape = _load_run(run, device, data_dir)
+    x = test[_spread(len(test), n)].to(device, next(model.parameters()).dtype)
+    g = torch.Generator().manual_seed(seed)
+    m = make_mask(mask, (x.shape[0], *shape), generator=g, device=device)
+    res = inpaint(model, x, m, steps=steps, samples=samples, generator=g, metropolis=metropolis)
+    mean_img = data.train.mean(0).to(x).expand_as(x)
+    nums: Dict[str, object] = {
+        "n": x.shape[0], "steps": steps, "samples": samples, "mask": mask,
+        "model": completion_metrics(res.mean, x, m), "mean_image": completion_metrics(mean_img, x, m),
+    }
+    if res.accept_rate is not None:
+        nums["accept_rate"] = res.accept_rate.mean().item()
+    shown = res.completions[: min(samples, 3)]
+    rows = [x, torch.where(m.bool(), x, torch.full_like(x, 0.5)), *shown, res.mean]
+    nums["png"] = plots.image_grid(torch.cat([r.cpu() for r in rows]), shape, _out_path(run, out, "inpaint.png"),
+                             nrow=len(rows))
+    return nums
+
+
+def denoise_run(run: PathLike, flip: float = 0.1, n: int = 16, steps: int = 1, seed: int = 0,
+                out: Optional[PathLike] = None, device: str = "cpu", data_dir: Optional[str] = None) -> Dict[str, object]:
+    """Flips each pixel of ``n`` (binary) test images spread over the test set with probability ``flip``, denoises them
+    through the model with the flip noise model (``denoise(..., flip=flip)``, 8 z draws) and writes a
+    PNG grid (originals / noisy / denoised probabilities / thresholded).
+
+    Returns:
+        ``{"png": Path, "n", "flip", "steps", "err_noisy": fraction of wrong pixels before,
+        "err_reconstruction": after a plain reconstruction, "err_denoised": after denoising (> 0.5), "ll_denoised": mean Bernoulli log-likelihood per pixel
+        of the clean image under the denoised probabilities}``.
+    """
+    _check_count("n", n, 1)
+    _check_count("seed", seed, 0)
+    model, data, test, shape = _load_run(run, device, data_dir)
+    if data.binarize == "none":
+        raise ValueError("denoise needs a run on binary images (binarize 'dynamic' or 'static')")
+    x = test[_spread(len(test), n)].to(device, next(model.parameters()).dtype)
+    g = torch.Generator().manual_seed(seed)
+    noisy = flip_noise(x, flip, g)
+    plain = denoise(model, noisy, steps=steps)
+    den = denoise(model, noisy, steps=steps, samples=8, generator=torch.Generator().manual_seed(seed + 1), flip=flip)
+    all_missing = torch.zeros_like(x)
+    nums: Dict[str, object] = {
+        "n": x.shape[0], "flip": flip, "steps": steps,
+        "err_noisy": (noisy != x).double().mean().item(),
+        "err_reconstruction": ((plain > 0.5).to(x.dtype) != x).double().mean().item(),
+        "err_denoised": ((den > 0.5).to(x.dtype) != x).double().mean().item(),
+        "ll_denoised": completion_metrics(den, x, all_missing)["ll"],
+    }
+    rows = [x, noisy, den, (den > 0.5).to(x.dtype)]
+    nums["png"] = plots.image_grid(torch.cat([r.cpu() for r in rows]), shape, _out_path(run, out, "denoise.png"),
+                             nrow=len(rows))
+    return nums

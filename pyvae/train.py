@@ -34,15 +34,14 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as C
-from .data import BINARIZE, DATASETS, DataSplits, ShardedBatches, _mix, load_dataset
+from . import checkpoint
+from .data import BINARIZE, DATASETS, DataSplits, ShardedBatches, load_dataset, mix_seed, resolve_binarize
+from .evaluation import PRECISIONS, autocast, evaluate
 from .models import ESTIMATORS, LIKELIHOODS, VAE
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "build_config", "load_toml", "METRIC_KEYS",
-           "RESUME_OVERRIDABLE"]
+__all__ = ["TrainConfig", "TrainResult", "train", "build_config", "load_toml", "METRIC_KEYS", "RESUME_OVERRIDABLE"]
 
 OPTIMIZERS = ("adam", "adagrad")
-PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
 METRIC_KEYS = ("epoch", "step", "samples_seen", "train_elbo", "test_elbo", "kl", "recon", "samples_per_s", "wall_s")
 RESUME_OVERRIDABLE = ("epochs", "device", "progress", "plots", "tensorboard", "threads", "resume", "out")
 
@@ -166,9 +165,7 @@ class TrainConfig:
 
     @property
     def binarize_mode(self) -> str:
-        if self.binarize != "auto":
-            return self.binarize
-        return "dynamic" if self.likelihood == "bernoulli" else "none"
+        return resolve_binarize(self.binarize, self.likelihood)
 
 
 def load_toml(path: Union[str, os.PathLike]) -> Dict[str, Any]:
@@ -214,14 +211,14 @@ def build_config(overrides: Optional[Dict[str, Any]] = None, config_file: Option
     if unknown:
         raise ValueError(f"unknown configuration keys {unknown}")
     if values.get("resume"):
-        ckpt = C.load_checkpoint(values["resume"])
+        ckpt = checkpoint.load_checkpoint(values["resume"])
         base = dict(ckpt["config"])
         bad = sorted(k for k, v in values.items() if k not in RESUME_OVERRIDABLE and base.get(k) != v)
         if bad:
             raise ValueError(f"cannot change {bad} when resuming (only {list(RESUME_OVERRIDABLE)})")
         base.update(values)
         if not values.get("out"):
-            base["out"] = str(C.resolve_checkpoint(values["resume"]).parent)
+            base["out"] = str(checkpoint.resolve_checkpoint(values["resume"]).parent)
         values = base
     return TrainConfig(**values).validate()
 
@@ -319,14 +316,6 @@ def _device(cfg: TrainConfig) -> torch.device:
     return dev
 
 
-def _autocast(precision: str, device: torch.device):
-    """The autocast context of a precision: fp32 (off), bf16-mixed, fp16-mixed."""
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def _make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """Adam or Adagrad, with torch's fused (single-kernel) implementation where this torch has one.
 
@@ -339,54 +328,6 @@ def _make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.
         return cls(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (TypeError, RuntimeError, ValueError):  # older torch, or no fused kernel for this device
         return cls(params, lr=lr, weight_decay=weight_decay)
-
-
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
-@torch.no_grad()
-def evaluate(model: VAE, x: torch.Tensor, *, batch_size: int = 1000, samples: int = 1, seed: int = 0,
-             device: Union[str, torch.device] = "cpu", precision: str = "fp32", rank: int = 0, world: int = 1
-             ) -> Dict[str, float]:
-    """Mean test ELBO, KL and reconstruction term over ``x`` (deterministic for a given ``seed``).
-
-    Args:
-        model: the VAE.
-        x: ``[N, D]`` data (already binarized for Bernoulli models).
-        batch_size: rows per forward pass.
-        samples: L draws per datapoint (SGVB B).
-        seed: the eps seed; batch s uses ``(seed, s)``.
-        rank, world: data-parallel evaluation (each rank does its slice; sums are all-reduced).
-
-    Returns:
-        ``{"elbo", "kl", "recon"}`` floats (per-datapoint means).
-    """
-    model = _unwrap(model)
-    was = model.training
-    model.eval()
-    device = torch.device(device)
-    tot = [0.0, 0.0, 0.0]
-    batches = ShardedBatches(x, batch_size - batch_size % world or world, shuffle=False, drop_last=False,
-                             rank=rank, world=world)
-    for s, xb in batches:
-        lo, m, size = batches.rows(s)
-        if m == 0:
-            continue
-        g = torch.Generator().manual_seed(_mix(seed, 4, s))
-        with _autocast(precision, device):
-            _, elbo, kl = model(xb.to(device, non_blocking=True), samples=samples, generator=g,
-                                shard=(lo, size) if world > 1 else None)
-        tot[0] += elbo.double().sum().item()
-        tot[1] += kl.double().sum().item()
-        tot[2] += m
-    if world > 1:
-        t = torch.tensor(tot, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
-        dist.all_reduce(t)
-        tot = t.tolist()
-    model.train(was)
-    n = max(tot[2], 1)
-    return {"elbo": tot[0] / n, "kl": tot[1] / n, "recon": (tot[0] + tot[1]) / n}
 
 
 def _write_metrics(run_dir: Path, history: List[Dict[str, float]]) -> None:
@@ -464,7 +405,7 @@ def _train(cfg, device, dd: _Dist, on_step, data, log) -> TrainResult:
     history: List[Dict[str, float]] = []
     ckpt_path = None
     if cfg.resume:
-        ck = C.load_checkpoint(cfg.resume, map_location=device)
+        ck = checkpoint.load_checkpoint(cfg.resume, map_location=device)
         if ck["model_config"] != model.config():
             raise ValueError(f"{cfg.resume}: checkpoint model {ck['model_config']} does not match {model.config()}")
         model.load_state_dict(ck["model"])
@@ -483,7 +424,7 @@ def _train(cfg, device, dd: _Dist, on_step, data, log) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "config.json", "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
-    ckpt_path = run_dir / C.CHECKPOINT_NAME
+    ckpt_path = run_dir / checkpoint.CHECKPOINT_NAME
     tb = None
     if cfg.tensorboard and main:
         try:
@@ -498,8 +439,8 @@ def _train(cfg, device, dd: _Dist, on_step, data, log) -> TrainResult:
     def save():
         if not main:
             return
-        C.save_checkpoint(ckpt_path, {
-            "format": C.FORMAT, "model": model.state_dict(), "model_config": model.config(),
+        checkpoint.save_checkpoint(ckpt_path, {
+            "format": checkpoint.FORMAT, "model": model.state_dict(), "model_config": model.config(),
             "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
             "state": dict(st), "history": history, "config": dataclasses.asdict(cfg),
             "rng": {"torch": torch.get_rng_state(),
@@ -528,9 +469,9 @@ def _train(cfg, device, dd: _Dist, on_step, data, log) -> TrainResult:
             for s, xb in batches:
                 lo, _, size = batches.rows(s)
                 xb = xb.to(device, non_blocking=True)
-                g = torch.Generator().manual_seed(_mix(cfg.seed, 3, st["step"]))
+                g = torch.Generator().manual_seed(mix_seed(cfg.seed, 3, st["step"]))
                 beta = min(1.0, (st["step"] + 1) / warm_steps) if warm_steps > 0 else 1.0
-                with _autocast(cfg.precision, device):
+                with autocast(cfg.precision, device):
                     obj, elbo, kl = net(xb, cfg.samples, cfg.estimator, beta, g,
                                         (lo, size) if dd.world > 1 else None)
                 loss = -obj.mean()
@@ -586,7 +527,7 @@ def _train(cfg, device, dd: _Dist, on_step, data, log) -> TrainResult:
             sums = dd.sum([st["acc_elbo"], st["acc_kl"], st["acc_n"]], "cpu" if device.type == "cpu" else device)
             n = max(sums[2], 1.0)
             ev = evaluate(model, data.test, batch_size=cfg.eval_batch, samples=cfg.test_samples,
-                          seed=_mix(cfg.seed, 5), device=device, precision=cfg.precision, rank=dd.rank, world=dd.world)
+                          seed=mix_seed(cfg.seed, 5), device=device, precision=cfg.precision, rank=dd.rank, world=dd.world)
             st["wall_s"] = time.perf_counter() - t_start
             row = dict(epoch=e + 1, step=st["step"], samples_seen=st["samples_seen"], train_elbo=sums[0] / n,
                        test_elbo=ev["elbo"], kl=sums[1] / n, recon=(sums[0] + sums[1]) / n,
@@ -609,6 +550,6 @@ def _train(cfg, device, dd: _Dist, on_step, data, log) -> TrainResult:
         tb.close()
     plots: Dict[str, Path] = {}
     if main and cfg.plots and not interrupted and history:
-        from . import plots as P
-        plots = P.run_plots(model, data, history, run_dir)
+        from .plots import run_plots
+        plots = run_plots(model, data, history, run_dir)
     return TrainResult(run_dir if main else None, model, history, interrupted, plots, ckpt_path if main else None)

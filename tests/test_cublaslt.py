@@ -46,9 +46,11 @@ def _assert_within(ours, torch_same, ref, dtype, what):
 
 
 def _null_call(fn, rows, act=0):
-    # The raw entries' order: (dtype, act, rows, in, out, 9 pointers, aux_ld, workspace, workspace_bytes,
-    # allow_tf32, strict_reduction, fuse_act, device, stream); every pointer null.
-    return fn(0, act, rows, 3, 4, *([0] * 12), False, False, True, 0, 0)
+    # A raw entry (keyword arguments only) with every pointer null.
+    null = dict.fromkeys(("x", "weight", "bias", "y", "grad_pre", "grad_x", "grad_weight", "grad_bias", "aux",
+                          "aux_ld", "workspace", "workspace_bytes", "stream"), 0)
+    return fn(dtype=0, act=act, rows=rows, in_features=3, out_features=4, allow_tf32=False, strict_reduction=False,
+              fuse_act=True, device=0, **null)
 
 
 def _require(result, dtype, what):

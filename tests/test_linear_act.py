@@ -8,7 +8,6 @@ from torch import nn
 
 import pyvae
 import pyvae._gemm
-import pyvae._linear
 import pyvae.nn as pnn
 from pyvae.ops import linear_act
 
@@ -31,12 +30,12 @@ GEMMS = ["torch"] + (["onednn"] if pyvae._gemm.onednn_enabled() else [])
 @pytest.fixture(autouse=True)
 def fused(request):
     # The tests here are of pyvae's kernels: small layers would otherwise run torch's own ops
-    # (NOTE: [Small layers run torch's ops] in pyvae/_linear.py). The routing has its own tests,
+    # (NOTE: [Small layers run torch's ops] in pyvae/ops/linear_act.py). The routing has its own tests,
     # marked "routing", which run with it on.
     if "routing" in request.keywords:
         yield
         return
-    with pyvae._linear.fused_only():
+    with pyvae.ops.fused_only():
         yield
 
 
@@ -382,7 +381,7 @@ def test_routes_agree(autocast, lead, bias):
     for fused in (False, True):
         x = x0.clone().requires_grad_()
         lin.zero_grad()
-        ctx = pyvae._linear.fused_only() if fused else contextlib.nullcontext()
+        ctx = pyvae.ops.fused_only() if fused else contextlib.nullcontext()
         with ctx, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             y = lin(x)
         assert _node(y).startswith("_LinearAct") == fused
@@ -418,21 +417,20 @@ def test_act_bwd_writes_the_transposed_gradient(dtype, act, rows, cols):
     # act_bwd's grad_pre_t (NOTE: [CPU GEMM backend]): exactly grad_pre transposed (grad_y for
     # identity), whatever the row count relative to the kernel's 64-row chunks, with or without the
     # other outputs.
-    from pyvae import _C
-    from pyvae.ops import _DTYPE_CODE
+    from pyvae import _gate
 
     torch.manual_seed(rows + cols)
     gy = torch.randn(rows, cols).to(dtype)
     y = torch.rand(rows, cols).to(dtype)
-    code, a = _DTYPE_CODE[dtype], pyvae.ops.ACTIVATIONS[act]
+    a = pyvae.ops.ACTIVATIONS[act]
+    identity = a == pyvae.ops.ACTIVATIONS["identity"]
     gp, gb = torch.empty(rows, cols, dtype=dtype), torch.empty(cols, dtype=dtype)
     gt = torch.full((cols, rows), float("nan"), dtype=dtype)
-    _C.act_bwd(0, code, a, rows, cols, 0, 0, gy.data_ptr(), y.data_ptr(), 0 if a == 0 else gp.data_ptr(),
-               gb.data_ptr(), 0, gt.data_ptr())
-    want = gy if a == 0 else gp
+    _gate.act_bwd(act=a, grad_y=gy, out=y, grad_pre=None if identity else gp, grad_bias=gb, grad_pre_t=gt)
+    want = gy if identity else gp
     assert torch.equal(gt, want.t())
     gt_alone = torch.full((cols, rows), float("nan"), dtype=dtype)  # no grad_pre, no bias gradient
-    _C.act_bwd(0, code, a, rows, cols, 0, 0, gy.data_ptr(), y.data_ptr(), 0, 0, 0, gt_alone.data_ptr())
+    _gate.act_bwd(act=a, grad_y=gy, out=y, grad_pre_t=gt_alone)
     assert torch.equal(gt_alone, gt)
 
 
@@ -440,7 +438,8 @@ def test_transposed_gradient_is_cpu_only():
     from pyvae import _C
 
     with pytest.raises(ValueError, match="CPU-only"):
-        _C.act_bwd(1, 0, 0, 2, 2, 0, 0, 1, 0, 0, 0, 0, 1)
+        _C.act_bwd(device=1, dtype=0, act=0, rows=2, cols=2, y=0, bias=0, grad_y=1, out=0, grad_pre=0, grad_bias=0,
+                   grad_pre_t=1, stream=0)
 
 
 @pytest.mark.skipif(not pyvae._gemm.onednn_enabled(), reason="oneDNN's linear is not usable in this torch build")

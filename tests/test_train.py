@@ -11,7 +11,8 @@ import torch
 
 from pyvae import checkpoint as C
 from pyvae.data import load_dataset
-from pyvae.train import METRIC_KEYS, TrainConfig, build_config, evaluate, train
+from pyvae.evaluation import evaluate
+from pyvae.train import METRIC_KEYS, TrainConfig, build_config, train
 
 TINY = dict(dataset="digits", hidden=32, latent=4, batch_size=50, epochs=2, progress=False, plots=False, threads=1)
 

@@ -44,7 +44,6 @@ struct ReparamParams {
   const void* logvar = nullptr;
   const void* grad_out = nullptr;  // [S, numel], backward only
   void* z = nullptr;               // [S, numel], forward only
-  void* eps = nullptr;             // optional [S, numel] float32 output of the raw normals
   void* grad_mu = nullptr;         // [numel]
   void* grad_logvar = nullptr;     // [numel]
   uint64_t seed = 0;

@@ -16,6 +16,9 @@ namespace pyvae {
 namespace ops {
 
 enum class Act : int { kIdentity = 0, kReLU = 1, kTanh = 2, kSigmoid = 3, kSoftplus = 4 };
+constexpr int kNumActs = 5;
+// The activation names Python uses (pyvae._C.activation_codes maps each to its Act code), by code.
+constexpr const char* kActNames[kNumActs] = {"identity", "relu", "tanh", "sigmoid", "softplus"};
 
 // y = act(a)
 template <Act A, typename T>

@@ -146,12 +146,6 @@ PYVAE_HD PYVAE_FORCEINLINE double tanh(double x) { return ::tanh(x); }
 // softplus(l) = log(1 + e^l) = max(l, 0) + log1p(e^-|l|). With t = e^-|l| in (0, 1] nothing
 // overflows for any finite l, and the same t gives sigmoid(l) = 1/(1+t) (l >= 0) or t/(1+t).
 template <typename T>
-struct SoftplusSigmoid {
-  T softplus;
-  T sigmoid;
-};
-
-template <typename T>
 PYVAE_HD PYVAE_FORCEINLINE T abs_(T x) {
   return x < T(0) ? -x : x;  // NaN falls through
 }
@@ -173,15 +167,6 @@ template <typename T>
 PYVAE_HD PYVAE_FORCEINLINE T sigmoid(T l) {
   const T t = exp(-abs_(l));
   return (l < T(0) ? t : T(1)) / (T(1) + t);
-}
-
-template <typename T>
-PYVAE_HD PYVAE_FORCEINLINE SoftplusSigmoid<T> softplus_sigmoid(T l) {
-  const T t = exp(-abs_(l));
-  SoftplusSigmoid<T> r;
-  r.softplus = relu_(l) + log1p_unit(t);
-  r.sigmoid = (l < T(0) ? t : T(1)) / (T(1) + t);
-  return r;
 }
 
 }  // namespace math

@@ -61,6 +61,11 @@ PYVAE_HD PYVAE_FORCEINLINE float uniform_open1(uint32_t r) {
   return static_cast<float>(r >> 8) * 5.9604644775390625e-08f;
 }
 
+// Standard normals per Philox counter (the four lanes of one block); element i of a draw uses
+// counter offset + i / kNormalsPerCounter. pyvae._C exports it, so Python code that places a draw
+// (a data-parallel shard's offset) reads it from here.
+constexpr int kNormalsPerCounter = 4;
+
 struct Normal4 {
   float v[4];
 };
@@ -89,8 +94,8 @@ PYVAE_HD PYVAE_FORCEINLINE Normal4 normal4(uint64_t seed, uint64_t counter) {
 
 // The normal for element i of the draw (seed, offset); see [Counter-based eps].
 PYVAE_HD PYVAE_FORCEINLINE float normal_at(uint64_t seed, uint64_t offset, uint64_t i) {
-  const Normal4 n = normal4(seed, offset + i / 4);
-  return n.v[i % 4];
+  const Normal4 n = normal4(seed, offset + i / kNormalsPerCounter);
+  return n.v[i % kNormalsPerCounter];
 }
 
 }  // namespace philox

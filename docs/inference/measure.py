@@ -2,11 +2,11 @@
 import sys, time, torch
 torch.set_num_threads(1)
 from pyvae.checkpoint import load_model
-from pyvae.runs import _test_data
+from pyvae.runs import run_data
 from pyvae.inference import inpaint, make_mask, completion_metrics, denoise, flip_noise
 run = sys.argv[1]
 model, ckpt = load_model(run)
-_, data, test = _test_data(ckpt, None, None)
+data, test = run_data(ckpt)
 x = test
 mean_img = data.train.mean(0).expand_as(x)
 S = int(sys.argv[2]) if len(sys.argv) > 2 else 10

@@ -4,7 +4,7 @@ Providers:
     torch-eager    ``nn.Sequential(nn.Linear(...), act)`` per layer (the reference of the tests)
     torch-compile  the same modules run through ``torch.compile`` (default mode, static shapes)
     pyvae          ``pyvae.nn.FusedLinear`` with the same weights
-    pyvae-fused    (opt-in) the same under ``pyvae._linear.fused_only()``: pyvae's node even for the
+    pyvae-fused    (opt-in) the same under ``pyvae.ops.fused_only()``: pyvae's node even for the
                    identity layers that ``pyvae`` runs on F.linear (NOTE: [Small layers run torch's ops])
 
 Ops (the layers of the paper's MNIST VAE, 784-500-20 with a tanh hidden layer):
@@ -60,7 +60,7 @@ def _fused_like(seq, act):
 
 def _fused_only(fwd):
     """``fwd`` with pyvae's routing to F.linear turned off (the pyvae-fused provider)."""
-    from pyvae._linear import fused_only
+    from pyvae.ops import fused_only
 
     def run(*a):
         with fused_only():

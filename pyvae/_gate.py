@@ -1,0 +1,316 @@
+"""The one door to pyvae's compiled core, ``pyvae._C``.
+
+NOTE: [The gate]
+``pyvae._C`` takes raw pointers (it does not link libtorch, DESIGN.md decision 2), so a tensor whose
+layout differs from what a kernel assumes is read wrongly or out of bounds, silently. Every call into
+``_C`` therefore goes through this module, and only this module (``tests/test_layers.py`` keeps it so):
+each entry takes tensors, checks for each one the dtype, device, contiguity and element count its
+kernel assumes, and only then passes ``data_ptr()``s to ``_C``, by keyword. The ops validate user
+input first and name the user's argument; a check that fails here means pyvae's own op code handed
+over a wrong tensor, so it raises ``RuntimeError`` naming the kernel and the tensor instead of
+running the kernel.
+
+The codes (device, dtype, activation) and which dtypes each kernel family takes on each device are
+defined once in C++ (NOTE: [Codes are defined here] in csrc/bindings.cpp) and read here.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from . import _C
+
+__all__ = [
+    "ACTIVATIONS", "DTYPE_CODES", "NORMALS_PER_COUNTER", "cuda_built", "cublaslt_built", "kernel_dtype", "check_device",
+    "stream", "rowwise", "reparameterize_fwd", "reparameterize_bwd", "bias_act_fwd", "act_bwd", "cublaslt_linear",
+]
+
+_BY_NAME = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+DTYPE_CODES = {_BY_NAME[name]: code for name, code in _C.dtype_codes.items()}
+ACTIVATIONS = dict(_C.activation_codes)  # name -> code, e.g. "tanh" -> 2
+DEVICE_CODES = dict(_C.device_codes)  # "cpu" / "cuda" -> code
+ROWWISE_DTYPES = {dev: tuple(_BY_NAME[n] for n in names) for dev, names in _C.rowwise_dtypes.items()}
+LINEAR_DTYPES = {dev: tuple(_BY_NAME[n] for n in names) for dev, names in _C.linear_dtypes.items()}
+# Standard normals per Philox counter: element i of a draw uses counter offset + i // this
+# (csrc/ops/philox.h, NOTE: [Counter-based eps]).
+NORMALS_PER_COUNTER = int(_C.normals_per_counter)
+
+cuda_built = bool(_C.cuda_built)
+cublaslt_built = bool(_C.cublaslt_built)
+cublaslt_header_version = int(_C.cublaslt_header_version)
+
+_CPU = DEVICE_CODES["cpu"]
+_CUDA = DEVICE_CODES["cuda"]
+
+
+def kernel_dtype(dtype: torch.dtype, device: torch.device, family: str = "rowwise") -> torch.dtype:
+    """The dtype a kernel of ``family`` ("rowwise": row ops and reparameterize; "linear": the linear
+    epilogues) computes ``dtype`` inputs in on ``device``: the dtype itself where a kernel for it is
+    built, else float32 (the CPU's half types)."""
+    table = ROWWISE_DTYPES if family == "rowwise" else LINEAR_DTYPES
+    return dtype if dtype in table[device.type] else torch.float32
+
+
+def stream(device: torch.device) -> int:
+    """The current CUDA stream of ``device`` as an integer handle (0 on CPU)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _fail(kernel: str, name: str, t, want: str) -> None:
+    got = (f"{t.dtype} {tuple(t.shape)} with strides {t.stride()} on {t.device}"
+           if isinstance(t, torch.Tensor) else type(t).__name__)
+    raise RuntimeError(f"pyvae._gate.{kernel}: {name} must be {want}, got {got} (a bug in pyvae: please report it)")
+
+
+def _ptr(kernel: str, name: str, t: Optional[torch.Tensor], dtype: torch.dtype, device: torch.device, numel: int,
+         optional: bool = False) -> int:
+    """``t.data_ptr()`` after checking that ``t`` is a contiguous ``dtype`` tensor of ``numel`` elements on
+    ``device`` (0 for an optional ``None``)."""
+    if t is None:
+        if optional:
+            return 0
+        _fail(kernel, name, t, "a tensor")
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype \
+            or t.device != device or t.numel() != numel or not t.is_contiguous():
+        _fail(kernel, name, t, f"a contiguous {dtype} tensor of {numel} elements on {device}")
+    return t.data_ptr()
+
+
+def check_device(op: str, device: torch.device) -> None:
+    """Raises the error a user sees for CUDA tensors when this build has no CUDA kernels."""
+    if device.type == "cuda" and not cuda_built:
+        raise RuntimeError(f"pyvae.{op}: got CUDA tensors, but this pyvae was built without CUDA kernels "
+                           "(rebuild with nvcc on PATH, or PYVAE_CUDA=ON)")
+
+
+def _device_code(kernel: str, device: torch.device) -> int:
+    if device.type == "cpu":
+        return _CPU
+    if device.type == "cuda":
+        check_device(kernel, device)
+        return _CUDA
+    raise RuntimeError(f"pyvae._gate.{kernel}: no kernels for device {device}")
+
+
+def _dtype_code(kernel: str, dtype: torch.dtype, device: torch.device, table) -> int:
+    if dtype not in table[device.type]:
+        raise RuntimeError(f"pyvae._gate.{kernel}: no {dtype} kernel on {device.type}")
+    return DTYPE_CODES[dtype]
+
+
+# ------------------------------------------------------------------------------ row reductions
+# Operands a..d of each row kernel (csrc/cpu/kernels.h): how many of them are required, and whether
+# the kernel's layout is the fused ELBO's (logits [samples * rows, cols], x [mod, cols],
+# mu / logvar [rows, cols2]) or the plain one (each operand [mod, cols], row r reads row r % mod).
+_ROWWISE = {
+    "bernoulli_log_prob": 2,
+    "gaussian_log_prob": 3,
+    "gaussian_kl": 2,  # c, d (the prior) optional, both or neither
+    "bernoulli_elbo": 4,
+}
+
+
+def rowwise(op: str, direction: str, *, dtype: torch.dtype, device: torch.device, rows: int, cols: int,
+            operands: Sequence[Optional[Tuple[torch.Tensor, int]]], cols2: int = 0, samples: int = 1,
+            out: Optional[torch.Tensor] = None, grad_out: Optional[torch.Tensor] = None,
+            grads: Sequence[Optional[torch.Tensor]] = ()) -> None:
+    """Runs ``<op>_fwd`` (``direction="fwd"``: writes ``out [rows]``) or ``<op>_bwd`` (``"bwd"``: reads
+    ``grad_out [rows]``, writes the requested ``grads``). ``operands``: up to four ``(tensor, mod)``
+    pairs, a ``[mod, width]`` block each."""
+    kernel = f"{op}_{direction}"
+    required = _ROWWISE[op]
+    elbo = op == "bernoulli_elbo"
+    ops_ = list(operands) + [None] * (4 - len(operands))
+    grads_ = list(grads) + [None] * (4 - len(grads))
+    if len(ops_) != 4 or len(grads_) != 4 or direction not in ("fwd", "bwd"):
+        raise RuntimeError(f"pyvae._gate.{kernel}: at most 4 operands and 4 gradients")
+    if (ops_[2] is None) != (ops_[3] is None) and op == "gaussian_kl":
+        raise RuntimeError(f"pyvae._gate.{kernel}: the prior's mean and log-variance come together")
+    dev = _device_code(kernel, device)
+    code = _dtype_code(kernel, dtype, device, ROWWISE_DTYPES)
+    if rows < 0 or cols < 0 or cols2 < 0 or samples < 1:
+        raise RuntimeError(f"pyvae._gate.{kernel}: bad sizes rows={rows} cols={cols} cols2={cols2} samples={samples}")
+    args = {}
+    for i, (letter, o) in enumerate(zip("abcd", ops_)):
+        width = cols2 if (elbo and i >= 2) else cols
+        if o is None:
+            if i < required:
+                _fail(kernel, letter, None, "a tensor")
+            args[letter], args[letter + "_mod"] = 0, 1
+            continue
+        t, mod = o
+        exact = (samples * rows) if (elbo and i == 0) else (rows if (elbo and i >= 2) else None)
+        if type(mod) is not int or mod < 1 or (exact is not None and mod != exact):
+            raise RuntimeError(f"pyvae._gate.{kernel}: operand {letter} has {mod!r} rows; expected "
+                               f"{exact if exact is not None else 'an int >= 1'}")
+        args[letter] = _ptr(kernel, letter, t, dtype, device, mod * width)
+        args[letter + "_mod"] = mod
+    if direction == "fwd":
+        args["out"] = _ptr(kernel, "out", out, dtype, device, rows)
+        args["grad_out"] = 0
+        for letter in "abcd":
+            args["grad_" + letter] = 0
+    else:
+        args["out"] = 0
+        args["grad_out"] = _ptr(kernel, "grad_out", grad_out, dtype, device, rows)
+        for i, (letter, g) in enumerate(zip("abcd", grads_)):
+            if g is not None and ops_[i] is None:
+                _fail(kernel, "grad_" + letter, g, f"None (operand {letter} is absent)")
+            if elbo:
+                n = samples * rows * cols if i == 0 else (rows * cols if i == 1 else rows * cols2)
+            else:
+                n = rows * cols
+            args["grad_" + letter] = _ptr(kernel, "grad_" + letter, g, dtype, device, n, optional=True)
+    getattr(_C, kernel)(device=dev, dtype=code, rows=rows, cols=cols, cols2=cols2, samples=samples,
+                        stream=stream(device), **args)
+
+
+# ------------------------------------------------------------------------------ reparameterize
+def reparameterize_fwd(*, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor, samples: int, seed: int,
+                       offset: int) -> None:
+    """``z [samples, n] = mu [n] + exp(logvar [n] / 2) * eps``, eps from Philox (seed, offset)."""
+    kernel = "reparameterize_fwd"
+    dtype, device, n = mu.dtype, mu.device, mu.numel()
+    dev = _device_code(kernel, device)
+    code = _dtype_code(kernel, dtype, device, ROWWISE_DTYPES)
+    _C.reparameterize_fwd(
+        device=dev, dtype=code, numel=n, samples=samples, mu=_ptr(kernel, "mu", mu, dtype, device, n),
+        logvar=_ptr(kernel, "logvar", logvar, dtype, device, n), grad_out=0,
+        z=_ptr(kernel, "z", z, dtype, device, samples * n), grad_mu=0, grad_logvar=0, seed=seed, offset=offset,
+        stream=stream(device))
+
+
+def reparameterize_bwd(*, logvar: torch.Tensor, grad_out: torch.Tensor, grad_mu: Optional[torch.Tensor],
+                       grad_logvar: Optional[torch.Tensor], samples: int, seed: int, offset: int) -> None:
+    """Gradients of ``reparameterize_fwd`` for ``grad_out [samples, n]`` (eps regenerated, not stored)."""
+    kernel = "reparameterize_bwd"
+    dtype, device, n = logvar.dtype, logvar.device, logvar.numel()
+    dev = _device_code(kernel, device)
+    code = _dtype_code(kernel, dtype, device, ROWWISE_DTYPES)
+    _C.reparameterize_bwd(
+        device=dev, dtype=code, numel=n, samples=samples, mu=0, logvar=_ptr(kernel, "logvar", logvar, dtype, device, n),
+        grad_out=_ptr(kernel, "grad_out", grad_out, dtype, device, samples * n), z=0,
+        grad_mu=_ptr(kernel, "grad_mu", grad_mu, dtype, device, n, optional=True),
+        grad_logvar=_ptr(kernel, "grad_logvar", grad_logvar, dtype, device, n, optional=True),
+        seed=seed, offset=offset, stream=stream(device))
+
+
+# ------------------------------------------------------------------------ linear-layer epilogues
+def _act_code(kernel: str, act: int) -> int:
+    if type(act) is not int or not 0 <= act < len(ACTIVATIONS):
+        raise RuntimeError(f"pyvae._gate.{kernel}: unknown activation code {act!r}")
+    return act
+
+
+def bias_act_fwd(*, y: torch.Tensor, bias: Optional[torch.Tensor], act: int) -> None:
+    """``y [rows, cols] = act(y + bias [cols])`` in place."""
+    kernel = "bias_act_fwd"
+    if y.dim() != 2:
+        _fail(kernel, "y", y, "a 2-D [rows, cols] tensor")
+    dtype, device, (rows, cols) = y.dtype, y.device, y.shape
+    _C.bias_act_fwd(
+        device=_device_code(kernel, device), dtype=_dtype_code(kernel, dtype, device, LINEAR_DTYPES),
+        act=_act_code(kernel, act), rows=rows, cols=cols, y=_ptr(kernel, "y", y, dtype, device, rows * cols),
+        bias=_ptr(kernel, "bias", bias, dtype, device, cols, optional=True), grad_y=0, out=0, grad_pre=0,
+        grad_bias=0, grad_pre_t=0, stream=stream(device))
+
+
+def act_bwd(*, act: int, grad_y: torch.Tensor, out: Optional[torch.Tensor] = None,
+            grad_pre: Optional[torch.Tensor] = None, grad_bias: Optional[torch.Tensor] = None,
+            grad_pre_t: Optional[torch.Tensor] = None) -> None:
+    """From ``grad_y [rows, cols]`` and the forward's output ``out`` (not read for identity): writes
+    ``grad_pre`` (dL/d(pre-activation), ``[rows, cols]``), ``grad_bias [cols]`` (its column sums) and,
+    CPU only, ``grad_pre_t`` (``grad_pre`` transposed, ``[cols, rows]``), each when given."""
+    kernel = "act_bwd"
+    if grad_y.dim() != 2:
+        _fail(kernel, "grad_y", grad_y, "a 2-D [rows, cols] tensor")
+    dtype, device, (rows, cols) = grad_y.dtype, grad_y.device, grad_y.shape
+    n = rows * cols
+    code = _act_code(kernel, act)
+    if grad_pre_t is not None and device.type != "cpu":
+        _fail(kernel, "grad_pre_t", grad_pre_t, "None on CUDA (the transposed gradient is CPU-only)")
+    _C.act_bwd(
+        device=_device_code(kernel, device), dtype=_dtype_code(kernel, dtype, device, LINEAR_DTYPES), act=code,
+        rows=rows, cols=cols, y=0, bias=0, grad_y=_ptr(kernel, "grad_y", grad_y, dtype, device, n),
+        out=_ptr(kernel, "out", out, dtype, device, n, optional=code == ACTIVATIONS["identity"]),
+        grad_pre=_ptr(kernel, "grad_pre", grad_pre, dtype, device, n, optional=True),
+        grad_bias=_ptr(kernel, "grad_bias", grad_bias, dtype, device, cols, optional=True),
+        grad_pre_t=_ptr(kernel, "grad_pre_t", grad_pre_t, dtype, device, n, optional=True), stream=stream(device))
+
+
+# ----------------------------------------------------------------------------------- cuBLASLt
+def cublaslt_linear(kind: str, *, act: int, rows: int, in_features: int, out_features: int,
+                    x: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                    bias: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
+                    grad_pre: Optional[torch.Tensor] = None, grad_x: Optional[torch.Tensor] = None,
+                    grad_weight: Optional[torch.Tensor] = None, grad_bias: Optional[torch.Tensor] = None,
+                    aux: Optional[torch.Tensor] = None, aux_ld: int = 0, workspace: Optional[torch.Tensor] = None,
+                    allow_tf32: bool = False, strict_reduction: bool = False, fuse_act: bool = True,
+                    dtype: torch.dtype, device: torch.device) -> int:
+    """One cuBLASLt GEMM of a linear layer (``kind``: "fwd", "wgrad" or "dgrad"; NOTE: [cuBLASLt path] in
+    csrc/cuda/linear_lt.cu): 0 when done, 1 when cuBLASLt has no algorithm for it (nothing written)."""
+    kernel = f"cublaslt_linear_{kind}"
+    if kind not in ("fwd", "wgrad", "dgrad") or device.type != "cuda":
+        raise RuntimeError(f"pyvae._gate.{kernel}: a cuBLASLt GEMM runs on CUDA (fwd, wgrad or dgrad)")
+    r, i, o = rows, in_features, out_features
+    bias_n = i if (kind == "dgrad") else o  # dgrad with the ReLU mask: the previous layer's bias gradient
+    aux_n = r * (aux_ld // 8)
+    if aux is not None and (aux_ld % 128 or aux_ld < (o if kind == "fwd" else i)):
+        raise RuntimeError(f"pyvae._gate.{kernel}: aux_ld {aux_ld} must be a multiple of 128 covering the features")
+    fn = getattr(_C, kernel)
+    return fn(
+        dtype=_dtype_code(kernel, dtype, device, LINEAR_DTYPES), act=_act_code(kernel, act), rows=r, in_features=i,
+        out_features=o, x=_ptr(kernel, "x", x, dtype, device, r * i, optional=True),
+        weight=_ptr(kernel, "weight", weight, dtype, device, o * i, optional=True),
+        bias=_ptr(kernel, "bias", bias, dtype, device, o, optional=True),
+        y=_ptr(kernel, "y", y, dtype, device, r * o, optional=True),
+        grad_pre=_ptr(kernel, "grad_pre", grad_pre, dtype, device, r * o, optional=True),
+        grad_x=_ptr(kernel, "grad_x", grad_x, dtype, device, r * i, optional=True),
+        grad_weight=_ptr(kernel, "grad_weight", grad_weight, dtype, device, o * i, optional=True),
+        grad_bias=_ptr(kernel, "grad_bias", grad_bias, dtype, device, bias_n, optional=True),
+        aux=_ptr(kernel, "aux", aux, torch.uint8, device, aux_n, optional=True), aux_ld=aux_ld,
+        workspace=0 if workspace is None else _ptr(kernel, "workspace", workspace, torch.uint8, device,
+                                                    workspace.numel()),
+        workspace_bytes=0 if workspace is None else workspace.numel(), allow_tf32=allow_tf32,
+        strict_reduction=strict_reduction, fuse_act=fuse_act, device=device.index or 0, stream=stream(device))
+
+
+def cublaslt_load(path: str = "") -> str:
+    """Loads libcublasLt (``path``, or the default names when empty) unless loaded: '' or why not."""
+    return _C.cublaslt_load(path=path)
+
+
+def cublaslt_unavailable_reason() -> str:
+    return _C.cublaslt_unavailable_reason()
+
+
+def cublaslt_version() -> int:
+    return int(_C.cublaslt_version())
+
+
+# ---------------------------------------------------------------------- CPU builds, Philox, tests
+def cpu_arch() -> str:
+    """The CPU kernel build in use (avx512, avx2 or base)."""
+    return _C.cpu_arch()
+
+
+def cpu_archs():
+    """The CPU kernel builds this processor can run, best first."""
+    return list(_C.cpu_archs())
+
+
+def set_cpu_arch(name: str) -> None:
+    """Use another CPU kernel build (tests compare them)."""
+    _C.set_cpu_arch(name=name)
+
+
+def philox4x32_10(counter, key):
+    """The Philox4x32-10 block function (known-answer tests)."""
+    return list(_C.philox4x32_10(counter=list(counter), key=list(key)))
+
+
+def normal4(seed: int, counter: int):
+    """The four N(0, 1) draws of one Philox counter."""
+    return list(_C.normal4(seed=seed, counter=counter))

@@ -1,0 +1,47 @@
+"""pyvae's ops: ``torch.library`` custom ops (namespace ``pyvae``) with autograd and fake kernels.
+
+Every op follows ``torch.distributions``: the last dim is the event dim and is summed; all leading
+dims are kept and broadcast. The math lives in ``csrc/ops/*.h`` and runs unchanged on CPU and CUDA;
+each op's module here (named after the op) validates inputs, allocates outputs and hands tensors to
+the gate (``pyvae/_gate.py``), the one caller of the compiled core.
+
+Public functions (also importable from ``pyvae``):
+
+=========================================================  ==========================================
+``gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None)``  KL(q || p) per row, ``[...]``
+``bernoulli_log_prob(logits, x)``                          log Bern(x | sigmoid(logits)), ``[...]``
+``gaussian_log_prob(x, mean, logvar)``                     log N(x | mean, exp(logvar)), ``[...]``
+``reparameterize(mu, logvar, *, samples=None, generator=None)``  z = mu + exp(logvar/2) * eps
+``bernoulli_elbo(logits, x, mu, logvar)``                  fused SGVB estimator B, ``[...]``
+``linear_act(x, weight, bias=None, activation="identity")``  act(x @ weight.T + bias)
+=========================================================  ==========================================
+
+NaN in any input gives NaN in the affected rows of the result (and gradient); infinities follow
+the limits of the formulas. CPU kernels take float32 and float64 (float16 and bfloat16 are computed
+in float32 and cast back); CUDA kernels take float32, float64, float16 and bfloat16 and accumulate
+in float32 or wider. Gradients are first order: differentiating them again (create_graph=True)
+raises instead of silently dropping the second-order terms.
+
+Layout: ``_registry.py`` (the one registration helper, the eager fast path, first-order-only
+gradients), ``_rowwise.py`` (the row-reduction family's plumbing), ``_checks.py`` (input checks that
+name the argument), then one module per op.
+"""
+from .bernoulli_elbo import bernoulli_elbo
+from .bernoulli_log_prob import bernoulli_log_prob
+from .gaussian_kl import gaussian_kl
+from .gaussian_log_prob import gaussian_log_prob
+from .linear_act import ACTIVATIONS, fused_only, linear_act
+from .reparameterize import draw_seed, reparameterize, reparameterize_shard
+
+__all__ = [
+    "gaussian_kl",
+    "bernoulli_log_prob",
+    "gaussian_log_prob",
+    "reparameterize",
+    "bernoulli_elbo",
+    "linear_act",
+    "ACTIVATIONS",
+    "fused_only",
+    "draw_seed",
+    "reparameterize_shard",
+]

@@ -1,0 +1,128 @@
+"""``bernoulli_elbo(logits, x, mu, logvar)``: the SGVB estimator B of a Bernoulli decoder in one fused pass.
+
+Math: csrc/ops/elbo.h (with bernoulli.h and gaussian_kl.h); kernels: csrc/cpu/kernels.cpp,
+csrc/cuda/elbo.cu; tests: tests/test_bernoulli_elbo.py; benchmark keys ``elbo``/``elbo_step`` of
+``pyvae bench elbo``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _gate
+from . import _checks as V
+from ._registry import call, register
+from ._rowwise import as_rows, reduce_grad
+
+__all__ = ["bernoulli_elbo"]
+
+_OP = "bernoulli_elbo"
+
+
+def _plan(logits, x, mu, logvar):
+    """Validates the fused ELBO's inputs; returns (lead, samples, D, Z, dtype, device)."""
+    named = [("logits", logits), ("x", x), ("mu", mu), ("logvar", logvar)]
+    for n, t in named:
+        V.tensor(n, t, op=_OP)
+    dtype, device = V.same_dtype_device(named, op=_OP)
+    if mu.shape != logvar.shape:
+        raise ValueError(f"pyvae.{_OP}: mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
+    lead = tuple(mu.shape[:-1])
+    if logits.dim() == mu.dim() + 1 and tuple(logits.shape[1:-1]) == lead:
+        samples = logits.shape[0]
+        if samples == 0:
+            raise ValueError(f"pyvae.{_OP}: logits {tuple(logits.shape)} has 0 samples; need L >= 1")
+    elif tuple(logits.shape[:-1]) == lead:
+        samples = 0
+    else:
+        raise ValueError(
+            f"pyvae.{_OP}: logits {tuple(logits.shape)} must be [*B, D] or [L, *B, D] where mu is [*B, Z] = "
+            f"{tuple(mu.shape)}"
+        )
+    D = logits.shape[-1]
+    target = (*lead, D)
+    full = V.broadcast_shapes(tuple(x.shape), target)
+    if full is None or V.numel(full) != V.numel(target):
+        raise ValueError(f"pyvae.{_OP}: x {tuple(x.shape)} does not broadcast to {target} (mu's batch, logits' D)")
+    return lead, samples, D, mu.shape[-1], dtype, device
+
+
+def _operands(logits, x, mu, logvar, lead, S, rows, D, cd):
+    return [
+        (logits.to(cd).contiguous(), S * rows),
+        as_rows(x, lead, D, cd),
+        (mu.to(cd).contiguous(), rows),
+        (logvar.to(cd).contiguous(), rows),
+    ]
+
+
+def _impl(logits, x, mu, logvar):
+    lead, samples, D, Z, dtype, device = _plan(logits, x, mu, logvar)
+    _gate.check_device(_OP, device)
+    out = torch.empty(lead, dtype=dtype, device=device)
+    rows = out.numel()
+    if rows == 0:
+        return out
+    cd = _gate.kernel_dtype(dtype, device)
+    S = max(samples, 1)
+    o = out if cd == dtype else torch.empty(lead, dtype=cd, device=device)
+    _gate.rowwise(_OP, "fwd", dtype=cd, device=device, rows=rows, cols=D, cols2=Z, samples=S,
+                  operands=_operands(logits, x, mu, logvar, lead, S, rows, D, cd), out=o)
+    if o is not out:
+        out.copy_(o)
+    return out
+
+
+def _bwd_impl(grad, logits, x, mu, logvar, mask):
+    lead, samples, D, Z, dtype, device = _plan(logits, x, mu, logvar)
+    _gate.check_device(_OP, device)
+    rows = V.numel(lead)
+    cd = _gate.kernel_dtype(dtype, device)
+    S = max(samples, 1)
+    g_l = torch.empty(logits.shape, dtype=cd, device=device) if mask[0] else None
+    g_x = torch.empty((*lead, D), dtype=cd, device=device) if mask[1] else None
+    g_mu = torch.empty(mu.shape, dtype=cd, device=device) if mask[2] else None
+    g_lv = torch.empty(mu.shape, dtype=cd, device=device) if mask[3] else None
+    if rows > 0:
+        g = grad.to(cd).expand(lead).contiguous()
+        _gate.rowwise(_OP, "bwd", dtype=cd, device=device, rows=rows, cols=D, cols2=Z, samples=S,
+                      operands=_operands(logits, x, mu, logvar, lead, S, rows, D, cd), grad_out=g,
+                      grads=(g_l, g_x, g_mu, g_lv))
+    return (
+        reduce_grad(g_l, logits) if mask[0] else logits.new_zeros(1),
+        reduce_grad(g_x, x) if mask[1] else x.new_zeros(1),
+        reduce_grad(g_mu, mu) if mask[2] else mu.new_zeros(1),
+        reduce_grad(g_lv, logvar) if mask[3] else logvar.new_zeros(1),
+    )
+
+
+def _fake(logits, x, mu, logvar):
+    return mu.new_empty(_plan(logits, x, mu, logvar)[0])
+
+
+def _bwd_fake(grad, logits, x, mu, logvar, mask):
+    _plan(logits, x, mu, logvar)
+    return tuple(t.new_empty(t.shape) if m else t.new_zeros(1) for t, m in zip((logits, x, mu, logvar), mask))
+
+
+register(
+    _OP,
+    "bernoulli_elbo(Tensor logits, Tensor x, Tensor mu, Tensor logvar) -> Tensor",
+    "bernoulli_elbo_backward(Tensor grad, Tensor logits, Tensor x, Tensor mu, Tensor logvar, bool[] output_mask)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+    impl=_impl, bwd_impl=_bwd_impl, fake=_fake, bwd_fake=_bwd_fake, n_tensors=4,
+)
+
+
+def bernoulli_elbo(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Per-datapoint SGVB estimator B in one fused pass: bernoulli_log_prob - gaussian_kl.
+
+    Args:
+        logits: ``[*B, D]``, or ``[L, *B, D]`` for L samples per datapoint (the reconstruction term
+            is then averaged over L).
+        x: broadcastable to ``[*B, D]``.
+        mu: ``[*B, Z]`` posterior mean; logvar: ``[*B, Z]`` posterior log-variance. Prior N(0, I).
+
+    Returns:
+        ``[*B]`` tensor: mean_l log p(x | z_l) - KL(q(z|x) || p(z)).
+    """
+    return call(_OP, logits, x, mu, logvar)
