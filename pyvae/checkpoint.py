@@ -20,13 +20,16 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import torch
 
 from .models import VAE
 
-__all__ = ["FORMAT", "CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "resolve_checkpoint", "load_model"]
+__all__ = ["FORMAT", "CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "resolve_checkpoint", "load_model",
+           "load_weights", "remove_stale_temporaries"]
+
+_KEYS = ("model", "model_config", "optimizer", "state", "history", "config", "rng")
 
 FORMAT = "pyvae-checkpoint-1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -82,12 +85,50 @@ def load_checkpoint(run_or_ckpt: PathLike, map_location: Union[str, torch.device
         raise ValueError(f"{p}: not a loadable pyvae checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{p}: not a pyvae checkpoint (expected format {FORMAT!r})")
+    missing = [k for k in _KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"{p}: damaged pyvae checkpoint: missing {missing}")
     return ckpt
+
+
+def load_weights(model: VAE, state: Dict[str, Any], where: PathLike) -> None:
+    """``model.load_state_dict(state)`` with a one-line ValueError naming ``where`` when the weights do not
+    fit the model (missing or extra keys, wrong shapes) or are not finite."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise ValueError(f"{where}: the weights do not fit the model {model.config()}: {detail}") from None
+    bad = [name for name, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
+           and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{where}: non-finite weights (NaN or Inf) in {bad[:4]}")
+
+
+def remove_stale_temporaries(path: PathLike) -> List[Path]:
+    """Removes the temporaries a killed ``save_checkpoint(path, ...)`` left behind; returns them."""
+    path = Path(path)
+    gone = []
+    for tmp in path.parent.glob(path.name + ".*.tmp"):
+        try:
+            tmp.unlink()
+            gone.append(tmp)
+        except FileNotFoundError:
+            pass
+    return gone
 
 
 def load_model(run_or_ckpt: PathLike, device: Union[str, torch.device] = "cpu") -> Tuple[VAE, Dict[str, Any]]:
     """The trained ``VAE`` (in eval mode, on ``device``) and the checkpoint dict."""
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not torch.cuda.is_available()):
+        raise ValueError(f"device {str(dev)!r}: use cpu, or cuda[:N] on a machine where torch sees a GPU")
     ckpt = load_checkpoint(run_or_ckpt)
-    model = VAE(**ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
+    where = resolve_checkpoint(run_or_ckpt)
+    try:
+        model = VAE(**ckpt["model_config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: bad model_config {ckpt['model_config']!r}: {e}") from None
+    load_weights(model, ckpt["model"], where)
     return model.to(device).eval(), ckpt

@@ -11,6 +11,7 @@ train ...`` trains data-parallel.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import List, Optional
 
@@ -24,9 +25,27 @@ def _weight_decay(s: str):
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'prior', got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 or 'prior', got {s}")
     return v
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s}")
+    return v
+
+
+def _device(s: str) -> str:
+    """cpu, cuda or cuda:N (the devices pyvae has kernels for)."""
+    head, _, index = s.partition(":")
+    if s == "cpu" or (head == "cuda" and (not index or index.isdigit())):
+        return s
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {s!r}")
 
 
 def _pos_int(s: str) -> int:
@@ -54,8 +73,8 @@ def _pos_float(s: str) -> float:
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s}")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {s}")
     return v
 
 
@@ -114,9 +133,9 @@ def _train_parser(sub) -> None:
     a("--optimizer", choices=("adam", "adagrad"), help="optimizer [adam]; the paper used adagrad")
     a("--lr", type=_pos_float, help="learning rate [1e-3]")
     a("--weight-decay", type=_weight_decay, help="L2 coefficient, or 'prior' for the paper's N(0, I) prior [0]")
-    a("--kl-warmup", type=float, help="epochs of linear KL warm-up from 0 to 1 [0: off]")
+    a("--kl-warmup", type=_nonneg_float, help="epochs of linear KL warm-up from 0 to 1 [0: off]")
     a("--grad-clip", type=_pos_float, help="max gradient norm [off]")
-    a("--device", help="cpu or cuda [cpu]")
+    a("--device", type=_device, help="cpu or cuda[:N] [cpu]")
     a("--precision", choices=("fp32", "bf16-mixed", "fp16-mixed"), help="numeric precision [fp32]")
     a("--seed", type=_nonneg_int, help="random seed [0]")
     a("--out", metavar="DIR", help="run directory [runs/<dataset>-<date>-<time>]")
@@ -127,6 +146,8 @@ def _train_parser(sub) -> None:
     a("--tensorboard", action="store_true", default=None, help="also log to <out>/tb")
     a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     a("--no-plots", dest="plots", action="store_false", default=None, help="no PNGs after training")
+    a("--on-nonfinite", choices=("stop", "skip"),
+      help="a step with a non-finite loss: stop with an error (the last checkpoint stays good) or skip it [stop]")
 
 
 def _inference_parsers(subparsers) -> None:
@@ -149,7 +170,7 @@ def _inference_parsers(subparsers) -> None:
     p.add_argument("--metropolis", action="store_true", help="Metropolis-within-Gibbs correction")
     p.add_argument("--seed", type=nonneg, default=0)
     p.add_argument("--out", metavar="PNG", default=None, help="picture to write [RUN/inpaint.png]")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--data-dir", default=None, help="where the data files are now")
     d = subparsers.add_parser("denoise", help="reconstruct bit-flipped test images through the model",
                               description="Flip each pixel of the first N binary test images with probability "
@@ -163,7 +184,7 @@ def _inference_parsers(subparsers) -> None:
     d.add_argument("--steps", type=pos, default=1, help="reconstructions in a row")
     d.add_argument("--seed", type=nonneg, default=0)
     d.add_argument("--out", metavar="PNG", default=None, help="picture to write [RUN/denoise.png]")
-    d.add_argument("--device", default="cpu")
+    d.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]")
     d.add_argument("--data-dir", default=None, help="where the data files are now")
 
 
@@ -185,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_pos_int, default=100, help="datapoints per pass")
     e.add_argument("--limit", type=_pos_int, default=None, help="only the first N test points")
     e.add_argument("--seed", type=_nonneg_int, default=0)
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]")
     e.add_argument("--data-dir", default=None, help="where the data files are now")
     s = sub.add_parser("sample", help="PNG grid of samples, reconstructions, and the 2-D manifold",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -196,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip reconstructions (they need the dataset)")
     s.add_argument("--out", default=None, help="output directory [the run directory]")
     s.add_argument("--seed", type=_nonneg_int, default=0)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]")
     s.add_argument("--data-dir", default=None)
     _inference_parsers(sub)
     b = sub.add_parser("bench", help="benchmark the fused ops/layers against PyTorch eager and torch.compile",
@@ -222,7 +243,8 @@ def _cmd_train(args) -> int:
         h = res.history[-1]
         print(f"final test ELBO: {h['test_elbo']:.2f} nats (train {h['train_elbo']:.2f}) after {h['epoch']} epochs, "
               f"{h['wall_s']:.1f} s")
-    print(f"run directory: {res.run_dir}  (metrics.csv, metrics.jsonl, checkpoint.pt)")
+    files = [n for n in ("metrics.csv", "metrics.jsonl", "checkpoint.pt") if (res.run_dir / n).is_file()]
+    print(f"run directory: {res.run_dir}  ({', '.join(files) if files else 'no epoch trained: only config.json'})")
     if res.plots:
         print("pictures: " + ", ".join(str(p) for p in res.plots.values()))
     return 0
@@ -303,7 +325,8 @@ def main(argv: Optional[List[str]] = None) -> int:
            "denoise": _cmd_denoise, "bench": _cmd_bench}[args.command]
     try:
         return cmd(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, NotADirectoryError, PermissionError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            PermissionError, ImportError) as e:
         print(f"pyvae {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -77,7 +77,10 @@ def eval_run(run_or_ckpt: PathLike, *, k: int = 50, ll_samples: int = 1000, ll_b
         out["iwae"] = tot_iw / test.shape[0]
     if ll_samples:
         out["log_px"] = tot_ll / test.shape[0]
-    assert all(math.isfinite(v) for v in out.values()), out
+    bad = sorted(k for k, v in out.items() if not math.isfinite(v))
+    if bad:
+        raise ValueError(f"{resolve_checkpoint(run_or_ckpt)}: the estimates {bad} are not finite "
+                         f"({ {k: out[k] for k in bad} })")
     return out
 
 
@@ -102,6 +105,8 @@ def sample_run(run_or_ckpt: PathLike, *, n: int = 100, manifold: bool = False, r
     if manifold and model.z_dim != 2:
         raise ValueError(f"--manifold needs a model with a 2-D latent space; this one has z_dim={model.z_dim}")
     out = Path(out) if out else resolve_checkpoint(run_or_ckpt).parent
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out must be a directory, but {out} is a file")
     out.mkdir(parents=True, exist_ok=True)
     if reconstructions:
         data, test = run_data(ckpt, data_dir, None)

@@ -39,11 +39,16 @@ from .data import BINARIZE, DATASETS, DataSplits, ShardedBatches, load_dataset, 
 from .evaluation import PRECISIONS, autocast, evaluate
 from .models import ESTIMATORS, LIKELIHOODS, VAE
 
-__all__ = ["TrainConfig", "TrainResult", "train", "build_config", "load_toml", "METRIC_KEYS", "RESUME_OVERRIDABLE"]
+__all__ = ["TrainConfig", "TrainResult", "train", "build_config", "load_toml", "METRIC_KEYS", "RESUME_OVERRIDABLE",
+           "NonFiniteLossError"]
 
 OPTIMIZERS = ("adam", "adagrad")
 METRIC_KEYS = ("epoch", "step", "samples_seen", "train_elbo", "test_elbo", "kl", "recon", "samples_per_s", "wall_s")
-RESUME_OVERRIDABLE = ("epochs", "device", "progress", "plots", "tensorboard", "threads", "resume", "out")
+RESUME_OVERRIDABLE = ("epochs", "device", "progress", "plots", "tensorboard", "threads", "resume", "out", "on_nonfinite")
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -82,6 +87,9 @@ class TrainConfig:
         progress: show a tqdm progress bar (rank 0).
         plots: write the PNGs after training.
         threads: torch CPU threads (None: torch's default).
+        on_nonfinite: what a step with a non-finite loss does: "stop" (raise ``NonFiniteLossError`` naming
+            the step; the last checkpoint, written at the end of the last good epoch, stays intact) or
+            "skip" (no update for that step; the count is logged).
     """
 
     dataset: str = "mnist-5k"
@@ -114,6 +122,7 @@ class TrainConfig:
     progress: bool = True
     plots: bool = True
     threads: Optional[int] = None
+    on_nonfinite: str = "stop"
 
     def validate(self) -> "TrainConfig":
         """Checks every field; raises ValueError naming the field. Returns self."""
@@ -142,17 +151,15 @@ class TrainConfig:
         pos_int("limit", allow_none=True)
         pos_int("threads", allow_none=True)
         pos_int("seed", lo=0)
-        if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and self.lr > 0
-                and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if self.weight_decay != "prior" and not (
-                isinstance(self.weight_decay, (int, float)) and not isinstance(self.weight_decay, bool)
-                and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a number >= 0 or 'prior', got {self.weight_decay!r}")
-        if not (isinstance(self.kl_warmup, (int, float)) and self.kl_warmup >= 0):
-            raise ValueError(f"kl_warmup must be a number of epochs >= 0, got {self.kl_warmup!r}")
-        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
-            raise ValueError(f"grad_clip must be None or a positive number, got {self.grad_clip!r}")
+        if not (_finite_number(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite positive number, got {self.lr!r}")
+        if self.weight_decay != "prior" and not (_finite_number(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0 or 'prior', got {self.weight_decay!r}")
+        if not (_finite_number(self.kl_warmup) and self.kl_warmup >= 0):
+            raise ValueError(f"kl_warmup must be a finite number of epochs >= 0, got {self.kl_warmup!r}")
+        if self.grad_clip is not None and not (_finite_number(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be None or a finite positive number, got {self.grad_clip!r}")
+        choice("on_nonfinite", ("stop", "skip"))
         if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -386,170 +393,257 @@ def train(cfg: TrainConfig, *, on_step: Optional[Callable[[Dict[str, Any]], None
         torch.set_num_threads(threads)
 
 
-def _train(cfg, device, dd: _Dist, on_step, data, log) -> TrainResult:
-    main = dd.rank == 0
-    if data is None:
-        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.binarize_mode, cfg.limit)
-    n_train = data.train.shape[0]
-    if cfg.batch_size % dd.world:
-        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({dd.world})")
-    with torch.random.fork_rng(devices=[]):  # seeded initialization without touching the caller's RNG
-        torch.manual_seed(cfg.seed)
-        model = VAE(data.x_dim, cfg.latent, cfg.hidden, cfg.likelihood, cfg.activation, cfg.layers, cfg.init)
-    model = model.to(device)
-    wd = 1.0 / n_train if cfg.weight_decay == "prior" else float(cfg.weight_decay)
-    opt = _make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, wd)
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16-mixed" else None
-    st = dict(epoch=0, batch=0, step=0, samples_seen=0, wall_s=0.0, acc_elbo=0.0, acc_kl=0.0, acc_n=0.0,
-              acc_time=0.0)
-    history: List[Dict[str, float]] = []
-    ckpt_path = None
-    if cfg.resume:
-        ck = checkpoint.load_checkpoint(cfg.resume, map_location=device)
-        if ck["model_config"] != model.config():
-            raise ValueError(f"{cfg.resume}: checkpoint model {ck['model_config']} does not match {model.config()}")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        st.update(ck["state"])
-        if dd.rank != 0:  # the partial-epoch sums in a checkpoint are global: counted once, by rank 0
-            st.update(acc_elbo=0.0, acc_kl=0.0, acc_n=0.0)
-        history = list(ck["history"])
-        torch.set_rng_state(ck["rng"]["torch"].cpu())
-        if torch.cuda.is_available() and ck["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
-    run_dir = Path(cfg.out) if cfg.out else _default_out(cfg)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "config.json", "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-    ckpt_path = run_dir / checkpoint.CHECKPOINT_NAME
-    tb = None
-    if cfg.tensorboard and main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ValueError("tensorboard=True needs the tensorboard package: pip install tensorboard") from None
-        tb = SummaryWriter(str(run_dir / "tb"))
-    net = model
-    if dd.on:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+class NonFiniteLossError(ValueError):
+    """Training produced a non-finite loss; the message names the step and the last good checkpoint."""
 
-    def save():
-        if not main:
+
+def _train(cfg, device, dd: _Dist, on_step, data, log) -> TrainResult:
+    loop = _Loop(cfg, device, dd, on_step, data, log)
+    return loop.run()
+
+
+class _Loop:
+    """One training run, in named parts: build (model, optimizer, resume), the steps of an epoch, the
+    end of an epoch (evaluation, checkpoint, metrics), and the end of the run (plots)."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, dd: _Dist, on_step, data, log):
+        self.cfg, self.device, self.dd, self.on_step, self.log = cfg, device, dd, on_step, log
+        self.main = dd.rank == 0
+        self.data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, cfg.binarize_mode, cfg.limit)
+        self.n_train = self.data.train.shape[0]
+        if cfg.batch_size % dd.world:
+            raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number of processes ({dd.world})")
+        with torch.random.fork_rng(devices=[]):  # seeded initialization without touching the caller's RNG
+            torch.manual_seed(cfg.seed)
+            model = VAE(self.data.x_dim, cfg.latent, cfg.hidden, cfg.likelihood, cfg.activation, cfg.layers,
+                        cfg.init)
+        self.model = model.to(device)
+        wd = 1.0 / self.n_train if cfg.weight_decay == "prior" else float(cfg.weight_decay)
+        self.opt = _make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr, wd)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16-mixed" else None
+        self.st = dict(epoch=0, batch=0, step=0, samples_seen=0, wall_s=0.0, acc_elbo=0.0, acc_kl=0.0, acc_n=0.0,
+                       acc_time=0.0, skipped=0)
+        self.history: List[Dict[str, float]] = []
+        self.run_dir = Path(cfg.out) if cfg.out else _default_out(cfg)
+        self.ckpt_path = self.run_dir / checkpoint.CHECKPOINT_NAME
+        if cfg.resume:
+            self._resume()
+        self.net = self.model
+        if dd.on:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.tb = None
+
+    # ------------------------------------------------------------------------------- setup
+    def _resume(self) -> None:
+        cfg = self.cfg
+        ck = checkpoint.load_checkpoint(cfg.resume, map_location=self.device)
+        where = checkpoint.resolve_checkpoint(cfg.resume)
+        if ck["model_config"] != self.model.config():
+            raise ValueError(f"{where}: checkpoint model {ck['model_config']} does not match {self.model.config()}")
+        checkpoint.load_weights(self.model, ck["model"], where)
+        try:
+            self.opt.load_state_dict(ck["optimizer"])
+            if self.scaler is not None and ck.get("scaler"):
+                self.scaler.load_state_dict(ck["scaler"])
+            torch.set_rng_state(ck["rng"]["torch"].cpu())
+            if torch.cuda.is_available() and ck["rng"].get("cuda"):
+                torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
+        except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{where}: cannot restore the optimizer or RNG state ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        self.st.update(ck["state"])
+        if self.dd.rank != 0:  # the partial-epoch sums in a checkpoint are global: counted once, by rank 0
+            self.st.update(acc_elbo=0.0, acc_kl=0.0, acc_n=0.0)
+        self.history = list(ck["history"])
+
+    def _open_run_dir(self) -> None:
+        """Rank 0: the run directory, its config.json, no temporaries left by a killed checkpoint write, and
+        metrics that agree with the checkpoint (a kill between the two writes can leave them apart)."""
+        if not self.main:
             return
-        checkpoint.save_checkpoint(ckpt_path, {
-            "format": checkpoint.FORMAT, "model": model.state_dict(), "model_config": model.config(),
-            "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-            "state": dict(st), "history": history, "config": dataclasses.asdict(cfg),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []},
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ValueError(f"out: {self.run_dir} exists and is not a directory")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale_temporaries(self.ckpt_path)
+        with open(self.run_dir / "config.json", "w") as f:
+            json.dump(dataclasses.asdict(self.cfg), f, indent=1)
+        if self.cfg.resume:
+            _write_metrics(self.run_dir, self.history)
+        if self.cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("tensorboard=True needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(self.run_dir / "tb"))
+
+    def save(self) -> None:
+        if not self.main:
+            return
+        m, rng_cuda = self.model, list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []
+        checkpoint.save_checkpoint(self.ckpt_path, {
+            "format": checkpoint.FORMAT, "model": m.state_dict(), "model_config": m.config(),
+            "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "state": dict(self.st), "history": self.history, "config": dataclasses.asdict(self.cfg),
+            "rng": {"torch": torch.get_rng_state(), "cuda": rng_cuda},
         })
 
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    show = cfg.progress and main and tqdm is not None
-    binarize = data.binarize == "dynamic"
-    warm_steps = cfg.kl_warmup * (n_train // cfg.batch_size)
-    t_start = time.perf_counter() - st["wall_s"]
-    interrupted = False
-    model.train()
-    with _StopFlag(dd.on) as stop:
-        while st["epoch"] < cfg.epochs and not interrupted:
-            e = st["epoch"]
-            batches = ShardedBatches(data.train, cfg.batch_size, seed=cfg.seed, epoch=e, binarize=binarize,
-                                     rank=dd.rank, world=dd.world, start=st["batch"])
-            bar = tqdm(total=batches.num_batches, initial=st["batch"], desc=f"epoch {e + 1}/{cfg.epochs}",
-                       unit="batch", leave=False, file=sys.stderr,
-                       ncols=min(shutil.get_terminal_size((100, 20)).columns, 120)) if show else None
-            t_epoch = time.perf_counter()
-            for s, xb in batches:
-                lo, _, size = batches.rows(s)
-                xb = xb.to(device, non_blocking=True)
-                g = torch.Generator().manual_seed(mix_seed(cfg.seed, 3, st["step"]))
-                beta = min(1.0, (st["step"] + 1) / warm_steps) if warm_steps > 0 else 1.0
-                with autocast(cfg.precision, device):
-                    obj, elbo, kl = net(xb, cfg.samples, cfg.estimator, beta, g,
-                                        (lo, size) if dd.world > 1 else None)
-                loss = -obj.mean()
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    if cfg.grad_clip:
-                        scaler.unscale_(opt)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    if cfg.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    opt.step()
-                st["acc_elbo"] += float(elbo.sum())
-                st["acc_kl"] += float(kl.sum())
-                st["acc_n"] += xb.shape[0]
-                st["step"] += 1
-                st["batch"] = s + 1
-                st["samples_seen"] += size
-                if bar is not None:
-                    bar.update(1)
-                    if s % 10 == 0:
-                        el = st["acc_time"] + time.perf_counter() - t_epoch
-                        bar.set_postfix(loss=f"{loss.item():.2f}",
-                                        samples_s=f"{(s + 1 - batches.start) * cfg.batch_size / max(el, 1e-9):.0f}",
-                                        refresh=False)
-                if on_step is not None:
-                    on_step(dict(epoch=e, batch=s + 1, step=st["step"], samples_seen=st["samples_seen"],
-                                 loss=loss.item()))
-                flag = stop.set
-                if dd.on:
-                    flag = dd.sum([float(stop.set)], "cpu" if device.type == "cpu" else device)[0] > 0
-                if flag:
-                    interrupted = True
-                    break
-            st["acc_time"] += time.perf_counter() - t_epoch
+    def _sum(self, values: List[float]) -> List[float]:
+        return self.dd.sum(values, "cpu" if self.device.type == "cpu" else self.device)
+
+    # ------------------------------------------------------------------------------- steps
+    def _step(self, xb: torch.Tensor, shard, beta: float) -> Optional[torch.Tensor]:
+        """One optimizer step on ``xb``; the loss, or None when a non-finite loss was skipped."""
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(mix_seed(cfg.seed, 3, self.st["step"]))
+        with autocast(cfg.precision, self.device):
+            obj, elbo, kl = self.net(xb, cfg.samples, cfg.estimator, beta, g, shard)
+        loss = -obj.mean()
+        finite = bool(torch.isfinite(loss))
+        if self.dd.on:  # every rank takes the same decision
+            finite = self._sum([0.0 if finite else 1.0])[0] == 0
+        if not finite:
+            if cfg.on_nonfinite == "skip":
+                self.opt.zero_grad(set_to_none=True)
+                self.st["skipped"] += 1
+                return None
+            last = (f"the last good checkpoint is {self.ckpt_path} (epoch {self.st['epoch']})"
+                    if self.ckpt_path.is_file() else "no checkpoint was written yet")
+            raise NonFiniteLossError(
+                f"step {self.st['step'] + 1} (epoch {self.st['epoch'] + 1}, batch {self.st['batch'] + 1}) gave a "
+                f"non-finite loss ({loss.item()}); {last}. Lower --lr, set --grad-clip, or pass "
+                "--on-nonfinite skip to skip such steps")
+        self.opt.zero_grad(set_to_none=True)
+        params = self.model.parameters()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                self.scaler.unscale_(self.opt)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            self.opt.step()
+        self.st["acc_elbo"] += float(elbo.sum())
+        self.st["acc_kl"] += float(kl.sum())
+        self.st["acc_n"] += xb.shape[0]
+        return loss
+
+    def _epoch(self, stop: _StopFlag, show: bool) -> bool:
+        """The remaining steps of the current epoch; True when stopped by Ctrl-C."""
+        cfg, st, dd = self.cfg, self.st, self.dd
+        e = st["epoch"]
+        batches = ShardedBatches(self.data.train, cfg.batch_size, seed=cfg.seed, epoch=e,
+                                 binarize=self.data.binarize == "dynamic", rank=dd.rank, world=dd.world,
+                                 start=st["batch"])
+        bar = _progress_bar(batches, st["batch"], f"epoch {e + 1}/{cfg.epochs}") if show else None
+        warm_steps = cfg.kl_warmup * (self.n_train // cfg.batch_size)
+        t_epoch = time.perf_counter()
+        interrupted = False
+        for s, xb in batches:
+            lo, _, size = batches.rows(s)
+            beta = min(1.0, (st["step"] + 1) / warm_steps) if warm_steps > 0 else 1.0
+            loss = self._step(xb.to(self.device, non_blocking=True), (lo, size) if dd.world > 1 else None, beta)
+            st["step"] += 1
+            st["batch"] = s + 1
+            st["samples_seen"] += size
             if bar is not None:
-                bar.close()
-            if interrupted:
-                st["wall_s"] = time.perf_counter() - t_start
-                if dd.on:  # the checkpoint holds the partial-epoch sums of all ranks (rank 0 resumes them)
-                    st["acc_elbo"], st["acc_kl"], st["acc_n"] = dd.sum(
-                        [st["acc_elbo"], st["acc_kl"], st["acc_n"]], "cpu" if device.type == "cpu" else device)
-                save()
-                if dd.on:
-                    dist.barrier()  # every rank returns only once the checkpoint is on disk
-                if main:
-                    log(f"interrupted: checkpoint saved to {ckpt_path} (continue with --resume {run_dir})")
-                break
-            sums = dd.sum([st["acc_elbo"], st["acc_kl"], st["acc_n"]], "cpu" if device.type == "cpu" else device)
-            n = max(sums[2], 1.0)
-            ev = evaluate(model, data.test, batch_size=cfg.eval_batch, samples=cfg.test_samples,
-                          seed=mix_seed(cfg.seed, 5), device=device, precision=cfg.precision, rank=dd.rank, world=dd.world)
-            st["wall_s"] = time.perf_counter() - t_start
-            row = dict(epoch=e + 1, step=st["step"], samples_seen=st["samples_seen"], train_elbo=sums[0] / n,
-                       test_elbo=ev["elbo"], kl=sums[1] / n, recon=(sums[0] + sums[1]) / n,
-                       samples_per_s=n / max(st["acc_time"], 1e-9),
-                       wall_s=st["wall_s"])
-            history.append(row)
-            st.update(epoch=e + 1, batch=0, acc_elbo=0.0, acc_kl=0.0, acc_n=0.0, acc_time=0.0)
-            if main:
-                _write_metrics(run_dir, history)
-                save()
-                if tb is not None:
-                    for k in ("train_elbo", "test_elbo", "kl", "recon", "samples_per_s"):
-                        tb.add_scalar(k, row[k], st["samples_seen"])
-                log(f"epoch {e + 1}/{cfg.epochs}  train ELBO {row['train_elbo']:.2f}  test ELBO {row['test_elbo']:.2f}"
-                    f"  KL {row['kl']:.2f}  {row['samples_per_s']:,.0f} samples/s  {row['wall_s']:.1f} s")
-            if stop.set and not dd.on:
+                bar.update(1)
+                if s % 10 == 0 and loss is not None:
+                    el = st["acc_time"] + time.perf_counter() - t_epoch
+                    bar.set_postfix(loss=f"{loss.item():.2f}",
+                                    samples_s=f"{(s + 1 - batches.start) * cfg.batch_size / max(el, 1e-9):.0f}",
+                                    refresh=False)
+            if self.on_step is not None:
+                self.on_step(dict(epoch=e, batch=s + 1, step=st["step"], samples_seen=st["samples_seen"],
+                                  loss=float("nan") if loss is None else loss.item()))
+            flag = stop.set
+            if dd.on:
+                flag = self._sum([float(stop.set)])[0] > 0
+            if flag:
                 interrupted = True
-                log(f"interrupted: checkpoint saved to {ckpt_path} (continue with --resume {run_dir})")
-    if tb is not None:
-        tb.close()
-    plots: Dict[str, Path] = {}
-    if main and cfg.plots and not interrupted and history:
-        from .plots import run_plots
-        plots = run_plots(model, data, history, run_dir)
-    return TrainResult(run_dir if main else None, model, history, interrupted, plots, ckpt_path if main else None)
+                break
+        st["acc_time"] += time.perf_counter() - t_epoch
+        if bar is not None:
+            bar.close()
+        return interrupted
+
+    def _save_interrupted(self, t_start: float) -> None:
+        self.st["wall_s"] = time.perf_counter() - t_start
+        if self.dd.on:  # the checkpoint holds the partial-epoch sums of all ranks (rank 0 resumes them)
+            self.st["acc_elbo"], self.st["acc_kl"], self.st["acc_n"] = self._sum(
+                [self.st["acc_elbo"], self.st["acc_kl"], self.st["acc_n"]])
+        self.save()
+        if self.dd.on:
+            dist.barrier()  # every rank returns only once the checkpoint is on disk
+        if self.main:
+            self.log(f"interrupted: checkpoint saved to {self.ckpt_path} (continue with --resume {self.run_dir})")
+
+    def _end_epoch(self, t_start: float) -> None:
+        """Test ELBO, the epoch's metrics row, then the checkpoint and (after it, so that a kill between the
+        two never leaves metrics ahead of the checkpoint) the metrics files."""
+        cfg, st, dd = self.cfg, self.st, self.dd
+        e = st["epoch"]
+        sums = self._sum([st["acc_elbo"], st["acc_kl"], st["acc_n"]])
+        n = max(sums[2], 1.0)
+        ev = evaluate(self.model, self.data.test, batch_size=cfg.eval_batch, samples=cfg.test_samples,
+                      seed=mix_seed(cfg.seed, 5), device=self.device, precision=cfg.precision, rank=dd.rank,
+                      world=dd.world)
+        st["wall_s"] = time.perf_counter() - t_start
+        row = dict(epoch=e + 1, step=st["step"], samples_seen=st["samples_seen"], train_elbo=sums[0] / n,
+                   test_elbo=ev["elbo"], kl=sums[1] / n, recon=(sums[0] + sums[1]) / n,
+                   samples_per_s=n / max(st["acc_time"], 1e-9), wall_s=st["wall_s"])
+        self.history.append(row)
+        st.update(epoch=e + 1, batch=0, acc_elbo=0.0, acc_kl=0.0, acc_n=0.0, acc_time=0.0)
+        if not self.main:
+            return
+        self.save()
+        _write_metrics(self.run_dir, self.history)
+        if self.tb is not None:
+            for k in ("train_elbo", "test_elbo", "kl", "recon", "samples_per_s"):
+                self.tb.add_scalar(k, row[k], st["samples_seen"])
+        skipped = f"  ({st['skipped']} non-finite steps skipped so far)" if st["skipped"] else ""
+        self.log(f"epoch {e + 1}/{cfg.epochs}  train ELBO {row['train_elbo']:.2f}  test ELBO {row['test_elbo']:.2f}"
+                 f"  KL {row['kl']:.2f}  {row['samples_per_s']:,.0f} samples/s  {row['wall_s']:.1f} s{skipped}")
+
+    # --------------------------------------------------------------------------------- run
+    def run(self) -> TrainResult:
+        cfg, st = self.cfg, self.st
+        self._open_run_dir()
+        try:
+            from tqdm.auto import tqdm  # noqa: F401
+            show = cfg.progress and self.main
+        except ImportError:  # pragma: no cover
+            show = False
+        t_start = time.perf_counter() - st["wall_s"]
+        interrupted = False
+        self.model.train()
+        with _StopFlag(self.dd.on) as stop:
+            while st["epoch"] < cfg.epochs and not interrupted:
+                if self._epoch(stop, show):
+                    interrupted = True
+                    self._save_interrupted(t_start)
+                    break
+                self._end_epoch(t_start)
+                if stop.set and not self.dd.on:
+                    interrupted = True
+                    self.log(f"interrupted: checkpoint saved to {self.ckpt_path} (continue with --resume {self.run_dir})")
+        if self.tb is not None:
+            self.tb.close()
+        plots: Dict[str, Path] = {}
+        if self.main and cfg.plots and not interrupted and self.history:
+            from .plots import run_plots
+            plots = run_plots(self.model, self.data, self.history, self.run_dir)
+        main = self.main
+        written = self.ckpt_path if (main and self.ckpt_path.is_file()) else None
+        return TrainResult(self.run_dir if main else None, self.model, self.history, interrupted, plots, written)
+
+
+def _progress_bar(batches: ShardedBatches, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=batches.num_batches, initial=initial, desc=desc, unit="batch", leave=False, file=sys.stderr,
+                ncols=min(shutil.get_terminal_size((100, 20)).columns, 120))

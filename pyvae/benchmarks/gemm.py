@@ -78,11 +78,13 @@ def run(args) -> list:
 def markdown(rows) -> str:
     lines = ["| layer | B | product | torch-mm GFLOP/s | onednn GFLOP/s | speedup | pyvae uses |",
              "|---|---|---|---|---|---|---|"]
+    import torch
+
     import pyvae._gemm as G
 
     for r in rows:
         B, fin, fout = r["shape"]
-        used = "onednn" if r["flops"] >= G._MIN_FLOPS and r["dtype"] == "float32" else "torch-mm"
+        used = "onednn" if G.uses_onednn(getattr(torch, r["dtype"]), r["flops"]) else "torch-mm"
         lines.append(f"| {r['layer']} {fin}->{fout} | {B} | {r['product']} | {r['gflops']['torch-mm']:.0f} | "
                      f"{r['gflops']['onednn']:.0f} | {r['speedup']:.2f}x | {used} |")
     return "\n".join(lines)

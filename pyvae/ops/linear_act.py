@@ -328,7 +328,7 @@ class _LinearActAutocastFunction(torch.autograd.Function):
 # it has something to win: float32 GEMMs on oneDNN (NOTE: [CPU GEMM backend] in pyvae/_gemm.py, about
 # 2x torch's MKL on the VAE's layers) or an activation pass fused into the GEMM's output. An identity
 # layer whose GEMMs would run on torch's mm anyway (every bfloat16/float16/float64 one, float32 ones
-# under _gemm._MIN_FLOPS) has neither: there the eager path of ``linear_act`` calls F.linear, which
+# under the oneDNN threshold of pyvae/_gemm.py) has neither: there the eager path of ``linear_act`` calls F.linear, which
 # adds the bias in the GEMM as pyvae's identity path does. Layers with an activation are always fused:
 # measured against F.linear + torch's activation, the fused node is level or faster from batch 100 up,
 # in float32 and under bf16 autocast (enc1 784->500 tanh: 1.00x at B=100, 1.05x at 1024; dec1 20->500

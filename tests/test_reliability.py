@@ -1,0 +1,188 @@
+"""Regression tests of the reliability audit: each failed (a wrong answer, a crash, a traceback where one
+line is promised, or a run left inconsistent) before its fix."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import pyvae
+from pyvae import checkpoint
+from pyvae.cli import main
+from pyvae.data import load_dataset
+from pyvae.train import NonFiniteLossError, build_config, train
+
+TINY = dict(dataset="digits", hidden=16, latent=4, batch_size=50, epochs=1, progress=False, plots=False, threads=1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", binarize="dynamic")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, digits):
+    out = tmp_path_factory.mktemp("rel") / "run"
+    train(build_config({**TINY, "out": str(out)}), data=digits, log=lambda *a: None)
+    return out
+
+
+def _one_line_error(capsys, argv, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+# ------------------------------------------------------------------------------------ ops
+def test_linear_act_reads_a_strided_bias_by_its_strides():
+    bias = torch.arange(6.0)[::2]  # [0, 2, 4], stride 2
+    for act in ("relu", "tanh", "identity"):
+        with pyvae.ops.fused_only():
+            y = pyvae.linear_act(torch.zeros(1, 5), torch.zeros(3, 5), bias, act)
+        torch.testing.assert_close(y, pyvae.reference.ACTIVATIONS[act](torch.tensor([[0.0, 2.0, 4.0]])))
+
+
+def test_linear_act_expanded_bias_and_its_gradient():
+    x = torch.randn(7, 5, dtype=torch.float64)
+    w = torch.randn(3, 5, dtype=torch.float64)
+    b0 = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
+    with pyvae.ops.fused_only():
+        y = pyvae.linear_act(x, w, b0.expand(3), "tanh")
+    ref = torch.tanh(x @ w.T + 0.5)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    (gb,) = torch.autograd.grad(y, b0, g)
+    torch.testing.assert_close(gb, ((1 - ref ** 2) * g).sum().reshape(1))
+
+
+def test_linear_act_backward_op_checks_grad_and_out():
+    op = torch.ops.pyvae.linear_act_backward
+    x, w = torch.randn(10, 4), torch.randn(8, 4)
+    with pytest.raises(ValueError, match="grad must have the output's shape"):
+        op(torch.ones(10, 7), x, w, torch.zeros(10, 8), True, "tanh", [True] * 3)
+    with pytest.raises(ValueError, match="out .* must have shape"):
+        op(torch.ones(10, 8), x, w, torch.zeros(10, 7), True, "tanh", [True] * 3)
+    with pytest.raises(ValueError, match="output_mask must have 3"):
+        op(torch.ones(10, 8), x, w, torch.zeros(10, 8), True, "tanh", [True] * 2)
+
+
+def test_reparameterize_argument_types():
+    mu = torch.zeros(3, 4)
+    with pytest.raises(TypeError, match="generator"):
+        pyvae.reparameterize(mu, mu, generator=5)
+    assert pyvae.reparameterize(mu, mu, samples=np.int64(2)).shape == (2, 3, 4)
+    with pytest.raises(ValueError, match="samples"):
+        pyvae.reparameterize(mu, mu, samples=2.0)
+
+
+def test_the_gate_refuses_a_tensor_the_kernel_would_misread():
+    from pyvae import _gate
+
+    y = torch.zeros(4, 6)
+    with pytest.raises(RuntimeError, match="bias must be a contiguous"):
+        _gate.bias_act_fwd(y=y, bias=torch.arange(12.0)[::2], act=_gate.ACTIVATIONS["tanh"])
+    with pytest.raises(RuntimeError, match="of 6 elements"):
+        _gate.bias_act_fwd(y=y, bias=torch.zeros(5), act=_gate.ACTIVATIONS["tanh"])
+    with pytest.raises(RuntimeError, match="grad_y must be"):
+        _gate.act_bwd(act=0, grad_y=torch.zeros(6, 4).t())
+
+
+# ------------------------------------------------------------------------------- settings
+@pytest.mark.parametrize("flag,value", [("--weight-decay", "inf"), ("--kl-warmup", "inf"), ("--kl-warmup", "nan"),
+                                       ("--lr", "inf"), ("--grad-clip", "nan")])
+def test_non_finite_flags_are_refused(capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main(["train", flag, value])
+    assert e.value.code == 2 and "finite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["weight_decay", "kl_warmup", "grad_clip", "lr"])
+def test_non_finite_config_keys_are_refused(tmp_path, key):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"{key} = inf\n")
+    with pytest.raises(ValueError, match=f"{key} must be .*finite"):
+        build_config({}, config_file=str(cfg))
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint_intact(tmp_path, digits):
+    out = tmp_path / "nan"
+    train(build_config({**TINY, "out": str(out)}), data=digits, log=lambda *a: None)
+    before = (out / "checkpoint.pt").read_bytes()
+    poisoned = dataclasses.replace(digits, train=torch.full_like(digits.train, float("nan")), binarize="none")
+    with pytest.raises(NonFiniteLossError, match=r"step \d+ .*non-finite loss.*last good checkpoint"):
+        train(build_config({"resume": str(out), "epochs": 2}), data=poisoned, log=lambda *a: None)
+    assert (out / "checkpoint.pt").read_bytes() == before
+    r = train(build_config({"resume": str(out), "epochs": 2, "on_nonfinite": "skip"}), data=poisoned,
+              log=lambda *a: None)
+    ck = checkpoint.load_checkpoint(out)
+    assert ck["state"]["skipped"] == digits.train.shape[0] // 50 and r.history[-1]["epoch"] == 2
+    assert all(bool(torch.isfinite(v).all()) for v in ck["model"].values())  # no update from a NaN step
+
+
+# ------------------------------------------------------------------------ one-line errors
+def test_checkpoint_faults_are_one_line_errors(tmp_path, run, capsys):
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    cases = {}
+    bad_shape = dict(ck, model={k: (v[:-1] if k == "dec_logits.bias" else v) for k, v in ck["model"].items()})
+    cases["shape"] = (bad_shape, "do not fit the model")
+    cases["config"] = (dict(ck, model_config=dict(ck["model_config"], hidden=17)), "do not fit the model")
+    cases["missing"] = ({k: v for k, v in ck.items() if k != "history"}, "missing ['history']")
+    nan = dict(ck, model={k: v.clone().fill_(float("nan")) if k == "enc_head.bias" else v for k, v in ck["model"].items()})
+    cases["nan"] = (nan, "non-finite weights")
+    for name, (c, needle) in cases.items():
+        p = tmp_path / f"{name}.pt"
+        torch.save(c, p)
+        for argv in (["eval", str(p), "--k", "0", "--ll-samples", "0"], ["sample", str(p), "--out", str(tmp_path)],
+                     ["inpaint", str(p), "--n", "2", "--out", str(tmp_path / "i.png")]):
+            _one_line_error(capsys, argv, str(p), needle)
+
+
+def test_resume_faults_are_one_line_errors(tmp_path, run, capsys):
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    bad_rng = dict(ck, rng={"torch": torch.zeros(3, dtype=torch.uint8), "cuda": []})
+    p = tmp_path / "rng" / "checkpoint.pt"
+    p.parent.mkdir()
+    torch.save(bad_rng, p)
+    _one_line_error(capsys, ["train", "--resume", str(p), "--epochs", "2", "--no-progress"], "RNG state")
+    q = tmp_path / "cfg" / "checkpoint.pt"
+    q.parent.mkdir()
+    torch.save(dict(ck, model_config=dict(ck["model_config"], latent=9)), q)
+    _one_line_error(capsys, ["train", "--resume", str(q), "--epochs", "2", "--no-progress"], "does not match")
+
+
+def test_out_and_device_faults_are_one_line_errors(tmp_path, run, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    _one_line_error(capsys, ["train", "--dataset", "digits", "--epochs", "1", "--out", str(f), "--no-progress"],
+                    "not a directory")
+    _one_line_error(capsys, ["sample", str(run), "--out", str(f)], "is a file")
+    for dev in ("tpu", "meta"):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", str(run), "--device", dev])
+        assert e.value.code == 2 and "cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+def test_zero_epochs_claims_no_files(tmp_path, capsys):
+    assert main(["train", "--dataset", "digits", "--epochs", "0", "--out", str(tmp_path / "z"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "checkpoint.pt" not in printed and "no epoch trained" in printed
+    assert not (tmp_path / "z" / "checkpoint.pt").exists()
+
+
+# ------------------------------------------------------------------------------- crashes
+def test_stale_temporaries_are_removed_and_metrics_follow_the_checkpoint(tmp_path, digits):
+    out = tmp_path / "crash"
+    train(build_config({**TINY, "out": str(out)}), data=digits, log=lambda *a: None)
+    # What a kill leaves: a half-written checkpoint temporary, and metrics one epoch ahead of the checkpoint.
+    (out / "checkpoint.pt.abc123.tmp").write_bytes(b"half")
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(rows + [rows[-1].replace('"epoch": 1', '"epoch": 2')]) + "\n")
+    r = train(build_config({"resume": str(out), "epochs": 2}), data=digits, log=lambda *a: None)
+    assert not list(out.glob("*.tmp"))
+    got = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert got == [1, 2] == [h["epoch"] for h in r.history]
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3
