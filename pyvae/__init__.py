@@ -4,7 +4,7 @@ import torch  # (imported before pyvae._C, through _gate: it loads the OpenMP ru
 from . import _gate
 from .ops import bernoulli_elbo, bernoulli_log_prob, gaussian_kl, gaussian_log_prob, linear_act, reparameterize
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 
 def __getattr__(name):

@@ -97,8 +97,11 @@ def uses_onednn(dtype: torch.dtype, flops: float) -> bool:
     return flops > 0 and flops >= _MIN_FLOPS and dtype in ONEDNN_DTYPES and onednn_enabled()
 
 
-def backend(t: torch.Tensor, flops: float = float("inf")) -> str:
-    """'onednn' or 'torch': who runs a GEMM of ``flops`` on tensors like ``t``."""
+def backend(t: torch.Tensor, flops: float = float("inf"), onednn: Optional[bool] = None) -> str:
+    """'onednn' or 'torch': who runs a GEMM of ``flops`` on tensors like ``t``. ``onednn=False``: torch's,
+    whatever the rule says (a measured route, NOTE: [Measured routes] in pyvae/_tune.py)."""
+    if onednn is False:
+        return "torch"
     return "onednn" if t.is_cpu and uses_onednn(t.dtype, flops) else "torch"
 
 
@@ -106,33 +109,35 @@ def _lin(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) 
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           onednn: Optional[bool] = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for 2-D x [rows, in] and weight [out, in]; a new contiguous tensor."""
-    if backend(x, 2.0 * x.shape[0] * x.shape[1] * weight.shape[0]) == "onednn":
-        return _lin(x, weight, bias)
+    if backend(x, 2.0 * x.shape[0] * x.shape[1] * weight.shape[0], onednn) == "onednn":
+        return _lin(x, weight, None if bias is None else bias.contiguous())
     if bias is None:
         return torch.mm(x, weight.t())
     return torch.addmm(bias, x, weight.t())
 
 
-def grad_input(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def grad_input(g: torch.Tensor, weight: torch.Tensor, onednn: Optional[bool] = None) -> torch.Tensor:
     """``g @ weight`` for g [rows, out]: the input gradient of a linear layer."""
-    if backend(g, 2.0 * g.shape[0] * g.shape[1] * weight.shape[1]) == "onednn":
+    if backend(g, 2.0 * g.shape[0] * g.shape[1] * weight.shape[1], onednn) == "onednn":
         return _lin(g, weight.t())
     return torch.mm(g, weight)
 
 
-def wants_transposed_grad(g: torch.Tensor, in_features: int) -> bool:
+def wants_transposed_grad(g: torch.Tensor, in_features: int, onednn: Optional[bool] = None) -> bool:
     """Whether ``grad_weight`` takes ``g`` transposed ([out, rows], contiguous) for g [rows, out]: the
     oneDNN form ``linear(g.T, x.T)`` needs its first operand row-major, and a g.T written by the
     backward epilogue kernel beside g costs less than the copy oneDNN would make of the view."""
-    return in_features >= _NARROW_IN and backend(g, 2.0 * g.shape[0] * g.shape[1] * in_features) == "onednn"
+    return in_features >= _NARROW_IN and backend(g, 2.0 * g.shape[0] * g.shape[1] * in_features, onednn) == "onednn"
 
 
-def grad_weight(g: torch.Tensor, x: torch.Tensor, g_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+def grad_weight(g: torch.Tensor, x: torch.Tensor, g_t: Optional[torch.Tensor] = None,
+                onednn: Optional[bool] = None) -> torch.Tensor:
     """``g.T @ x`` for g [rows, out], x [rows, in]: the weight gradient, contiguous [out, in].
     ``g_t``: g.T as a contiguous [out, rows] tensor, where ``wants_transposed_grad`` said so."""
-    if backend(g, 2.0 * g.shape[0] * g.shape[1] * x.shape[1]) == "onednn":
+    if backend(g, 2.0 * g.shape[0] * g.shape[1] * x.shape[1], onednn) == "onednn":
         if x.shape[1] >= _NARROW_IN:
             return _lin(g.t() if g_t is None else g_t, x.t())
         return _lin(x.t(), g.t()).t().contiguous()

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"pyvae {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample,inpaint,denoise,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sample,inpaint,denoise,tune,bench}")
     _train_parser(sub)
     e = sub.add_parser("eval", help="test ELBO, IWAE bound and importance-sampled log p(x) of a run",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -220,11 +220,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]")
     s.add_argument("--data-dir", default=None)
     _inference_parsers(sub)
+    t = sub.add_parser("tune", help="measure the fastest route of each layer on this machine ahead of time",
+                       description="Times pyvae's fused layers against torch's own for each layer of a model "
+                                   "(a training step at each batch size and precision) and caches the winners "
+                                   "for this machine (PYVAE_TUNE=off turns routing by measurement off).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--batch-size", type=_pos_int, nargs="+", default=[100], help="batch sizes to tune for")
+    t.add_argument("--precision", nargs="+", choices=("fp32", "bf16-mixed"), default=["fp32"])
+    t.add_argument("--x-dim", type=_pos_int, default=784)
+    t.add_argument("--latent", type=_pos_int, default=20)
+    t.add_argument("--hidden", type=_pos_int, default=500)
+    t.add_argument("--layers", type=_pos_int, default=1)
+    t.add_argument("--activation", choices=("tanh", "relu", "sigmoid", "softplus"), default="tanh")
+    t.add_argument("--force", action="store_true", help="measure again even where the cache has a route")
+    t.add_argument("--show", action="store_true", help="only print the cache (path, machine key, routes)")
+    t.add_argument("--clear", action="store_true", help="delete this machine's cache file")
     b = sub.add_parser("bench", help="benchmark the fused ops/layers against PyTorch eager and torch.compile",
                        description="Runs a benchmark family; its own options follow the family name "
                                    "(pyvae bench elbo --help). Results go to bench/results/<family>.jsonl.")
-    b.add_argument("family", choices=["elbo", "mlp", "gemm"],
-                   help="elbo: the ELBO ops; mlp: the VAE's linear layers; gemm: the CPU GEMM routes of those layers")
+    b.add_argument("family", choices=["elbo", "mlp", "gemm", "dropin"],
+                   help="elbo: the ELBO ops; mlp: the VAE's linear layers; gemm: the CPU GEMM routes of those layers; "
+                        "dropin: an examples-style VAE training loop, plain vs torch.compile vs pyvae swapped in")
     b.add_argument("options", nargs=argparse.REMAINDER, help="options of the family (see its --help)")
     return parser
 
@@ -232,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_train(args) -> int:
     from .train import build_config, train
 
+    from . import _tune
+
+    _tune.log_to_stderr()  # a layer route measured during the first steps is shown as it is chosen
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
     cfg = build_config(flags, config_file=args.config)
     res = train(cfg)
@@ -302,6 +321,24 @@ def _cmd_denoise(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    from . import _tune
+    from .tuning import show, tune_model
+
+    if args.clear:
+        print(f"{'removed' if _tune.clear() else 'no cache at'} {_tune.cache_path()}")
+        return 0
+    if not args.show:
+        if not _tune.enabled():
+            raise ValueError("PYVAE_TUNE=off: routing by measurement is turned off")
+        _tune.log_to_stderr()
+        r = tune_model(args.x_dim, args.latent, args.hidden, args.activation, layers=args.layers,
+                       batch_sizes=args.batch_size, precisions=args.precision, force=args.force)
+        print(f"tuned {len(r['routes'])} layer routes in {r['seconds']:.2f} s")
+    print("\n".join(show()))
+    return 0
+
+
 def _cmd_bench(args) -> int:
     import importlib
 
@@ -322,7 +359,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     cmd = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample, "inpaint": _cmd_inpaint,
-           "denoise": _cmd_denoise, "bench": _cmd_bench}[args.command]
+           "denoise": _cmd_denoise, "tune": _cmd_tune, "bench": _cmd_bench}[args.command]
     try:
         return cmd(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,

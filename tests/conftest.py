@@ -11,6 +11,11 @@ import tempfile
 # A private torch.compile cache per test session: inductor's on-disk cache does not key on a custom
 # op's schema, so graphs compiled against an older pyvae can be replayed with stale calls.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="pyvae-tests-inductor-"))
+# Layer routes by measurement (NOTE: [Measured routes] in pyvae/_tune.py) would make a test's path depend
+# on the machine's load: the suite runs the cold-start routes, and tests/test_tune.py turns measuring on
+# where it is what is tested. Its cache goes to a private directory, never the user's.
+os.environ["PYVAE_TUNE"] = "off"
+os.environ["PYVAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="pyvae-tests-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

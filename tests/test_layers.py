@@ -21,13 +21,14 @@ import pyvae
 # Lowest first. A module may import modules of its own layer or of the layers below it.
 LAYERS = [
     ("compiled core", ["pyvae._C"]),
-    ("gate", ["pyvae._gate", "pyvae.reference"]),
-    ("GEMM backends", ["pyvae._gemm", "pyvae._cublaslt"]),
+    ("gate", ["pyvae._gate", "pyvae.reference", "pyvae._version"]),
+    ("GEMM backends", ["pyvae._gemm", "pyvae._cublaslt", "pyvae._tune"]),
     ("ops", ["pyvae.ops", "pyvae.ops.*", "pyvae._linear"]),
     ("nn", ["pyvae.nn"]),
     ("inference", ["pyvae.inference"]),
     ("models", ["pyvae.models"]),
-    ("data, checkpoints, evaluation, plots", ["pyvae.data", "pyvae.checkpoint", "pyvae.evaluation", "pyvae.plots"]),
+    ("data, checkpoints, evaluation, plots", ["pyvae.data", "pyvae.checkpoint", "pyvae.evaluation", "pyvae.plots",
+                                              "pyvae.tuning"]),
     ("train", ["pyvae.train"]),
     ("runs", ["pyvae.runs"]),
     ("application", ["pyvae", "pyvae.cli", "pyvae.__main__", "pyvae.benchmarks", "pyvae.benchmarks.*"]),

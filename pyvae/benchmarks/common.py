@@ -52,10 +52,10 @@ def add_common_args(p: argparse.ArgumentParser, extra_providers: Sequence[str] =
     p.add_argument("--malloc", default="default", choices=["default", "reuse", "both"],
                    help="glibc malloc: 'default', or 'reuse' (re-exec with GLIBC_TUNABLES="
                         f"{REUSE_TUNABLES}), or 'both' (run the two one after the other)")
-    p.add_argument("--omp-wait", default="spin", choices=["spin", "active", "passive", "unset"],
-                   help="idle OpenMP threads: 'spin' (default) GOMP_SPINCOUNT=30000000, i.e. spin "
-                        "for up to ~0.1 s before sleeping; 'active'/'passive' set OMP_WAIT_POLICY; "
-                        "'unset' leaves the runtime's default (see apply_env)")
+    p.add_argument("--omp-wait", default="unset", choices=["spin", "active", "passive", "unset"],
+                   help="idle OpenMP threads: 'unset' (default: what a user gets) leaves the runtime's "
+                        "default; 'spin' sets GOMP_SPINCOUNT=30000000, i.e. spin for up to ~0.1 s before "
+                        "sleeping (a tuned environment); 'active'/'passive' set OMP_WAIT_POLICY (see apply_env)")
     p.add_argument("--quiet-wait", type=float, default=20.0,
                    help="before each case, wait up to this many seconds for other processes to use "
                         "< 10%% of the CPUs (0: don't wait); their share while timing is recorded")
@@ -80,7 +80,7 @@ def apply_env(args: argparse.Namespace) -> None:
     TORCHINDUCTOR_COMPILE_THREADS=1 compiles in-process, so no idle pool of compile workers
     competes for the 2 cores with the timed calls.
     """
-    policy = getattr(args, "omp_wait", "spin")
+    policy = getattr(args, "omp_wait", "unset")
     for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         os.environ.pop(k, None)
     if policy == "spin":

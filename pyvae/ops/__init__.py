@@ -30,7 +30,7 @@ from .bernoulli_elbo import bernoulli_elbo
 from .bernoulli_log_prob import bernoulli_log_prob
 from .gaussian_kl import gaussian_kl
 from .gaussian_log_prob import gaussian_log_prob
-from .linear_act import ACTIVATIONS, fused_only, linear_act
+from .linear_act import ACTIVATIONS, forget_routes, fused_only, linear_act
 from .reparameterize import draw_seed, reparameterize, reparameterize_shard
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "linear_act",
     "ACTIVATIONS",
     "fused_only",
+    "forget_routes",
     "draw_seed",
     "reparameterize_shard",
 ]

@@ -17,15 +17,16 @@ output has the autocast dtype; parameters stay float32 (their gradients are cast
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 
-from .. import _cublaslt, _gate, _gemm
+from .. import _cublaslt, _gate, _gemm, _tune, reference
 from . import _checks as V
 from ._registry import FirstOrderOnly, LIB, eager_ok, first_order_only, register
 
-__all__ = ["linear_act", "ACTIVATIONS", "fused_only"]
+__all__ = ["linear_act", "ACTIVATIONS", "fused_only", "forget_routes", "ROUTES"]
 
 ACTIVATIONS = dict(_gate.ACTIVATIONS)  # name -> the kernels' code (csrc/ops/activation.h)
 _IDENTITY = ACTIVATIONS["identity"]
@@ -83,8 +84,8 @@ def _linear_act_impl(x, weight, bias, activation):
     return _forward(x, weight, bias, ACTIVATIONS[activation])
 
 
-def _forward(x, weight, bias, act):
-    """The forward of a validated call (``act`` = ACTIVATIONS code)."""
+def _forward(x, weight, bias, act, onednn=None):
+    """The forward of a validated call (``act`` = ACTIVATIONS code; ``onednn=False``: torch's GEMMs)."""
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, x.shape[-1])
     cpu = x2.is_cpu
@@ -96,9 +97,9 @@ def _forward(x, weight, bias, act):
             return r[0] if flat else r[0].view(*x.shape[:-1], weight.shape[0])
     if act == _IDENTITY and bias is not None:
         # No activation: the library GEMM adds the bias itself, saving our epilogue pass.
-        y = _gemm.linear(x2, weight, bias)
+        y = _gemm.linear(x2, weight, bias, onednn)
         return y if flat else y.view(*x.shape[:-1], weight.shape[0])
-    y = _gemm.linear(x2, weight)
+    y = _gemm.linear(x2, weight, None, onednn)
     if act != _IDENTITY and y.numel() > 0:
         # The epilogue kernels' dtypes (float16 on CPU is computed in float32); the kernel reads the
         # bias as a dense vector, so a strided one (a view with steps, an expanded one) is packed first.
@@ -111,7 +112,7 @@ def _forward(x, weight, bias, act):
     return y if flat else y.view(*x.shape[:-1], weight.shape[0])
 
 
-def _backward_core(grad, x, weight, out, has_bias, act, mask):
+def _backward_core(grad, x, weight, out, has_bias, act, mask, onednn=None):
     """Gradients (x, weight, bias) of y = act(x @ weight.T + b), None where ``mask`` (or no bias) says
     not needed. Inputs are already validated (by the forward or the op wrapper below)."""
     in_features, out_features = weight.shape[1], weight.shape[0]
@@ -139,7 +140,7 @@ def _backward_core(grad, x, weight, out, has_bias, act, mask):
     # The weight gradient's GEMM wants dL/d(pre) transposed (NOTE: [CPU GEMM backend]): the epilogue
     # kernel writes it too, in the same pass.
     g_t = torch.empty(out_features, rows, dtype=kd, device=x.device) \
-        if cpu and mask[1] and kd == g2.dtype and rows > 0 and _gemm.wants_transposed_grad(g2, in_features) else None
+        if cpu and mask[1] and kd == g2.dtype and rows > 0 and _gemm.wants_transposed_grad(g2, in_features, onednn) else None
     # dL/d(pre) row-major is for the input gradient, and for the weight gradient unless g_t serves it.
     need_pre = mask[0] or (mask[1] and g_t is None)
     if act == _IDENTITY:
@@ -161,11 +162,11 @@ def _backward_core(grad, x, weight, out, has_bias, act, mask):
             grad_pre = grad_pre.to(x.dtype)
     # The weight gradient first, so that g_t is freed before the input gradient is allocated (at
     # B=8192 on dec2: 26 of the 44 MB peak of this backward).
-    grad_w = _gemm.grad_weight(grad_pre if grad_pre is not None else g2, x2, g_t) if mask[1] else None
+    grad_w = _gemm.grad_weight(grad_pre if grad_pre is not None else g2, x2, g_t, onednn) if mask[1] else None
     del g_t
     grad_x = None
     if mask[0]:
-        grad_x = _gemm.grad_input(grad_pre, weight)
+        grad_x = _gemm.grad_input(grad_pre, weight, onednn)
         if not flat:
             grad_x = grad_x.view(*x.shape[:-1], in_features)
     grad_b = None
@@ -215,9 +216,10 @@ def _linear_act_backward_fake(grad, x, weight, out, has_bias, activation, output
     )
 
 
-def _save(ctx, x, weight, bias, activation, output):
+def _save(ctx, x, weight, bias, activation, output, onednn=None):
     """What every backward of linear_act reads (the dispatcher's and both direct functions')."""
     ctx.activation, ctx.act, ctx.has_bias = activation, ACTIVATIONS[activation], bias is not None
+    ctx.onednn = onednn
     # The output is needed only for the activation's derivative (identity needs nothing of it).
     ctx.save_for_backward(x, weight, output if ctx.act != _IDENTITY else None)
 
@@ -279,18 +281,18 @@ class _LinearActFunction(torch.autograd.Function):
     inputs ``linear_act`` has already validated."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation):
-        out = _forward(x, weight, bias, ACTIVATIONS[activation])
-        _save(ctx, x, weight, bias, activation, out)
+    def forward(ctx, x, weight, bias, activation, onednn=None):
+        out = _forward(x, weight, bias, ACTIVATIONS[activation], onednn)
+        _save(ctx, x, weight, bias, activation, out, onednn)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True: the checked path, which refuses double backward
-            return _backward(ctx, grad, direct=True)
+            return (*_backward(ctx, grad, direct=True), None)
         x, weight, out = ctx.saved_tensors
-        gx, gw, gb = _backward_core(grad, x, weight, out, ctx.has_bias, ctx.act, ctx.needs_input_grad)
-        return gx, gw, gb, None
+        gx, gw, gb = _backward_core(grad, x, weight, out, ctx.has_bias, ctx.act, ctx.needs_input_grad, ctx.onednn)
+        return gx, gw, gb, None, None
 
 
 class _LinearActAutocastFunction(torch.autograd.Function):
@@ -299,18 +301,20 @@ class _LinearActAutocastFunction(torch.autograd.Function):
     the cast nodes of the dispatcher path would do."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation, dtype, checked):
+    def forward(ctx, x, weight, bias, activation, dtype, checked, onednn=None):
         xc, wc, bc = _autocast_cast(x, dtype), _autocast_cast(weight, dtype), _autocast_cast(bias, dtype)
         # checked: linear_act's _fast_valid(autocast=True) passed, so the casts are valid inputs too.
-        out = _forward(xc, wc, bc, ACTIVATIONS[activation]) if checked else _linear_act_impl(xc, wc, bc, activation)
+        if not checked:
+            _check(xc, wc, bc, activation)
+        out = _forward(xc, wc, bc, ACTIVATIONS[activation], onednn)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        _save(ctx, xc, wc, bc, activation, out)
+        _save(ctx, xc, wc, bc, activation, out, onednn)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, out = ctx.saved_tensors
-        grads = _backward_core(grad, x, weight, out, ctx.has_bias, ctx.act, ctx.needs_input_grad[:3])
+        grads = _backward_core(grad, x, weight, out, ctx.has_bias, ctx.act, ctx.needs_input_grad[:3], ctx.onednn)
         grads = [g if g is None or g.dtype == dt else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         if torch.is_grad_enabled():  # create_graph=True: NOTE: [No double backward] in pyvae/ops/_registry.py
             idx = [i for i, g in enumerate(grads) if g is not None]
@@ -319,41 +323,101 @@ class _LinearActAutocastFunction(torch.autograd.Function):
             wrapped = FirstOrderOnly.apply(_OP, len(idx), *(grads[i] for i in idx), anchor)
             for i, g in zip(idx, wrapped):
                 grads[i] = g
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
-# NOTE: [Small layers run torch's ops]
-# pyvae's fused layer is a Python autograd node: forward + backward cost ~10 us more per layer than
-# torch's F.linear, whose autograd node is C++ (bench/RESULTS.md, MLP section). It repays that where
-# it has something to win: float32 GEMMs on oneDNN (NOTE: [CPU GEMM backend] in pyvae/_gemm.py, about
-# 2x torch's MKL on the VAE's layers) or an activation pass fused into the GEMM's output. An identity
-# layer whose GEMMs would run on torch's mm anyway (every bfloat16/float16/float64 one, float32 ones
-# under the oneDNN threshold of pyvae/_gemm.py) has neither: there the eager path of ``linear_act`` calls F.linear, which
-# adds the bias in the GEMM as pyvae's identity path does. Layers with an activation are always fused:
-# measured against F.linear + torch's activation, the fused node is level or faster from batch 100 up,
-# in float32 and under bf16 autocast (enc1 784->500 tanh: 1.00x at B=100, 1.05x at 1024; dec1 20->500
-# tanh: 1.05x / 1.34x). CUDA calls and the registered op (torch.ops.pyvae.linear_act, torch.compile,
-# opcheck) always run pyvae's kernels. One visible difference: F.linear supports double backward,
-# pyvae's node refuses it (NOTE: [No double backward] in pyvae/ops/_registry.py). ``fused_only()`` turns the
-# routing off (the kernel tests, benchmarks of the kernels themselves).
+# NOTE: [Layer routes]
+# An eager CPU call of linear_act can run three ways, all computing act(x @ W.T + b):
+#   "torch"     torch's own F.linear + activation (C++ autograd, MKL or oneDNN as torch picks);
+#   "pyvae"     pyvae's fused node: GEMMs on oneDNN for float32 products of 8 MFLOP and more
+#               (NOTE: [CPU GEMM backend] in pyvae/_gemm.py), the epilogue kernels of csrc/cpu/linear.cpp;
+#   "pyvae-mm"  the same node with every GEMM on torch's mm (float32 only: else it is "pyvae").
+# Which is fastest depends on the CPU (on an AMD EPYC "pyvae" is 2x eager in float32, on an Intel Xeon
+# with AVX-512 MKL it loses 8-15%), the shape, the dtype and autocast. So the route of each shape class
+# (dtype, autocast dtype, in/out features, activation, bias, rows rounded up to a power of two, training
+# or inference) is measured the first time it is seen (NOTE: [Measured routes] in pyvae/_tune.py) and
+# kept; "torch" is always a candidate, so a layer is never slower than eager beyond measurement noise.
+# With PYVAE_TUNE=off the cold-start rule applies: "torch" for identity layers whose GEMMs pyvae would
+# run on torch's mm anyway (bf16/fp16/fp64, float32 under the oneDNN threshold: nothing to fuse, and
+# torch's C++ autograd node costs ~10 us less per layer than pyvae's Python one), "pyvae" otherwise.
+# CUDA calls and the registered op (torch.ops.pyvae.linear_act, torch.compile, opcheck) always run
+# pyvae's kernels. One visible difference: the "torch" route supports double backward, pyvae's node
+# refuses it (NOTE: [No double backward] in pyvae/ops/_registry.py). ``fused_only()`` turns the routing
+# off ("pyvae" always: the kernel tests, benchmarks of the kernels themselves).
 _route = {"fused_only": False}
+_ROUTES: dict = {}  # shape class -> route, this process (pyvae/_tune.py holds the measured ones)
+ROUTES = ("torch", "pyvae", "pyvae-mm")
 
 
-def _torch_route(x, weight, activation, dtype) -> bool:
-    """NOTE: [Small layers run torch's ops]: True when F.linear runs this valid call, whose GEMMs would
-    have ``dtype``."""
-    if activation != "identity" or _route["fused_only"] or not x.is_cpu:
-        return False
+def _cold_route(rows, fin, fout, activation, dtype) -> str:
+    """The route without measurements (PYVAE_TUNE=off); see NOTE: [Layer routes]."""
+    if activation != "identity":
+        return "pyvae"
     if dtype not in _gemm.ONEDNN_DTYPES:
-        return True
-    fin = weight.shape[1]
+        return "torch"
+    return "pyvae" if _gemm.uses_onednn(dtype, 2.0 * rows * fin * fout) else "torch"
+
+
+def _route_for(x, weight, bias, activation, dtype, amp) -> str:
+    """The route of this valid eager call (NOTE: [Layer routes]); ``dtype``: its GEMMs' dtype, ``amp``: the
+    autocast dtype or None."""
+    if _route["fused_only"] or not x.is_cpu:
+        return "pyvae"
+    fin, fout = weight.shape[1], weight.shape[0]
     rows = x.numel() // fin if fin else 0
-    return not _gemm.uses_onednn(dtype, 2.0 * rows * fin * weight.shape[0])
+    train = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                         or (bias is not None and bias.requires_grad))
+    bucket = 1 << max(rows - 1, 0).bit_length()
+    k = (dtype, amp, fin, fout, activation, bias is not None, bucket, train)
+    r = _ROUTES.get(k)
+    if r is None:
+        if rows == 0 or not _tune.enabled():
+            r = _cold_route(rows, fin, fout, activation, dtype)
+        else:
+            key = (f"linear_act {fin}->{fout} {activation}{'' if bias is not None else ' nobias'} "
+                   f"{str(dtype).replace('torch.', '')}{' autocast' if amp is not None else ''} "
+                   f"rows<={bucket} {'train' if train else 'infer'}")
+            r = _tune.lookup(key) or _measure_route(key, x, weight, bias, activation, dtype, amp, rows, train)
+        _ROUTES[k] = r
+    return r
+
+
+def _measure_route(key, x, weight, bias, activation, dtype, amp, rows, train) -> str:
+    """Times the routes of NOTE: [Layer routes] on tensors of this call's shape and dtypes."""
+    gen = torch.Generator().manual_seed(0)
+    fin, fout = weight.shape[1], weight.shape[0]
+    xs = torch.randn(rows, fin, generator=gen).to(x.dtype).requires_grad_(x.requires_grad and train)
+    ws = (torch.randn(fout, fin, generator=gen) * fin ** -0.5).to(weight.dtype).requires_grad_(train)
+    bs = None if bias is None else torch.randn(fout, generator=gen).to(bias.dtype).requires_grad_(train)
+    gy = torch.randn(rows, fout, generator=gen).to(amp or dtype)
+    torch_act = reference.ACTIVATIONS[activation]
+    leaves = [t for t in (xs, ws, bs) if t is not None and t.requires_grad]
+
+    def run(fn):
+        def call():
+            for t in leaves:
+                t.grad = None
+            with torch.set_grad_enabled(train), (torch.autocast("cpu", dtype=amp) if amp is not None
+                                                 else contextlib.nullcontext()):
+                y = fn()
+                if train:
+                    y.backward(gy)
+        return call
+
+    def pyvae(onednn):
+        if amp is not None:
+            return lambda: _LinearActAutocastFunction.apply(xs, ws, bs, activation, amp, True, onednn)
+        return lambda: _LinearActFunction.apply(xs, ws, bs, activation, onednn)
+
+    candidates = {"torch": run(lambda: torch_act(torch.nn.functional.linear(xs, ws, bs))), "pyvae": run(pyvae(None))}
+    if dtype in _gemm.ONEDNN_DTYPES and _gemm.onednn_enabled():
+        candidates["pyvae-mm"] = run(pyvae(False))
+    return _tune.decide(key, candidates, what=key)
 
 
 class fused_only:
     """Context manager: every eager ``linear_act`` call runs pyvae's fused node, none torch's ops
-    (NOTE: [Small layers run torch's ops]). Not thread-safe; restores the previous setting on exit."""
+    (NOTE: [Layer routes]). Not thread-safe; restores the previous setting on exit."""
 
     def __enter__(self):
         self._saved = _route["fused_only"]
@@ -363,6 +427,20 @@ class fused_only:
     def __exit__(self, *exc):
         _route["fused_only"] = self._saved
         return False
+
+
+def forget_routes() -> None:
+    """Forgets this process's layer routes (tests, ``pyvae tune``); the measured ones stay in pyvae/_tune.py."""
+    _ROUTES.clear()
+
+
+def _run_route(route, x, weight, bias, activation, amp, checked=True):
+    if route == "torch":  # autocast (when on) casts for F.linear
+        return reference.ACTIVATIONS[activation](torch.nn.functional.linear(x, weight, bias))
+    onednn = False if route == "pyvae-mm" else None
+    if amp is not None:
+        return _LinearActAutocastFunction.apply(x, weight, bias, activation, amp, checked, onednn)
+    return _LinearActFunction.apply(x, weight, bias, activation, onednn)
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -378,8 +456,9 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     Returns:
         ``[..., out_features]``.
 
-    In eager mode, a CPU identity layer that pyvae's GEMM route would not speed up runs F.linear
-    (NOTE: [Small layers run torch's ops] in pyvae/ops/linear_act.py); results agree to rounding.
+    In eager mode on CPU, each shape class runs the fastest of pyvae's fused layer and torch's own
+    F.linear + activation, measured on this machine the first time it is seen (NOTE: [Layer routes] in
+    pyvae/ops/linear_act.py); results agree to rounding.
     """
     if eager_ok(x, weight, bias):
         if torch._C._is_any_autocast_enabled():
@@ -392,14 +471,10 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                 return torch.ops.pyvae.linear_act(x, weight, bias, activation)
             dt = torch.get_autocast_dtype(dev)
             checked = _fast_valid(x, weight, bias, activation, autocast=True)
-            if checked and _torch_route(x, weight, activation, dt):
-                return torch.nn.functional.linear(x, weight, bias)  # autocast casts for it
-            # Unless checked here, the function checks after its casts.
-            return _LinearActAutocastFunction.apply(x, weight, bias, activation, dt, checked)
-        if _fast_valid(x, weight, bias, activation):
-            if _torch_route(x, weight, activation, x.dtype):
-                return torch.nn.functional.linear(x, weight, bias)
-        else:
+            # Unless checked here, the function checks after its casts (and runs pyvae's node).
+            route = _route_for(x, weight, bias, activation, dt, dt) if checked else "pyvae"
+            return _run_route(route, x, weight, bias, activation, dt, checked)
+        if not _fast_valid(x, weight, bias, activation):
             _check(x, weight, bias, activation)
-        return _LinearActFunction.apply(x, weight, bias, activation)
+        return _run_route(_route_for(x, weight, bias, activation, x.dtype, None), x, weight, bias, activation, None)
     return torch.ops.pyvae.linear_act(x, weight, bias, activation)

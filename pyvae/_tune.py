@@ -1,0 +1,209 @@
+"""Routes chosen by measurement on the machine that runs them.
+
+NOTE: [Measured routes]
+The fastest way to run a layer differs by CPU: on an AMD EPYC torch's float32 ``mm`` (MKL) takes its
+AVX2 path at ~200 GFLOP/s and oneDNN reaches 330-490, so pyvae's layer on oneDNN is 2x eager; on an
+Intel Xeon MKL takes AVX-512 and the same route is 0.85-0.92x eager (shared/DESIGN.md, "Machines
+differ"). No threshold tuned on one machine holds on the other. So where pyvae chooses between
+implementations, it times the candidates the first time a shape class is seen, on this machine, with
+this torch, this many threads, and keeps the winner:
+
+- in memory for the process, and on disk in ``cache_path()`` (one JSON file per machine key: CPU model,
+  pyvae's CPU kernel build, thread count, torch and pyvae versions, and the ISA limits of oneDNN and MKL
+  set in the environment), so the next process reuses it;
+- ``PYVAE_TUNE=off``: no measuring, no cache: the cold-start rule of each decision; ``PYVAE_TUNE=force``:
+  measure again, whatever the cache says; default ``auto``. ``PYVAE_CACHE_DIR`` moves the cache.
+- ``pyvae tune`` measures the paper's model ahead of time; ``pyvae tune --show`` prints the cache.
+
+Every candidate computes the same function; routes differ in speed and in rounding, never otherwise.
+Candidates are timed on tensors of the call's shape filled from a private generator (the caller's
+tensors and torch's global RNG are not touched), interleaved, and the fastest call of each is compared.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+
+from . import _gate
+from ._version import __version__
+
+__all__ = ["mode", "enabled", "lookup", "decide", "cache_path", "machine_key", "entries", "clear", "measure"]
+
+_LOG = logging.getLogger("pyvae.tune")
+_VERSION = 1
+_state: Dict[str, object] = {"mode": None, "routes": None, "path": None, "key": None}
+
+
+def mode() -> str:
+    """``PYVAE_TUNE``: "auto" (default), "off" or "force" (read once per process)."""
+    m = _state["mode"]
+    if m is None:
+        m = os.environ.get("PYVAE_TUNE", "auto").strip().lower() or "auto"
+        if m not in ("auto", "off", "force"):
+            raise ValueError(f"PYVAE_TUNE must be 'auto', 'off' or 'force', got {m!r}")
+        _state["mode"] = m
+    return m  # type: ignore[return-value]
+
+
+def enabled() -> bool:
+    return mode() != "off"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key() -> Dict[str, object]:
+    """What a measured route depends on besides the shape."""
+    if _state["key"] is None:
+        _state["key"] = {
+            "cpu": _cpu_model(),
+            "pyvae_cpu_arch": _gate.cpu_arch(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "pyvae": __version__,
+            "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")),
+            "mkl_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
+            "gemm_mode": os.environ.get("PYVAE_CPU_GEMM", "auto"),
+        }
+    return dict(_state["key"])  # type: ignore[arg-type]
+
+
+def cache_path() -> Path:
+    """The cache file of this machine key."""
+    if _state["path"] is None:
+        base = os.environ.get("PYVAE_CACHE_DIR") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pyvae")
+        digest = hashlib.sha256(json.dumps(machine_key(), sort_keys=True).encode()).hexdigest()[:12]
+        _state["path"] = Path(base) / f"routes-{digest}.json"
+    return _state["path"]  # type: ignore[return-value]
+
+
+def _routes() -> Dict[str, dict]:
+    if _state["routes"] is None:
+        routes: Dict[str, dict] = {}
+        if mode() == "auto":
+            try:
+                data = json.loads(cache_path().read_text())
+                if data.get("version") == _VERSION and data.get("machine") == machine_key():
+                    routes = dict(data.get("routes", {}))
+            except (OSError, ValueError, AttributeError):
+                routes = {}  # no cache yet, or an unreadable one: measure again
+        _state["routes"] = routes
+    return _state["routes"]  # type: ignore[return-value]
+
+
+def _save() -> None:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            kept = {k: v for k, v in _routes().items() if not v.get("busy")}
+            json.dump({"version": _VERSION, "machine": machine_key(), "routes": kept}, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home: keep the routes in memory only
+        _LOG.warning("pyvae: cannot write the route cache %s (%s); routes are kept for this process only", path, e)
+
+
+def lookup(key: str) -> Optional[str]:
+    """The measured route of ``key``, or None when it has not been measured (or tuning is off)."""
+    r = _routes().get(key)
+    return None if r is None else r["choice"]
+
+
+def measure(candidates: Dict[str, Callable[[], None]], budget_s: float = 0.3, min_rounds: int = 5,
+            max_rounds: int = 25) -> Dict[str, float]:
+    """Seconds per call of each candidate: the fastest of several calls, timed interleaved after one
+    warm-up call each, for at least ``min_rounds`` rounds and then until ``budget_s`` is spent. The
+    minimum, not the median: on a shared machine other processes only ever add time, so the fastest
+    call is the best estimate of what the route itself costs."""
+    for fn in candidates.values():
+        fn()
+    times: Dict[str, list] = {n: [] for n in candidates}
+    names = list(candidates)
+    start = time.perf_counter()
+    r = 0
+    while r < max_rounds and (r < min_rounds or time.perf_counter() - start < budget_s):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            candidates[name]()
+            times[name].append(time.perf_counter() - t)
+        r += 1
+    return {n: min(v) for n, v in times.items()}
+
+
+def _busy() -> bool:
+    """True when other processes keep the CPUs busy (1-minute load above 1.5x the core count): a route
+    measured then is used by this process but not written to the cache."""
+    try:
+        return os.getloadavg()[0] > 1.5 * (os.cpu_count() or 1)
+    except OSError:
+        return False
+
+
+def decide(key: str, candidates: Dict[str, Callable[[], None]], *, what: str = "") -> str:
+    """Times ``candidates`` (name -> a call of that route on tensors of the key's shape), records and
+    returns the fastest. Ties (within 1%) go to the first candidate, by convention torch's own route."""
+    ms = measure(candidates)
+    names = list(candidates)
+    best = min(names, key=lambda n: ms[n])
+    if ms[names[0]] <= ms[best] * 1.01:
+        best = names[0]
+    busy = _busy()
+    _routes()[key] = {"choice": best, "ms": {n: round(v * 1e3, 4) for n, v in ms.items()}, "what": what,
+                      "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "busy": busy}
+    if mode() != "off" and not busy:
+        _save()
+    _LOG.info("pyvae: route for %s: %s (%s)%s", what or key, best,
+              ", ".join(f"{n} {v * 1e3:.3f} ms" for n, v in ms.items()),
+              "; the machine was busy: not cached" if busy else f"; cached in {cache_path()}")
+    return best
+
+
+def entries() -> Dict[str, dict]:
+    """Every route known to this process (measured now or read from the cache)."""
+    return dict(_routes())
+
+
+def clear() -> bool:
+    """Forgets every route (this process and the cache file); True when a file was removed."""
+    _state["routes"] = {}
+    try:
+        cache_path().unlink()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def reset_for_tests(mode_: Optional[str] = None) -> None:
+    """Re-reads the environment (tests, ``pyvae tune``): forgets the in-memory routes and machine key."""
+    _state.update(mode=mode_, routes=None, path=None, key=None)
+
+
+def log_to_stderr() -> None:
+    """Shows the route decisions as they are made (the CLI turns this on)."""
+    if not any(getattr(h, "_pyvae", False) for h in _LOG.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h._pyvae = True  # type: ignore[attr-defined]
+        h.setFormatter(logging.Formatter("%(message)s"))
+        _LOG.addHandler(h)
+        _LOG.setLevel(logging.INFO)
+        _LOG.propagate = False

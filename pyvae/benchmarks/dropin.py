@@ -1,0 +1,188 @@
+"""``pyvae bench dropin``: what swapping pyvae into a typical PyTorch VAE training loop buys, per epoch.
+
+The loop is the classic examples-style VAE (784-400-20 with ReLU, Adam 1e-3, batch 128, grey-level pixels
+in [0, 1], loss = summed BCE + KL), in three versions trained side by side from the same initial weights
+on the same batches:
+
+    plain           the loop as written in plain PyTorch (nn.Linear, F.relu, randn_like, BCE, KL formula)
+    torch-compile   the same with the model's loss under torch.compile
+    pyvae           the minimal swap: FusedLinear(..., "relu") for the ReLU layers, GaussianHead for the two
+                    heads, pyvae.reparameterize, and -(bernoulli_log_prob(logits, x) - gaussian_kl(mu, logvar))
+                    as the loss (the decoder returns logits; BCE on sigmoid outputs is the same loss)
+
+Each epoch runs the three one after the other in a fresh random order; the table gives the median epoch
+time (first epoch, which includes compilation and pyvae's route measurements, reported apart), samples/s,
+the ratios, and the test loss per datapoint after the last epoch (same within noise: the three optimize
+the same objective from the same start, with different random draws).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+from . import common as C
+
+PROVIDERS = ("plain", "torch-compile", "pyvae")
+
+
+def _models(seed: int):
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    import pyvae
+    from pyvae import nn as pnn
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(784, 400)
+            self.fc21 = nn.Linear(400, 20)
+            self.fc22 = nn.Linear(400, 20)
+            self.fc3 = nn.Linear(20, 400)
+            self.fc4 = nn.Linear(400, 784)
+
+        def forward(self, x):
+            h1 = F.relu(self.fc1(x))
+            mu, logvar = self.fc21(h1), self.fc22(h1)
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            recon = torch.sigmoid(self.fc4(F.relu(self.fc3(z))))
+            bce = F.binary_cross_entropy(recon, x, reduction="sum")
+            kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+            return bce + kld
+
+    class Swapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = pnn.FusedLinear(784, 400, "relu")
+            self.head = pnn.GaussianHead(400, 20)
+            self.fc3 = pnn.FusedLinear(20, 400, "relu")
+            self.fc4 = pnn.FusedLinear(400, 784, "identity")
+
+        def forward(self, x):
+            mu, logvar = self.head(self.fc1(x))
+            z = pyvae.reparameterize(mu, logvar)
+            logits = self.fc4(self.fc3(z))
+            return -(pyvae.bernoulli_log_prob(logits, x) - pyvae.gaussian_kl(mu, logvar)).sum()
+
+    torch.manual_seed(seed)
+    plain = Plain()
+    compiled_src = Plain()
+    compiled_src.load_state_dict(plain.state_dict())
+    swapped = Swapped()
+    sd = plain.state_dict()
+    swapped.fc1.load_state_dict({"weight": sd["fc1.weight"], "bias": sd["fc1.bias"]})
+    swapped.head.load_state_dict({"weight": torch.cat([sd["fc21.weight"], sd["fc22.weight"]]),
+                                  "bias": torch.cat([sd["fc21.bias"], sd["fc22.bias"]])})
+    swapped.fc3.load_state_dict({"weight": sd["fc3.weight"], "bias": sd["fc3.bias"]})
+    swapped.fc4.load_state_dict({"weight": sd["fc4.weight"], "bias": sd["fc4.bias"]})
+    return {"plain": (plain, plain), "torch-compile": (compiled_src, torch.compile(compiled_src)),
+            "pyvae": (swapped, swapped)}
+
+
+def _data(name: str, data_dir, limit):
+    from pyvae.data import load_dataset
+
+    if name == "auto":
+        try:
+            return load_dataset("fashion-mnist", data_dir, "none", limit)
+        except FileNotFoundError:
+            print("bench dropin: Fashion-MNIST not found (apt-get install dataset-fashion-mnist); using mnist-5k",
+                  file=sys.stderr)
+            name = "mnist-5k"
+    return load_dataset(name, data_dir, "none", limit)
+
+
+def run(args) -> list:
+    import torch
+
+    machine = C.machine_info(args)
+    data = _data(args.dataset, args.data_dir, args.limit)
+    models = _models(args.seed)
+    opts = {p: torch.optim.Adam(models[p][0].parameters(), lr=1e-3) for p in args.providers}
+    n = data.train.shape[0]
+    B = args.batch_size
+    epoch_s = {p: [] for p in args.providers}
+    order = random.Random(args.seed)
+    for epoch in range(args.epochs):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        providers = list(args.providers)
+        order.shuffle(providers)
+        for p in providers:
+            module, fn = models[p]
+            opt = opts[p]
+            module.train()
+            t = time.perf_counter()
+            for i in range(0, n - B + 1, B):
+                x = data.train[perm[i:i + B]]
+                loss = fn(x)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            epoch_s[p].append(time.perf_counter() - t)
+        print(f"[dropin epoch {epoch + 1}] " + "  ".join(f"{p}={epoch_s[p][-1]:.2f}s" for p in args.providers),
+              file=sys.stderr, flush=True)
+    test_loss = {}
+    with torch.no_grad():
+        for p in args.providers:
+            module, fn = models[p]
+            torch.manual_seed(args.seed)
+            tot = sum(float(fn(data.test[i:i + 1000])) for i in range(0, data.test.shape[0], 1000))
+            test_loss[p] = tot / data.test.shape[0]
+    steady = {p: (sorted(v[1:])[len(v[1:]) // 2] if len(v) > 1 else v[0]) for p, v in epoch_s.items()}
+    samples = (n // B) * B
+    row = {"bench": "dropin", "dataset": data.name, "B": B, "epochs": args.epochs, "train_samples": samples,
+           "epoch_s": epoch_s, "median_epoch_s": steady, "first_epoch_s": {p: v[0] for p, v in epoch_s.items()},
+           "samples_per_s": {p: samples / s for p, s in steady.items()}, "test_loss": test_loss,
+           "loadavg": os.getloadavg(), "machine": machine}
+    if "plain" in steady and "pyvae" in steady:
+        row["pyvae_vs_plain"] = steady["plain"] / steady["pyvae"]
+    if "torch-compile" in steady and "pyvae" in steady:
+        row["pyvae_vs_compile"] = steady["torch-compile"] / steady["pyvae"]
+    return [row]
+
+
+def markdown(rows) -> str:
+    lines = ["| dataset | B | provider | median epoch s | first epoch s | samples/s | test loss / datapoint |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for p in r["median_epoch_s"]:
+            lines.append(f"| {r['dataset']} | {r['B']} | {p} | {r['median_epoch_s'][p]:.2f} | "
+                         f"{r['first_epoch_s'][p]:.2f} | {r['samples_per_s'][p]:,.0f} | {r['test_loss'][p]:.2f} |")
+        extra = []
+        if "pyvae_vs_plain" in r:
+            extra.append(f"pyvae vs plain {r['pyvae_vs_plain']:.2f}x")
+        if "pyvae_vs_compile" in r:
+            extra.append(f"vs torch.compile {r['pyvae_vs_compile']:.2f}x")
+        if extra:
+            lines.append(f"| | | {', '.join(extra)} | | | | |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="pyvae bench dropin", description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="auto", help="auto (Fashion-MNIST if installed, else mnist-5k) or a name")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N train/test examples")
+    p.add_argument("--epochs", type=int, default=4, help="epochs (the first one is reported apart)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu"])
+    p.add_argument("--malloc", default="default", choices=["default", "reuse", "both"])
+    p.add_argument("--omp-wait", default="unset", choices=["spin", "active", "passive", "unset"])
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    rows, m, out = C.run_family(args, "dropin", run)
+    print(f"\n{m['cpu_model']}, {m['threads']} threads, torch {m['torch']}, pyvae {m['pyvae']} "
+          f"({m['pyvae_cpu_arch']}), malloc={args.malloc}, omp-wait={args.omp_wait}\n")
+    print(markdown(rows))
+    print(f"\n{len(rows)} rows appended to {os.path.relpath(out)}")
+
+
+if __name__ == "__main__":
+    main()

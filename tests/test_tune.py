@@ -1,0 +1,157 @@
+"""Routes chosen by measurement (NOTE: [Measured routes] in pyvae/_tune.py, NOTE: [Layer routes] in
+pyvae/ops/linear_act.py): the fastest candidate wins, the choice is cached per machine and reused, every
+route computes the same layer, and PYVAE_TUNE turns it off or forces it."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyvae
+from pyvae import _tune
+from pyvae.ops import linear_act
+from pyvae.ops.linear_act import ROUTES, forget_routes
+
+
+@pytest.fixture
+def tuning(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYVAE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PYVAE_TUNE", "auto")
+    monkeypatch.setattr(_tune, "_busy", lambda: False)
+    _tune.reset_for_tests()
+    forget_routes()
+    yield tmp_path
+    _tune.reset_for_tests()
+    forget_routes()
+
+
+def _fake_measure(winner):
+    def measure(candidates, **kw):
+        for fn in candidates.values():
+            fn()  # every candidate runs (so each is known to work on this shape)
+        return {n: (0.001 if n == winner else 0.002) for n in candidates}
+    return measure
+
+
+def _grad_fn_name(y):
+    return type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("winner", ROUTES)
+def test_the_measured_winner_runs(tuning, monkeypatch, winner):
+    monkeypatch.setattr(_tune, "measure", _fake_measure(winner))
+    x = torch.randn(64, 96, requires_grad=True)
+    w = torch.randn(80, 96, requires_grad=True)
+    b = torch.randn(80, requires_grad=True)
+    y = linear_act(x, w, b, "tanh")
+    assert ("LinearAct" in _grad_fn_name(y)) == (winner != "torch"), _grad_fn_name(y)
+    (entry,) = _tune.entries().values()
+    assert entry["choice"] == winner and set(entry["ms"]) == set(ROUTES)
+    cached = json.loads(_tune.cache_path().read_text())
+    assert [e["choice"] for e in cached["routes"].values()] == [winner]
+    assert cached["machine"]["threads"] == torch.get_num_threads()
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_every_route_computes_the_same_layer(tuning, monkeypatch, route, amp):
+    monkeypatch.setattr(_tune, "measure", _fake_measure(route))
+    torch.manual_seed(0)
+    x = torch.randn(33, 70, dtype=torch.float64).float().requires_grad_()
+    w = torch.randn(50, 70).requires_grad_()
+    b = torch.randn(50).requires_grad_()
+    g = torch.randn(33, 50)
+    with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+        y = linear_act(x, w, b, "sigmoid")
+    grads = torch.autograd.grad(y, (x, w, b), g.to(y.dtype))
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = torch.sigmoid(F.linear(xd, wd, bd))
+    ref_grads = torch.autograd.grad(ref, (xd, wd, bd), g.double())
+    rtol, atol = (1e-5, 1e-5) if amp is None else (2e-2, 5e-2)
+    torch.testing.assert_close(y.double(), ref, rtol=rtol, atol=atol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * 10 if amp else atol)
+
+
+def test_ties_go_to_torch(tuning, monkeypatch):
+    monkeypatch.setattr(_tune, "measure", lambda c, **k: {n: 0.001 for n in c})
+    y = linear_act(torch.randn(8, 16, requires_grad=True), torch.randn(4, 16), None, "relu")
+    assert "LinearAct" not in _grad_fn_name(y)
+
+
+def test_a_busy_machine_measures_but_does_not_cache(tuning, monkeypatch):
+    monkeypatch.setattr(_tune, "_busy", lambda: True)
+    monkeypatch.setattr(_tune, "measure", _fake_measure("pyvae"))
+    linear_act(torch.randn(8, 16, requires_grad=True), torch.randn(4, 16), None, "relu")
+    assert [e["choice"] for e in _tune.entries().values()] == ["pyvae"]
+    assert not _tune.cache_path().exists()
+
+
+def test_shape_classes_are_measured_once(tuning, monkeypatch):
+    calls = []
+
+    def measure(candidates, **kw):
+        calls.append(1)
+        return _fake_measure("pyvae")(candidates)
+
+    monkeypatch.setattr(_tune, "measure", measure)
+    w = torch.randn(4, 16, requires_grad=True)
+    for rows in (65, 100, 128, 70):  # one class: rows up to 128
+        linear_act(torch.randn(rows, 16), w, None, "tanh")
+    assert len(calls) == 1
+    linear_act(torch.randn(129, 16), w, None, "tanh")  # the next class
+    with torch.no_grad():  # inference is its own class
+        linear_act(torch.randn(100, 16), w, None, "tanh")
+    assert len(calls) == 3
+
+
+def _child(env_extra, code):
+    env = {**os.environ, **env_extra}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_the_cache_is_reused_by_the_next_process(tmp_path):
+    code = ("import torch, pyvae\nfrom pyvae import _tune\n_tune.log_to_stderr()\n"
+            "pyvae.linear_act(torch.randn(32, 48, requires_grad=True), torch.randn(24, 48), None, 'tanh')\n"
+            "print(len(_tune.entries()))\n")
+    env = {"PYVAE_CACHE_DIR": str(tmp_path), "PYVAE_TUNE": "auto"}
+    first = _child(env, code)
+    assert first.returncode == 0, first.stderr
+    files = list(tmp_path.glob("routes-*.json"))
+    if "busy: not cached" in first.stderr:
+        pytest.skip("the machine was busy: the route was measured but, by design, not cached")
+    assert len(files) == 1 and "route for linear_act 48->24 tanh" in first.stderr
+    second = _child(env, code)
+    assert second.returncode == 0 and second.stdout.strip() == "1"
+    assert "route for" not in second.stderr  # read from the cache, not measured again
+    forced = _child({**env, "PYVAE_TUNE": "force"}, code)
+    assert "route for linear_act 48->24 tanh" in forced.stderr
+    off = _child({"PYVAE_CACHE_DIR": str(tmp_path / "off"), "PYVAE_TUNE": "off"}, code)
+    assert off.returncode == 0 and off.stdout.strip() == "0" and not (tmp_path / "off").exists()
+
+
+def test_tune_command_and_show(tmp_path):
+    env = {"PYVAE_CACHE_DIR": str(tmp_path), "PYVAE_TUNE": "auto"}
+    r = subprocess.run([sys.executable, "-m", "pyvae", "tune", "--batch-size", "16", "--hidden", "32",
+                        "--latent", "4", "--x-dim", "64"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **env})
+    assert r.returncode == 0, r.stderr
+    assert "tuned 4 layer routes" in r.stdout and "cache: " in r.stdout
+    assert r.stdout.count("linear_act ") == 4  # enc 64->32, head 32->8, dec 4->32, logits 32->64
+    show = subprocess.run([sys.executable, "-m", "pyvae", "tune", "--show"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})
+    assert show.returncode == 0 and "PYVAE_TUNE=auto" in show.stdout
+
+
+def test_bad_setting_is_named(monkeypatch):
+    monkeypatch.setenv("PYVAE_TUNE", "sometimes")
+    _tune.reset_for_tests()
+    try:
+        with pytest.raises(ValueError, match="PYVAE_TUNE"):
+            _tune.mode()
+    finally:
+        monkeypatch.setenv("PYVAE_TUNE", "off")
+        _tune.reset_for_tests()
