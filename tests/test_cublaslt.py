@@ -1,14 +1,22 @@
 """pyvae._cublaslt, the cuBLASLt path of the fused linear layer (NOTE: [cuBLASLt path] in
 csrc/cuda/linear_lt.cu).
 
-The numerical tests need a GPU and skip elsewhere: each compares against float64 torch on the same
-input values, with at most twice torch's own error in the tested dtype (plus a small floor). The rest
-run everywhere: the module imports and says why the path is unavailable, the bindings exist in every
-build and fail loudly, and a build that was asked for the path has it (PYVAE_EXPECT_CUBLASLT=1, set by
-.ci/run, so a silent loss of the feature fails CI). PYVAE_TEST_CUBLASLT_LIBRARY=<path to
-libcublasLt.so.13> makes the loader tests run without a GPU (CI extracts the library for this).
+The numerical tests need a GPU and the built path, and skip elsewhere (saying which is missing): each
+compares against float64 torch on the same input values, with at most twice torch's own error in the
+tested dtype (plus a small floor). A GPU machine whose build has the path must have it available
+(test_available_wherever_it_can_run), so a library that fails to load does not turn the numerical tests
+into skips. The rest run everywhere: the module imports and says why the path is unavailable, the
+bindings exist in every build and fail loudly, and a build has the path exactly when it should
+(PYVAE_EXPECT_CUBLASLT=1, set by .ci/run; without it, from what this machine shows). The loader
+tests need the build with the path and a libcublasLt.so.<major>: PYVAE_TEST_CUBLASLT_LIBRARY=<path>
+(CI extracts the library for this), else the nvidia wheels in sys.path and the CUDA toolkit are
+searched.
 """
+import glob
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,7 +25,8 @@ import torch.nn.functional as F
 from pyvae import _C, _cublaslt
 
 GPU = torch.cuda.is_available() and _cublaslt.available()
-needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA device and the cuBLASLt path")
+needs_gpu = pytest.mark.skipif(
+    not GPU, reason=f"needs a CUDA device and the cuBLASLt path: {_cublaslt.unavailable_reason() or 'no CUDA device'}")
 
 ACTS = {0: lambda t: t, 1: torch.relu, 2: torch.tanh, 3: torch.sigmoid, 4: F.softplus}
 ACT_IDS = {0: "identity", 1: "relu", 2: "tanh", 3: "sigmoid", 4: "softplus"}
@@ -54,13 +63,54 @@ def _null_call(fn, rows, act=0):
 
 
 def _require(result, dtype, what):
-    # float64 epilogues are not documented for cuBLASLt: "no algorithm" is an allowed answer there,
-    # reported as a skip so it shows; for the other dtypes the path must work.
+    # None: the path declined a problem on a GPU where it is available. linear_bwd never may (a GEMM
+    # without an algorithm falls back to torch.mm); linear_fwd and linear_dgrad_relu only when even
+    # the DEFAULT epilogue has no algorithm (NOTE: [cuBLASLt path]). cuBLASLt has float64 GEMMs
+    # (CUBLAS_COMPUTE_64F), so this fails in every dtype: a decline is a finding, not a skip.
     if result is None:
-        if dtype == torch.float64:
-            pytest.skip(f"{what}: cuBLASLt has no float64 algorithm here (the torch path is used)")
         pytest.fail(f"{what}: the cuBLASLt path declined a {dtype} problem")
     return result
+
+
+def _cuda_toolkit_dirs(sub):
+    """``sub`` (include, lib64) of the CUDA toolkit this machine has: $CUDA_HOME, $CUDA_PATH, nvcc's."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    if nvcc:
+        roots.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    dirs = []
+    for r in filter(None, roots):
+        dirs += [os.path.join(r, sub)] + sorted(glob.glob(os.path.join(r, "targets", "*", sub)))
+    return dirs
+
+
+def _wheel_dirs(sub):
+    """nvidia/cu13/``sub`` then nvidia/cublas/``sub`` in each sys.path entry (the nvidia-cublas wheel)."""
+    return [os.path.join(base or ".", "nvidia", layout, sub) for base in sys.path for layout in ("cu13", "cublas")]
+
+
+def _find_header():
+    """Where the build's default search (CMakeLists.txt, PYVAE_CUBLASLT=AUTO) would find cublasLt.h."""
+    for d in _wheel_dirs("include") + _cuda_toolkit_dirs("include"):
+        if os.path.isfile(os.path.join(d, "cublasLt.h")):
+            return d
+    return None
+
+
+def _find_library():
+    """A libcublasLt.so.<major> for the loader tests: $PYVAE_TEST_CUBLASLT_LIBRARY, the nvidia wheels in
+    sys.path (as pyvae._cublaslt looks), the CUDA toolkit; None when this machine has none."""
+    env = os.environ.get("PYVAE_TEST_CUBLASLT_LIBRARY")
+    if env:
+        return env  # named explicitly: the test must use it (and fail if it does not load)
+    name = f"libcublasLt.so.{_C.cublaslt_header_version // 10000}"
+    for d in _wheel_dirs("lib") + _cuda_toolkit_dirs("lib64") + _cuda_toolkit_dirs("lib"):
+        if os.path.isfile(os.path.join(d, name)):
+            return os.path.join(d, name)
+    return None
+
+
+needs_lt_build = pytest.mark.skipif(not _C.cublaslt_built, reason="pyvae was built without the cuBLASLt path")
 
 
 # ---------------------------------------------------------------- everywhere (no GPU needed)
@@ -81,13 +131,43 @@ def test_binding_surface_exists_in_every_build():
             _null_call(_C.cublaslt_linear_fwd, 2)
 
 
-@pytest.mark.skipif("PYVAE_EXPECT_CUBLASLT" not in os.environ, reason="PYVAE_EXPECT_CUBLASLT is not set")
 def test_build_has_the_expected_cublaslt_path():
-    expected = os.environ["PYVAE_EXPECT_CUBLASLT"] == "1"
-    assert _C.cublaslt_built == expected, (
-        f"PYVAE_EXPECT_CUBLASLT={os.environ['PYVAE_EXPECT_CUBLASLT']} but pyvae._C.cublaslt_built is "
-        f"{_C.cublaslt_built}: the build did not find cublasLt.h (see CONTRIBUTING.md)"
-    )
+    """The build has the path exactly when it should: as PYVAE_EXPECT_CUBLASLT says when set (CI);
+    else never without the CUDA kernels, and always in a CUDA build on a machine where the build's
+    default search finds cublasLt.h (the silent loss CONTRIBUTING.md warns of: e.g. pip's build
+    isolation hides the nvidia-cublas wheel's header). Only a CUDA build on a machine with no
+    cublasLt.h where the build looks, and no PYVAE_EXPECT_CUBLASLT, has nothing to check."""
+    env = os.environ.get("PYVAE_EXPECT_CUBLASLT")
+    if env is not None:
+        assert _C.cublaslt_built == (env == "1"), (
+            f"PYVAE_EXPECT_CUBLASLT={env} but pyvae._C.cublaslt_built is {_C.cublaslt_built}"
+            + (": the build did not find cublasLt.h (see CONTRIBUTING.md)" if env == "1" else "")
+        )
+    elif not _C.cuda_built:
+        assert not _C.cublaslt_built, "the cuBLASLt path needs the CUDA build, yet a build without CUDA has it"
+    else:
+        header = _find_header()
+        if header is None:
+            if not _C.cublaslt_built:
+                pytest.skip("CUDA build without the cuBLASLt path and no cublasLt.h where the build looks "
+                            "(nvidia wheels in sys.path, the CUDA toolkit): set PYVAE_EXPECT_CUBLASLT to check")
+            return  # built from a header elsewhere (PYVAE_CUBLASLT_INCLUDE)
+        assert _C.cublaslt_built, (
+            f"cublasLt.h is at {header}, where the CUDA build looks for it, but pyvae._C.cublaslt_built is "
+            f"False: the build lost the cuBLASLt path (pip's build isolation? see CONTRIBUTING.md); set "
+            f"PYVAE_EXPECT_CUBLASLT=0 if it was built with PYVAE_CUBLASLT=OFF on purpose"
+        )
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _C.cublaslt_built),
+                    reason="needs a CUDA device and the build with the cuBLASLt path")
+def test_available_wherever_it_can_run():
+    # The numerical tests skip when available() is False: on a GPU with the built path that must be
+    # a deliberate PYVAE_DISABLE_CUBLASLT, not a library that failed to load.
+    if os.environ.get("PYVAE_DISABLE_CUBLASLT", "").strip() not in ("", "0"):
+        assert not _cublaslt.available()
+        return
+    assert _cublaslt.available(), _cublaslt.unavailable_reason()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
@@ -145,18 +225,28 @@ def test_raw_entries_fail_loudly_without_gpu():
             _null_call(_C.cublaslt_linear_wgrad, 0)
 
 
-@pytest.mark.skipif(not _C.cublaslt_built or _C.cublaslt_version() != 0,
-                    reason="needs the cuBLASLt build with no library loaded yet")
-def test_loader_names_the_missing_file():
-    reason = _C.cublaslt_load("/nonexistent/libcublasLt.so.13")
-    assert "/nonexistent/libcublasLt.so.13" in reason
-    assert _C.cublaslt_version() == 0
+@needs_lt_build
+def test_loader_names_the_missing_file(tmp_path):
+    # In a fresh process: this one may have loaded the library already (available() on a GPU machine).
+    # Run from an empty directory, so that `python -c` imports the installed pyvae, not a source tree.
+    code = (
+        "from pyvae import _C\n"
+        "assert _C.cublaslt_version() == 0, 'a library was loaded at import'\n"
+        "reason = _C.cublaslt_load('/nonexistent/libcublasLt.so.13')\n"
+        "assert '/nonexistent/libcublasLt.so.13' in reason, reason\n"
+        "assert _C.cublaslt_version() == 0\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
 
-@pytest.mark.skipif(not _C.cublaslt_built or not os.environ.get("PYVAE_TEST_CUBLASLT_LIBRARY"),
-                    reason="needs the cuBLASLt build and PYVAE_TEST_CUBLASLT_LIBRARY")
+@needs_lt_build
 def test_loader_resolves_every_function_of_the_real_library():
-    path = os.environ["PYVAE_TEST_CUBLASLT_LIBRARY"]
+    path = _find_library()
+    if path is None:
+        pytest.skip(f"no libcublasLt.so.{_C.cublaslt_header_version // 10000} on this machine "
+                    f"(PYVAE_TEST_CUBLASLT_LIBRARY, nvidia wheels in sys.path, the CUDA toolkit)")
     assert _C.cublaslt_load(path) == ""
     version = _C.cublaslt_version()
     assert version // 10000 == _C.cublaslt_header_version // 10000, version
@@ -260,7 +350,13 @@ def test_dgrad_through_relu_mask(shape, dtype, need_bias):
     _, w2, _ = _params((hidden, 11, rows), dtype, seed=2)
     x2, aux = _require(_cublaslt.linear_fwd(x, w1, b1, 1, want_aux=True), dtype, "linear_fwd")
     if aux is None:
-        pytest.skip("cuBLASLt wrote no ReLU mask for this problem")
+        # Allowed by linear_fwd's contract only where cuBLASLt's types leave the mask epilogue
+        # undocumented (float64: NOTE: [cuBLASLt path]); then the layer runs without the mask, and
+        # what there is to check is its output.
+        assert dtype == torch.float64, f"cuBLASLt wrote no ReLU mask for a {dtype} problem {shape}"
+        _assert_within(x2, torch.relu(F.linear(x, w1, b1)), torch.relu(F.linear(x.double(), w1.double(), b1.double())),
+                       dtype, "x2 without a mask")
+        return
     gz = torch.randn(rows, 11, generator=torch.Generator().manual_seed(3)).to("cuda", dtype)
     got = _require(_cublaslt.linear_dgrad_relu(gz, w2, x2, aux, need_bias), dtype, "linear_dgrad_relu")
 

@@ -181,14 +181,36 @@ def test_non_contiguous_inputs():
     check_op(pyvae.gaussian_kl, oracle, [mu, lv, pm, plv], torch.float64)
 
 
+EMPTY_DEVICE_DTYPES = DEVICE_DTYPES + [pytest.param("cpu", dt, id=f"cpu-{str(dt)[6:]}") for dt in HALF_DTYPES]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("device,dtype", EMPTY_DEVICE_DTYPES)
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0, 5), (3, 0)], ids=str)
 @pytest.mark.parametrize("prior", PRIORS)
-def test_empty_batch(prior):
-    inputs = _inputs((0, 5), prior)
-    out = pyvae.gaussian_kl(*inputs)
-    assert out.shape == (0,)
-    for t, g in zip(inputs, grads(out, inputs)):
-        if t is not None:
-            assert g.shape == t.shape and (g == 0).all()
+def test_empty_inputs(prior, shape, device, dtype, path):
+    """No rows, or no event dims: the output has the leading shape, the input's dtype and device, and
+    equals pyvae.reference's (the KL over no dims is 0); each input that requires grad gets, under a
+    random upstream gradient, a gradient of its own shape, dtype and device equal to the reference's
+    through autograd: empty, or zeros where a broadcast prior [Z] is summed over no rows.
+    (torch.distributions, the oracle elsewhere, cannot reshape empty batches.)"""
+    inputs = _inputs(shape, prior, dtype, device)
+    with op_path(path):
+        out = pyvae.gaussian_kl(*inputs)
+    ref_inputs = ref(*inputs)
+    want = reference.gaussian_kl(*ref_inputs)
+    assert out.shape == shape[:-1] and out.dtype == dtype and out.device.type == device
+    assert torch.equal(out.double().cpu(), want)
+    g_out = make(*shape[:-1], dtype=dtype, device=device, seed=5)
+    got = grads(out, inputs, g_out)
+    expected = grads(want, ref_inputs, g_out.double().cpu())
+    for name, t, g, e in zip(("mu", "logvar", "prior_mu", "prior_logvar"), inputs, got, expected):
+        if t is None:
+            continue
+        assert g is not None and g.shape == t.shape and g.dtype == dtype and g.device == t.device, name
+        assert torch.equal(g.double().cpu(), e), name
+    if prior in ("per_feature", "mu_only") and shape[-1] > 0:
+        assert got[2].shape == (shape[-1],) and not got[2].any()  # the [Z] prior: Z zeros, not empty
 
 
 def test_nan_stays_in_its_row():

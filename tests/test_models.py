@@ -113,13 +113,35 @@ def test_log_likelihood_matches_numerical_integration(likelihood):
     assert (elbo <= exact + 0.01).all()
 
 
-def test_log_likelihood_chunking_is_exact():
+def _log_weights_by_hand(model, x, z):
+    """log p(x, z) - log q(z|x) for ``z [S, B, Z]`` with torch.distributions (not pyvae's ops)."""
+    mu, logvar = model.encode(x)
+    if model.likelihood == "bernoulli":
+        lpx = Independent(Bernoulli(logits=model.decode(z)), 1).log_prob(x)
+    else:
+        mean, lv = model.decode(z)
+        lpx = Independent(Normal(mean, (0.5 * lv).exp()), 1).log_prob(x)
+    lpz = Independent(Normal(torch.zeros_like(z), torch.ones_like(z)), 1).log_prob(z)
+    lqz = Independent(Normal(mu, (0.5 * logvar).exp()), 1).log_prob(z)
+    return lpx + lpz - lqz
+
+
+@pytest.mark.parametrize("batch", [300, 7, 1])  # one chunk; 42 chunks and a partial one of 6; 300 chunks
+def test_log_likelihood_chunking_is_exact(batch):
+    """The running log-sum-exp over chunks loses nothing: for the draws log_likelihood makes (one seed
+    per chunk from the generator, replayed here by the same reparameterize calls), it equals
+    log (1/S) sum_s p(x, z_s) / q(z_s|x) over all S draws at once, by hand in float64, to rounding."""
     m, x = _model(dtype=torch.float64), _x().double()
-    a = m.log_likelihood(x, samples=300, batch=300, generator=torch.Generator().manual_seed(9))
-    b = m.log_likelihood(x, samples=300, batch=300, generator=torch.Generator().manual_seed(9))
-    torch.testing.assert_close(a, b)
-    c = m.log_likelihood(x, samples=300, batch=7, generator=torch.Generator().manual_seed(9))
-    assert torch.isfinite(c).all() and (c - a).abs().max() < 1.0  # different draws, same estimand
+    S = 300
+    got = m.log_likelihood(x, samples=S, batch=batch, generator=torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        mu, logvar = m.encode(x)
+        z = torch.cat([M._reparameterize(mu, logvar, min(batch, S - i), g, None) for i in range(0, S, batch)])
+        assert z.shape == (S, 6, 3)
+        want = torch.logsumexp(_log_weights_by_hand(m, x, z), 0) - math.log(S)
+    assert got.shape == (6,) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-10)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -141,11 +163,42 @@ def test_fused_and_eager_layers_same_state_dict_same_result():
                                m.elbo(x, generator=torch.Generator().manual_seed(1)), rtol=1e-5, atol=1e-4)
 
 
-def test_kl_weight_objective():
-    m, x = _model(), _x()
-    obj, elbo, kl = m(x, kl_weight=0.25, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(obj, elbo + 0.75 * kl, rtol=1e-5, atol=1e-4)
-    assert obj.requires_grad and not elbo.requires_grad and (kl >= 0).all()
+@pytest.mark.parametrize("likelihood,estimator", [("bernoulli", "analytic"), ("gaussian", "analytic"),
+                                                  ("bernoulli", "mc")])
+def test_kl_weight_objective(likelihood, estimator):
+    """forward(kl_weight=beta) returns the warm-up objective recon - beta * KL (with its gradients), the
+    ELBO recon - KL and the unweighted KL, against torch.distributions on an eager copy of the model
+    with the same eps (each estimator/likelihood has its own code path)."""
+    beta, L = 0.25, 3
+    m = _model(likelihood, z=4)
+    x = _x() if likelihood == "bernoulli" else torch.rand(6, 12, generator=torch.Generator().manual_seed(2))
+    ref = M.VAE(12, z_dim=4, hidden=7, likelihood=likelihood, fused=False)
+    ref.load_state_dict(m.state_dict())
+    z, mu, logvar = _z_for(m, x, L, 1)
+    eps = ((z - mu) / (0.5 * logvar).exp()).detach()
+    obj, elbo, kl = m(x, samples=L, estimator=estimator, kl_weight=beta, generator=torch.Generator().manual_seed(1))
+
+    mu_r, lv_r = ref.encode(x)
+    z_r = mu_r + (0.5 * lv_r).exp() * eps
+    if likelihood == "bernoulli":
+        rec_r = Independent(Bernoulli(logits=ref.decode(z_r)), 1).log_prob(x).mean(0)
+    else:
+        mean, lv = ref.decode(z_r)
+        rec_r = Independent(Normal(mean, (0.5 * lv).exp()), 1).log_prob(x).mean(0)
+    q = Independent(Normal(mu_r, (0.5 * lv_r).exp()), 1)
+    p = Independent(Normal(torch.zeros_like(mu_r), torch.ones_like(mu_r)), 1)
+    kl_r = kl_divergence(q, p) if estimator == "analytic" else (q.log_prob(z_r) - p.log_prob(z_r)).mean(0)
+    obj_r = rec_r - beta * kl_r
+
+    assert kl_divergence(q, p).min() > 0.02  # a KL term that was dropped or weighted wrongly shows
+    torch.testing.assert_close(kl, kl_r.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(elbo, (rec_r - kl_r).detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(obj, obj_r.detach(), rtol=1e-5, atol=1e-4)
+    assert obj.requires_grad and not elbo.requires_grad and not kl.requires_grad
+    obj.sum().backward()
+    obj_r.sum().backward()
+    for (name, a), b in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_gradients_flow_to_all_parameters():
@@ -201,13 +254,20 @@ def test_bad_call_args():
 
 
 def test_bf16_autocast_cpu():
+    """Under bf16 autocast the ELBO and the KL come out float32 and within bf16 rounding of the float32
+    ones (same eps). The KL is checked on its own, and the ELBO to 0.02 nat: measured errors are at most
+    0.0065 (ELBO) and 0.0011 (KL), while the KL is 0.03..0.18 nat per row, so a bf16 path that dropped
+    or mis-weighted the KL fails."""
     m, x = _model(), _x()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         e = m.elbo(x, generator=torch.Generator().manual_seed(0))
-    assert e.dtype == torch.float32 and torch.isfinite(e).all()
-    ref = m.elbo(x, generator=torch.Generator().manual_seed(0))
-    assert (e - ref).abs().max() < 0.5
-    assert math.isfinite(e.sum().item())
+        _, e_fwd, kl = m(x, generator=torch.Generator().manual_seed(0))
+    assert e.dtype == kl.dtype == torch.float32 and torch.isfinite(e).all()
+    torch.testing.assert_close(e_fwd, e.detach())
+    _, ref, kl_ref = m(x, generator=torch.Generator().manual_seed(0))
+    assert kl_ref.min() > 0.025
+    torch.testing.assert_close(kl, kl_ref, rtol=0.02, atol=2e-3)
+    assert (e - ref).abs().max() < 0.02
 
 
 @pytest.mark.parametrize("route", ["auto", "fused_only"])
