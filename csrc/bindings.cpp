@@ -1,5 +1,6 @@
 // The pybind11 module pyvae._C: kernels on raw pointers. It does not link libtorch (DESIGN.md,
-// decision 2): pyvae/ops.py validates tensors, allocates outputs and passes data_ptr()s here.
+// decision 2): the ops (pyvae/ops/) validate inputs and allocate outputs; pyvae/_gate.py, the only
+// caller, checks every tensor and passes data_ptr()s here by keyword.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 

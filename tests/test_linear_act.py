@@ -286,7 +286,7 @@ def test_double_backward_raises():
 
 def test_modules_take_the_eager_fast_path():
     # nn.Parameter inputs must not push FusedLinear onto the slower dispatcher path (NOTE: [Eager fast
-    # path] in pyvae/ops.py); under torch.compile or a dispatch mode the registered op runs instead.
+    # path] in pyvae/ops/_registry.py); under torch.compile or a dispatch mode the registered op runs instead.
     lin = pnn.FusedLinear(6, 4, "tanh")
     x = torch.randn(3, 6)
     assert type(lin(x).grad_fn).__name__ == "_LinearActFunctionBackward"
