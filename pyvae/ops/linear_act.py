@@ -26,7 +26,7 @@ from .. import _cublaslt, _gate, _gemm, _tune, reference
 from . import _checks as V
 from ._registry import FirstOrderOnly, LIB, eager_ok, first_order_only, register
 
-__all__ = ["linear_act", "ACTIVATIONS", "fused_only", "forget_routes", "ROUTES"]
+__all__ = ["linear_act", "ACTIVATIONS", "fused_only", "forget_routes", "ROUTES", "run_route"]
 
 ACTIVATIONS = dict(_gate.ACTIVATIONS)  # name -> the kernels' code (csrc/ops/activation.h)
 _IDENTITY = ACTIVATIONS["identity"]
@@ -432,6 +432,18 @@ class fused_only:
 def forget_routes() -> None:
     """Forgets this process's layer routes (tests, ``pyvae tune``); the measured ones stay in pyvae/_tune.py."""
     _ROUTES.clear()
+
+
+def run_route(route: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              activation: str = "identity") -> torch.Tensor:
+    """``linear_act`` on one named route of NOTE: [Layer routes] (``ROUTES``), whatever is measured or
+    cached: for benchmarks and tests that compare the routes. Eager CPU calls only; under autocast the
+    route runs in the autocast dtype as ``linear_act`` would."""
+    if route not in ROUTES:
+        raise ValueError(f"pyvae.run_route: route must be one of {ROUTES}, got {route!r}")
+    _check(x, weight, bias, activation)
+    amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    return _run_route(route, x, weight, bias, activation, amp)
 
 
 def _run_route(route, x, weight, bias, activation, amp, checked=True):
