@@ -119,6 +119,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return torch.addmm(bias, x, weight.t())
 
 
+# Activations oneDNN's linear applies as a post-op in the GEMM's write-back (its attr names are pyvae's).
+POST_OPS = ("relu", "tanh", "sigmoid")
+_POST_OP_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def linear_post_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
+                   onednn: Optional[bool] = None) -> Optional[torch.Tensor]:
+    """``act(x @ weight.T + bias)`` in one oneDNN call (bias and activation fused into the GEMM), or None
+    when this GEMM does not run on oneDNN or the activation has no post-op (the caller then runs the GEMM
+    and pyvae's epilogue kernel). float32 and bfloat16 (torch's bfloat16 GEMMs are oneDNN's too)."""
+    if activation not in POST_OPS or x.dtype not in _POST_OP_DTYPES or onednn is False or not x.is_cpu:
+        return None
+    flops = 2.0 * x.shape[0] * x.shape[1] * weight.shape[0]
+    if not (flops > 0 and flops >= _MIN_FLOPS and onednn_enabled()):
+        return None
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None if bias is None else bias.contiguous(), activation,
+                                              [], "")
+
+
 def grad_input(g: torch.Tensor, weight: torch.Tensor, onednn: Optional[bool] = None) -> torch.Tensor:
     """``g @ weight`` for g [rows, out]: the input gradient of a linear layer."""
     if backend(g, 2.0 * g.shape[0] * g.shape[1] * weight.shape[1], onednn) == "onednn":

@@ -30,6 +30,7 @@ __all__ = ["linear_act", "ACTIVATIONS", "fused_only", "forget_routes", "ROUTES",
 
 ACTIVATIONS = dict(_gate.ACTIVATIONS)  # name -> the kernels' code (csrc/ops/activation.h)
 _IDENTITY = ACTIVATIONS["identity"]
+_ACT_NAMES = {code: name for name, code in ACTIVATIONS.items()}
 _OP = "linear_act"
 
 
@@ -95,6 +96,11 @@ def _forward(x, weight, bias, act, onednn=None):
                                  None if bias is None else bias.contiguous(), act)
         if r is not None:
             return r[0] if flat else r[0].view(*x.shape[:-1], weight.shape[0])
+    if act != _IDENTITY and cpu:
+        # oneDNN fuses bias and activation into the GEMM where it can (relu, tanh, sigmoid).
+        y = _gemm.linear_post_op(x2, weight, bias, _ACT_NAMES[act], onednn)
+        if y is not None:
+            return y if flat else y.view(*x.shape[:-1], weight.shape[0])
     if act == _IDENTITY and bias is not None:
         # No activation: the library GEMM adds the bias itself, saving our epilogue pass.
         y = _gemm.linear(x2, weight, bias, onednn)
