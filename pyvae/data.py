@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -53,7 +55,11 @@ BINARIZE = ("dynamic", "static", "none")
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 _STATIC_SEED = 0x5EED  # the fixed seed of static (and test-set) binarization
 _SPLIT_SEED = 20131220  # the fixed seed of the deterministic train/test splits (arXiv:1312.6114)
-_MAX_IDX_BYTES = 1 << 34  # 16 GiB: no header may make us allocate more than this
+_MAX_IDX_BYTES = 1 << 34  # 16 GiB: the most data an IDX header may claim (MNIST's largest file is 47 MB)
+# Deflate (gzip, zlib) expands data at most 1032:1 (a 258-byte match coded in 2 bits), so a compressed
+# file of S bytes cannot decompress to more than 1032 * S bytes: larger claims are lies.
+_DEFLATE_MAX_RATIO = 1032
+_READ_CHUNK = 1 << 20  # streams of unknown real length are read 1 MiB at a time
 
 PathLike = Union[str, os.PathLike]
 
@@ -107,22 +113,42 @@ def _open_maybe_gzip(path: Path):
     return open(path, "rb"), False
 
 
-def _read_exact(f, n: int, path: Path, what: str) -> bytes:
-    """Reads exactly ``n`` bytes in bounded chunks (memory grows with the real data, not the header)."""
-    chunks: List[bytes] = []
-    got = 0
+def _oneline(e: BaseException) -> str:
+    """An exception's message on one line (library messages are embedded in ours)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _read_exact(f, n: int, path: Path, what: str) -> bytearray:
+    """Reads exactly ``n`` bytes from a stream whose real length is unknown (gzip).
+
+    The buffer grows only as bytes arrive, ``_READ_CHUNK`` at a time, so a header that lies about
+    ``n`` costs at most one chunk beyond the bytes the stream really has; the result is held once
+    (bytearray growth keeps at most 1/8 slack), not as chunks plus a joined copy.
+    """
+    buf = bytearray()
     try:
-        while got < n:
-            c = f.read(min(n - got, 1 << 24))
+        while len(buf) < n:
+            c = f.read(min(n - len(buf), _READ_CHUNK))
             if not c:
                 break
-            chunks.append(c)
-            got += len(c)
-    except (EOFError, OSError, gzip.BadGzipFile) as e:  # truncated/corrupt gzip stream
-        raise DataFormatError(f"{path}: corrupt or truncated gzip data while reading {what}: {e}") from None
-    if got < n:
-        raise DataFormatError(f"{path}: truncated: {what} needs {n} bytes, file has only {got}")
-    return b"".join(chunks)
+            buf += c
+    except (EOFError, OSError, zlib.error) as e:  # truncated/corrupt gzip stream (BadGzipFile is an OSError)
+        raise DataFormatError(f"{path}: corrupt or truncated gzip data while reading {what}: {_oneline(e)}") from None
+    if len(buf) < n:
+        raise DataFormatError(f"{path}: truncated: {what} needs {n} bytes, file has only {len(buf)}")
+    return buf
+
+
+def _read_file_exact(f, n: int) -> np.ndarray:
+    """Reads ``n`` bytes that the file is known to hold (size checked) into one exact-size buffer."""
+    out = np.empty(n, dtype=np.uint8)
+    view, got = memoryview(out), 0
+    while got < n:
+        k = f.readinto(view[got:got + _READ_CHUNK])
+        if not k:
+            break
+        got += k
+    return out[:got]
 
 
 def read_idx(path: PathLike) -> np.ndarray:
@@ -130,6 +156,16 @@ def read_idx(path: PathLike) -> np.ndarray:
 
     Format: 2 zero bytes, a type code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32, 0x0D float32,
     0x0E float64), the number of dims, then each dim as a big-endian uint32, then the data.
+
+    A dim may be 0: an empty array of that shape is returned (``load_dataset`` then reports the empty
+    split), unless its non-zero dims alone span more than 16 GiB (no such array can exist).
+
+    Memory: no allocation is sized by the header's claim alone. The claimed data size must be at most
+    ``_MAX_IDX_BYTES`` (16 GiB). A raw file must hold exactly that many data bytes (checked against its
+    size), which are read into one buffer of that size. A gzip file's claim must be at most 1032 times
+    the file size (deflate cannot expand more), and its stream is read into a buffer that grows only
+    as decompressed bytes arrive: a lying header costs at most one 1 MiB chunk beyond what the stream
+    holds. The result is that one buffer (viewed, and byte-swapped in place), not a second copy.
 
     Args:
         path: the file.
@@ -139,9 +175,8 @@ def read_idx(path: PathLike) -> np.ndarray:
 
     Raises:
         FileNotFoundError: no such file.
-        DataFormatError: bad magic, unknown type, implausible dims, truncated data or trailing bytes;
-            the message names the file. The size the header claims is checked against the file size
-            (raw) or read in bounded chunks (gzip) before anything that large is allocated.
+        DataFormatError: bad magic, unknown type, implausible dims, a size the file cannot hold,
+            truncated or corrupt data, or trailing bytes; a one-line message naming the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -160,25 +195,44 @@ def read_idx(path: PathLike) -> np.ndarray:
             raise DataFormatError(f"{path}: IDX header says {ndim} dims; expected 1 to 4")
         dims = struct.unpack(">" + "I" * ndim, _read_exact(f, 4 * ndim, path, "the IDX dims"))
         dtype = _IDX_DTYPES[code]
-        nbytes = int(np.prod(dims, dtype=np.float64)) * dtype.itemsize
+        nbytes = math.prod(dims) * dtype.itemsize  # exact (Python ints): no overflow
         if nbytes > _MAX_IDX_BYTES:
-            raise DataFormatError(f"{path}: IDX header claims shape {dims} ({nbytes} bytes); refusing (corrupt header?)")
-        if not compressed:
-            have = path.stat().st_size - 4 - 4 * ndim
+            raise DataFormatError(f"{path}: IDX header claims shape {dims} ({nbytes} bytes); refusing more than "
+                                  f"{_MAX_IDX_BYTES >> 30} GiB (corrupt header?)")
+        if math.prod(max(d, 1) for d in dims) * dtype.itemsize > _MAX_IDX_BYTES:  # 0 x 4e9 x 4e9
+            raise DataFormatError(f"{path}: implausible IDX dims {dims}: no array of that shape can be held "
+                                  f"(the non-zero dims span more than {_MAX_IDX_BYTES >> 30} GiB)")
+        file_size = path.stat().st_size
+        if compressed:
+            total = 4 + 4 * ndim + nbytes
+            if total > _DEFLATE_MAX_RATIO * file_size:
+                raise DataFormatError(
+                    f"{path}: IDX header claims shape {dims} ({total} bytes decompressed), more than a gzip "
+                    f"file of {file_size} bytes can hold (deflate expands at most {_DEFLATE_MAX_RATIO}:1); "
+                    f"corrupt header?")
+            data = _read_exact(f, nbytes, path, f"data of shape {dims}")
+            try:
+                extra = f.read(1)
+            except (EOFError, OSError, zlib.error) as e:
+                raise DataFormatError(f"{path}: corrupt gzip data after the IDX payload: {_oneline(e)}") from None
+            if extra:
+                raise DataFormatError(f"{path}: has trailing bytes after data of shape {dims}")
+        else:
+            have = file_size - 4 - 4 * ndim
             if have != nbytes:
                 kind = "truncated" if have < nbytes else "has trailing bytes"
                 raise DataFormatError(
                     f"{path}: {kind}: header shape {dims} needs {nbytes} data bytes, file has {have}"
                 )
-        data = _read_exact(f, nbytes, path, f"data of shape {dims}")
-        if compressed:
-            try:
-                extra = f.read(1)
-            except (EOFError, OSError, gzip.BadGzipFile) as e:
-                raise DataFormatError(f"{path}: corrupt gzip data after the IDX payload: {e}") from None
-            if extra:
-                raise DataFormatError(f"{path}: has trailing bytes after data of shape {dims}")
-    return np.frombuffer(data, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
+            data = _read_file_exact(f, nbytes)
+            if len(data) != nbytes:  # the file shrank while we read it
+                raise DataFormatError(f"{path}: truncated: data of shape {dims} needs {nbytes} bytes, "
+                                      f"read only {len(data)}")
+    # One buffer: viewed with the file's dtype and, for multi-byte types, byte-swapped in place.
+    arr = np.frombuffer(data, dtype=dtype)
+    if not dtype.isnative:
+        arr = arr.byteswap(inplace=True).view(dtype.newbyteorder("="))
+    return arr.reshape(dims)
 
 
 # ------------------------------------------------------------------------------------ Frey

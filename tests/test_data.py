@@ -206,3 +206,77 @@ def test_sharded_batches_errors():
         D.ShardedBatches(torch.rand(10, 2), 5, world=2)
     with pytest.raises(ValueError, match="batch_size"):
         D.ShardedBatches(torch.rand(10, 2), 0)
+
+
+
+# --------------------------------------------------------- IDX: zero dims, corrupt deflate, memory
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_zero_items_is_an_empty_array(tmp_path, gz):
+    p = _write(tmp_path / "z.idx", bytes([0, 0, 8, 3]) + struct.pack(">III", 0, 28, 28), gz)
+    out = D.read_idx(p)
+    assert out.shape == (0, 28, 28) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_zero_items_with_huge_dims_names_file(tmp_path, gz):
+    # 0 x 4e9 x 4e9 holds no data, but no array of that shape can exist: a one-line error, not numpy's
+    p = _write(tmp_path / "zh.idx", bytes([0, 0, 8, 3]) + struct.pack(">III", 0, 2**32 - 1, 2**32 - 1), gz)
+    with pytest.raises(D.DataFormatError, match="implausible") as e:
+        D.read_idx(p)
+    assert str(p) in str(e.value)
+
+
+def test_read_idx_corrupt_deflate_data_names_file(tmp_path):
+    # damage inside the deflate blocks (zlib.error, not OSError/EOFError) must still name the file
+    a = np.random.default_rng(6).integers(0, 4, size=(200, 28, 28), dtype=np.uint8)
+    raw = bytearray(gzip.compress(_idx_bytes(a), mtime=0))
+    raw[40:48] = b"\xff" * 8
+    p = tmp_path / "bad-deflate.gz"
+    p.write_bytes(bytes(raw))
+    with pytest.raises(D.DataFormatError) as e:
+        D.read_idx(p)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def _traced_peak(fn):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001  (the caller checks it)
+            out = e
+        return out, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+def test_read_idx_gzip_lying_size_refused_before_allocating(tmp_path):
+    # a ~50-byte gzip file whose header claims 2**31 x 2 x 2 uint8 (8 GiB, under the 16 GiB cap): a
+    # deflate stream expands at most 1032:1, so this is refused before reading anything
+    p = _write(tmp_path / "liar.gz", bytes([0, 0, 8, 3]) + struct.pack(">III", 2**31, 2, 2) + b"\x01" * 64, True)
+    err, peak = _traced_peak(lambda: D.read_idx(p))
+    assert isinstance(err, D.DataFormatError) and str(p) in str(err) and "1032" in str(err)
+    assert peak < 256 << 10, peak
+
+
+def test_read_idx_gzip_truncated_claim_allocates_what_arrived(tmp_path):
+    # a claim a gzip file could hold (4 MiB from ~5 KiB) with only 64 bytes of real data
+    p = _write(tmp_path / "short.gz", bytes([0, 0, 8, 3]) + struct.pack(">III", 4096, 32, 32) + b"\x07" * 64, True)
+    err, peak = _traced_peak(lambda: D.read_idx(p))
+    assert isinstance(err, D.DataFormatError) and "truncated" in str(err) and str(p) in str(err)
+    assert peak < 2 << 20, peak
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_peak_memory_about_one_copy(tmp_path, gz):
+    # the reader holds the data once (plus bounded chunks), not chunks + joined bytes + a converted copy
+    n = 32 << 20
+    a = np.zeros((n // 1024, 32, 32), dtype=np.uint8)
+    a[::7] = 3
+    p = _write(tmp_path / ("big.gz" if gz else "big"), _idx_bytes(a), gz)
+    out, peak = _traced_peak(lambda: D.read_idx(p))
+    assert isinstance(out, np.ndarray) and out.shape == a.shape and int(out[7, 0, 0]) == 3
+    assert peak < 1.25 * n + (3 << 20), peak / n
