@@ -308,6 +308,11 @@ def _idx_pair(name: str, prefix: str, data_dir) -> Tuple[np.ndarray, np.ndarray]
     images = read_idx(img_path)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DataFormatError(f"{img_path}: expected uint8 images [N, H, W], got {images.dtype} {images.shape}")
+    if images.shape[1] == 0 or images.shape[2] == 0:
+        raise DataFormatError(f"{img_path}: images of {images.shape[1]} x {images.shape[2]} pixels (a zero dim)")
+    if images.shape[0] == 0:
+        split = "train" if prefix == "train" else "test"
+        raise ValueError(f"dataset {name!r}: the {split} split is empty: {img_path} holds 0 images")
     try:
         lab_path = find_file(name, stems_lab, data_dir)
     except FileNotFoundError:
@@ -388,7 +393,8 @@ def load_dataset(name: str = "mnist-5k", data_dir: Optional[PathLike] = None, bi
         ``DataSplits``.
 
     Raises:
-        ValueError: unknown ``name``/``binarize``; FileNotFoundError: files missing;
+        ValueError: unknown ``name``/``binarize``, or an empty train or test split (the message names the
+        dataset and why, e.g. a file holding 0 images); FileNotFoundError: files missing;
         DataFormatError: malformed files.
     """
     if name not in DATASETS:
@@ -398,20 +404,25 @@ def load_dataset(name: str = "mnist-5k", data_dir: Optional[PathLike] = None, bi
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be None or a positive int, got {limit!r}")
     train_y = test_y = None
+    empty_why = "no rows"
     if name in ("mnist", "fashion-mnist"):
-        tr, train_y = _idx_pair(name, "train", data_dir)
+        tr, train_y = _idx_pair(name, "train", data_dir)  # raises if a split file holds 0 images
         te, test_y = _idx_pair(name, "t10k", data_dir)
         if tr.shape[1:] != te.shape[1:]:
             raise DataFormatError(f"dataset {name!r}: train images {tr.shape[1:]} and test images {te.shape[1:]} differ")
         shape = tuple(tr.shape[1:])
         train, test = tr.reshape(len(tr), -1) / np.float32(255), te.reshape(len(te), -1) / np.float32(255)
     elif name == "frey":
-        ff = read_frey(find_file("frey", ["frey_rawface.mat"], data_dir))
+        frey_path = find_file("frey", ["frey_rawface.mat"], data_dir)
+        ff = read_frey(frey_path)
+        empty_why = (f"{frey_path} holds {len(ff)} image{'' if len(ff) == 1 else 's'}; the split needs at least 2 "
+                     "(1 in 10, at least 1, is held out for testing)")
         tr_i, te_i = _split(len(ff), max(1, len(ff) // 10) if len(ff) > 1 else 0, None)
         shape = (28, 20)
         train, test = ff[tr_i] / np.float32(255), ff[te_i] / np.float32(255)
     else:
         images, labels = _mnist5k() if name == "mnist-5k" else _digits()
+        empty_why = f"the embedded set has {len(images)} examples"
         tr_i, te_i = _split(len(images), len(images) // 10, labels)
         shape = tuple(images.shape[1:])
         flat = images.reshape(len(images), -1).astype(np.float32)
@@ -425,6 +436,10 @@ def load_dataset(name: str = "mnist-5k", data_dir: Optional[PathLike] = None, bi
         train, test = train[:limit], test[:limit]
         train_y = None if train_y is None else train_y[:limit]
         test_y = None if test_y is None else test_y[:limit]
+    # An empty split would train on nothing or report a test ELBO of 0 (the mean over no rows).
+    for split, rows in (("train", train), ("test", test)):
+        if rows.shape[0] == 0:
+            raise ValueError(f"dataset {name!r}: the {split} split is empty: {empty_why}")
     if binarize != "none":
         g = torch.Generator().manual_seed(_STATIC_SEED)
         test = binarize_batch(test, g)

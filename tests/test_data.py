@@ -280,3 +280,32 @@ def test_read_idx_peak_memory_about_one_copy(tmp_path, gz):
     out, peak = _traced_peak(lambda: D.read_idx(p))
     assert isinstance(out, np.ndarray) and out.shape == a.shape and int(out[7, 0, 0]) == 3
     assert peak < 1.25 * n + (3 << 20), peak / n
+
+
+
+# ------------------------------------------------------------------------------------ empty splits
+def _save_frey(path, ff, **kw):
+    scipy_io = pytest.importorskip("scipy.io")
+    scipy_io.savemat(path, {"ff": ff}, **kw)
+    return path
+
+
+def test_frey_one_image_empty_test_split(tmp_path):
+    _save_frey(tmp_path / "frey_rawface.mat", np.random.default_rng(5).integers(0, 256, (560, 1), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"dataset 'frey'.*test split is empty.*frey_rawface.mat holds 1 image"):
+        D.load_dataset("frey", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("split,prefix", [("test", "t10k"), ("train", "train")])
+def test_mnist_empty_split_names_dataset_and_file(tmp_path, split, prefix):
+    _fake_mnist(tmp_path, gz=False, **{f"n_{split}": 0})
+    with pytest.raises(ValueError, match=rf"dataset 'mnist'.*{split} split is empty.*{prefix}-images-idx3-ubyte holds 0"):
+        D.load_dataset("mnist", data_dir=tmp_path)
+
+
+def test_load_mnist_zero_sized_images_names_file(tmp_path):
+    _fake_mnist(tmp_path, gz=False)
+    p = tmp_path / "t10k-images-idx3-ubyte"
+    p.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">III", 10, 0, 28))
+    with pytest.raises(D.DataFormatError, match="t10k-images-idx3-ubyte.*0 x 28"):
+        D.load_dataset("mnist", data_dir=tmp_path)
