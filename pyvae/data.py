@@ -235,42 +235,331 @@ def read_idx(path: PathLike) -> np.ndarray:
     return arr.reshape(dims)
 
 
+# ------------------------------------------------------------------------------------ .mat
+# NOTE: [Bounded .mat reader]
+# scipy.io.loadmat allocates whatever byte count an element's tag claims before reading it (a 2 KB file
+# claiming 4 GiB costs 4 GiB), so Frey Face is read by this small reader instead: MATLAB v4 and v5/v7
+# files (either byte order, zlib-compressed variables too), numeric full matrices only. Every byte count
+# is checked against the bytes actually there (the rest of the file or of the enclosing element) before
+# anything is read; other variables are skipped by seeking (compressed ones are decompressed only up to
+# their header); a compressed variable is inflated into a buffer that grows only as output arrives.
+_MAT_MAX_BYTES = 1 << 30  # 1 GiB: the largest variable read (Frey's ff is 1.1 MB; 8.8 MB as double)
+_MAT_HEADER_MAX = 1 << 16  # a variable's flags, dims and name must lie in its first 64 KiB
+_MI_DTYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
+_MX_CLASSES = {1: "cell", 2: "struct", 3: "object", 4: "char", 5: "sparse", 6: "f8", 7: "f4", 8: "i1", 9: "u1",
+               10: "i2", 11: "u2", 12: "i4", 13: "u4", 14: "i8", 15: "u8", 16: "function", 17: "opaque"}
+_MI_MATRIX, _MI_COMPRESSED = 14, 15
+_MAT4_DTYPES = {0: "f8", 1: "f4", 2: "i4", 3: "i2", 4: "u2", 5: "u1"}
+
+
+def _mat_read(f, pos: int, n: int, size: int, path: Path, what: str) -> bytes:
+    """``n`` bytes at offset ``pos``, after checking that the file (``size`` bytes) holds them."""
+    if n > size - pos:
+        raise DataFormatError(f"{path}: truncated: {what} needs {n} bytes at offset {pos}, "
+                              f"the file has {max(size - pos, 0)} left")
+    f.seek(pos)
+    b = f.read(n)
+    if len(b) != n:
+        raise DataFormatError(f"{path}: truncated: {what} needs {n} bytes at offset {pos}, read {len(b)}")
+    return b
+
+
+class _Inflater:
+    """The zlib stream in ``n_in`` bytes at offset ``pos`` of ``f``, decompressed on demand.
+
+    ``fill(k)`` extends ``out`` to ``k`` bytes or the end of the stream, reading and inflating 1 MiB
+    pieces: memory follows the output that really arrives, never a size some header claims.
+    """
+
+    def __init__(self, f, pos: int, n_in: int, path: Path, what: str):
+        self.f, self.pos, self.left, self.path, self.what = f, pos, n_in, path, what
+        self.d = zlib.decompressobj()
+        self.out = bytearray()
+
+    def fill(self, k: int) -> bytearray:
+        try:
+            while len(self.out) < k and not self.d.eof:
+                data = self.d.unconsumed_tail
+                if not data:
+                    if self.left <= 0:
+                        break  # MATLAB may omit the stream's end marker: keep what arrived
+                    self.f.seek(self.pos)
+                    data = self.f.read(min(self.left, _READ_CHUNK))
+                    if not data:
+                        break
+                    self.pos += len(data)
+                    self.left -= len(data)
+                self.out += self.d.decompress(data, min(k - len(self.out), 16 * _READ_CHUNK))
+        except zlib.error as e:
+            raise DataFormatError(f"{self.path}: corrupt compressed data in {self.what}: {_oneline(e)}") from None
+        return self.out
+
+
+def _mat5_elements(buf, e: str, path: Path, what: str, header_only: bool = False):
+    """Yields ``(type, data)`` for the v5 data elements packed in ``buf`` (a memoryview), in order.
+
+    ``header_only``: ``buf`` is only the first ``_MAT_HEADER_MAX`` bytes of a longer element, so an
+    element running past its end means an oversized header, not a truncated file.
+    """
+    pos, end = 0, len(buf)
+    while pos < end:
+        if end - pos < 8:
+            raise DataFormatError(f"{path}: truncated: {what} ends inside an element tag")
+        t, n = struct.unpack_from(e + "II", buf, pos)
+        if t >> 16:  # small data element: byte count in the upper 16 bits, data in the tag's second word
+            t, n = t & 0xFFFF, t >> 16
+            if n > 4:
+                raise DataFormatError(f"{path}: {what}: a small data element claims {n} bytes (at most 4)")
+            yield t, buf[pos + 4:pos + 4 + n]
+            pos += 8
+            continue
+        if n > end - pos - 8:
+            if header_only:
+                raise DataFormatError(f"{path}: {what}: header (flags, dims, name) longer than "
+                                      f"{_MAT_HEADER_MAX >> 10} KiB")
+            raise DataFormatError(f"{path}: truncated: {what} has an element of {n} bytes with "
+                                  f"{end - pos - 8} left")
+        yield t, buf[pos + 8:pos + 8 + n]
+        pos += 8 + n + (-n % 8)  # padded to 8 bytes (the last pad may be cut off)
+
+
+def _mat5_header(it, e: str, path: Path, what: str):
+    """(class code, complex flag, dims, name) from a matrix's first three sub-elements."""
+    parts = []
+    for want in ("array flags", "dims", "name"):
+        try:
+            parts.append(next(it))
+        except StopIteration:
+            raise DataFormatError(f"{path}: {what} ends before its {want}") from None
+    (tf, flags), (td, dims), (tn, name) = parts
+    if tf != 6 or len(flags) != 8:
+        raise DataFormatError(f"{path}: {what}: array flags are type {tf} of {len(flags)} bytes; expected uint32 x 2")
+    if td != 5 or len(dims) % 4 or len(dims) < 8:
+        raise DataFormatError(f"{path}: {what}: dims are type {td} of {len(dims)} bytes; expected int32 x 2 or more")
+    if tn not in (1, 2, 16):
+        raise DataFormatError(f"{path}: {what}: the name is of type {tn}; expected int8 or UTF-8 text")
+    word = struct.unpack_from(e + "I", flags)[0]
+    dims = struct.unpack(e + "i" * (len(dims) // 4), dims)
+    return word & 0xFF, bool(word & 0x800), dims, bytes(name).decode("latin-1")
+
+
+def _mat_array(data, e: str, code: str, dims: Sequence[int], path: Path, what: str) -> np.ndarray:
+    """The column-major array ``dims`` of dtype ``code`` in ``data``, after checking the byte count."""
+    dtype = np.dtype(e + code)
+    if any(d < 0 for d in dims):
+        raise DataFormatError(f"{path}: {what} has negative dims {tuple(dims)}")
+    if math.prod(max(d, 1) for d in dims) * dtype.itemsize > _MAT_MAX_BYTES:
+        raise DataFormatError(f"{path}: {what} has implausible dims {tuple(dims)} (more than "
+                              f"{_MAT_MAX_BYTES >> 30} GiB)")
+    need = math.prod(dims) * dtype.itemsize
+    if len(data) != need:
+        raise DataFormatError(f"{path}: {what} holds {len(data)} data bytes; dims {tuple(dims)} of "
+                              f"{dtype.name} need {need}")
+    a = np.frombuffer(data, dtype=dtype).reshape(tuple(dims)[::-1]).T  # column-major
+    return a.astype(dtype.newbyteorder("="))  # owns its memory, native byte order
+
+
+def _mat5_matrix(buf, e: str, want: str, path: Path, what: str) -> np.ndarray:
+    """The numeric array of the whole miMATRIX element content ``buf`` named ``want``."""
+    it = _mat5_elements(buf, e, path, what)
+    cls, cplx, dims, _ = _mat5_header(it, e, path, what)
+    kind = _MX_CLASSES.get(cls, f"class {cls}")
+    if len(kind) != 2 or cplx:
+        raise DataFormatError(f"{path}: {want!r} is a MATLAB {'complex' if cplx else kind} array; "
+                              f"expected a real numeric matrix")
+    try:
+        t, data = next(it)
+    except StopIteration:
+        raise DataFormatError(f"{path}: {what} has no data element") from None
+    if t not in _MI_DTYPES:
+        raise DataFormatError(f"{path}: {what}: data element of unknown type {t}")
+    a = _mat_array(data, e, _MI_DTYPES[t], dims, path, what)
+    if kind[0] == "f":  # MATLAB may store a double array's integer values as smaller integers
+        return a.astype(kind, copy=False)
+    if a.dtype.kind == "f":
+        raise DataFormatError(f"{path}: {what}: floating-point data for an integer ({kind}) array")
+    return a
+
+
+def _read_mat5(f, size: int, want: str, path: Path):
+    head = _mat_read(f, 0, 128, size, path, "the 128-byte MAT-file header")
+    e = {b"IM": "<", b"MI": ">"}.get(head[126:128])
+    if e is None:
+        raise DataFormatError(f"{path}: not a MATLAB .mat file (no v5 endian mark 'IM'/'MI' at byte 126)")
+    version = struct.unpack_from(e + "H", head, 124)[0]
+    if version == 0x0200:
+        raise DataFormatError(f"{path}: MATLAB v7.3 (HDF5) .mat files are not supported; save with -v7 or -v6")
+    if version != 0x0100:
+        raise DataFormatError(f"{path}: unknown MAT-file version 0x{version:04x}")
+    names: List[str] = []
+    pos = 128
+    while pos < size:
+        what = f"variable {len(names) + 1} (offset {pos})"
+        t, n = struct.unpack(e + "II", _mat_read(f, pos, 8, size, path, f"the tag of {what}"))
+        if n > size - pos - 8:
+            raise DataFormatError(f"{path}: truncated: {what} claims {n} bytes, the file has {size - pos - 8} left")
+        if t == _MI_COMPRESSED:
+            z = _Inflater(f, pos + 8, n, path, what)
+            inner = z.fill(8 + _MAT_HEADER_MAX)
+            if len(inner) < 8:
+                raise DataFormatError(f"{path}: {what}: compressed data too short for an element tag")
+            t2, n2 = struct.unpack_from(e + "II", inner)
+            if t2 != _MI_MATRIX:
+                raise DataFormatError(f"{path}: {what}: compressed element of type {t2}; expected a matrix (14)")
+            body = memoryview(bytes(inner[8:8 + n2]))  # a copy (<= 64 KiB): inner grows later
+        elif t == _MI_MATRIX:
+            z, n2 = None, n
+            body = memoryview(_mat_read(f, pos + 8, min(n, _MAT_HEADER_MAX), size, path, what))
+        else:
+            raise DataFormatError(f"{path}: {what} is of element type {t}; expected a matrix (14) or compressed (15)")
+        if n2 == 0:  # an empty placeholder
+            pos += 8 + n
+            continue
+        cut = n2 > len(body) == _MAT_HEADER_MAX  # only the first 64 KiB of a longer variable
+        _, _, _, name = _mat5_header(_mat5_elements(body, e, path, what, header_only=cut), e, path, what)
+        if name != want:
+            names.append(name)
+            pos += 8 + n
+            continue
+        what = f"variable {want!r}"
+        if n2 > _MAT_MAX_BYTES:
+            raise DataFormatError(f"{path}: {what} claims {n2} bytes; refusing more than {_MAT_MAX_BYTES >> 30} GiB")
+        if z is None:
+            body = memoryview(_mat_read(f, pos + 8, n2, size, path, what))
+        else:
+            if 8 + n2 > _DEFLATE_MAX_RATIO * n:
+                raise DataFormatError(f"{path}: {what} claims {n2} bytes, more than its {n} compressed bytes can "
+                                      f"hold (deflate expands at most {_DEFLATE_MAX_RATIO}:1)")
+            inner = z.fill(8 + n2)
+            if len(inner) < 8 + n2:
+                raise DataFormatError(f"{path}: truncated: {what} claims {n2} bytes, its compressed data "
+                                      f"holds {len(inner) - 8}")
+            body = memoryview(inner)[8:8 + n2]
+        return _mat5_matrix(body, e, want, path, what), names
+    return None, names
+
+
+def _read_mat4(f, size: int, want: str, path: Path):
+    first = _mat_read(f, 0, 4, size, path, "the first matrix header")
+    for e in "<>":
+        mopt = struct.unpack(e + "i", first)[0]
+        if 0 <= mopt < 5000 and mopt // 1000 == (0 if e == "<" else 1):
+            break
+    else:
+        raise DataFormatError(f"{path}: not a MATLAB .mat file (neither a v5 header nor a v4 matrix type)")
+    names: List[str] = []
+    pos = 0
+    while pos < size:
+        what = f"matrix {len(names) + 1} (offset {pos})"
+        mopt, rows, cols, imagf, namlen = struct.unpack(e + "5i", _mat_read(f, pos, 20, size, path, f"the header of {what}"))
+        m, o, p, t = mopt // 1000, mopt // 100 % 10, mopt // 10 % 10, mopt % 10
+        if not 0 <= mopt < 5000 or m != (0 if e == "<" else 1) or o != 0 or p not in _MAT4_DTYPES or t > 2:
+            raise DataFormatError(f"{path}: {what}: unknown v4 matrix type {mopt}")
+        if rows < 0 or cols < 0 or imagf not in (0, 1) or not 1 <= namlen <= _MAT_HEADER_MAX:
+            raise DataFormatError(f"{path}: {what}: bad v4 header (rows {rows}, cols {cols}, imagf {imagf}, "
+                                  f"name length {namlen})")
+        name = _mat_read(f, pos + 20, namlen, size, path, f"the name of {what}").split(b"\0", 1)[0].decode("latin-1")
+        start = pos + 20 + namlen
+        n = rows * cols * np.dtype(_MAT4_DTYPES[p]).itemsize * (1 + imagf)
+        if n > size - start:
+            raise DataFormatError(f"{path}: truncated: {what} needs {n} data bytes, the file has {size - start} left")
+        if name != want:
+            names.append(name)
+            pos = start + n
+            continue
+        if t != 0 or imagf:
+            raise DataFormatError(f"{path}: {want!r} is a v4 {'complex' if imagf else ('text', 'sparse')[t - 1]} "
+                                  f"matrix; expected a real numeric matrix")
+        if n > _MAT_MAX_BYTES:
+            raise DataFormatError(f"{path}: {want!r} is {n} bytes; refusing more than {_MAT_MAX_BYTES >> 30} GiB")
+        return _mat_array(_mat_read(f, start, n, size, path, want), e, _MAT4_DTYPES[p], (rows, cols), path,
+                          f"variable {want!r}"), names
+    return None, names
+
+
+def _read_mat_variable(path: Path, want: str) -> np.ndarray:
+    """The real numeric matrix ``want`` of a MATLAB .mat file (see NOTE: [Bounded .mat reader])."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        first = f.read(4)
+        if len(first) < 4:
+            raise DataFormatError(f"{path}: not a MATLAB .mat file ({size} bytes)")
+        # A v4 file starts with a matrix type < 5000 (a zero byte in the first 4); v5 with header text.
+        a, names = (_read_mat4 if 0 in first else _read_mat5)(f, size, want, path)
+    if a is None:
+        shown = names[:10] + (["..."] if len(names) > 10 else [])
+        raise DataFormatError(f"{path}: no variable {want!r} (found {shown})")
+    return a
+
+
 # ------------------------------------------------------------------------------------ Frey
 def read_frey(path: PathLike) -> np.ndarray:
-    """Reads Frey Face (``frey_rawface.mat``): variable ``ff``, 560 x 1965 uint8, images 28 x 20.
+    """Reads Frey Face (``frey_rawface.mat``): variable ``ff``, 560 x N, images 28 x 20.
+
+    The original ``ff`` is uint8 (0..255). Also accepted, without loss: other integer types with values
+    0..255, floats holding the integers 0..255 (e.g. MATLAB's ``double(ff)``), and floats in [0, 1]
+    holding 8-bit intensities k/255 (e.g. ``ff / 255``), which are scaled back to k. Rejected, since
+    reading them would silently give black or wrong images: non-finite values, floats in [0, 1] off
+    the k/255 grid, non-integer floats above 1, values below 0 or above 255, and integer data whose
+    pixels are all 0 or 1. Memory: see NOTE: [Bounded .mat reader] (no scipy).
 
     Args:
-        path: the .mat file.
+        path: the .mat file (MATLAB v4 or v5/v7; not v7.3).
 
     Returns:
-        ``[N, 560]`` uint8 array, one row-major 28 x 20 image per row.
+        ``[N, 560]`` uint8 array, one row-major 28 x 20 image per row (N may be 0).
 
     Raises:
-        FileNotFoundError, DataFormatError (missing ``ff``, wrong shape or dtype).
+        FileNotFoundError: no such file.
+        DataFormatError: malformed or truncated file, no ``ff``, wrong shape, type or values; a
+            one-line message naming the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Frey Face file not found: {path}")
-    try:
-        import scipy.io
-    except ImportError:  # pragma: no cover
-        raise ImportError("reading frey_rawface.mat needs scipy: pip install scipy") from None
-    try:
-        mat = scipy.io.loadmat(str(path))
-    except Exception as e:  # noqa: BLE001  (scipy raises several types for bad files)
-        raise DataFormatError(f"{path}: not a readable MATLAB .mat file: {e}") from None
-    if "ff" not in mat:
-        keys = sorted(k for k in mat if not k.startswith("__"))
-        raise DataFormatError(f"{path}: no variable 'ff' (found {keys})")
-    ff = np.asarray(mat["ff"])
+    ff = _read_mat_variable(path, "ff")
     if ff.ndim != 2 or ff.shape[0] != 560:
         raise DataFormatError(f"{path}: 'ff' has shape {ff.shape}; expected (560, N) (28 x 20 images)")
-    if ff.dtype != np.uint8:
-        if not np.issubdtype(ff.dtype, np.number) or ff.min() < 0 or ff.max() > 255:
-            raise DataFormatError(f"{path}: 'ff' has dtype {ff.dtype} with values outside 0..255")
-        ff = ff.astype(np.uint8)
     # Column j is image j stored row-major as 28 rows of 20 pixels (the layout of the original file).
-    return np.ascontiguousarray(ff.T)
+    return np.ascontiguousarray(_frey_pixels(ff, path).T)
+
+
+def _frey_pixels(ff: np.ndarray, path: Path) -> np.ndarray:
+    """``ff`` as uint8 0..255, or DataFormatError naming the first offending pixel."""
+    if ff.dtype == np.uint8 and (ff.size == 0 or ff.max() > 1):
+        return ff
+
+    def at(mask) -> str:
+        i, j = np.argwhere(mask)[0]
+        return f"{ff[i, j].item()!r} at pixel {i} of image {j}"
+
+    if ff.size == 0:
+        return ff.astype(np.uint8)
+    if ff.dtype.kind == "f":
+        bad = ~np.isfinite(ff)
+        if bad.any():
+            raise DataFormatError(f"{path}: 'ff' has {int(bad.sum())} non-finite values (NaN or inf), first "
+                                  f"{at(bad)}")
+    if ff.min() < 0:
+        raise DataFormatError(f"{path}: 'ff' has negative values ({at(ff < 0)}); expected pixels 0..255")
+    if ff.dtype.kind == "f" and ff.max() <= 1:  # intensities in [0, 1]: must be k/255 to read back exactly
+        k = np.rint(ff * 255.0)
+        off = np.abs(ff * 255.0 - k) > 1e-3
+        if off.any():
+            raise DataFormatError(f"{path}: 'ff' holds floats in [0, 1] that are not multiples of 1/255 "
+                                  f"({at(off)}); expected 8-bit intensities")
+        return k.astype(np.uint8)
+    if ff.max() > 255:
+        raise DataFormatError(f"{path}: 'ff' has values above 255 ({at(ff > 255)}); expected pixels 0..255")
+    if ff.dtype.kind == "f":
+        frac = ff != np.rint(ff)
+        if frac.any():
+            raise DataFormatError(f"{path}: 'ff' has non-integer values ({at(frac)}) and values above 1; "
+                                  f"expected integer pixels 0..255 or intensities k/255 in [0, 1]")
+    elif ff.max() <= 1:
+        raise DataFormatError(f"{path}: 'ff' pixels are all 0 or 1 ({ff.dtype}): binarized data? expected "
+                              f"8-bit intensities 0..255 (integers) or floats in [0, 1]")
+    return ff.astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------- lookup

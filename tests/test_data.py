@@ -309,3 +309,76 @@ def test_load_mnist_zero_sized_images_names_file(tmp_path):
     p.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">III", 10, 0, 28))
     with pytest.raises(D.DataFormatError, match="t10k-images-idx3-ubyte.*0 x 28"):
         D.load_dataset("mnist", data_dir=tmp_path)
+
+
+
+# -------------------------------------------------------------------- Frey values and a lying .mat
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("compress", [False, True])
+def test_frey_float_unit_interval_roundtrips(tmp_path, dtype, compress):
+    # ff saved as intensities k/255 in [0, 1] (the common float image convention) reads back as the
+    # same uint8 pixels as the original file, not as all-black images cast from 0.xx to 0.
+    ff = np.random.default_rng(2).integers(0, 256, size=(560, 30), dtype=np.uint8)
+    u8 = _save_frey(tmp_path / "u8.mat", ff)
+    fl = _save_frey(tmp_path / "fl.mat", (ff / 255.0).astype(dtype), do_compression=compress)
+    np.testing.assert_array_equal(D.read_frey(fl), D.read_frey(u8))
+    np.testing.assert_array_equal(D.read_frey(fl), ff.T)
+
+
+def test_frey_float_0_255_accepted(tmp_path):
+    # a double copy of the original (integer values 0..255, e.g. MATLAB's double(ff)) is lossless
+    ff = np.random.default_rng(3).integers(0, 256, size=(560, 12), dtype=np.uint8)
+    ff[0, 0] = 255
+    np.testing.assert_array_equal(D.read_frey(_save_frey(tmp_path / "d.mat", ff.astype(np.float64))), ff.T)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("nan", "non-finite"),
+    ("inf", "non-finite"),
+    ("off_grid", "multiples of 1/255"),
+    ("fraction_above_1", "non-integer"),
+    ("negative", "negative"),
+    ("above_255", "above 255"),
+    ("binary_uint8", "all 0 or 1"),
+])
+def test_frey_bad_values_name_file(tmp_path, case, match):
+    ff = np.random.default_rng(4).integers(2, 256, size=(560, 6)).astype(np.float64)
+    if case == "nan":
+        ff[17, 3] = np.nan
+    elif case == "inf":
+        ff[5, 1] = np.inf
+    elif case == "off_grid":
+        ff = np.full((560, 6), 0.3)  # 76.5 / 255: not an 8-bit intensity
+    elif case == "fraction_above_1":
+        ff[3, 2] = 12.5
+    elif case == "negative":
+        ff[3, 2] = -1
+    elif case == "above_255":
+        ff[3, 2] = 256
+    elif case == "binary_uint8":
+        ff = (ff > 128).astype(np.uint8)  # 0/1 pixels on the 0..255 scale: all black
+    p = _save_frey(tmp_path / "bad.mat", ff)
+    with pytest.raises(D.DataFormatError, match=match) as e:
+        D.read_frey(p)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def _mat5_ff(nbytes_lie=None):
+    """A minimal little-endian v5 .mat holding ff = 560 x 3 uint8; optionally a lying data byte count."""
+    data = np.arange(560 * 3, dtype=np.uint8).tobytes()
+    sub = (struct.pack("<IIII", 6, 8, 9, 0)  # array flags: mxUINT8_CLASS
+           + struct.pack("<IIii", 5, 8, 560, 3)  # dims
+           + struct.pack("<HH", 1, 2) + b"ff\0\0"  # name "ff": a small data element (miINT8, 2 bytes)
+           + struct.pack("<II", 2, len(data) if nbytes_lie is None else nbytes_lie) + data)
+    head = b"MATLAB 5.0 MAT-file, written by pyvae's tests".ljust(116) + b"\0" * 8 + struct.pack("<H", 0x0100) + b"IM"
+    return head + struct.pack("<II", 14, len(sub)) + sub
+
+
+def test_frey_lying_data_size_refused_before_allocating(tmp_path):
+    p = tmp_path / "liar.mat"
+    p.write_bytes(_mat5_ff())
+    np.testing.assert_array_equal(D.read_frey(p)[1], np.arange(560, 1120) % 256)  # the honest file reads
+    p.write_bytes(_mat5_ff(nbytes_lie=0xFFFFFF00))  # the data element claims 4 GiB
+    err, peak = _traced_peak(lambda: D.read_frey(p))
+    assert isinstance(err, D.DataFormatError) and str(p) in str(err) and "\n" not in str(err)
+    assert peak < 4 << 20, peak
