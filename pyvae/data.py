@@ -451,7 +451,8 @@ def _read_mat4(f, size: int, want: str, path: Path):
     pos = 0
     while pos < size:
         what = f"matrix {len(names) + 1} (offset {pos})"
-        mopt, rows, cols, imagf, namlen = struct.unpack(e + "5i", _mat_read(f, pos, 20, size, path, f"the header of {what}"))
+        header = _mat_read(f, pos, 20, size, path, f"the header of {what}")
+        mopt, rows, cols, imagf, namlen = struct.unpack(e + "5i", header)
         m, o, p, t = mopt // 1000, mopt // 100 % 10, mopt // 10 % 10, mopt % 10
         if not 0 <= mopt < 5000 or m != (0 if e == "<" else 1) or o != 0 or p not in _MAT4_DTYPES or t > 2:
             raise DataFormatError(f"{path}: {what}: unknown v4 matrix type {mopt}")

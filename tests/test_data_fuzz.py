@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from pyvae import data as D
 
-from pyvae import data as D  # noqa: E402
+hypothesis = pytest.importorskip("hypothesis")  # in the "test" extra (pyproject.toml)
+st = pytest.importorskip("hypothesis.strategies")
+HealthCheck, given, settings = hypothesis.HealthCheck, hypothesis.given, hypothesis.settings
 
 LONG = int(os.environ.get("PYVAE_FUZZ_EXAMPLES", "0"))
 SETTINGS = settings(
