@@ -206,3 +206,180 @@ def test_sharded_batches_errors():
         D.ShardedBatches(torch.rand(10, 2), 5, world=2)
     with pytest.raises(ValueError, match="batch_size"):
         D.ShardedBatches(torch.rand(10, 2), 0)
+
+
+
+# --------------------------------------------------------- IDX: zero dims, corrupt deflate, memory
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_zero_items_is_an_empty_array(tmp_path, gz):
+    p = _write(tmp_path / "z.idx", bytes([0, 0, 8, 3]) + struct.pack(">III", 0, 28, 28), gz)
+    out = D.read_idx(p)
+    assert out.shape == (0, 28, 28) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_zero_items_with_huge_dims_names_file(tmp_path, gz):
+    # 0 x 4e9 x 4e9 holds no data, but no array of that shape can exist: a one-line error, not numpy's
+    p = _write(tmp_path / "zh.idx", bytes([0, 0, 8, 3]) + struct.pack(">III", 0, 2**32 - 1, 2**32 - 1), gz)
+    with pytest.raises(D.DataFormatError, match="implausible") as e:
+        D.read_idx(p)
+    assert str(p) in str(e.value)
+
+
+def test_read_idx_corrupt_deflate_data_names_file(tmp_path):
+    # damage inside the deflate blocks (zlib.error, not OSError/EOFError) must still name the file
+    a = np.random.default_rng(6).integers(0, 4, size=(200, 28, 28), dtype=np.uint8)
+    raw = bytearray(gzip.compress(_idx_bytes(a), mtime=0))
+    raw[40:48] = b"\xff" * 8
+    p = tmp_path / "bad-deflate.gz"
+    p.write_bytes(bytes(raw))
+    with pytest.raises(D.DataFormatError) as e:
+        D.read_idx(p)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def _traced_peak(fn):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001  (the caller checks it)
+            out = e
+        return out, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+def test_read_idx_gzip_lying_size_refused_before_allocating(tmp_path):
+    # a ~50-byte gzip file whose header claims 2**31 x 2 x 2 uint8 (8 GiB, under the 16 GiB cap): a
+    # deflate stream expands at most 1032:1, so this is refused before reading anything
+    p = _write(tmp_path / "liar.gz", bytes([0, 0, 8, 3]) + struct.pack(">III", 2**31, 2, 2) + b"\x01" * 64, True)
+    err, peak = _traced_peak(lambda: D.read_idx(p))
+    assert isinstance(err, D.DataFormatError) and str(p) in str(err) and "1032" in str(err)
+    assert peak < 256 << 10, peak
+
+
+def test_read_idx_gzip_truncated_claim_allocates_what_arrived(tmp_path):
+    # a claim a gzip file could hold (4 MiB from ~5 KiB) with only 64 bytes of real data
+    p = _write(tmp_path / "short.gz", bytes([0, 0, 8, 3]) + struct.pack(">III", 4096, 32, 32) + b"\x07" * 64, True)
+    err, peak = _traced_peak(lambda: D.read_idx(p))
+    assert isinstance(err, D.DataFormatError) and "truncated" in str(err) and str(p) in str(err)
+    assert peak < 2 << 20, peak
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_peak_memory_about_one_copy(tmp_path, gz):
+    # the reader holds the data once (plus bounded chunks), not chunks + joined bytes + a converted copy
+    n = 32 << 20
+    a = np.zeros((n // 1024, 32, 32), dtype=np.uint8)
+    a[::7] = 3
+    p = _write(tmp_path / ("big.gz" if gz else "big"), _idx_bytes(a), gz)
+    out, peak = _traced_peak(lambda: D.read_idx(p))
+    assert isinstance(out, np.ndarray) and out.shape == a.shape and int(out[7, 0, 0]) == 3
+    assert peak < 1.25 * n + (3 << 20), peak / n
+
+
+
+# ------------------------------------------------------------------------------------ empty splits
+def _save_frey(path, ff, **kw):
+    scipy_io = pytest.importorskip("scipy.io")
+    scipy_io.savemat(path, {"ff": ff}, **kw)
+    return path
+
+
+def test_frey_one_image_empty_test_split(tmp_path):
+    _save_frey(tmp_path / "frey_rawface.mat", np.random.default_rng(5).integers(0, 256, (560, 1), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"dataset 'frey'.*test split is empty.*frey_rawface.mat holds 1 image"):
+        D.load_dataset("frey", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("split,prefix", [("test", "t10k"), ("train", "train")])
+def test_mnist_empty_split_names_dataset_and_file(tmp_path, split, prefix):
+    _fake_mnist(tmp_path, gz=False, **{f"n_{split}": 0})
+    pattern = rf"dataset 'mnist'.*{split} split is empty.*{prefix}-images-idx3-ubyte holds 0 images"
+    with pytest.raises(ValueError, match=pattern):
+        D.load_dataset("mnist", data_dir=tmp_path)
+
+
+def test_load_mnist_zero_sized_images_names_file(tmp_path):
+    _fake_mnist(tmp_path, gz=False)
+    p = tmp_path / "t10k-images-idx3-ubyte"
+    p.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">III", 10, 0, 28))
+    with pytest.raises(D.DataFormatError, match="t10k-images-idx3-ubyte.*0 x 28"):
+        D.load_dataset("mnist", data_dir=tmp_path)
+
+
+
+# -------------------------------------------------------------------- Frey values and a lying .mat
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("compress", [False, True])
+def test_frey_float_unit_interval_roundtrips(tmp_path, dtype, compress):
+    # ff saved as intensities k/255 in [0, 1] (the common float image convention) reads back as the
+    # same uint8 pixels as the original file, not as all-black images cast from 0.xx to 0.
+    ff = np.random.default_rng(2).integers(0, 256, size=(560, 30), dtype=np.uint8)
+    u8 = _save_frey(tmp_path / "u8.mat", ff)
+    fl = _save_frey(tmp_path / "fl.mat", (ff / 255.0).astype(dtype), do_compression=compress)
+    np.testing.assert_array_equal(D.read_frey(fl), D.read_frey(u8))
+    np.testing.assert_array_equal(D.read_frey(fl), ff.T)
+
+
+def test_frey_float_0_255_accepted(tmp_path):
+    # a double copy of the original (integer values 0..255, e.g. MATLAB's double(ff)) is lossless
+    ff = np.random.default_rng(3).integers(0, 256, size=(560, 12), dtype=np.uint8)
+    ff[0, 0] = 255
+    np.testing.assert_array_equal(D.read_frey(_save_frey(tmp_path / "d.mat", ff.astype(np.float64))), ff.T)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("nan", "non-finite"),
+    ("inf", "non-finite"),
+    ("off_grid", "multiples of 1/255"),
+    ("fraction_above_1", "non-integer"),
+    ("negative", "negative"),
+    ("above_255", "above 255"),
+    ("binary_uint8", "all 0 or 1"),
+])
+def test_frey_bad_values_name_file(tmp_path, case, match):
+    ff = np.random.default_rng(4).integers(2, 256, size=(560, 6)).astype(np.float64)
+    if case == "nan":
+        ff[17, 3] = np.nan
+    elif case == "inf":
+        ff[5, 1] = np.inf
+    elif case == "off_grid":
+        ff = np.full((560, 6), 0.3)  # 76.5 / 255: not an 8-bit intensity
+    elif case == "fraction_above_1":
+        ff[3, 2] = 12.5
+    elif case == "negative":
+        ff[3, 2] = -1
+    elif case == "above_255":
+        ff[3, 2] = 256
+    elif case == "binary_uint8":
+        ff = (ff > 128).astype(np.uint8)  # 0/1 pixels on the 0..255 scale: all black
+    p = _save_frey(tmp_path / "bad.mat", ff)
+    with pytest.raises(D.DataFormatError, match=match) as e:
+        D.read_frey(p)
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def _mat5_ff(nbytes_lie=None):
+    """A minimal little-endian v5 .mat holding ff = 560 x 3 uint8; optionally a lying data byte count."""
+    data = np.arange(560 * 3, dtype=np.uint8).tobytes()
+    sub = (struct.pack("<IIII", 6, 8, 9, 0)  # array flags: mxUINT8_CLASS
+           + struct.pack("<IIii", 5, 8, 560, 3)  # dims
+           + struct.pack("<HH", 1, 2) + b"ff\0\0"  # name "ff": a small data element (miINT8, 2 bytes)
+           + struct.pack("<II", 2, len(data) if nbytes_lie is None else nbytes_lie) + data)
+    head = b"MATLAB 5.0 MAT-file, written by pyvae's tests".ljust(116) + b"\0" * 8 + struct.pack("<H", 0x0100) + b"IM"
+    return head + struct.pack("<II", 14, len(sub)) + sub
+
+
+def test_frey_lying_data_size_refused_before_allocating(tmp_path):
+    p = tmp_path / "liar.mat"
+    p.write_bytes(_mat5_ff())
+    np.testing.assert_array_equal(D.read_frey(p)[1], np.arange(560, 1120) % 256)  # the honest file reads
+    p.write_bytes(_mat5_ff(nbytes_lie=0xFFFFFF00))  # the data element claims 4 GiB
+    err, peak = _traced_peak(lambda: D.read_frey(p))
+    assert isinstance(err, D.DataFormatError) and str(p) in str(err) and "\n" not in str(err)
+    assert peak < 4 << 20, peak
