@@ -150,11 +150,14 @@ def rowwise(op: str, direction: str, *, dtype: torch.dtype, device: torch.device
     if direction == "fwd":
         args["out"] = _ptr(kernel, "out", out, dtype, device, rows)
         args["grad_out"] = 0
-        for letter in "abcd":
-            args["grad_" + letter] = 0
+        # NOTE: [ELBO in one pass] (csrc/cpu/kernels.cpp): the CPU forward of the fused ELBO can also write
+        # its unit-upstream gradients of logits, mu and logvar; no other forward writes gradients.
+        if any(g is not None for g in grads_) and not (elbo and device.type == "cpu" and grads_[1] is None):
+            raise RuntimeError(f"pyvae._gate.{kernel}: this forward writes no gradients")
     else:
         args["out"] = 0
         args["grad_out"] = _ptr(kernel, "grad_out", grad_out, dtype, device, rows)
+    if direction == "bwd" or any(g is not None for g in grads_):
         for i, (letter, g) in enumerate(zip("abcd", grads_)):
             if g is not None and ops_[i] is None:
                 _fail(kernel, "grad_" + letter, g, f"None (operand {letter} is absent)")
@@ -163,6 +166,9 @@ def rowwise(op: str, direction: str, *, dtype: torch.dtype, device: torch.device
             else:
                 n = rows * cols
             args["grad_" + letter] = _ptr(kernel, "grad_" + letter, g, dtype, device, n, optional=True)
+    else:
+        for letter in "abcd":
+            args["grad_" + letter] = 0
     getattr(_C, kernel)(device=dev, dtype=code, rows=rows, cols=cols, cols2=cols2, samples=samples,
                         stream=stream(device), **args)
 

@@ -8,6 +8,7 @@ import pyvae
 from pyvae import reference
 from conftest import (DEVICES, DEVICE_DTYPES, HALF_DTYPES, PATHS, assert_archs_agree, assert_close,
                       assert_double_backward_raises, check_op, grads, make, op_path, per_arch, ref)
+from conftest import TOL  # noqa: E402
 from test_bernoulli_log_prob import oracle as bernoulli_oracle
 from test_gaussian_kl import oracle as kl_oracle
 
@@ -194,3 +195,48 @@ def test_half_on_cpu_computes_in_float32(dtype):
     inputs = _inputs(((2, 4, 784), (4, 784), (4, 20)), dtype)
     out, *_ = check_op(pyvae.bernoulli_elbo, oracle, inputs, dtype)
     assert out.dtype == dtype
+
+
+# ------------------------------------------------------------------ NOTE: [ELBO in one pass]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("samples", [None, 3])
+@pytest.mark.parametrize("wants", [(True, True, True), (True, False, False), (False, True, True)])
+def test_one_pass_gradients_equal_the_two_pass_ones(dtype, samples, wants):
+    # The eager path computes the gradients in the forward and scales them in backward; the registered op
+    # (torch.ops.pyvae) reads logits and x again in its backward op. Both must give the reference's.
+    torch.manual_seed(3)
+    B, D, Z = 37, 101, 5
+    shape = (B, D) if samples is None else (samples, B, D)
+    base = [torch.randn(shape, dtype=dtype) * 3, (torch.rand(B, D) < 0.4).to(dtype),
+            torch.randn(B, Z, dtype=dtype), torch.randn(B, Z, dtype=dtype)]
+    g = torch.randn(B, dtype=dtype)
+    results = []
+    for fn in (pyvae.bernoulli_elbo, torch.ops.pyvae.bernoulli_elbo, reference.bernoulli_elbo):
+        t = [a.clone().requires_grad_(w) for a, w in zip(base[:1] + base[2:], wants)]
+        out = fn(t[0], base[1], t[1], t[2])
+        grads = torch.autograd.grad(out, [a for a in t if a.requires_grad], g)
+        results.append((out, grads))
+    (o1, g1), (o2, g2), (o3, g3) = results
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(o1, o3, rtol=rtol, atol=atol)
+    torch.testing.assert_close(o1, o2, rtol=0, atol=0)
+    for a, b, c in zip(g1, g2, g3):
+        torch.testing.assert_close(a, c, rtol=rtol, atol=atol)
+        torch.testing.assert_close(a, b, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
+
+
+def test_one_pass_survives_a_second_backward():
+    torch.manual_seed(4)
+    logits = (torch.randn(6, 30) * 2).requires_grad_()
+    x = (torch.rand(6, 30) < 0.5).float()
+    mu, logvar = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    out = pyvae.bernoulli_elbo(logits, x, mu, logvar)
+    g = torch.randn(6)
+    first = torch.autograd.grad(out, (logits, mu, logvar), g, retain_graph=True)
+    second = torch.autograd.grad(out, (logits, mu, logvar), 2 * g)  # recomputed, not the scaled buffers again
+    for a, b in zip(first, second):
+        torch.testing.assert_close(2 * a, b)
+    with pytest.raises(RuntimeError, match="double backward"):
+        out = pyvae.bernoulli_elbo(logits, x, mu, logvar)
+        (gl,) = torch.autograd.grad(out.sum(), logits, create_graph=True)
+        gl.sum().backward()

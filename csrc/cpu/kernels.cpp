@@ -36,8 +36,15 @@ const T* row_of(const Operand& o, int64_t r, int64_t cols) {
   return static_cast<const T*>(o.data) + (r % o.mod) * cols;
 }
 
+// Calls f(std::integral_constant<bool, A>{}) for a run-time flag (always, true or false).
+template <typename F>
+void bool_switch(bool a, const F& f) {
+  if (a) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 // Calls f(std::integral_constant<bool, A>{}, std::integral_constant<bool, B>{}) for run-time flags,
-// so inner loops carry no branch on which gradients are wanted.
+// so inner loops carry no branch on which gradients are wanted; not at all when neither is set.
 template <typename F>
 void bool_switch2(bool a, bool b, const F& f) {
   if (a && b) f(std::true_type{}, std::true_type{});
@@ -252,26 +259,48 @@ void gaussian_log_prob_bwd_t(const RowwiseParams& p) {
 }
 
 // --------------------------------------------------------------------------------- fused ELBO
+// NOTE: [ELBO in one pass]
+// With grad_a (and/or grad_c, grad_d) set, the forward also writes the gradients of the ELBO for an
+// upstream gradient of 1 (d/dlogits = (x - sigmoid(l)) / L, d/dmu = -mu, d/dlogvar = (1 - e^lv) / 2)
+// while it reads logits and x for the value: backward then only scales them by its upstream gradient
+// (pyvae/ops/bernoulli_elbo.py), instead of reading logits and x again and writing a fresh tensor.
 template <typename T>
 void bernoulli_elbo_fwd_t(const RowwiseParams& p) {
   const int64_t B = p.rows, D = p.cols, Z = p.cols2, S = p.samples;
   T* out = static_cast<T*>(p.out);
-  parallel_rows(B, S * D + Z, [&](int64_t b) {
-    const T* x = row_of<T>(p.b, b, D);
-    T recon = 0;
-    for (int64_t s = 0; s < S; ++s) {
-      const T* l = static_cast<const T*>(p.a.data) + (s * B + b) * D;
-      T acc = 0;
+  T* gmu = static_cast<T*>(p.grad_c);
+  T* glv = static_cast<T*>(p.grad_d);
+  const auto unit = ops::elbo_grad_scales(T(1), S);
+  bool_switch(p.grad_a != nullptr, [&](auto want_l) {
+    parallel_rows(B, S * D + Z, [&](int64_t b) {
+      const T* x = row_of<T>(p.b, b, D);
+      T recon = 0;
+      for (int64_t s = 0; s < S; ++s) {
+        const T* l = static_cast<const T*>(p.a.data) + (s * B + b) * D;
+        T* gl = want_l ? static_cast<T*>(p.grad_a) + (s * B + b) * D : nullptr;
+        T acc = 0;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t c = 0; c < D; ++c) acc += ops::bernoulli_log_prob(l[c], x[c]);
-      recon += acc;
-    }
-    const T* mu = row_of<T>(p.c, b, Z);
-    const T* lv = row_of<T>(p.d, b, Z);
-    T kl = 0;
+        for (int64_t c = 0; c < D; ++c) acc += ops::bernoulli_log_prob(l[c], x[c]);
+        recon += acc;
+        if (want_l) {  // a second loop over the row while it is in L1: the value's sum stays bit for bit
+#pragma omp simd
+          for (int64_t c = 0; c < D; ++c) gl[c] = ops::bernoulli_log_prob_grad(l[c], x[c], unit.recon).l;
+        }
+      }
+      const T* mu = row_of<T>(p.c, b, Z);
+      const T* lv = row_of<T>(p.d, b, Z);
+      T kl = 0;
 #pragma omp simd reduction(+ : kl)
-    for (int64_t c = 0; c < Z; ++c) kl += ops::kl_std_normal(mu[c], lv[c]);
-    out[b] = ops::elbo_combine(recon, S, kl);
+      for (int64_t c = 0; c < Z; ++c) kl += ops::kl_std_normal(mu[c], lv[c]);
+      if (gmu || glv) {
+        for (int64_t c = 0; c < Z; ++c) {
+          const auto d = ops::kl_std_normal_grad(mu[c], lv[c], unit.kl);
+          if (gmu) gmu[b * Z + c] = d.mu;
+          if (glv) glv[b * Z + c] = d.lv;
+        }
+      }
+      out[b] = ops::elbo_combine(recon, S, kl);
+    });
   });
 }
 

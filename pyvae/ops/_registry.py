@@ -7,7 +7,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-__all__ = ["LIB", "register", "call", "eager_ok", "first_order_only", "FirstOrderOnly", "placeholder"]
+__all__ = ["LIB", "register", "call", "eager_ok", "eager_function", "first_order_only", "FirstOrderOnly", "placeholder"]
 
 LIB = torch.library.Library("pyvae", "DEF")
 
@@ -90,7 +90,9 @@ def call(name: str, *args):
     return getattr(torch.ops.pyvae, name)(*args)
 
 
-def _eager_function(name: str, fwd, bwd, n_tensors: int):
+def eager_function(name: str, fwd, bwd, n_tensors: int):
+    """The direct function of NOTE: [Eager fast path]: an ``autograd.Function.apply`` running ``fwd`` and, in
+    backward, ``bwd(grad, *tensor inputs, *extras, mask)``."""
     class _Fn(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):
@@ -110,7 +112,7 @@ def _eager_function(name: str, fwd, bwd, n_tensors: int):
 
 # ---------------------------------------------------------------------------- registration
 def register(name: str, schema: str, bwd_schema: str, *, impl, bwd_impl, fake, bwd_fake, n_tensors: int,
-             n_optional: int = 0, fill: Optional[Callable] = None, eager: bool = True,
+             n_optional: int = 0, fill: Optional[Callable] = None, eager=True,
              autograd: Optional[tuple] = None) -> None:
     """Defines ``pyvae::<name>`` and ``pyvae::<name>_backward``: CPU/CUDA kernels, fake kernels, autograd,
     and (``eager``) the direct function ``call`` uses (NOTE: [Eager fast path]).
@@ -124,6 +126,8 @@ def register(name: str, schema: str, bwd_schema: str, *, impl, bwd_impl, fake, b
             calls ``pyvae::<name>_required_backward`` (NOTE: [No None in backward ops]), defined here
             from ``bwd_impl``; otherwise ``fill(*inputs)`` completes them for the backward op.
         autograd: ``(setup_context, backward)`` for an op whose backward op does not have the shape above.
+        eager: True (the direct function is made from ``impl`` and ``bwd_impl``), False (none), or the
+            direct function itself (an ``autograd.Function.apply`` taking the op's arguments).
     """
     LIB.define(schema)
     LIB.define(bwd_schema)
@@ -134,8 +138,10 @@ def register(name: str, schema: str, bwd_schema: str, *, impl, bwd_impl, fake, b
     torch.library.register_fake("pyvae::" + name + "_backward", bwd_fake, lib=LIB)
     if n_optional:
         _define_required_backward(name, bwd_schema, n_tensors, n_optional, bwd_impl, bwd_fake)
-    if eager:
-        _EAGER[name] = _eager_function(name, impl, bwd_impl, n_tensors)
+    if eager is True:
+        _EAGER[name] = eager_function(name, impl, bwd_impl, n_tensors)
+    elif eager:
+        _EAGER[name] = eager
     if autograd is None:
         autograd = _autograd(name, n_tensors, n_optional, fill)
     setup_context, backward = autograd

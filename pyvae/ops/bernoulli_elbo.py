@@ -10,7 +10,7 @@ import torch
 
 from .. import _gate
 from . import _checks as V
-from ._registry import call, register
+from ._registry import call, eager_function, first_order_only, register
 from ._rowwise import as_rows, reduce_grad
 
 __all__ = ["bernoulli_elbo"]
@@ -104,12 +104,68 @@ def _bwd_fake(grad, logits, x, mu, logvar, mask):
     return tuple(t.new_empty(t.shape) if m else t.new_zeros(1) for t, m in zip((logits, x, mu, logvar), mask))
 
 
+class _OnePass(torch.autograd.Function):
+    """The direct eager path (NOTE: [Eager fast path]) with the gradients written by the forward (NOTE:
+    [ELBO in one pass] in csrc/cpu/kernels.cpp): backward scales them in place by its upstream gradient.
+    A second backward of the same graph (retain_graph) or a differentiable one (create_graph) runs the
+    two-pass backward from the saved inputs instead."""
+
+    @staticmethod
+    def forward(ctx, logits, x, mu, logvar):
+        lead, samples, D, Z, dtype, device = _plan(logits, x, mu, logvar)
+        rows, S = V.numel(lead), max(samples, 1)
+        need = ctx.needs_input_grad
+        out = torch.empty(lead, dtype=dtype, device=device)
+        g_l = torch.empty(logits.shape, dtype=dtype, device=device) if need[0] else None
+        g_mu = torch.empty(mu.shape, dtype=dtype, device=device) if need[2] else None
+        g_lv = torch.empty(mu.shape, dtype=dtype, device=device) if need[3] else None
+        _gate.rowwise(_OP, "fwd", dtype=dtype, device=device, rows=rows, cols=D, cols2=Z, samples=S,
+                      operands=_operands(logits, x, mu, logvar, lead, S, rows, D, dtype), out=out,
+                      grads=(g_l, None, g_mu, g_lv))
+        ctx.save_for_backward(logits, x, mu, logvar)
+        ctx.unit_grads = (g_l, g_mu, g_lv)
+        ctx.shape = (S, rows, D)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = ctx.saved_tensors
+        mask = [bool(m) for m in ctx.needs_input_grad]
+        if ctx.unit_grads is None or torch.is_grad_enabled():
+            grads = first_order_only(_OP, _bwd_impl(grad, *inputs, mask), inputs)
+            return tuple(g if m else None for g, m in zip(grads, mask))
+        g_l, g_mu, g_lv = ctx.unit_grads
+        ctx.unit_grads = None  # scaled in place below: a second backward recomputes
+        S, rows, D = ctx.shape
+        g = grad.reshape(rows)
+        if g_l is not None:
+            g_l.view(S, rows, D).mul_(g.view(1, rows, 1))
+        for t in (g_mu, g_lv):
+            if t is not None:
+                t.view(rows, -1).mul_(g.view(rows, 1))
+        return g_l, None, g_mu, g_lv
+
+
+def _eager(logits, x, mu, logvar):
+    """The one-pass path where it applies (CPU float32/float64 inputs of one dtype, x not differentiated,
+    gradients wanted, a non-empty batch), else the plain direct path."""
+    if (torch.is_grad_enabled() and all(isinstance(t, torch.Tensor) for t in (logits, x, mu, logvar))
+            and logits.is_cpu and logits.dtype in _ONE_PASS_DTYPES and not x.requires_grad
+            and (logits.requires_grad or mu.requires_grad or logvar.requires_grad)
+            and x.dtype == logits.dtype == mu.dtype == logvar.dtype and mu.numel() > 0 and logits.numel() > 0):
+        return _OnePass.apply(logits, x, mu, logvar)
+    return _two_pass(logits, x, mu, logvar)
+
+
+_ONE_PASS_DTYPES = (torch.float32, torch.float64)
+_two_pass = eager_function(_OP, _impl, _bwd_impl, 4)
+
 register(
     _OP,
     "bernoulli_elbo(Tensor logits, Tensor x, Tensor mu, Tensor logvar) -> Tensor",
     "bernoulli_elbo_backward(Tensor grad, Tensor logits, Tensor x, Tensor mu, Tensor logvar, bool[] output_mask)"
     " -> (Tensor, Tensor, Tensor, Tensor)",
-    impl=_impl, bwd_impl=_bwd_impl, fake=_fake, bwd_fake=_bwd_fake, n_tensors=4,
+    impl=_impl, bwd_impl=_bwd_impl, fake=_fake, bwd_fake=_bwd_fake, n_tensors=4, eager=_eager,
 )
 
 
