@@ -29,11 +29,14 @@ __global__ void bias_act_kernel(LinearParams p) {
 }
 
 // Block (32 x 8 threads) per tile of 32 columns x kRowsPerBlock rows: threadIdx.x walks columns
-// (coalesced), threadIdx.y strides rows. Each block writes its column sums to partial[blockIdx.y];
-// colsum_kernel adds those in a fixed order, so the bias gradient is deterministic.
+// (coalesced), threadIdx.y strides rows. Row block rb's column sums go to partial[rb]; colsum_kernel
+// adds those in a fixed order, so the bias gradient is deterministic. gridDim.y is at most 65535
+// (kMaxGridY), so blocks stride over the row blocks: any row count runs, and partial[rb] holds the
+// same sum whatever the grid.
 constexpr int kColTile = 32;
 constexpr int kRowThreads = 8;
 constexpr int kRowsPerBlock = 256;
+constexpr int64_t kMaxGridY = 65535;
 
 template <ops::Act A, typename T>
 __global__ void act_bwd_kernel(LinearParams p, compute_t<T>* partial) {
@@ -42,26 +45,31 @@ __global__ void act_bwd_kernel(LinearParams p, compute_t<T>* partial) {
   const T* y = static_cast<const T*>(p.out);
   T* gp = static_cast<T*>(p.grad_pre);
   const int64_t c = blockIdx.x * static_cast<int64_t>(kColTile) + threadIdx.x;
-  const int64_t r0 = blockIdx.y * static_cast<int64_t>(kRowsPerBlock);
-  const int64_t r1 = r0 + kRowsPerBlock < p.rows ? r0 + kRowsPerBlock : p.rows;
-  C acc = 0;
-  if (c < p.cols) {
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowThreads) {
-      const int64_t i = r * p.cols + c;
-      const C g = A == ops::Act::kIdentity ? static_cast<C>(gy[i])
-                                            : ops::act_backward<A>(static_cast<C>(gy[i]), static_cast<C>(y[i]));
-      if (gp) gp[i] = static_cast<T>(g);
-      acc += g;
-    }
-  }
-  if (!partial) return;
+  const int64_t row_blocks = (p.rows + kRowsPerBlock - 1) / kRowsPerBlock;
   __shared__ C part[kRowThreads][kColTile];
-  part[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < p.cols) {
-    C s = 0;
-    for (int k = 0; k < kRowThreads; ++k) s += part[k][threadIdx.x];
-    partial[blockIdx.y * p.cols + c] = s;
+  // The bound is the same for every thread of the block: the __syncthreads() below are reached by all.
+  for (int64_t rb = blockIdx.y; rb < row_blocks; rb += gridDim.y) {
+    const int64_t r0 = rb * kRowsPerBlock;
+    const int64_t r1 = r0 + kRowsPerBlock < p.rows ? r0 + kRowsPerBlock : p.rows;
+    C acc = 0;
+    if (c < p.cols) {
+      for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowThreads) {
+        const int64_t i = r * p.cols + c;
+        const C g = A == ops::Act::kIdentity ? static_cast<C>(gy[i])
+                                              : ops::act_backward<A>(static_cast<C>(gy[i]), static_cast<C>(y[i]));
+        if (gp) gp[i] = static_cast<T>(g);
+        acc += g;
+      }
+    }
+    if (!partial) continue;
+    part[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < p.cols) {
+      C s = 0;
+      for (int k = 0; k < kRowThreads; ++k) s += part[k][threadIdx.x];
+      partial[rb * p.cols + c] = s;
+    }
+    __syncthreads();  // part is rewritten by the next row block
   }
 }
 
@@ -100,7 +108,8 @@ void act_bwd(const LinearParams& p) {
     return;
   }
   const int64_t row_blocks = (p.rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  const dim3 grid(static_cast<unsigned>((p.cols + kColTile - 1) / kColTile), static_cast<unsigned>(row_blocks));
+  const dim3 grid(static_cast<unsigned>((p.cols + kColTile - 1) / kColTile),
+                  static_cast<unsigned>(row_blocks < kMaxGridY ? row_blocks : kMaxGridY));
   const cudaStream_t stream = stream_of(p.stream);
   ops::act_switch(p.act, [&](auto a) {
     by_dtype(p.dtype, [&](auto t) {
