@@ -105,7 +105,8 @@ def backend(t: torch.Tensor, flops: float = float("inf"), onednn: Optional[bool]
     return "onednn" if t.is_cpu and uses_onednn(t.dtype, flops) else "torch"
 
 
-def _lin(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def onednn_linear(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``a @ b.T (+ bias)`` on oneDNN's linear (strided views allowed)."""
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
 
 
@@ -113,7 +114,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
            onednn: Optional[bool] = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for 2-D x [rows, in] and weight [out, in]; a new contiguous tensor."""
     if backend(x, 2.0 * x.shape[0] * x.shape[1] * weight.shape[0], onednn) == "onednn":
-        return _lin(x, weight, None if bias is None else bias.contiguous())
+        return onednn_linear(x, weight, None if bias is None else bias.contiguous())
     if bias is None:
         return torch.mm(x, weight.t())
     return torch.addmm(bias, x, weight.t())
@@ -141,7 +142,7 @@ def linear_post_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 def grad_input(g: torch.Tensor, weight: torch.Tensor, onednn: Optional[bool] = None) -> torch.Tensor:
     """``g @ weight`` for g [rows, out]: the input gradient of a linear layer."""
     if backend(g, 2.0 * g.shape[0] * g.shape[1] * weight.shape[1], onednn) == "onednn":
-        return _lin(g, weight.t())
+        return onednn_linear(g, weight.t())
     return torch.mm(g, weight)
 
 
@@ -158,8 +159,8 @@ def grad_weight(g: torch.Tensor, x: torch.Tensor, g_t: Optional[torch.Tensor] = 
     ``g_t``: g.T as a contiguous [out, rows] tensor, where ``wants_transposed_grad`` said so."""
     if backend(g, 2.0 * g.shape[0] * g.shape[1] * x.shape[1], onednn) == "onednn":
         if x.shape[1] >= _NARROW_IN:
-            return _lin(g.t() if g_t is None else g_t, x.t())
-        return _lin(x.t(), g.t()).t().contiguous()
+            return onednn_linear(g.t() if g_t is None else g_t, x.t())
+        return onednn_linear(x.t(), g.t()).t().contiguous()
     return torch.mm(g.t(), x)
 
 

@@ -1,0 +1,197 @@
+"""``pyvae bench train``: the whole AEVB training step against the machine's limits.
+
+One step of the paper's MNIST model (784-500-20 tanh, Bernoulli decoder, SGVB B with L = 1): forward,
+backward and a fused Adam update, for three providers trained side by side on the same batch:
+
+    torch-eager     a plain PyTorch VAE (nn.Linear + tanh, randn eps, BCE-with-logits + the KL formula)
+    torch-compile   the same step's loss under torch.compile
+    pyvae           pyvae.VAE (fused layers with measured routes, in-kernel eps, the fused ELBO)
+
+fp32 and bf16-mixed (torch.autocast on CPU), at each batch size. Beside the step times, two limits are
+measured in the same process:
+
+    GEMM-only       the 11 matrix products of a step (forward, input and weight gradients of every layer; the
+                    first layer needs no input gradient), each with the faster of torch's mm and oneDNN's
+                    linear in its best layout, in the step's precision: no step can be faster
+    memory floor    one read of the logits and x and one write of a fresh [B, 784] gradient (torch.add into
+                    a new tensor): what the ELBO's non-GEMM work must move at least
+
+and the report gives each step's efficiency against GEMM-only, and against GEMM-only + floor.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import common as C
+
+PROVIDERS = ("torch-eager", "torch-compile", "pyvae")
+LAYERS = ((784, 500), (500, 40), (20, 500), (500, 784))  # enc1, enc head (mu, logvar), dec1, dec logits
+
+
+def _plain_model():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(784, 500)
+            self.head = nn.Linear(500, 40)
+            self.dec = nn.Linear(20, 500)
+            self.out = nn.Linear(500, 784)
+
+        def forward(self, x):
+            mu, logvar = self.head(torch.tanh(self.enc(x))).float().chunk(2, -1)
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            logits = self.out(torch.tanh(self.dec(z))).float()
+            rec = -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+            kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+            return -(rec - kl).mean()
+
+    return Plain()
+
+
+def _step(model, loss_fn, opt, x, precision):
+    import torch
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_fn(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def _providers(B, precision, providers):
+    import torch
+
+    import pyvae
+
+    torch.manual_seed(0)
+    plain = _plain_model()
+    vae = pyvae.VAE(784)
+    sd = plain.state_dict()
+    vae.load_state_dict({"encoder.0.weight": sd["enc.weight"], "encoder.0.bias": sd["enc.bias"],
+                         "enc_head.weight": sd["head.weight"], "enc_head.bias": sd["head.bias"],
+                         "decoder.0.weight": sd["dec.weight"], "decoder.0.bias": sd["dec.bias"],
+                         "dec_logits.weight": sd["out.weight"], "dec_logits.bias": sd["out.bias"]})
+    x = (torch.rand(B, 784, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    out = {}
+    for p in providers:
+        if p == "pyvae":
+            model, fn = vae, (lambda xb, m=vae: -m(xb)[0].mean())
+        else:
+            model = _plain_model()
+            model.load_state_dict(sd)
+            fn = torch.compile(model) if p == "torch-compile" else model
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+        out[p] = _step(model, fn, opt, x, precision)
+    return out
+
+
+def _gemm_only(B, precision, reps, target_s):
+    """Seconds of the step's GEMMs alone (each product on its faster library), and their FLOPs."""
+    import torch
+
+    import pyvae._gemm as G
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    total_s, flops = 0.0, 0.0
+    for i, (fin, fout) in enumerate(LAYERS):
+        x = torch.randn(B, fin, generator=gen).to(dtype)
+        w = torch.randn(fout, fin, generator=gen).to(dtype)
+        b = torch.randn(fout, generator=gen).to(dtype)
+        g = torch.randn(B, fout, generator=gen).to(dtype)
+        g_t = g.t().contiguous()
+        products = {"forward": ([lambda: torch.addmm(b, x, w.t())],
+                                [lambda: G.onednn_linear(x, w, b)] if G.onednn_enabled() else []),
+                    "grad_weight": ([lambda: torch.mm(g.t(), x)],
+                                    [lambda: G.onednn_linear(g_t, x.t()), lambda: G.onednn_linear(x.t(), g.t()).t().contiguous()]
+                                    if G.onednn_enabled() else [])}
+        if i > 0:
+            products["grad_input"] = ([lambda: torch.mm(g, w)], [lambda: G.onednn_linear(g, w.t())] if G.onednn_enabled() else [])
+        for name, (mm, dnn) in products.items():
+            cands = {f"c{k}": C.Step(f, [], None, "forward") for k, f in enumerate(mm + dnn)}
+            res = C.measure_case(cands, device="cpu", reps=reps, target_s=target_s, memory=False)
+            total_s += min(r["median_ms"] for r in res.values()) * 1e-3
+            flops += 2.0 * B * fin * fout
+    return total_s, flops
+
+
+def _memory_floor(B, reps, target_s):
+    import torch
+
+    a = torch.rand(B, 784)
+    b = torch.rand(B, 784)
+    res = C.measure_case({"add": C.Step(lambda: torch.add(a, b), [], None, "forward")}, device="cpu", reps=reps,
+                         target_s=target_s, memory=False)
+    return res["add"]["median_ms"] * 1e-3
+
+
+def run(args) -> list:
+    machine = C.machine_info(args)
+    rows = []
+    for precision in args.precision:
+        for B in args.batch:
+            steps = _providers(B, precision, args.providers)
+            first = {}
+            for p, fn in steps.items():  # compilation, route measurements, allocator warm-up
+                import time
+
+                t = time.perf_counter()
+                fn()
+                first[p] = time.perf_counter() - t
+                fn()
+            res = C.measure_case({p: C.Step(fn, [], None, "forward") for p, fn in steps.items()}, device="cpu",
+                                 reps=args.reps, target_s=args.target_s, memory=not args.no_memory)
+            gemm_s, flops = _gemm_only(B, precision, args.reps, args.target_s / 4)
+            floor_s = _memory_floor(B, args.reps, args.target_s / 4)
+            row = {"bench": "train", "precision": precision, "B": B, "results": res, "first_call_s": first,
+                   "gemm_only_ms": gemm_s * 1e3, "gemm_flops": flops, "memory_floor_ms": floor_s * 1e3,
+                   "samples_per_s": {p: B / (r["median_ms"] * 1e-3) for p, r in res.items()},
+                   "gemm_efficiency": {p: gemm_s * 1e3 / r["median_ms"] for p, r in res.items()},
+                   "limit_efficiency": {p: (gemm_s + floor_s) * 1e3 / r["median_ms"] for p, r in res.items()},
+                   "ratios": C.ratios(res),
+                   "loadavg": os.getloadavg(), "machine": machine}
+            rows.append(row)
+            print(f"[train {precision} B={B}] " + "  ".join(f"{p}={r['median_ms']:.3g}ms" for p, r in res.items())
+                  + f"  gemm-only={gemm_s * 1e3:.3g}ms floor={floor_s * 1e3:.3g}ms", file=sys.stderr, flush=True)
+    return rows
+
+
+def markdown(rows) -> str:
+    lines = ["| precision | B | provider | step ms | samples/s | GEMM-only ms | GEMM / step | (GEMM + floor) / step "
+             "| vs eager | vs compile |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        eager = r["results"].get("torch-eager", {}).get("median_ms")
+        comp = r["results"].get("torch-compile", {}).get("median_ms")
+        for p, v in r["results"].items():
+            ms = v["median_ms"]
+            lines.append(f"| {r['precision']} | {r['B']} | {p} | {ms:.3g} | {r['samples_per_s'][p]:,.0f} | "
+                         f"{r['gemm_only_ms']:.3g} | {r['gemm_efficiency'][p]:.0%} | {r['limit_efficiency'][p]:.0%} | "
+                         f"{(eager / ms) if eager else float('nan'):.2f}x | {(comp / ms) if comp else float('nan'):.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="pyvae bench train", description=__doc__.split("\n")[0])
+    p.add_argument("--batch", nargs="+", type=int, default=[100, 1024, 8192])
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    C.add_common_args(p)
+    args = p.parse_args(argv)
+    rows, m, out = C.run_family(args, "train", run)
+    print(f"\n{m['cpu_model']}, {m['threads']} threads, torch {m['torch']}, pyvae {m['pyvae']} ({m['pyvae_cpu_arch']}), "
+          f"malloc={args.malloc}, omp-wait={args.omp_wait}; one training step (forward, backward, fused Adam), "
+          "median ms\n")
+    print(markdown(rows))
+    print(f"\n{len(rows)} rows appended to {os.path.relpath(out)}")
+
+
+if __name__ == "__main__":
+    main()
