@@ -2,8 +2,9 @@
 
 For each kernel (one line per template instance) of the chosen architecture: registers, stack, local
 memory (spills), shared memory, the 128-bit global loads and stores (LDG.E.128*, STG.E.128), the other
-global loads, the local-memory traffic (LDL/STL: spills and arrays that did not fit registers) and the
-instruction count. Then the checks the CUDA work relies on: the float32 row kernels' vector variants
+global loads, the local-memory traffic (LDL/STL: spills and arrays that did not fit registers), block
+barriers (BAR), warp shuffles (SHFL), special-function instructions (MUFU) and the instruction count
+(static counts in the code, not executed ones). Then the checks the CUDA work relies on: the float32 row kernels' vector variants
 load with LDG.E.128, and every (family, dtype) the binding accepts on CUDA has kernels in the binary.
 
     python bench/cuda_sass.py                      # build/cuda-check's module, sm_90
@@ -117,6 +118,10 @@ def parse_sass(text: str):
             c["local"] += 1
         elif op.startswith("MUFU"):
             c["mufu"] += 1
+        elif op.startswith("BAR"):
+            c["bar"] += 1
+        elif op.startswith("SHFL"):
+            c["shfl"] += 1
     return counts
 
 
@@ -138,7 +143,7 @@ def main(argv=None) -> int:
     print(f"binary: {os.path.relpath(binary, ROOT)}  arch: {args.arch}  kernels: {len(names)}  "
           f"cuobjdump: {run(cuobjdump, ['--version'], env).strip().splitlines()[-1]}")
     hdr = f"{'kernel':<58} {'reg':>4} {'stack':>5} {'local':>5} {'shmem':>5} {'LDG128':>6} {'LDG':>4} " \
-          f"{'STG128':>6} {'LDL/STL':>7} {'MUFU':>4} {'instr':>5}"
+          f"{'STG128':>6} {'LDL/STL':>7} {'BAR':>3} {'SHFL':>4} {'MUFU':>4} {'instr':>5}"
     print(hdr)
     print("-" * len(hdr))
     rows = []
@@ -152,7 +157,7 @@ def main(argv=None) -> int:
             continue
         print(f"{s[:58]:<58} {r.get('REG', 0):>4} {r.get('STACK', 0):>5} {r.get('LOCAL', 0):>5} "
               f"{r.get('SHARED', 0):>5} {c['ldg128']:>6} {c['ldg_other']:>4} {c['stg128']:>6} {c['local']:>7} "
-              f"{c['mufu']:>4} {c['instructions']:>5}")
+              f"{c['bar']:>3} {c['shfl']:>4} {c['mufu']:>4} {c['instructions']:>5}")
 
     failures = []
     # 1. float32 vector row kernels load 16 bytes at a time.
