@@ -258,3 +258,34 @@ def test_act_bwd_bias_gradient_with_torch_workspace(rows):
     torch.testing.assert_close(gb, g.sum(0))
     with pytest.raises(RuntimeError, match="workspace must be"):
         _gate.act_bwd(act=0, grad_y=g, grad_bias=gb, workspace=ws[:-1])
+
+
+# ------------------------------------------------------------------------------ cuBLASLt plan cache
+@pytest.mark.skipif(not (GPU and pyvae._cublaslt.available()), reason="needs the cuBLASLt path")
+def test_cublaslt_cached_plan_takes_each_calls_pointers():
+    """Plans are cached per problem (NOTE: [cuBLASLt plan cache]); the bias pointer is per call: the same
+    shape with another bias, from several threads at once, gives each call its own result."""
+    import threading
+
+    from pyvae import _cublaslt
+
+    x = torch.randn(64, 96, device="cuda")
+    w = torch.randn(40, 96, device="cuda") / 10
+    biases = [torch.randn(40, device="cuda") for _ in range(8)]
+    want = [torch.relu(x @ w.t() + b) for b in biases]
+    results = [None] * len(biases)
+    torch.cuda.synchronize()  # the inputs are ready before other streams read them
+
+    def work(i):
+        with torch.cuda.stream(torch.cuda.Stream()):
+            y, _ = _cublaslt.linear_fwd(x, w, biases[i], _gate.ACTIVATIONS["relu"])
+            torch.cuda.current_stream().synchronize()
+            results[i] = y
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(biases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, exp in zip(results, want):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4)
