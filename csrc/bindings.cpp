@@ -87,7 +87,7 @@ void def_rowwise(py::module_& m, const char* name, RowwiseFn cpu::KernelTable::*
       [cpu_fn, cuda_fn](int device, int dtype, int64_t rows, int64_t cols, int64_t cols2, int64_t samples,
                         uintptr_t a, int64_t a_mod, uintptr_t b, int64_t b_mod, uintptr_t c, int64_t c_mod,
                         uintptr_t d, int64_t d_mod, uintptr_t grad_out, uintptr_t out, uintptr_t grad_a,
-                        uintptr_t grad_b, uintptr_t grad_c, uintptr_t grad_d, uintptr_t stream) {
+                        uintptr_t grad_b, uintptr_t grad_c, uintptr_t grad_d, uintptr_t stream, int device_index) {
         RowwiseParams p;
         p.dtype = checked_dtype(device, dtype, rowwise_supports);
         p.rows = rows;
@@ -105,13 +105,14 @@ void def_rowwise(py::module_& m, const char* name, RowwiseFn cpu::KernelTable::*
         p.grad_c = ptr<void>(grad_c);
         p.grad_d = ptr<void>(grad_d);
         p.stream = ptr<void>(stream);
+        p.device = device_index;
         if (rows == 0) return;
         launch(device, cpu_fn, cuda_fn, p);
       },
       py::kw_only(), py::arg("device"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("cols2"),
       py::arg("samples"), py::arg("a"), py::arg("a_mod"), py::arg("b"), py::arg("b_mod"), py::arg("c"),
       py::arg("c_mod"), py::arg("d"), py::arg("d_mod"), py::arg("grad_out"), py::arg("out"), py::arg("grad_a"),
-      py::arg("grad_b"), py::arg("grad_c"), py::arg("grad_d"), py::arg("stream"),
+      py::arg("grad_b"), py::arg("grad_c"), py::arg("grad_d"), py::arg("stream"), py::arg("device_index"),
       py::call_guard<py::gil_scoped_release>());
 }
 
@@ -122,7 +123,10 @@ void def_reparam(py::module_& m, const char* name, ReparamFn cpu::KernelTable::*
       name,
       [cpu_fn, cuda_fn](int device, int dtype, int64_t numel, int64_t samples, uintptr_t mu, uintptr_t logvar,
                         uintptr_t grad_out, uintptr_t z, uintptr_t grad_mu, uintptr_t grad_logvar, uint64_t seed,
-                        uint64_t offset, uintptr_t stream) {
+                        uint64_t offset, uintptr_t seed_ptr, uintptr_t stream, int device_index) {
+        // A seed in device memory is read by the CUDA kernels only (NOTE: [Graph-safe seed]).
+        if (seed_ptr && device != kCUDA)
+          throw std::invalid_argument("pyvae._C: seed_ptr (a seed in device memory) is CUDA-only");
         ReparamParams p;
         p.dtype = checked_dtype(device, dtype, rowwise_supports);
         p.numel = numel;
@@ -135,13 +139,16 @@ void def_reparam(py::module_& m, const char* name, ReparamFn cpu::KernelTable::*
         p.grad_logvar = ptr<void>(grad_logvar);
         p.seed = seed;
         p.offset = offset;
+        p.seed_ptr = ptr<const int64_t>(seed_ptr);
         p.stream = ptr<void>(stream);
+        p.device = device_index;
         if (numel == 0 || samples == 0) return;
         launch(device, cpu_fn, cuda_fn, p);
       },
       py::kw_only(), py::arg("device"), py::arg("dtype"), py::arg("numel"), py::arg("samples"), py::arg("mu"),
       py::arg("logvar"), py::arg("grad_out"), py::arg("z"), py::arg("grad_mu"), py::arg("grad_logvar"),
-      py::arg("seed"), py::arg("offset"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      py::arg("seed"), py::arg("offset"), py::arg("seed_ptr"), py::arg("stream"), py::arg("device_index"),
+      py::call_guard<py::gil_scoped_release>());
 }
 
 using LinearFn = void (*)(const LinearParams&);
@@ -151,7 +158,7 @@ void def_linear(py::module_& m, const char* name, LinearFn cpu::KernelTable::*cp
       name,
       [cpu_fn, cuda_fn](int device, int dtype, int act, int64_t rows, int64_t cols, uintptr_t y, uintptr_t bias,
                         uintptr_t grad_y, uintptr_t out, uintptr_t grad_pre, uintptr_t grad_bias, uintptr_t grad_pre_t,
-                        uintptr_t stream) {
+                        uintptr_t workspace, uint64_t workspace_bytes, uintptr_t stream, int device_index) {
         if (grad_pre_t && device != kCPU)
           throw std::invalid_argument("pyvae._C: grad_pre_t (the transposed gradient) is CPU-only");
         LinearParams p;
@@ -168,13 +175,17 @@ void def_linear(py::module_& m, const char* name, LinearFn cpu::KernelTable::*cp
         p.grad_pre = ptr<void>(grad_pre);
         p.grad_bias = ptr<void>(grad_bias);
         p.grad_pre_t = ptr<void>(grad_pre_t);
+        p.workspace = ptr<void>(workspace);
+        p.workspace_bytes = workspace_bytes;
         p.stream = ptr<void>(stream);
+        p.device = device_index;
         if (cols == 0) return;
         launch(device, cpu_fn, cuda_fn, p);
       },
       py::kw_only(), py::arg("device"), py::arg("dtype"), py::arg("act"), py::arg("rows"), py::arg("cols"),
       py::arg("y"), py::arg("bias"), py::arg("grad_y"), py::arg("out"), py::arg("grad_pre"), py::arg("grad_bias"),
-      py::arg("grad_pre_t"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      py::arg("grad_pre_t"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+      py::arg("device_index"), py::call_guard<py::gil_scoped_release>());
 }
 
 using LinearLtFn = int (*)(const LinearLtParams&);
@@ -273,9 +284,41 @@ PYBIND11_MODULE(_C, m) {
 
 #if defined(PYVAE_WITH_CUDA)
   m.attr("cuda_built") = true;
+  {
+    // Which dtypes the CUDA launchers instantiate kernels for, reported by the launchers' own
+    // dispatch lists (NOTE: [CUDA kernel dtypes] in csrc/cuda/common.cuh); tests/test_cuda_code.py
+    // checks that every dtype rowwise_dtypes / linear_dtypes accept on CUDA is among them.
+    py::dict k;
+    const auto names = [](const std::vector<DType>& ds) {
+      py::list l;
+      for (DType d : ds) l.append(dtype_name(d));
+      return l;
+    };
+    k["rowwise"] = names(cuda::rowwise_kernel_dtypes());
+    k["reparameterize"] = names(cuda::reparam_kernel_dtypes());
+    k["linear"] = names(cuda::linear_kernel_dtypes());
+    m.attr("cuda_kernel_dtypes") = k;
+  }
 #else
   m.attr("cuda_built") = false;
+  m.attr("cuda_kernel_dtypes") = py::none();
 #endif
+  m.def(
+      "act_bwd_workspace_bytes",
+      [](int device, int dtype, int64_t rows, int64_t cols) -> uint64_t {
+        const DType d = checked_dtype(device, dtype, linear_supports);
+        if (device != kCUDA) return 0;  // the CPU launcher allocates its own host scratch
+#if defined(PYVAE_WITH_CUDA)
+        return cuda::act_bwd_workspace_bytes(d, rows, cols);
+#else
+        (void)d;
+        (void)rows;
+        (void)cols;
+        no_cuda();
+#endif
+      },
+      py::kw_only(), py::arg("device"), py::arg("dtype"), py::arg("rows"), py::arg("cols"),
+      "Bytes of device workspace act_bwd needs for a bias gradient of a [rows, cols] problem (0 on CPU).");
 
 #define PYVAE_ROWWISE(NAME) def_rowwise(m, #NAME, &cpu::KernelTable::NAME, PYVAE_CUDA_FN(NAME))
   PYVAE_ROWWISE(bernoulli_log_prob_fwd);

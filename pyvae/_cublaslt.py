@@ -12,8 +12,8 @@ Contract shared by the functions below:
   build/machine without the path (``available()`` False) give ``None``: the caller then runs its own
   path (torch's GEMM + pyvae's epilogue kernels). Shapes that do not fit together raise ``ValueError``.
 - Outputs are new tensors made with ``torch.empty`` on the inputs' device and dtype; the work is
-  queued on ``torch.cuda.current_stream(device)``. The cuBLASLt workspace is a per-call torch
-  allocation on that stream (torch's caching allocator makes it cheap and stream-safe); its size is
+  queued on ``torch.cuda.current_stream(device)``. The cuBLASLt workspace comes from torch's allocator
+  and is kept per (device, stream) (NOTE: [cuBLASLt workspace]); its size is
   ``$CUBLASLT_WORKSPACE_SIZE`` KiB when set (the variable torch reads), else 32 MiB on sm_90 and newer
   and 4 MiB before, as NVIDIA recommends.
 - float32 GEMMs use TF32 exactly when ``torch.backends.cuda.matmul.allow_tf32`` is True; float16 /
@@ -41,6 +41,7 @@ _IDENTITY = _gate.ACTIVATIONS["identity"]
 _MASK_BITS = 128  # cuBLASLt: the ReLU mask's leading dimension is a multiple of 128 bits
 _state = {"checked": False, "reason": "not checked"}
 _workspace_bytes_by_device = {}
+_workspaces = {}  # (device index, stream handle) -> uint8 tensor; NOTE: [cuBLASLt workspace]
 
 
 def _find_library() -> str:
@@ -94,7 +95,9 @@ def aux_shape(rows: int, features: int) -> Tuple[int, int]:
     return rows, ld_bits // 8
 
 
-def _workspace(device: torch.device) -> torch.Tensor:
+def workspace_bytes(device: torch.device) -> int:
+    """The cuBLASLt workspace size for ``device``: ``$CUBLASLT_WORKSPACE_SIZE`` KiB, else 32 MiB on sm_90
+    and newer, 4 MiB before (read once per device)."""
     size = _workspace_bytes_by_device.get(device.index)
     if size is None:
         env = os.environ.get("CUBLASLT_WORKSPACE_SIZE", "").strip()
@@ -102,8 +105,37 @@ def _workspace(device: torch.device) -> torch.Tensor:
             size = int(env) * 1024
         else:
             size = (32 if torch.cuda.get_device_capability(device)[0] >= 9 else 4) * 1024 * 1024
-        _workspace_bytes_by_device[device.index] = size
-    return torch.empty(max(size, 1), dtype=torch.uint8, device=device)
+        _workspace_bytes_by_device[device.index] = max(size, 1)
+    return _workspace_bytes_by_device[device.index]
+
+
+# NOTE: [cuBLASLt workspace]
+# Each GEMM needs scratch (workspace_bytes(): up to 32 MiB). Allocating it per call cost an allocator
+# round trip per GEMM, three per layer per step; so one workspace is kept per (device, stream), the
+# scheme torch uses for its own cuBLAS workspaces: work on one stream runs in order, so every GEMM
+# queued there can reuse it, and no other stream ever touches it. It also serves as act_bwd's scratch
+# for the bias gradient that csrc/cuda/linear_lt.cu computes when cuBLASLt has no bias-gradient
+# epilogue (NOTE: [act_bwd workspace] in csrc/cuda/linear.cu): a call that may need more than the
+# cached size gets a one-off allocation of its own instead (the cached one is never replaced, so a
+# captured CUDA graph that recorded its address keeps valid memory). Under CUDA graph capture nothing
+# new is cached: a workspace allocated during capture comes from the graph's private pool and belongs
+# to that graph.
+def _workspace(device: torch.device, min_bytes: int = 0) -> torch.Tensor:
+    size = workspace_bytes(device)
+    stream_handle = torch.cuda.current_stream(device).cuda_stream
+    key = (device.index, stream_handle)
+    ws = _workspaces.get(key)
+    if ws is not None and ws.numel() >= min_bytes:
+        return ws
+    fresh = torch.empty(max(size, min_bytes), dtype=torch.uint8, device=device)
+    if ws is None and not torch.cuda.is_current_stream_capturing():
+        _workspaces[key] = fresh
+    return fresh
+
+
+def _bias_scratch(rows: int, features: int, dtype: torch.dtype, device: torch.device, needed: bool) -> int:
+    """Bytes act_bwd needs inside a cuBLASLt call whose bias gradient may fall back to pyvae's kernel."""
+    return _gate.act_bwd_workspace_bytes(dtype, device, rows, features) if needed else 0
 
 
 def _flags(dtype: torch.dtype) -> Tuple[bool, bool]:
@@ -236,14 +268,15 @@ def linear_bwd(grad: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, out: 
     grad_bias = torch.empty(out_f, dtype=dt, device=dev) if need_b else None
     bias_by_gemm = need_b and need_w  # BGRADB in the weight-gradient GEMM
     sum_bias = grad_bias if (need_b and not need_w) else None
+    sum_ws = _gate.act_bwd_workspace(grad) if sum_bias is not None else None
     if act == _IDENTITY:
         grad_pre = grad
         if sum_bias is not None:
-            _gate.act_bwd(act=act, grad_y=grad, grad_bias=sum_bias)
+            _gate.act_bwd(act=act, grad_y=grad, grad_bias=sum_bias, workspace=sum_ws)
     else:
         grad_pre = torch.empty_like(grad) if (need_x or need_w) else None
-        _gate.act_bwd(act=act, grad_y=grad, out=out, grad_pre=grad_pre, grad_bias=sum_bias)
-    ws = _workspace(dev) if (need_x or need_w) else None
+        _gate.act_bwd(act=act, grad_y=grad, out=out, grad_pre=grad_pre, grad_bias=sum_bias, workspace=sum_ws)
+    ws = _workspace(dev, _bias_scratch(rows, out_f, dt, dev, bias_by_gemm)) if (need_x or need_w) else None
     grad_w = None
     if need_w:
         grad_w = torch.empty_like(weight)
@@ -252,7 +285,7 @@ def linear_bwd(grad: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, out: 
         if st != 0:
             torch.mm(grad_pre.t(), x2, out=grad_w)
             if bias_by_gemm:
-                _gate.act_bwd(act=_IDENTITY, grad_y=grad_pre, grad_bias=grad_bias)
+                _gate.act_bwd(act=_IDENTITY, grad_y=grad_pre, grad_bias=grad_bias, workspace=ws)
     grad_x = None
     if need_x:
         grad_x = torch.empty_like(x2)
@@ -298,7 +331,8 @@ def linear_dgrad_relu(grad_pre: torch.Tensor, weight: torch.Tensor, x2: torch.Te
     grad_h = torch.empty_like(x2)
     grad_hb = torch.empty(in_f, dtype=dt, device=dev) if need_bias else None
     st = _call("dgrad", dt, _RELU, rows, in_f, out_f, dev, x=x2, weight=weight, grad_pre=grad_pre,
-               grad_x=grad_h, grad_bias=grad_hb, aux=aux, aux_ld=aux.shape[1] * 8, workspace=_workspace(dev))
+               grad_x=grad_h, grad_bias=grad_hb, aux=aux, aux_ld=aux.shape[1] * 8,
+               workspace=_workspace(dev, _bias_scratch(rows, in_f, dt, dev, need_bias)))
     if st != 0:
         return None
     return grad_h, grad_hb

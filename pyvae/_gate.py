@@ -23,7 +23,8 @@ from . import _C
 
 __all__ = [
     "ACTIVATIONS", "DTYPE_CODES", "NORMALS_PER_COUNTER", "cuda_built", "cublaslt_built", "kernel_dtype", "check_device",
-    "stream", "rowwise", "reparameterize_fwd", "reparameterize_bwd", "bias_act_fwd", "act_bwd", "cublaslt_linear",
+    "stream", "rowwise", "reparameterize_fwd", "reparameterize_bwd", "bias_act_fwd", "act_bwd", "act_bwd_workspace",
+    "act_bwd_workspace_bytes", "device_index", "cublaslt_linear", "CUDA_KERNEL_DTYPES",
 ]
 
 _BY_NAME = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -36,6 +37,12 @@ LINEAR_DTYPES = {dev: tuple(_BY_NAME[n] for n in names) for dev, names in _C.lin
 # Standard normals per Philox counter: element i of a draw uses counter offset + i // this
 # (csrc/ops/philox.h, NOTE: [Counter-based eps]).
 NORMALS_PER_COUNTER = int(_C.normals_per_counter)
+
+# The dtypes the CUDA launchers instantiate kernels for, per family ("rowwise", "reparameterize",
+# "linear"), read from the launchers' own dispatch lists (NOTE: [CUDA kernel dtypes] in
+# csrc/cuda/common.cuh); None in a build without CUDA.
+CUDA_KERNEL_DTYPES = (None if _C.cuda_kernel_dtypes is None else
+                      {fam: tuple(_BY_NAME[n] for n in names) for fam, names in _C.cuda_kernel_dtypes.items()})
 
 cuda_built = bool(_C.cuda_built)
 cublaslt_built = bool(_C.cublaslt_built)
@@ -56,6 +63,14 @@ def kernel_dtype(dtype: torch.dtype, device: torch.device, family: str = "rowwis
 def stream(device: torch.device) -> int:
     """The current CUDA stream of ``device`` as an integer handle (0 on CPU)."""
     return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def device_index(device: torch.device) -> int:
+    """The CUDA ordinal of ``device``, which the launchers make current (0 on CPU). A tensor's device
+    always has its index; a bare ``cuda`` means the current device, as in torch."""
+    if device.type != "cuda":
+        return 0
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _fail(kernel: str, name: str, t, want: str) -> None:
@@ -170,13 +185,24 @@ def rowwise(op: str, direction: str, *, dtype: torch.dtype, device: torch.device
         for letter in "abcd":
             args["grad_" + letter] = 0
     getattr(_C, kernel)(device=dev, dtype=code, rows=rows, cols=cols, cols2=cols2, samples=samples,
-                        stream=stream(device), **args)
+                        stream=stream(device), device_index=device_index(device), **args)
 
 
 # ------------------------------------------------------------------------------ reparameterize
+def _seed_ptr(kernel: str, seed_tensor: Optional[torch.Tensor], device: torch.device) -> int:
+    """The address of a ``(seed, offset)`` int64 pair in device memory (NOTE: [Graph-safe seed] in
+    pyvae/ops/reparameterize.py), 0 for none. CUDA only: the CPU kernels take the words by value."""
+    if seed_tensor is None:
+        return 0
+    if device.type != "cuda":
+        _fail(kernel, "seed_tensor", seed_tensor, f"None on {device.type} (the seed is passed by value there)")
+    return _ptr(kernel, "seed_tensor", seed_tensor, torch.int64, device, 2)
+
+
 def reparameterize_fwd(*, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor, samples: int, seed: int,
-                       offset: int) -> None:
-    """``z [samples, n] = mu [n] + exp(logvar [n] / 2) * eps``, eps from Philox (seed, offset)."""
+                       offset: int, seed_tensor: Optional[torch.Tensor] = None) -> None:
+    """``z [samples, n] = mu [n] + exp(logvar [n] / 2) * eps``, eps from Philox (seed, offset), or from the
+    ``(seed, offset)`` the kernel reads in ``seed_tensor`` (int64 [2] on mu's CUDA device) when given."""
     kernel = "reparameterize_fwd"
     dtype, device, n = mu.dtype, mu.device, mu.numel()
     dev = _device_code(kernel, device)
@@ -185,11 +211,12 @@ def reparameterize_fwd(*, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tenso
         device=dev, dtype=code, numel=n, samples=samples, mu=_ptr(kernel, "mu", mu, dtype, device, n),
         logvar=_ptr(kernel, "logvar", logvar, dtype, device, n), grad_out=0,
         z=_ptr(kernel, "z", z, dtype, device, samples * n), grad_mu=0, grad_logvar=0, seed=seed, offset=offset,
-        stream=stream(device))
+        seed_ptr=_seed_ptr(kernel, seed_tensor, device), stream=stream(device), device_index=device_index(device))
 
 
 def reparameterize_bwd(*, logvar: torch.Tensor, grad_out: torch.Tensor, grad_mu: Optional[torch.Tensor],
-                       grad_logvar: Optional[torch.Tensor], samples: int, seed: int, offset: int) -> None:
+                       grad_logvar: Optional[torch.Tensor], samples: int, seed: int, offset: int,
+                       seed_tensor: Optional[torch.Tensor] = None) -> None:
     """Gradients of ``reparameterize_fwd`` for ``grad_out [samples, n]`` (eps regenerated, not stored)."""
     kernel = "reparameterize_bwd"
     dtype, device, n = logvar.dtype, logvar.device, logvar.numel()
@@ -200,7 +227,8 @@ def reparameterize_bwd(*, logvar: torch.Tensor, grad_out: torch.Tensor, grad_mu:
         grad_out=_ptr(kernel, "grad_out", grad_out, dtype, device, samples * n), z=0,
         grad_mu=_ptr(kernel, "grad_mu", grad_mu, dtype, device, n, optional=True),
         grad_logvar=_ptr(kernel, "grad_logvar", grad_logvar, dtype, device, n, optional=True),
-        seed=seed, offset=offset, stream=stream(device))
+        seed=seed, offset=offset, seed_ptr=_seed_ptr(kernel, seed_tensor, device), stream=stream(device),
+        device_index=device_index(device))
 
 
 # ------------------------------------------------------------------------ linear-layer epilogues
@@ -220,15 +248,34 @@ def bias_act_fwd(*, y: torch.Tensor, bias: Optional[torch.Tensor], act: int) -> 
         device=_device_code(kernel, device), dtype=_dtype_code(kernel, dtype, device, LINEAR_DTYPES),
         act=_act_code(kernel, act), rows=rows, cols=cols, y=_ptr(kernel, "y", y, dtype, device, rows * cols),
         bias=_ptr(kernel, "bias", bias, dtype, device, cols, optional=True), grad_y=0, out=0, grad_pre=0,
-        grad_bias=0, grad_pre_t=0, stream=stream(device))
+        grad_bias=0, grad_pre_t=0, workspace=0, workspace_bytes=0, stream=stream(device),
+        device_index=device_index(device))
+
+
+def act_bwd_workspace_bytes(dtype: torch.dtype, device: torch.device, rows: int, cols: int) -> int:
+    """Bytes of device scratch ``act_bwd`` needs for the bias gradient of a ``[rows, cols]`` problem (0
+    on CPU; NOTE: [act_bwd workspace] in csrc/cuda/linear.cu)."""
+    kernel = "act_bwd_workspace_bytes"
+    return int(_C.act_bwd_workspace_bytes(device=_device_code(kernel, device),
+                                          dtype=_dtype_code(kernel, dtype, device, LINEAR_DTYPES), rows=rows, cols=cols))
+
+
+def act_bwd_workspace(grad_y: torch.Tensor) -> Optional[torch.Tensor]:
+    """The ``workspace`` argument of ``act_bwd`` for a bias gradient of ``grad_y``'s problem: a uint8 tensor
+    from torch's allocator on its device, or None where none is needed (CPU, no rows)."""
+    rows, cols = grad_y.shape
+    n = act_bwd_workspace_bytes(grad_y.dtype, grad_y.device, rows, cols)
+    return torch.empty(n, dtype=torch.uint8, device=grad_y.device) if n else None
 
 
 def act_bwd(*, act: int, grad_y: torch.Tensor, out: Optional[torch.Tensor] = None,
             grad_pre: Optional[torch.Tensor] = None, grad_bias: Optional[torch.Tensor] = None,
-            grad_pre_t: Optional[torch.Tensor] = None) -> None:
+            grad_pre_t: Optional[torch.Tensor] = None, workspace: Optional[torch.Tensor] = None) -> None:
     """From ``grad_y [rows, cols]`` and the forward's output ``out`` (not read for identity): writes
     ``grad_pre`` (dL/d(pre-activation), ``[rows, cols]``), ``grad_bias [cols]`` (its column sums) and,
-    CPU only, ``grad_pre_t`` (``grad_pre`` transposed, ``[cols, rows]``), each when given."""
+    CPU only, ``grad_pre_t`` (``grad_pre`` transposed, ``[cols, rows]``), each when given. On CUDA a
+    ``grad_bias`` needs ``workspace`` (``act_bwd_workspace(grad_y)``: uint8, at least
+    ``act_bwd_workspace_bytes`` bytes on grad_y's device)."""
     kernel = "act_bwd"
     if grad_y.dim() != 2:
         _fail(kernel, "grad_y", grad_y, "a 2-D [rows, cols] tensor")
@@ -237,13 +284,22 @@ def act_bwd(*, act: int, grad_y: torch.Tensor, out: Optional[torch.Tensor] = Non
     code = _act_code(kernel, act)
     if grad_pre_t is not None and device.type != "cpu":
         _fail(kernel, "grad_pre_t", grad_pre_t, "None on CUDA (the transposed gradient is CPU-only)")
+    ws, ws_bytes = 0, 0
+    need = act_bwd_workspace_bytes(dtype, device, rows, cols) if (grad_bias is not None and device.type == "cuda") else 0
+    if need or workspace is not None:
+        if not (isinstance(workspace, torch.Tensor) and workspace.dtype == torch.uint8 and workspace.device == device
+                and workspace.is_contiguous() and workspace.numel() >= need):
+            _fail(kernel, "workspace", workspace, f"a contiguous torch.uint8 tensor of at least {need} elements on "
+                  f"{device} (act_bwd_workspace)")
+        ws, ws_bytes = workspace.data_ptr(), workspace.numel()
     _C.act_bwd(
         device=_device_code(kernel, device), dtype=_dtype_code(kernel, dtype, device, LINEAR_DTYPES), act=code,
         rows=rows, cols=cols, y=0, bias=0, grad_y=_ptr(kernel, "grad_y", grad_y, dtype, device, n),
         out=_ptr(kernel, "out", out, dtype, device, n, optional=code == ACTIVATIONS["identity"]),
         grad_pre=_ptr(kernel, "grad_pre", grad_pre, dtype, device, n, optional=True),
         grad_bias=_ptr(kernel, "grad_bias", grad_bias, dtype, device, cols, optional=True),
-        grad_pre_t=_ptr(kernel, "grad_pre_t", grad_pre_t, dtype, device, n, optional=True), stream=stream(device))
+        grad_pre_t=_ptr(kernel, "grad_pre_t", grad_pre_t, dtype, device, n, optional=True), workspace=ws,
+        workspace_bytes=ws_bytes, stream=stream(device), device_index=device_index(device))
 
 
 # ----------------------------------------------------------------------------------- cuBLASLt
@@ -280,7 +336,7 @@ def cublaslt_linear(kind: str, *, act: int, rows: int, in_features: int, out_fea
         workspace=0 if workspace is None else _ptr(kernel, "workspace", workspace, torch.uint8, device,
                                                     workspace.numel()),
         workspace_bytes=0 if workspace is None else workspace.numel(), allow_tf32=allow_tf32,
-        strict_reduction=strict_reduction, fuse_act=fuse_act, device=device.index or 0, stream=stream(device))
+        strict_reduction=strict_reduction, fuse_act=fuse_act, device=device_index(device), stream=stream(device))
 
 
 def cublaslt_load(path: str = "") -> str:

@@ -87,10 +87,11 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 def _reparameterize(mu: torch.Tensor, logvar: torch.Tensor, samples: int, generator: Optional[torch.Generator],
                     shard: Optional[Shard]) -> torch.Tensor:
-    """``[L, B, Z]`` z from pyvae's fused reparameterize; one seed per call, drawn from ``generator``.
-    With ``shard``, the draws of those rows of the global batch (NOTE: [Sharded draws] in
+    """``[L, B, Z]`` z from pyvae's fused reparameterize; one seed per call, drawn from ``generator`` (on
+    the device for CUDA inputs, so a captured training step draws anew on each replay: NOTE: [Graph-safe
+    seed]). With ``shard``, the draws of those rows of the global batch (NOTE: [Sharded draws] in
     pyvae/ops/reparameterize.py)."""
-    return ops.reparameterize_shard(mu, logvar, samples, ops.draw_seed(generator), shard)
+    return ops.reparameterize_shard(mu, logvar, samples, ops.seed_for(mu.device, generator), shard)
 
 
 class VAE(nn.Module):
@@ -221,7 +222,8 @@ class VAE(nn.Module):
             samples: L, draws of z per datapoint.
             estimator: "analytic" (SGVB B) or "mc" (SGVB A).
             kl_weight: beta in ``recon - beta * KL`` (KL warm-up); 1 is the ELBO.
-            generator: torch generator the eps seed is drawn from (default: torch's global one).
+            generator: torch generator the eps seed is drawn from (default: torch's global one; for CUDA
+                inputs the device's default CUDA generator, NOTE: [Graph-safe seed]).
             shard: ``(row0, global_rows)`` for data-parallel training (see ``_reparameterize``).
 
         Returns:

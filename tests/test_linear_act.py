@@ -439,7 +439,7 @@ def test_transposed_gradient_is_cpu_only():
 
     with pytest.raises(ValueError, match="CPU-only"):
         _C.act_bwd(device=1, dtype=0, act=0, rows=2, cols=2, y=0, bias=0, grad_y=1, out=0, grad_pre=0, grad_bias=0,
-                   grad_pre_t=1, stream=0)
+                   grad_pre_t=1, workspace=0, workspace_bytes=0, stream=0, device_index=0)
 
 
 @pytest.mark.skipif(not pyvae._gemm.onednn_enabled(), reason="oneDNN's linear is not usable in this torch build")

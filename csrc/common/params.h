@@ -33,9 +33,12 @@ struct RowwiseParams {
   void* grad_c = nullptr;
   void* grad_d = nullptr;
   void* stream = nullptr;  // cudaStream_t on CUDA
+  int device = 0;          // CUDA: the ordinal of the device holding every tensor (made current for the launch)
 };
 
 // z[s, m] = mu[m] + exp(logvar[m] / 2) * eps[s * numel + m], eps from Philox (seed, offset).
+// The draw's (seed, offset) is either passed by value (seed, offset) or, CUDA only, read by the kernel
+// from device memory (seed_ptr; NOTE: [Graph-safe seed] in pyvae/ops/reparameterize.py).
 struct ReparamParams {
   DType dtype = DType::kFloat32;
   int64_t numel = 0;    // elements of mu (and of logvar, same shape)
@@ -48,7 +51,11 @@ struct ReparamParams {
   void* grad_logvar = nullptr;     // [numel]
   uint64_t seed = 0;
   uint64_t offset = 0;
+  // CUDA only: when set, two int64 in device memory, {seed, offset} (bit-cast to uint64), read by the
+  // kernel instead of seed and offset above, so that a captured CUDA graph draws anew on each replay.
+  const int64_t* seed_ptr = nullptr;
   void* stream = nullptr;
+  int device = 0;  // CUDA: the ordinal of the device holding every tensor
 };
 
 }  // namespace pyvae
@@ -71,7 +78,12 @@ struct LinearParams {
   // first operand of the weight-gradient GEMM; NOTE: [CPU GEMM backend] in pyvae/_gemm.py), or nullptr.
   // grad_pre may then be nullptr when only the weight gradient is wanted.
   void* grad_pre_t = nullptr;
+  // backward, CUDA, with grad_bias: scratch for the per-block column sums (act_bwd_workspace_bytes()
+  // in csrc/cuda/kernels.h), device memory from torch's allocator, used on `stream` only.
+  void* workspace = nullptr;
+  uint64_t workspace_bytes = 0;
   void* stream = nullptr;
+  int device = 0;  // CUDA: the ordinal of the device holding every tensor
 };
 
 }  // namespace pyvae

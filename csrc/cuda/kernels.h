@@ -1,9 +1,12 @@
 // CUDA launchers (csrc/cuda/*.cu). Same params and per-op operand meaning as csrc/cpu/kernels.h;
-// p.stream is the caller's cudaStream_t. float32, float16 and bfloat16 (float accumulation).
+// p.stream is the caller's cudaStream_t on device p.device, which each launcher makes current for the
+// launch. float32, float64, float16 and bfloat16 (float accumulation for the half types).
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "common/params.h"
 
@@ -21,7 +24,17 @@ void bernoulli_elbo_bwd(const RowwiseParams& p);
 void reparameterize_fwd(const ReparamParams& p);
 void reparameterize_bwd(const ReparamParams& p);
 void bias_act_fwd(const LinearParams& p);
+// With p.grad_bias, p.workspace must hold act_bwd_workspace_bytes(p.dtype, p.rows, p.cols) bytes.
 void act_bwd(const LinearParams& p);
+// Bytes of scratch act_bwd needs for its deterministic bias-gradient reduction (0 when rows == 0).
+uint64_t act_bwd_workspace_bytes(DType dtype, int64_t rows, int64_t cols);
+
+// The dtypes each family's launchers instantiate kernels for (NOTE: [CUDA kernel dtypes] in
+// csrc/cuda/common.cuh): the row ops (elbo.cu), reparameterize (reparameterize.cu) and the linear
+// epilogues (linear.cu).
+std::vector<DType> rowwise_kernel_dtypes();
+std::vector<DType> reparam_kernel_dtypes();
+std::vector<DType> linear_kernel_dtypes();
 
 #if defined(PYVAE_WITH_CUBLASLT)
 // The cuBLASLt GEMMs of a linear layer (csrc/cuda/linear_lt.cu, NOTE: [cuBLASLt path]). Each returns

@@ -13,6 +13,7 @@ namespace pyvae {
 namespace cuda {
 namespace {
 
+using Dispatched = AllFloatTypes;  // NOTE: [CUDA kernel dtypes]
 
 // One thread per element, grid-stride.
 template <ops::Act A, typename T>
@@ -82,14 +83,32 @@ __global__ void colsum_kernel(const compute_t<T>* partial, int64_t row_blocks, i
   out[c] = static_cast<T>(s);
 }
 
+size_t size_of(DType d) { return d == DType::kFloat64 ? 8 : (d == DType::kFloat32 ? 4 : 2); }
+
 }  // namespace
+
+std::vector<DType> linear_kernel_dtypes() { return dtypes_in(Dispatched{}); }
+
+// NOTE: [act_bwd workspace]
+// The bias gradient is reduced in two deterministic passes: act_bwd_kernel writes one row of column
+// sums per block row (row_blocks = ceil(rows / kRowsPerBlock) rows of cols partial sums, in the
+// compute type), colsum_kernel adds them in a fixed order. That scratch comes from torch's caching
+// allocator, passed in by the caller (pyvae/_gate.py act_bwd_workspace(); the cuBLASLt path's own
+// workspace inside csrc/cuda/linear_lt.cu): a cudaMalloc here would be invisible to torch, fail
+// instead of freeing torch's cache when memory is short, and break CUDA graph capture.
+uint64_t act_bwd_workspace_bytes(DType dtype, int64_t rows, int64_t cols) {
+  if (rows <= 0 || cols <= 0) return 0;
+  const uint64_t row_blocks = static_cast<uint64_t>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+  return row_blocks * static_cast<uint64_t>(cols) * (dtype == DType::kFloat64 ? 8u : 4u);
+}
 
 void bias_act_fwd(const LinearParams& p) {
   const int64_t n = p.rows * p.cols;
   if (n == 0) return;
+  DeviceGuard guard(p.device);
   const int blocks = blocks_for(n, 256);
   ops::act_switch(p.act, [&](auto a) {
-    by_dtype(p.dtype, [&](auto t) {
+    by_dtype<Dispatched>(p.dtype, [&](auto t) {
       bias_act_kernel<decltype(a)::value, decltype(t)>
           <<<blocks, 256, 0, stream_of(p.stream)>>>(p);
     });
@@ -99,34 +118,33 @@ void bias_act_fwd(const LinearParams& p) {
 
 void act_bwd(const LinearParams& p) {
   // grad_pre_t is CPU-only (the binding refuses it for CUDA; cuBLAS takes transposed operands).
+  DeviceGuard guard(p.device);
   if (p.rows == 0) {
-    if (p.grad_bias) {
-      const size_t bytes = static_cast<size_t>(p.cols) *
-          (p.dtype == DType::kFloat64 ? 8 : p.dtype == DType::kFloat32 ? 4 : 2);
-      cudaMemsetAsync(p.grad_bias, 0, bytes, static_cast<cudaStream_t>(p.stream));
-    }
+    if (p.grad_bias)
+      check_cuda(cudaMemsetAsync(p.grad_bias, 0, static_cast<size_t>(p.cols) * size_of(p.dtype), stream_of(p.stream)),
+                 "act_bwd: cudaMemsetAsync of grad_bias");
     return;
   }
   const int64_t row_blocks = (p.rows + kRowsPerBlock - 1) / kRowsPerBlock;
   const dim3 grid(static_cast<unsigned>((p.cols + kColTile - 1) / kColTile),
                   static_cast<unsigned>(row_blocks < kMaxGridY ? row_blocks : kMaxGridY));
   const cudaStream_t stream = stream_of(p.stream);
+  // The partial column sums live in the caller's workspace (NOTE: [act_bwd workspace]).
+  const uint64_t partial_bytes = static_cast<uint64_t>(row_blocks) * static_cast<uint64_t>(p.cols) *
+                                 (p.dtype == DType::kFloat64 ? 8u : 4u);
+  if (p.grad_bias && (!p.workspace || p.workspace_bytes < partial_bytes))
+    throw std::invalid_argument("pyvae act_bwd: the bias gradient needs a workspace of " +
+                                std::to_string(partial_bytes) + " bytes, got " + std::to_string(p.workspace_bytes) +
+                                " (act_bwd_workspace_bytes)");
   ops::act_switch(p.act, [&](auto a) {
-    by_dtype(p.dtype, [&](auto t) {
+    by_dtype<Dispatched>(p.dtype, [&](auto t) {
       using T = decltype(t);
       using C = compute_t<T>;
-      C* partial = nullptr;
-      if (p.grad_bias) {
-        const cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&partial),
-                                                sizeof(C) * static_cast<size_t>(row_blocks * p.cols), stream);
-        if (err != cudaSuccess)
-          throw std::runtime_error(std::string("pyvae act_bwd: workspace allocation failed: ") + cudaGetErrorString(err));
-      }
+      C* partial = p.grad_bias ? static_cast<C*>(p.workspace) : nullptr;
       act_bwd_kernel<decltype(a)::value, T><<<grid, dim3(kColTile, kRowThreads), 0, stream>>>(p, partial);
       if (partial) {
         colsum_kernel<T><<<static_cast<unsigned>((p.cols + 255) / 256), 256, 0, stream>>>(
             partial, row_blocks, p.cols, static_cast<T*>(p.grad_bias));
-        cudaFreeAsync(partial, stream);
       }
     });
   });

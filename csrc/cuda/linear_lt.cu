@@ -69,18 +69,37 @@
 // One cuBLASLt handle per device, created on first use under a mutex and never destroyed
 // (cublasLtDestroy at process exit can run after the CUDA context is gone); threads share it, which
 // the cuBLAS guide ("Thread Safety") allows for a handle whose configuration nobody changes: ours
-// has none, stream and workspace are arguments of each cublasLtMatmul. Nothing else is kept:
-// descriptors are built per call (small host objects) and the workspace is the caller's, allocated
-// by torch on the stream the GEMM runs on, so nothing can go stale across devices or streams.
+// has none, stream and workspace are arguments of each cublasLtMatmul. The workspace is the caller's,
+// allocated by torch (pyvae/_cublaslt.py keeps one per device and stream). Descriptors and the chosen
+// algorithm are cached per problem: NOTE: [cuBLASLt plan cache].
+//
+// NOTE: [cuBLASLt plan cache]
+// Creating the matmul and layout descriptors and running cublasLtMatmulAlgoGetHeuristic cost tens of
+// microseconds of host time per GEMM, as much as a small layer's whole GEMM, and a training step runs
+// three GEMMs per layer with the same shapes every step. So a Plan (descriptors + the heuristic's
+// algorithm, or the answer "no algorithm") is built once per PlanKey: device, types, transposes,
+// m/n/k, leading dimensions, epilogue, whether the bias and mask pointers are set, the mask's leading
+// dimension, the workspace size, the reduction scheme and the alignment of A, B and D (the heuristic
+// was told those; an algorithm chosen for 256-byte-aligned operands may not read 4-byte-aligned ones).
+// The bias and mask pointers change every call: they are set on the cached matmul descriptor under
+// the plan's own mutex, held until cublasLtMatmul has been enqueued (it reads the descriptor then, not
+// when the GEMM runs), so two threads running the same problem do not race on the descriptor. The
+// map is guarded by one mutex; plans are shared_ptrs, so clearing the map (past kMaxPlans entries)
+// never destroys a plan another thread is using. Plans are never tied to a stream or a workspace
+// address: both are arguments of each cublasLtMatmul.
 #include <cublasLt.h>
 #include <dlfcn.h>
 
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "common/params.h"
@@ -180,36 +199,12 @@ void lt_check(cublasStatus_t s, const char* fn) {
   if (s != CUBLAS_STATUS_SUCCESS) lt_fail(fn, s);
 }
 
-void cuda_check(cudaError_t e, const char* fn) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("pyvae cuBLASLt path: ") + fn + " failed: " + cudaGetErrorString(e));
-}
-
 const LtApi& api_or_throw() {
   if (const LtApi* api = loaded_api()) return *api;
   std::string why;
   if (!lt_load("", &why)) throw std::runtime_error("pyvae cuBLASLt: the library is not available: " + why);
   return *loaded_api();
 }
-
-// Makes `device` current for the scope (cuBLASLt handles and kernel launches are per device).
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    cuda_check(cudaGetDevice(&prev_), "cudaGetDevice");
-    if (prev_ != device) cuda_check(cudaSetDevice(device), "cudaSetDevice");
-    device_ = device;
-  }
-  ~DeviceGuard() {
-    if (prev_ != device_) cudaSetDevice(prev_);  // best effort: a destructor must not throw
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = 0;
-  int device_ = 0;
-};
 
 // The handle of the current device (the caller holds a DeviceGuard for it).
 cublasLtHandle_t handle_for(const LtApi& api, int device) {
@@ -302,39 +297,125 @@ void set_pref(const LtApi& api, cublasLtMatmulPreference_t pref, cublasLtMatmulP
            "cublasLtMatmulPreferenceSetAttribute");
 }
 
-// Runs g on p's stream with p's workspace. False when cuBLASLt has no algorithm for it (nothing
-// enqueued); throws on any other failure.
-bool run(const LtApi& api, cublasLtHandle_t handle, const Gemm& g, const LinearLtParams& p) {
-  Owned<cublasLtMatmulDesc_t> desc(api.cublasLtMatmulDescDestroy);
-  lt_check(api.cublasLtMatmulDescCreate(&desc.h, g.compute, g.scale), "cublasLtMatmulDescCreate");
-  set_desc(api, desc.h, CUBLASLT_MATMUL_DESC_TRANSA, static_cast<int32_t>(g.trans_a));
-  set_desc(api, desc.h, CUBLASLT_MATMUL_DESC_TRANSB, static_cast<int32_t>(g.trans_b));
-  set_desc(api, desc.h, CUBLASLT_MATMUL_DESC_EPILOGUE, static_cast<uint32_t>(g.epilogue));
-  if (g.bias) set_desc(api, desc.h, CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
-  if (g.aux) {
-    set_desc(api, desc.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, g.aux);
-    set_desc(api, desc.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, g.aux_ld);
+// ------------------------------------------------------------------------------- plan cache
+// NOTE: [cuBLASLt plan cache]. Every field that the descriptors or the heuristic depend on.
+struct PlanKey {
+  int device;
+  int type, compute, scale, trans_a, trans_b;
+  int64_t m, n, k, lda, ldb, ldd;
+  uint32_t epilogue;
+  bool has_bias, has_aux, strict;
+  int64_t aux_ld;
+  uint64_t workspace_bytes;
+  uint32_t align_a, align_b, align_d;
+
+  bool operator==(const PlanKey& o) const { return std::memcmp(this, &o, sizeof(PlanKey)) == 0; }
+};
+
+struct PlanKeyHash {
+  size_t operator()(const PlanKey& k) const {
+    // FNV-1a over the bytes (the key is zero-initialized, so padding bytes are equal too).
+    const unsigned char* b = reinterpret_cast<const unsigned char*>(&k);
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < sizeof(PlanKey); ++i) h = (h ^ b[i]) * 1099511628211ull;
+    return static_cast<size_t>(h);
   }
+};
+
+struct Plan {
+  const LtApi* api = nullptr;
+  std::mutex mu;  // held while the pointer attributes are set and cublasLtMatmul enqueues
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  bool supported = false;  // the heuristic found an algorithm (and cublasLtMatmul has not refused it)
+  cublasLtMatmulAlgo_t algo = {};
+
+  Plan() = default;
+  Plan(const Plan&) = delete;
+  Plan& operator=(const Plan&) = delete;
+  ~Plan() {
+    if (!api) return;
+    if (desc) api->cublasLtMatmulDescDestroy(desc);
+    if (a) api->cublasLtMatrixLayoutDestroy(a);
+    if (b) api->cublasLtMatrixLayoutDestroy(b);
+    if (d) api->cublasLtMatrixLayoutDestroy(d);
+  }
+};
+
+constexpr size_t kMaxPlans = 4096;
+
+struct PlanCache {
+  std::mutex mu;
+  std::unordered_map<PlanKey, std::shared_ptr<Plan>, PlanKeyHash> plans;
+};
+
+// Never destroyed, like the handles (a plan's destructor calls into libcublasLt).
+PlanCache& plan_cache() {
+  static PlanCache* cache = new PlanCache;
+  return *cache;
+}
+
+PlanKey key_for(const Gemm& g, const LinearLtParams& p) {
+  PlanKey k;
+  std::memset(&k, 0, sizeof k);  // padding included: the key is compared and hashed as bytes
+  k.device = p.device;
+  k.type = static_cast<int>(g.type);
+  k.compute = static_cast<int>(g.compute);
+  k.scale = static_cast<int>(g.scale);
+  k.trans_a = static_cast<int>(g.trans_a);
+  k.trans_b = static_cast<int>(g.trans_b);
+  k.m = g.m;
+  k.n = g.n;
+  k.k = g.k;
+  k.lda = g.lda;
+  k.ldb = g.ldb;
+  k.ldd = g.ldd;
+  k.epilogue = static_cast<uint32_t>(g.epilogue);
+  k.has_bias = g.bias != nullptr;
+  k.has_aux = g.aux != nullptr;
+  k.strict = p.strict_reduction && (g.type == CUDA_R_16F || g.type == CUDA_R_16BF);
+  k.aux_ld = g.aux ? g.aux_ld : 0;
+  k.workspace_bytes = p.workspace_bytes;
+  k.align_a = alignment_of(g.a);
+  k.align_b = alignment_of(g.b);
+  k.align_d = alignment_of(g.d);
+  return k;
+}
+
+// Sets the per-call pointer attributes (the caller holds plan.mu).
+void set_pointers(const LtApi& api, const Plan& plan, const Gemm& g) {
+  if (g.bias) set_desc(api, plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, g.bias);
+  if (g.aux) set_desc(api, plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, g.aux);
+}
+
+// Descriptors and the heuristic's algorithm for g (the first call's pointers set on the descriptor).
+std::shared_ptr<Plan> build_plan(const LtApi& api, cublasLtHandle_t handle, const Gemm& g, const PlanKey& key) {
+  auto plan = std::make_shared<Plan>();
+  plan->api = &api;
+  lt_check(api.cublasLtMatmulDescCreate(&plan->desc, g.compute, g.scale), "cublasLtMatmulDescCreate");
+  set_desc(api, plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, static_cast<int32_t>(g.trans_a));
+  set_desc(api, plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, static_cast<int32_t>(g.trans_b));
+  set_desc(api, plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, static_cast<uint32_t>(g.epilogue));
+  if (g.aux) set_desc(api, plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, g.aux_ld);
+  set_pointers(api, *plan, g);
 
   // Stored shapes: op(A) is [m, k], so A is [k, m] when transposed; likewise B.
   const bool ta = g.trans_a != CUBLAS_OP_N;
   const bool tb = g.trans_b != CUBLAS_OP_N;
-  Owned<cublasLtMatrixLayout_t> a(api.cublasLtMatrixLayoutDestroy), b(api.cublasLtMatrixLayoutDestroy),
-      d(api.cublasLtMatrixLayoutDestroy);
-  lt_check(api.cublasLtMatrixLayoutCreate(&a.h, g.type, ta ? g.k : g.m, ta ? g.m : g.k, g.lda),
+  lt_check(api.cublasLtMatrixLayoutCreate(&plan->a, g.type, ta ? g.k : g.m, ta ? g.m : g.k, g.lda),
            "cublasLtMatrixLayoutCreate");
-  lt_check(api.cublasLtMatrixLayoutCreate(&b.h, g.type, tb ? g.n : g.k, tb ? g.k : g.n, g.ldb),
+  lt_check(api.cublasLtMatrixLayoutCreate(&plan->b, g.type, tb ? g.n : g.k, tb ? g.k : g.n, g.ldb),
            "cublasLtMatrixLayoutCreate");
-  lt_check(api.cublasLtMatrixLayoutCreate(&d.h, g.type, g.m, g.n, g.ldd), "cublasLtMatrixLayoutCreate");
+  lt_check(api.cublasLtMatrixLayoutCreate(&plan->d, g.type, g.m, g.n, g.ldd), "cublasLtMatrixLayoutCreate");
 
   Owned<cublasLtMatmulPreference_t> pref(api.cublasLtMatmulPreferenceDestroy);
   lt_check(api.cublasLtMatmulPreferenceCreate(&pref.h), "cublasLtMatmulPreferenceCreate");
-  set_pref(api, pref.h, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<uint64_t>(p.workspace_bytes));
-  set_pref(api, pref.h, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment_of(g.a));
-  set_pref(api, pref.h, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment_of(g.b));
-  set_pref(api, pref.h, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment_of(g.d));
-  set_pref(api, pref.h, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment_of(g.d));
-  if (p.strict_reduction && (g.type == CUDA_R_16F || g.type == CUDA_R_16BF)) {
+  set_pref(api, pref.h, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<uint64_t>(key.workspace_bytes));
+  set_pref(api, pref.h, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, key.align_a);
+  set_pref(api, pref.h, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.align_b);
+  set_pref(api, pref.h, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, key.align_d);
+  set_pref(api, pref.h, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align_d);
+  if (key.strict) {
     // torch's allow_{fp16,bf16}_reduced_precision_reduction = False: split-K partial sums stay in the
     // compute type (no reduction in the half output type).
     set_pref(api, pref.h, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
@@ -343,21 +424,45 @@ bool run(const LtApi& api, cublasLtHandle_t handle, const Gemm& g, const LinearL
 
   cublasLtMatmulHeuristicResult_t result = {};
   int found = 0;
-  const cublasStatus_t hs =
-      api.cublasLtMatmulAlgoGetHeuristic(handle, desc.h, a.h, b.h, d.h, d.h, pref.h, 1, &result, &found);
-  if (hs == CUBLAS_STATUS_NOT_SUPPORTED) return false;
-  lt_check(hs, "cublasLtMatmulAlgoGetHeuristic");
-  if (found == 0 || result.state != CUBLAS_STATUS_SUCCESS) return false;
+  const cublasStatus_t hs = api.cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a, plan->b, plan->d,
+                                                                plan->d, pref.h, 1, &result, &found);
+  if (hs != CUBLAS_STATUS_NOT_SUPPORTED) lt_check(hs, "cublasLtMatmulAlgoGetHeuristic");
+  plan->supported = hs == CUBLAS_STATUS_SUCCESS && found > 0 && result.state == CUBLAS_STATUS_SUCCESS;
+  if (plan->supported) plan->algo = result.algo;
+  return plan;
+}
 
+std::shared_ptr<Plan> plan_for(const LtApi& api, cublasLtHandle_t handle, const Gemm& g, const LinearLtParams& p) {
+  const PlanKey key = key_for(g, p);
+  PlanCache& cache = plan_cache();
+  std::lock_guard<std::mutex> lock(cache.mu);
+  auto it = cache.plans.find(key);
+  if (it != cache.plans.end()) return it->second;
+  if (cache.plans.size() >= kMaxPlans) cache.plans.clear();  // plans in use live on in their shared_ptrs
+  std::shared_ptr<Plan> plan = build_plan(api, handle, g, key);
+  cache.plans.emplace(key, plan);
+  return plan;
+}
+
+// Runs g on p's stream with p's workspace. False when cuBLASLt has no algorithm for it (nothing
+// enqueued); throws on any other failure.
+bool run(const LtApi& api, cublasLtHandle_t handle, const Gemm& g, const LinearLtParams& p) {
+  const std::shared_ptr<Plan> plan = plan_for(api, handle, g, p);
+  std::lock_guard<std::mutex> lock(plan->mu);
+  if (!plan->supported) return false;
+  set_pointers(api, *plan, g);
   const float alpha_f = 1.0f, beta_f = 0.0f;
   const double alpha_d = 1.0, beta_d = 0.0;
   const bool dbl = g.scale == CUDA_R_64F;
   // beta = 0: C is not read; it is given D's pointer and layout, as cuBLASLt's samples do.
   const cublasStatus_t ms = api.cublasLtMatmul(
-      handle, desc.h, dbl ? static_cast<const void*>(&alpha_d) : &alpha_f, g.a, a.h, g.b, b.h,
-      dbl ? static_cast<const void*>(&beta_d) : &beta_f, g.d, d.h, g.d, d.h, &result.algo, p.workspace,
+      handle, plan->desc, dbl ? static_cast<const void*>(&alpha_d) : &alpha_f, g.a, plan->a, g.b, plan->b,
+      dbl ? static_cast<const void*>(&beta_d) : &beta_f, g.d, plan->d, g.d, plan->d, &plan->algo, p.workspace,
       static_cast<size_t>(p.workspace_bytes), stream_of(p.stream));
-  if (ms == CUBLAS_STATUS_NOT_SUPPORTED) return false;
+  if (ms == CUBLAS_STATUS_NOT_SUPPORTED) {
+    plan->supported = false;  // remembered: the next call goes straight to the fallback
+    return false;
+  }
   lt_check(ms, "cublasLtMatmul");
   return true;
 }
@@ -390,6 +495,11 @@ LinearParams epilogue_params(const LinearLtParams& p, int act, int64_t cols) {
   e.rows = p.rows;
   e.cols = cols;
   e.stream = p.stream;
+  e.device = p.device;
+  // act_bwd's bias-gradient scratch (NOTE: [act_bwd workspace]) reuses the cuBLASLt workspace: the
+  // GEMM before it on the same stream is done with it by then. pyvae/_cublaslt.py sizes it for both.
+  e.workspace = p.workspace;
+  e.workspace_bytes = p.workspace_bytes;
   return e;
 }
 

@@ -10,6 +10,20 @@ namespace pyvae {
 namespace cuda {
 namespace {
 
+using Dispatched = AllFloatTypes;  // NOTE: [CUDA kernel dtypes]
+
+// The draw's (seed, offset): from device memory when the caller gave it there (graph-safe: a captured
+// graph reads the value its replay's generator step wrote; NOTE: [Graph-safe seed] in
+// pyvae/ops/reparameterize.py), else the values passed by value. int64 -> uint64 is the same
+// two's-complement reinterpretation the host path applies, so one seed value gives one stream.
+struct Key {
+  uint64_t seed, offset;
+};
+__device__ __forceinline__ Key key_of(const ReparamParams& p) {
+  if (p.seed_ptr) return {static_cast<uint64_t>(p.seed_ptr[0]), static_cast<uint64_t>(p.seed_ptr[1])};
+  return {p.seed, p.offset};
+}
+
 // ----------------------------------------------------------------------------- reparameterize
 // One thread per Philox counter: four consecutive elements of the [S, M] draw.
 template <typename T>
@@ -17,12 +31,13 @@ __global__ void reparam_fwd_kernel(ReparamParams p) {
   using C = compute_t<T>;
   const int64_t total = p.samples * p.numel;
   const int64_t groups = (total + 3) / 4;
-  const T* mu = static_cast<const T*>(p.mu);
-  const T* lv = static_cast<const T*>(p.logvar);
-  T* z = static_cast<T*>(p.z);
+  const T* __restrict__ mu = static_cast<const T*>(p.mu);
+  const T* __restrict__ lv = static_cast<const T*>(p.logvar);
+  T* __restrict__ z = static_cast<T*>(p.z);
+  const Key key = key_of(p);
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < groups;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const philox::Normal4 n = philox::normal4(p.seed, p.offset + static_cast<uint64_t>(c));
+    const philox::Normal4 n = philox::normal4(key.seed, key.offset + static_cast<uint64_t>(c));
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t i = 4 * c + k;
@@ -38,17 +53,18 @@ __global__ void reparam_fwd_kernel(ReparamParams p) {
 template <typename T>
 __global__ void reparam_bwd_kernel(ReparamParams p) {
   using C = compute_t<T>;
-  const T* lv = static_cast<const T*>(p.logvar);
-  const T* G = static_cast<const T*>(p.grad_out);
-  T* gmu = static_cast<T*>(p.grad_mu);
-  T* glv = static_cast<T*>(p.grad_logvar);
+  const T* __restrict__ lv = static_cast<const T*>(p.logvar);
+  const T* __restrict__ G = static_cast<const T*>(p.grad_out);
+  T* __restrict__ gmu = static_cast<T*>(p.grad_mu);
+  T* __restrict__ glv = static_cast<T*>(p.grad_logvar);
+  const Key key = key_of(p);
   for (int64_t m = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; m < p.numel;
        m += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const C lvm = load(lv, m);
     C dmu = 0, dlv = 0;
     for (int64_t s = 0; s < p.samples; ++s) {
       const int64_t i = s * p.numel + m;
-      const C eps = static_cast<C>(philox::normal_at(p.seed, p.offset, static_cast<uint64_t>(i)));
+      const C eps = static_cast<C>(philox::normal_at(key.seed, key.offset, static_cast<uint64_t>(i)));
       const auto v = ops::reparameterize_grad(lvm, eps, load(G, i));
       dmu += v.mu;
       dlv += v.lv;
@@ -60,15 +76,19 @@ __global__ void reparam_bwd_kernel(ReparamParams p) {
 
 }  // namespace
 
+std::vector<DType> reparam_kernel_dtypes() { return dtypes_in(Dispatched{}); }
+
 void reparameterize_fwd(const ReparamParams& p) {
+  DeviceGuard guard(p.device);
   const int64_t groups = (p.samples * p.numel + 3) / 4;
-  by_dtype(p.dtype, [&](auto t) {
+  by_dtype<Dispatched>(p.dtype, [&](auto t) {
     reparam_fwd_kernel<decltype(t)><<<blocks_for(groups, 256), 256, 0, stream_of(p.stream)>>>(p);
   });
   check_launch("reparameterize_fwd");
 }
 void reparameterize_bwd(const ReparamParams& p) {
-  by_dtype(p.dtype, [&](auto t) {
+  DeviceGuard guard(p.device);
+  by_dtype<Dispatched>(p.dtype, [&](auto t) {
     reparam_bwd_kernel<decltype(t)><<<blocks_for(p.numel, 256), 256, 0, stream_of(p.stream)>>>(p);
   });
   check_launch("reparameterize_bwd");

@@ -31,7 +31,7 @@ from .bernoulli_log_prob import bernoulli_log_prob
 from .gaussian_kl import gaussian_kl
 from .gaussian_log_prob import gaussian_log_prob
 from .linear_act import ACTIVATIONS, forget_routes, fused_only, linear_act
-from .reparameterize import draw_seed, reparameterize, reparameterize_shard
+from .reparameterize import draw_seed, reparameterize, reparameterize_shard, seed_for
 
 __all__ = [
     "gaussian_kl",
@@ -45,4 +45,5 @@ __all__ = [
     "forget_routes",
     "draw_seed",
     "reparameterize_shard",
+    "seed_for",
 ]

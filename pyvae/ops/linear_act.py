@@ -153,7 +153,8 @@ def _backward_core(grad, x, weight, out, has_bias, act, mask, onednn=None):
         grad_pre = g2
         if need_bias or g_t is not None:
             gk = g2 if kd == g2.dtype else g2.to(kd)  # kept alive until the kernel has run
-            _gate.act_bwd(act=act, grad_y=gk, grad_bias=grad_bias, grad_pre_t=g_t)
+            _gate.act_bwd(act=act, grad_y=gk, grad_bias=grad_bias, grad_pre_t=g_t,
+                          workspace=None if cpu or not need_bias else _gate.act_bwd_workspace(gk))
     else:
         gk = g2 if kd == g2.dtype else g2.to(kd)
         yk = out if out.dim() == 2 else out.reshape(-1, out_features)
@@ -163,7 +164,8 @@ def _backward_core(grad, x, weight, out, has_bias, act, mask, onednn=None):
             yk = yk.contiguous()
         grad_pre = torch.empty_like(gk) if need_pre else None
         if need_pre or need_bias or g_t is not None:
-            _gate.act_bwd(act=act, grad_y=gk, out=yk, grad_pre=grad_pre, grad_bias=grad_bias, grad_pre_t=g_t)
+            _gate.act_bwd(act=act, grad_y=gk, out=yk, grad_pre=grad_pre, grad_bias=grad_bias, grad_pre_t=g_t,
+                          workspace=None if cpu or not need_bias else _gate.act_bwd_workspace(gk))
         if grad_pre is not None and grad_pre.dtype != x.dtype:
             grad_pre = grad_pre.to(x.dtype)
     # The weight gradient first, so that g_t is freed before the input gradient is allocated (at

@@ -18,7 +18,7 @@ from . import _checks as V
 from ._registry import call, register
 from ._rowwise import plan, reduce_grad
 
-__all__ = ["reparameterize", "draw_seed", "reparameterize_shard"]
+__all__ = ["reparameterize", "draw_seed", "seed_for", "reparameterize_shard"]
 
 _OP = "reparameterize"
 
@@ -29,13 +29,40 @@ def _plan(mu, logvar, samples, seed):
         raise ValueError(f"pyvae.{_OP}: samples must be a non-negative int (0: no sample dim), got {samples!r}")
     if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.shape != (2,):
         raise ValueError(f"pyvae.{_OP}: seed must be an int64 tensor of shape [2] (seed, offset)")
+    if seed.device.type != "cpu" and seed.device != device:
+        raise ValueError(f"pyvae.{_OP}: seed must be on the CPU or on mu's device {device}, got {seed.device}")
     shape = tuple(shape)
     return shape, ((samples, *shape) if samples > 0 else shape), dtype, device
+
+
+# NOTE: [Graph-safe seed]
+# A draw is keyed by (seed, offset) (csrc/ops/philox.h, NOTE: [Counter-based eps]). On the CPU the op
+# reads both from its int64 [2] seed tensor on the host and passes them by value. For CUDA inputs the
+# seed tensor may instead live on the inputs' device; the kernels then read it through a pointer
+# (ReparamParams.seed_ptr) and nothing is read on the host. That is what makes the op usable under
+# CUDA graph capture: ``seed_for`` draws the seed with torch.randint on the device's CUDA generator,
+# which torch makes graph-safe (a captured graph advances the generator on every replay and the
+# captured randint writes that replay's value), so each replay draws new eps, and a replay after
+# ``torch.cuda.manual_seed(s)`` draws the eps an eager call after the same seeding draws. A host seed
+# would be frozen into the captured kernel's arguments (every replay the same eps, silently), and a
+# host read of a CUDA generator's draw (.item()) synchronizes, which capture forbids: a CPU generator
+# is therefore refused under capture. The seed value -> eps mapping is the same on both paths, so a
+# given seed gives the same eps on the CPU and on a GPU.
+_SEED_BOUND = 2**62
 
 
 def _seed_words(seed: torch.Tensor):
     s, off = seed.tolist()
     return s & 0xFFFFFFFFFFFFFFFF, off & 0xFFFFFFFFFFFFFFFF
+
+
+def _key(seed: torch.Tensor, device: torch.device):
+    """``(seed, offset, seed_tensor)`` for the gate: the words by value from a host seed, or the device
+    tensor itself (read by the kernel, NOTE: [Graph-safe seed])."""
+    if seed.device.type == "cpu":
+        s, off = _seed_words(seed)
+        return s, off, None
+    return 0, 0, seed.contiguous()
 
 
 def _dense(t: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -53,9 +80,9 @@ def _impl(mu, logvar, samples, seed):
         return z
     cd = _gate.kernel_dtype(dtype, device)
     zc = z if cd == dtype else torch.empty(out_shape, dtype=cd, device=device)
-    s, off = _seed_words(seed)
+    s, off, seed_t = _key(seed, device)
     _gate.reparameterize_fwd(mu=_dense(mu, cd, shape), logvar=_dense(logvar, cd, shape), z=zc,
-                             samples=max(samples, 1), seed=s, offset=off)
+                             samples=max(samples, 1), seed=s, offset=off, seed_tensor=seed_t)
     if zc is not z:
         z.copy_(zc)
     return z
@@ -73,9 +100,9 @@ def _bwd_impl(grad, mu, logvar, samples, seed, mask):
     g_mu = alloc(shape, dtype=cd, device=device) if mask[0] else None
     g_lv = alloc(shape, dtype=cd, device=device) if mask[1] else None
     if runs:
-        s, off = _seed_words(seed)
+        s, off, seed_t = _key(seed, device)
         _gate.reparameterize_bwd(logvar=_dense(logvar, cd, shape), grad_out=_dense(grad, cd, out_shape), grad_mu=g_mu,
-                                 grad_logvar=g_lv, samples=max(samples, 1), seed=s, offset=off)
+                                 grad_logvar=g_lv, samples=max(samples, 1), seed=s, offset=off, seed_tensor=seed_t)
     return (
         reduce_grad(g_mu, mu) if mask[0] else mu.new_zeros(1),
         reduce_grad(g_lv, logvar) if mask[1] else logvar.new_zeros(1),
@@ -100,17 +127,57 @@ register(
 )
 
 
-def draw_seed(generator: Optional[torch.Generator] = None) -> int:
-    """One Philox seed in [0, 2**62) drawn from ``generator`` (default: torch's global CPU generator)."""
+def _check_generator(generator) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"pyvae.reparameterize: generator must be a torch.Generator or None, "
                         f"got {type(generator).__name__}")
+
+
+def draw_seed(generator: Optional[torch.Generator] = None) -> int:
+    """One Philox seed in [0, 2**62) drawn from ``generator`` (default: torch's global CPU generator), read
+    on the host. For a draw on a GPU, ``seed_for`` keeps the seed on the device (NOTE: [Graph-safe seed])."""
+    _check_generator(generator)
     device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device, generator=generator).item())
+    return int(torch.randint(0, _SEED_BOUND, (1,), dtype=torch.int64, device=device, generator=generator).item())
 
 
 def _seed_tensor(seed: int, offset: int = 0) -> torch.Tensor:
     return torch.tensor([seed, offset], dtype=torch.int64)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def seed_source(device: torch.device, generator: Optional[torch.Generator], capturing: bool) -> str:
+    """Where a draw for inputs on ``device`` takes its seed (NOTE: [Graph-safe seed]): ``"host"`` (read
+    on the CPU, passed by value) or ``"device"`` (drawn into a device tensor the kernel reads). Raises
+    for a CPU generator under CUDA graph capture, whose draw every replay would repeat."""
+    _check_generator(generator)
+    if device.type != "cuda":
+        return "host"
+    if generator is None or generator.device.type == "cuda":
+        return "device"
+    if capturing:
+        raise RuntimeError("pyvae.reparameterize: a CPU generator cannot seed a draw under CUDA graph capture "
+                           "(every replay would repeat the captured draw); pass a CUDA generator or None")
+    return "host"
+
+
+def seed_for(device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The op's int64 ``[2]`` seed tensor ``(seed, 0)``, seed in [0, 2**62), for a draw on ``device``.
+
+    CPU inputs, or a CPU generator: drawn from ``generator`` (default torch's global CPU generator) and
+    held on the host, as ``draw_seed``. CUDA inputs with a CUDA generator or none (then the device's
+    default CUDA generator): drawn on the device with no host read, graph-safe (NOTE: [Graph-safe seed]).
+    """
+    device = torch.device(device)
+    if seed_source(device, generator, device.type == "cuda" and _capturing()) == "host":
+        return _seed_tensor(draw_seed(generator))
+    gen_device = generator.device if generator is not None else device
+    seed = torch.randint(0, _SEED_BOUND, (2,), dtype=torch.int64, device=gen_device, generator=generator)
+    seed[1:].zero_()  # the offset; two draws rather than one plus a host-made zero (no host tensor)
+    return seed if gen_device == device else seed.to(device)
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, samples: Optional[int] = None,
@@ -121,8 +188,11 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, samples: Optional[
         mu: ``[...]`` float tensor.
         logvar: float tensor broadcastable with ``mu``.
         samples: ``None`` for one draw of ``mu``'s shape, or ``L >= 1`` for ``[L, *shape]``.
-        generator: torch generator to seed from; default torch's global one, so ``torch.manual_seed``
-            makes pyvae reproducible. The same seed gives the same z on every device and thread count.
+        generator: torch generator to seed from. Default: torch's global CPU generator for CPU inputs,
+            the device's default CUDA generator for CUDA inputs (so ``torch.manual_seed`` makes pyvae
+            reproducible, and a CUDA graph capture draws anew on every replay: NOTE: [Graph-safe seed]).
+            The same seed value gives the same z on every device and thread count: a CPU generator
+            seeded alike gives CPU and CUDA inputs the same draw.
 
     Returns:
         ``z``, differentiable in ``mu`` and ``logvar`` (eps is regenerated in backward, not stored).
@@ -135,7 +205,8 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, samples: Optional[
         if n is None or n < 1:
             raise ValueError(f"pyvae.reparameterize: samples must be None or an int >= 1, got {samples!r}")
         samples = n
-    return call(_OP, mu, logvar, 0 if samples is None else samples, _seed_tensor(draw_seed(generator)))
+    seed = seed_for(mu.device, generator) if isinstance(mu, torch.Tensor) else _seed_tensor(draw_seed(generator))
+    return call(_OP, mu, logvar, 0 if samples is None else samples, seed)
 
 
 # NOTE: [Sharded draws]
@@ -145,19 +216,52 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, samples: Optional[
 # process would use for those rows by starting each sample's draw at the counter of its first
 # element. That needs the shard's first element, and each sample's, on a counter boundary; when
 # they are not, the ranks fall back to independent seeds (same distribution, different draws).
-def reparameterize_shard(mu: torch.Tensor, logvar: torch.Tensor, samples: int, seed: int,
+_MIX = 0x9E3779B97F4A7C15
+
+
+def _to_int64(v: int) -> int:
+    """``v mod 2**64`` as a signed int64 (what a device int64 add wraps with)."""
+    v &= 0xFFFFFFFFFFFFFFFF
+    return v - 2**64 if v >= 2**63 else v
+
+
+def _mix_seed(seed: torch.Tensor, row0: int) -> torch.Tensor:
+    """``[(seed[0] + _MIX * (row0 + 1)) mod 2**62, 0]`` with int64 tensor arithmetic on seed's device (no
+    host read): the int64 add wraps mod 2**64, and 2**62 divides 2**64, so the masked result equals the
+    host path's Python-integer one."""
+    s = (seed[:1] + _to_int64(_MIX * (row0 + 1))).bitwise_and_(_SEED_BOUND - 1)
+    return torch.cat([s, torch.zeros_like(s)])
+
+
+def reparameterize_shard(mu: torch.Tensor, logvar: torch.Tensor, samples: int, seed,
                          shard: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """``[samples, B, Z]`` z for ``mu, logvar [B, Z]`` from ``seed``; with ``shard = (row0, rows)`` the
     eps of row b of sample l is the one a single process drawing ``[samples, rows, Z]`` would use for
-    row ``row0 + b`` (NOTE: [Sharded draws]). Runs the registered op (``torch.ops.pyvae``)."""
+    row ``row0 + b`` (NOTE: [Sharded draws]). Runs the registered op (``torch.ops.pyvae``).
+
+    ``seed``: an int, or an op seed tensor from ``seed_for`` (on mu's device for a graph-safe draw; its
+    offset word is ignored). The same seed value gives the same z either way."""
     B, Z = mu.shape[-2], mu.shape[-1]
     row0, rows = (0, B) if shard is None else shard
     k = _gate.NORMALS_PER_COUNTER
+    on_device = isinstance(seed, torch.Tensor) and seed.device.type != "cpu"
+    if isinstance(seed, torch.Tensor) and not on_device:
+        seed = int(seed[0])
     if (row0 * Z) % k or (rows * Z) % k:
-        seed = (seed + 0x9E3779B97F4A7C15 * (row0 + 1)) % 2**62
+        if on_device:
+            seed = _mix_seed(seed, row0)
+        else:
+            seed = (seed + _MIX * (row0 + 1)) % _SEED_BOUND
         row0, rows = 0, B
+
+    def key(offset: int):
+        if not on_device:
+            return _seed_tensor(seed, offset)
+        t = seed.clone()
+        t[1:].fill_(offset)
+        return t
+
     if row0 == 0 and rows == B:
-        return torch.ops.pyvae.reparameterize(mu, logvar, samples, _seed_tensor(seed))
-    zs = [torch.ops.pyvae.reparameterize(mu, logvar, 0, _seed_tensor(seed, (l * rows + row0) * Z // k))
-          for l in range(samples)]
+        return torch.ops.pyvae.reparameterize(mu, logvar, samples, key(0))
+    zs = [torch.ops.pyvae.reparameterize(mu, logvar, 0, key((l * rows + row0) * Z // k)) for l in range(samples)]
     return torch.stack(zs)
