@@ -151,6 +151,36 @@ void def_reparam(py::module_& m, const char* name, ReparamFn cpu::KernelTable::*
       py::call_guard<py::gil_scoped_release>());
 }
 
+// Dynamic binarization of a gathered batch (float32; NOTE: [Counter-based binarization]).
+void def_binarize(py::module_& m) {
+  m.def(
+      "gather_binarize",
+      [](int device, uintptr_t src, uintptr_t index, uintptr_t out, int64_t rows, int64_t cols, int64_t first_row,
+         uint64_t seed, uintptr_t stream, int device_index) {
+        if (device != kCPU && device != kCUDA)
+          throw std::invalid_argument("pyvae._C: device code " + std::to_string(device) + " is not cpu (0) or cuda (1)");
+        BinarizeParams p;
+        p.src = ptr<const float>(src);
+        p.index = ptr<const int64_t>(index);
+        p.out = ptr<float>(out);
+        p.rows = rows;
+        p.cols = cols;
+        p.first_row = first_row;
+        p.seed = seed;
+        p.stream = ptr<void>(stream);
+        p.device = device_index;
+        if (rows == 0 || cols == 0) return;
+#if defined(PYVAE_WITH_CUDA)
+        launch(device, &cpu::KernelTable::gather_binarize, &cuda::gather_binarize, p);
+#else
+        launch(device, &cpu::KernelTable::gather_binarize, static_cast<void (*)(const BinarizeParams&)>(nullptr), p);
+#endif
+      },
+      py::kw_only(), py::arg("device"), py::arg("src"), py::arg("index"), py::arg("out"), py::arg("rows"),
+      py::arg("cols"), py::arg("first_row"), py::arg("seed"), py::arg("stream"), py::arg("device_index"),
+      py::call_guard<py::gil_scoped_release>());
+}
+
 using LinearFn = void (*)(const LinearParams&);
 
 void def_linear(py::module_& m, const char* name, LinearFn cpu::KernelTable::*cpu_fn, LinearFn cuda_fn) {
@@ -332,6 +362,7 @@ PYBIND11_MODULE(_C, m) {
 #undef PYVAE_ROWWISE
   def_reparam(m, "reparameterize_fwd", &cpu::KernelTable::reparameterize_fwd, PYVAE_CUDA_FN(reparameterize_fwd));
   def_reparam(m, "reparameterize_bwd", &cpu::KernelTable::reparameterize_bwd, PYVAE_CUDA_FN(reparameterize_bwd));
+  def_binarize(m);
 
   def_linear(m, "bias_act_fwd", &cpu::KernelTable::bias_act_fwd, PYVAE_CUDA_FN(bias_act_fwd));
   def_linear(m, "act_bwd", &cpu::KernelTable::act_bwd, PYVAE_CUDA_FN(act_bwd));

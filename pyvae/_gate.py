@@ -23,7 +23,8 @@ from . import _C
 
 __all__ = [
     "ACTIVATIONS", "DTYPE_CODES", "NORMALS_PER_COUNTER", "cuda_built", "cublaslt_built", "kernel_dtype", "check_device",
-    "stream", "rowwise", "reparameterize_fwd", "reparameterize_bwd", "bias_act_fwd", "act_bwd", "act_bwd_workspace",
+    "stream", "rowwise", "gather_binarize", "reparameterize_fwd", "reparameterize_bwd", "bias_act_fwd", "act_bwd",
+    "act_bwd_workspace",
     "act_bwd_workspace_bytes", "device_index", "cublaslt_linear", "CUDA_KERNEL_DTYPES",
 ]
 
@@ -229,6 +230,33 @@ def reparameterize_bwd(*, logvar: torch.Tensor, grad_out: torch.Tensor, grad_mu:
         grad_logvar=_ptr(kernel, "grad_logvar", grad_logvar, dtype, device, n, optional=True),
         seed=seed, offset=offset, seed_ptr=_seed_ptr(kernel, seed_tensor, device), stream=stream(device),
         device_index=device_index(device))
+
+
+# ------------------------------------------------------------------------------ binarization
+def gather_binarize(*, src: torch.Tensor, index: Optional[torch.Tensor], out: torch.Tensor, first_row: int,
+                    seed: int) -> None:
+    """``out[r] = [u < src[index[r]]]`` (float32; NOTE: [Counter-based binarization] in csrc/ops/philox.h).
+    ``index`` (int64, or None for rows 0..) is checked to lie in ``src``'s rows: the kernel reads by it."""
+    kernel = "gather_binarize"
+    if src.dim() != 2:
+        _fail(kernel, "src", src, "a 2-D [rows, cols] tensor")
+    device, (src_rows, cols) = src.device, src.shape
+    rows = out.shape[0] if out.dim() == 2 else -1
+    if out.dim() != 2 or out.shape[1] != cols:
+        _fail(kernel, "out", out, f"a [rows, {cols}] tensor")
+    if index is not None:
+        _ptr(kernel, "index", index, torch.int64, device, rows)
+        if rows and (int(index.min()) < 0 or int(index.max()) >= src_rows):
+            raise RuntimeError(f"pyvae._gate.{kernel}: index holds rows outside [0, {src_rows})")
+    elif rows > src_rows:
+        _fail(kernel, "out", out, f"at most {src_rows} rows without an index")
+    if type(first_row) is not int or first_row < 0:
+        raise RuntimeError(f"pyvae._gate.{kernel}: first_row must be an int >= 0, got {first_row!r}")
+    _C.gather_binarize(
+        device=_device_code(kernel, device), src=_ptr(kernel, "src", src, torch.float32, device, src_rows * cols),
+        index=0 if index is None else index.data_ptr(),
+        out=_ptr(kernel, "out", out, torch.float32, device, rows * cols), rows=rows, cols=cols, first_row=first_row,
+        seed=seed & 0xFFFFFFFFFFFFFFFF, stream=stream(device), device_index=device_index(device))
 
 
 # ------------------------------------------------------------------------ linear-layer epilogues

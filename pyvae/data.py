@@ -37,6 +37,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .ops import gather_binarize
+
 __all__ = [
     "DATASETS",
     "BINARIZE",
@@ -755,8 +757,9 @@ class ShardedBatches:
 
     The epoch's order is a permutation drawn from ``(seed, epoch)``. Global batch ``s`` is
     ``perm[s * B:(s + 1) * B]``; process ``rank`` of ``world`` gets the contiguous slice
-    ``[rank * B / world, (rank + 1) * B / world)`` of it. Dynamic binarization draws uniforms for the
-    whole global batch from ``(seed, epoch, s)`` and each rank keeps its slice, so N processes at
+    ``[rank * B / world, (rank + 1) * B / world)`` of it. Dynamic binarization draws the uniforms of
+    each row from ``(seed, epoch, s)`` and the row's place in the global batch (``pyvae.ops.gather_binarize``,
+    one pass with the gather), so N processes at
     global batch B see exactly the data one process sees at batch B (a distributed sampler that keeps
     the single-process batches; ``torch.utils.data.DistributedSampler`` keeps only their union).
 
@@ -802,9 +805,17 @@ class ShardedBatches:
         return lo, hi - lo, size
 
     def __iter__(self) -> Iterator[Tuple[int, torch.Tensor]]:
+        fused = self.binarize and self.data.dtype == torch.float32 and self.data.dim() == 2
         for s in range(self.start, self.num_batches):
             lo, m, size = self.rows(s)
             a = s * self.B
+            if fused:
+                # Gather and binarize in one pass, the uniforms counter-based per global row
+                # (NOTE: [Counter-based binarization] in csrc/ops/philox.h).
+                idx = self.order[a + lo:a + lo + m] if self.order is not None else \
+                    torch.arange(a + lo, a + lo + m, device=self.data.device)
+                yield s, gather_binarize(self.data, idx, seed=mix_seed(self.seed, self.epoch, 2, s), first_row=lo)
+                continue
             if self.order is None:
                 x = self.data[a + lo:a + lo + m]
             else:

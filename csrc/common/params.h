@@ -58,6 +58,21 @@ struct ReparamParams {
   int device = 0;  // CUDA: the ordinal of the device holding every tensor
 };
 
+// Dynamic binarization of a gathered batch (NOTE: [Counter-based binarization] in ops/philox.h):
+// out[r, c] = [u < src[index[r], c]], u the uniform of element (first_row + r) * cols + c of the draw
+// (seed, 0). float32 only.
+struct BinarizeParams {
+  const float* src = nullptr;      // [src_rows, cols]
+  const int64_t* index = nullptr;  // [rows] rows of src (each in [0, src_rows)), or nullptr: rows 0..rows-1
+  float* out = nullptr;            // [rows, cols]
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t first_row = 0;  // the batch's first row in the global batch (data-parallel shards)
+  uint64_t seed = 0;
+  void* stream = nullptr;
+  int device = 0;
+};
+
 }  // namespace pyvae
 
 namespace pyvae {

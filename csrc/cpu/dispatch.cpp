@@ -20,7 +20,7 @@ namespace {
 #ARCH, ARCH::bernoulli_log_prob_fwd, ARCH::bernoulli_log_prob_bwd, ARCH::gaussian_kl_fwd,     \
         ARCH::gaussian_kl_bwd, ARCH::gaussian_log_prob_fwd, ARCH::gaussian_log_prob_bwd,        \
         ARCH::bernoulli_elbo_fwd, ARCH::bernoulli_elbo_bwd, ARCH::reparameterize_fwd,           \
-        ARCH::reparameterize_bwd, ARCH::bias_act_fwd, ARCH::act_bwd                            \
+        ARCH::reparameterize_bwd, ARCH::bias_act_fwd, ARCH::act_bwd, ARCH::gather_binarize      \
   }
 
 #if defined(PYVAE_CPU_MULTIARCH)

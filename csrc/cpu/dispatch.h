@@ -12,6 +12,7 @@ namespace cpu {
 using RowwiseFn = void (*)(const RowwiseParams&);
 using ReparamFn = void (*)(const ReparamParams&);
 using LinearFn = void (*)(const LinearParams&);
+using BinarizeFn = void (*)(const BinarizeParams&);
 
 struct KernelTable {
   const char* name;
@@ -21,6 +22,7 @@ struct KernelTable {
   RowwiseFn bernoulli_elbo_fwd, bernoulli_elbo_bwd;
   ReparamFn reparameterize_fwd, reparameterize_bwd;
   LinearFn bias_act_fwd, act_bwd;
+  BinarizeFn gather_binarize;
 };
 
 const KernelTable& kernels();

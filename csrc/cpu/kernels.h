@@ -23,6 +23,7 @@
   void bernoulli_elbo_bwd(const RowwiseParams& p);                                            \
   void reparameterize_fwd(const ReparamParams& p);                                            \
   void reparameterize_bwd(const ReparamParams& p);                                            \
+  void gather_binarize(const BinarizeParams& p);                                              \
   /* linear-layer epilogues: y = act(y + bias) in place; grad_pre, grad_bias from grad_y, y */ \
   void bias_act_fwd(const LinearParams& p);                                                   \
   void act_bwd(const LinearParams& p);                                                        \

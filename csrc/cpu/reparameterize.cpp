@@ -7,6 +7,7 @@
 
 #include "common/params.h"
 #include "cpu/kernels.h"
+#include "ops/binarize.h"
 #include "ops/philox.h"
 #include "ops/reparameterize.h"
 
@@ -33,6 +34,19 @@ void fill_normals(uint64_t seed, uint64_t offset, int64_t i0, int64_t n, float* 
   for (int64_t c = c0; c < c1; ++c) {
     const philox::Normal4 v = philox::normal4(seed, offset + static_cast<uint64_t>(c));
     for (int k = 0; k < 4; ++k) buf[4 * (c - c0) + k] = v.v[k];
+  }
+  std::copy(buf + (i0 - 4 * c0), buf + (i0 - 4 * c0) + n, dst);
+}
+
+// uniforms of elements [i0, i0 + n) of the draw (seed, 0), n <= kChunk; NOTE: [Counter-based binarization]
+void fill_uniforms(uint64_t seed, int64_t i0, int64_t n, float* dst) {
+  alignas(64) float buf[kChunk + 8];
+  const int64_t c0 = i0 / 4;
+  const int64_t c1 = (i0 + n + 3) / 4;
+#pragma omp simd
+  for (int64_t c = c0; c < c1; ++c) {
+    const philox::U32x4 w = philox::words4(seed, static_cast<uint64_t>(c));
+    for (int k = 0; k < 4; ++k) buf[4 * (c - c0) + k] = philox::uniform_open1(w.v[k]);
   }
   std::copy(buf + (i0 - 4 * c0), buf + (i0 - 4 * c0) + n, dst);
 }
@@ -112,6 +126,25 @@ void reparameterize_fwd(const ReparamParams& p) {
 void reparameterize_bwd(const ReparamParams& p) {
   if (p.dtype == DType::kFloat64) reparameterize_bwd_t<double>(p);
   else reparameterize_bwd_t<float>(p);
+}
+
+// Rows in chunks of at most kChunk elements' uniforms; each chunk is drawn for its global element range.
+void gather_binarize(const BinarizeParams& p) {
+  const int64_t R = p.rows, D = p.cols;
+  if (R == 0 || D == 0) return;
+#pragma omp parallel for schedule(static) if (R * D >= kParallelGrain)
+  for (int64_t r = 0; r < R; ++r) {
+    const float* src = p.src + (p.index ? p.index[r] : r) * D;
+    float* out = p.out + r * D;
+    const int64_t e0 = (p.first_row + r) * D;
+    alignas(64) float u[kChunk];
+    for (int64_t c0 = 0; c0 < D; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, D - c0);
+      fill_uniforms(p.seed, e0 + c0, n, u);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[c0 + j] = ops::binarize(src[c0 + j], u[j]);
+    }
+  }
 }
 
 }  // namespace PYVAE_CPU_ARCH

@@ -23,6 +23,7 @@ void bernoulli_elbo_fwd(const RowwiseParams& p);
 void bernoulli_elbo_bwd(const RowwiseParams& p);
 void reparameterize_fwd(const ReparamParams& p);
 void reparameterize_bwd(const ReparamParams& p);
+void gather_binarize(const BinarizeParams& p);
 void bias_act_fwd(const LinearParams& p);
 // With p.grad_bias, p.workspace must hold act_bwd_workspace_bytes(p.dtype, p.rows, p.cols) bytes.
 void act_bwd(const LinearParams& p);

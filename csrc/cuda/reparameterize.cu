@@ -3,6 +3,7 @@
 #include "common/params.h"
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
+#include "ops/binarize.h"
 #include "ops/philox.h"
 #include "ops/reparameterize.h"
 
@@ -74,7 +75,36 @@ __global__ void reparam_bwd_kernel(ReparamParams p) {
   }
 }
 
+// ------------------------------------------------------------------------------ binarization
+// One thread per Philox counter: four consecutive elements of the global draw
+// (NOTE: [Counter-based binarization]); the batch's elements are first_row * cols onwards.
+__global__ void gather_binarize_kernel(BinarizeParams p) {
+  const int64_t first = p.first_row * p.cols;
+  const int64_t last = first + p.rows * p.cols;
+  const int64_t c_first = first / 4;
+  const int64_t c_last = (last + 3) / 4;
+  for (int64_t c = c_first + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < c_last;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const philox::U32x4 w = philox::words4(p.seed, static_cast<uint64_t>(c));
+    for (int k = 0; k < 4; ++k) {
+      const int64_t e = 4 * c + k;
+      if (e < first || e >= last) continue;
+      const int64_t r = (e - first) / p.cols, col = (e - first) % p.cols;
+      const int64_t src_row = p.index ? p.index[r] : r;
+      p.out[r * p.cols + col] = ops::binarize(p.src[src_row * p.cols + col], philox::uniform_open1(w.v[k]));
+    }
+  }
+}
+
 }  // namespace
+
+void gather_binarize(const BinarizeParams& p) {
+  if (p.rows == 0 || p.cols == 0) return;
+  DeviceGuard guard(p.device);
+  const int64_t counters = (p.rows * p.cols + 6) / 4 + 1;
+  gather_binarize_kernel<<<blocks_for(counters, 256), 256, 0, stream_of(p.stream)>>>(p);
+  check_launch("gather_binarize");
+}
 
 std::vector<DType> reparam_kernel_dtypes() { return dtypes_in(Dispatched{}); }
 

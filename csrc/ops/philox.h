@@ -92,6 +92,20 @@ PYVAE_HD PYVAE_FORCEINLINE Normal4 normal4(uint64_t seed, uint64_t counter) {
   return out;
 }
 
+// NOTE: [Counter-based binarization]
+// The same layout for uniforms: element i of a draw takes word i % 4 of Philox4x32-10(counter =
+// offset + i / 4, key = seed), as a float in [0, 1) from its top 24 bits. Dynamic binarization of
+// training batches (csrc/ops/binarize.h) draws element (row, col) of a global batch as element
+// row * cols + col, so a data-parallel shard draws exactly the uniforms of its rows.
+PYVAE_HD PYVAE_FORCEINLINE U32x4 words4(uint64_t seed, uint64_t counter) {
+  U32x4 c;
+  c.v[0] = static_cast<uint32_t>(counter);
+  c.v[1] = static_cast<uint32_t>(counter >> 32);
+  c.v[2] = 0u;
+  c.v[3] = 0u;
+  return philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
 // The normal for element i of the draw (seed, offset); see [Counter-based eps].
 PYVAE_HD PYVAE_FORCEINLINE float normal_at(uint64_t seed, uint64_t offset, uint64_t i) {
   const Normal4 n = normal4(seed, offset + i / kNormalsPerCounter);

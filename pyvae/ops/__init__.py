@@ -29,6 +29,7 @@ name the argument), then one module per op.
 from .bernoulli_elbo import bernoulli_elbo
 from .bernoulli_log_prob import bernoulli_log_prob
 from .gaussian_kl import gaussian_kl
+from .gather_binarize import gather_binarize
 from .gaussian_log_prob import gaussian_log_prob
 from .linear_act import ACTIVATIONS, forget_routes, fused_only, linear_act
 from .reparameterize import draw_seed, reparameterize, reparameterize_shard, seed_for
@@ -46,4 +47,5 @@ __all__ = [
     "draw_seed",
     "reparameterize_shard",
     "seed_for",
+    "gather_binarize",
 ]
