@@ -77,3 +77,29 @@ def broadcast(named: Sequence[tuple], *, op: str) -> tuple:
 
 def numel(shape) -> int:
     return math.prod(shape)
+
+
+def grad_of(op: str, grad, shape, device) -> torch.Tensor:
+    """A backward op's upstream gradient: a floating-point tensor of the output's shape on the inputs' device
+    (backward ops are public through torch.ops.pyvae)."""
+    if not isinstance(grad, torch.Tensor):
+        raise TypeError(f"pyvae.{op}: grad must be a torch.Tensor, got {type(grad).__name__}")
+    if grad.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"pyvae.{op}: grad must be a floating-point tensor, got dtype {grad.dtype}")
+    if tuple(grad.shape) != tuple(shape) or grad.device != device:
+        raise ValueError(f"pyvae.{op}: grad must have the output's shape {tuple(shape)} on {device}, got "
+                         f"{tuple(grad.shape)} on {grad.device}")
+    return grad
+
+
+def output_mask(op: str, mask, n: int) -> None:
+    """A backward op's output_mask: one entry per tensor input."""
+    if len(mask) != n:
+        raise ValueError(f"pyvae.{op}: output_mask must have {n} entries (one per tensor input), got {len(mask)}")
+
+
+def required(op: str, names: Sequence[str], values: Sequence) -> None:
+    """Tensor arguments that may not be None (torch.ops passes None through for a Tensor argument)."""
+    for name, v in zip(names, values):
+        if v is None:
+            raise TypeError(f"pyvae.{op}: {name} must be a torch.Tensor, got None")

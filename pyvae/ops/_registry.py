@@ -7,6 +7,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from ._checks import output_mask
+
 __all__ = ["LIB", "register", "call", "eager_ok", "eager_function", "first_order_only", "FirstOrderOnly", "placeholder"]
 
 LIB = torch.library.Library("pyvae", "DEF")
@@ -160,6 +162,7 @@ def _define_required_backward(name, bwd_schema, n_tensors, n_optional, bwd_impl,
     def required_only(fn):
         def op(grad, *args):
             *inputs, mask = args
+            output_mask(f"{name}_required_backward", mask, len(inputs))
             return fn(grad, *inputs, *([None] * n_optional), list(mask) + [False] * n_optional)[: len(inputs)]
         return op
 

@@ -85,6 +85,7 @@ def _forward(op: str, named: Sequence[tuple]) -> torch.Tensor:
 def _backward(op: str, grad: torch.Tensor, named: Sequence[tuple], mask: Sequence[bool]):
     present = [(n, t) for n, t in named if t is not None]
     full, dtype, device = plan(op, present)
+    V.grad_of(op + "_backward", grad, full[:-1], device)
     _gate.check_device(op, device)
     lead, cols = full[:-1], full[-1]
     rows = V.numel(lead)
@@ -106,7 +107,8 @@ def _fake_forward(op: str, named: Sequence[tuple]) -> torch.Tensor:
 
 
 def _fake_backward(op: str, grad: torch.Tensor, named: Sequence[tuple], mask: Sequence[bool]):
-    plan(op, [(n, t) for n, t in named if t is not None])
+    full, _, device = plan(op, [(n, t) for n, t in named if t is not None])
+    V.grad_of(op + "_backward", grad, full[:-1], device)
     return tuple(t.new_empty(t.shape) if (m and t is not None) else placeholder(t, grad)
                  for (_, t), m in zip(named, mask))
 
@@ -118,18 +120,31 @@ def register_rowwise(name: str, schema: str, bwd_schema: str, arg_names: Sequenc
     ``fill`` maps the op's tensor arguments to the ones the kernel gets (optional ones completed with
     real values, NOTE: [No None in backward ops]).
     """
+    n_req = len(arg_names) - n_optional
+    req_names = arg_names[:n_req]
+
+    def check(args, mask=None):
+        if any(a is None for a in args[:n_req]):
+            V.required(name, req_names, args[:n_req])
+        if mask is not None:
+            V.output_mask(name + "_backward", mask, len(args))
+
     def impl(*args):
+        check(args)
         return _forward(name, list(zip(arg_names, fill(*args))))
 
     def bwd_impl(grad, *args):
         *inputs, mask = args
+        check(inputs, mask)
         return _backward(name, grad, list(zip(arg_names, fill(*inputs))), mask)
 
     def fake(*args):
+        check(args)
         return _fake_forward(name, list(zip(arg_names, fill(*args))))
 
     def bwd_fake(grad, *args):
         *inputs, mask = args
+        check(inputs, mask)
         return _fake_backward(name, grad, list(zip(arg_names, fill(*inputs))), mask)
 
     register(name, schema, bwd_schema, impl=impl, bwd_impl=bwd_impl, fake=fake, bwd_fake=bwd_fake,

@@ -21,6 +21,7 @@ _OP = "bernoulli_elbo"
 def _plan(logits, x, mu, logvar):
     """Validates the fused ELBO's inputs; returns (lead, samples, D, Z, dtype, device)."""
     named = [("logits", logits), ("x", x), ("mu", mu), ("logvar", logvar)]
+    V.required(_OP, [n for n, _ in named], [t for _, t in named])
     for n, t in named:
         V.tensor(n, t, op=_OP)
     dtype, device = V.same_dtype_device(named, op=_OP)
@@ -72,8 +73,14 @@ def _impl(logits, x, mu, logvar):
     return out
 
 
+def _check_backward(grad, mask, lead, device):
+    V.grad_of(_OP + "_backward", grad, lead, device)
+    V.output_mask(_OP + "_backward", mask, 4)
+
+
 def _bwd_impl(grad, logits, x, mu, logvar, mask):
     lead, samples, D, Z, dtype, device = _plan(logits, x, mu, logvar)
+    _check_backward(grad, mask, lead, device)
     _gate.check_device(_OP, device)
     rows = V.numel(lead)
     cd = _gate.kernel_dtype(dtype, device)
@@ -100,7 +107,8 @@ def _fake(logits, x, mu, logvar):
 
 
 def _bwd_fake(grad, logits, x, mu, logvar, mask):
-    _plan(logits, x, mu, logvar)
+    lead, _, _, _, _, device = _plan(logits, x, mu, logvar)
+    _check_backward(grad, mask, lead, device)
     return tuple(t.new_empty(t.shape) if m else t.new_zeros(1) for t, m in zip((logits, x, mu, logvar), mask))
 
 

@@ -43,7 +43,8 @@ _CASTABLE = (torch.float32, torch.bfloat16, torch.float16)  # what autocast lowe
 def _fast_valid(x, weight, bias, activation, autocast: bool = False) -> bool:
     """The common, valid CPU case in one expression (a few us less per call at small batch than the
     named checks of ``_check``). ``autocast``: dtypes may differ if all are ones autocast casts."""
-    return (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and activation in ACTIVATIONS
+    return (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and type(activation) is str
+            and activation in ACTIVATIONS
             and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1] and x.is_cpu and weight.is_cpu
             and ((x.dtype in _CASTABLE and weight.dtype in _CASTABLE) if autocast
                  else (x.dtype in _FAST_DTYPES and weight.dtype == x.dtype))
@@ -75,7 +76,7 @@ def _check(x, weight, bias, activation):
             f"pyvae.{op}: x has {x.shape[-1]} features (last dim of shape {tuple(x.shape)}) but weight expects "
             f"in_features = {weight.shape[1]}"
         )
-    if activation not in ACTIVATIONS:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"pyvae.{op}: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     _gate.check_device(op, x.device)
 
@@ -85,10 +86,15 @@ def _linear_act_impl(x, weight, bias, activation):
     return _forward(x, weight, bias, ACTIVATIONS[activation])
 
 
+def _rows(t: torch.Tensor) -> int:
+    """The rows of ``t`` as a 2-D [rows, features] matrix (its leading dims' product)."""
+    return V.numel(t.shape[:-1])
+
+
 def _forward(x, weight, bias, act, onednn=None):
     """The forward of a validated call (``act`` = ACTIVATIONS code; ``onednn=False``: torch's GEMMs)."""
     flat = x.dim() == 2
-    x2 = x if flat else x.reshape(-1, x.shape[-1])
+    x2 = x if flat else x.reshape(_rows(x), x.shape[-1])  # (not -1: a dim may be 0)
     cpu = x2.is_cpu
     if not cpu and _cublaslt.available():
         # cuBLASLt: bias (and ReLU) in the GEMM's epilogue, pyvae's kernel for the other activations.
@@ -123,17 +129,17 @@ def _backward_core(grad, x, weight, out, has_bias, act, mask, onednn=None):
     not needed. Inputs are already validated (by the forward or the op wrapper below)."""
     in_features, out_features = weight.shape[1], weight.shape[0]
     flat = x.dim() == 2
-    g2 = grad if grad.dim() == 2 else grad.reshape(-1, out_features)
+    g2 = grad if grad.dim() == 2 else grad.reshape(_rows(grad), out_features)
     if g2.dtype != x.dtype:
         g2 = g2.to(x.dtype)
     if not g2.is_contiguous():
         g2 = g2.contiguous()
-    x2 = x if flat else x.reshape(-1, in_features)
+    x2 = x if flat else x.reshape(_rows(x), in_features)
     rows = g2.shape[0]
     need_bias = bool(has_bias and mask[2])
     cpu = g2.is_cpu
     if not cpu and _cublaslt.available():
-        y2 = None if act == _IDENTITY else out.reshape(-1, out_features).contiguous()
+        y2 = None if act == _IDENTITY else out.reshape(_rows(out), out_features).contiguous()
         r = _cublaslt.linear_bwd(g2, x2.contiguous(), weight.contiguous(), y2, act, bool(mask[0]), bool(mask[1]),
                                  need_bias)
         if r is not None:
@@ -157,7 +163,7 @@ def _backward_core(grad, x, weight, out, has_bias, act, mask, onednn=None):
                           workspace=None if cpu or not need_bias else _gate.act_bwd_workspace(gk))
     else:
         gk = g2 if kd == g2.dtype else g2.to(kd)
-        yk = out if out.dim() == 2 else out.reshape(-1, out_features)
+        yk = out if out.dim() == 2 else out.reshape(_rows(out), out_features)
         if yk.dtype != kd:
             yk = yk.to(kd)
         if not yk.is_contiguous():
@@ -195,6 +201,8 @@ def _check_backward(grad, x, weight, out, activation, output_mask):
                          f"weight {tuple(weight.shape)}), got {tuple(grad.shape)} on {grad.device}")
     if ACTIVATIONS[activation] != _IDENTITY:
         V.tensor("out", out, op=op)
+        if out.dtype != x.dtype:
+            raise TypeError(f"pyvae.{op}: out (the forward's output) must have x's dtype {x.dtype}, got {out.dtype}")
         if tuple(out.shape) != want or out.device != x.device:
             raise ValueError(f"pyvae.{op}: out (the forward's output) must have shape {want} on {x.device}, got "
                              f"{tuple(out.shape)} on {out.device}")

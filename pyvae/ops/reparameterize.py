@@ -29,6 +29,8 @@ def _plan(mu, logvar, samples, seed):
         raise ValueError(f"pyvae.{_OP}: samples must be a non-negative int (0: no sample dim), got {samples!r}")
     if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.shape != (2,):
         raise ValueError(f"pyvae.{_OP}: seed must be an int64 tensor of shape [2] (seed, offset)")
+    if not (seed.is_cpu or seed.device == device):
+        raise ValueError(f"pyvae.{_OP}: seed must be on the CPU or on mu's device {device}, got {seed.device}")
     if seed.device.type != "cpu" and seed.device != device:
         raise ValueError(f"pyvae.{_OP}: seed must be on the CPU or on mu's device {device}, got {seed.device}")
     shape = tuple(shape)
@@ -88,8 +90,14 @@ def _impl(mu, logvar, samples, seed):
     return z
 
 
+def _check_backward(grad, mask, out_shape, device):
+    V.grad_of(_OP + "_backward", grad, out_shape, device)
+    V.output_mask(_OP + "_backward", mask, 2)
+
+
 def _bwd_impl(grad, mu, logvar, samples, seed, mask):
     shape, out_shape, dtype, device = _plan(mu, logvar, samples, seed)
+    _check_backward(grad, mask, out_shape, device)
     _gate.check_device(_OP, device)
     cd = _gate.kernel_dtype(dtype, device)
     n = V.numel(shape)
@@ -114,7 +122,8 @@ def _fake(mu, logvar, samples, seed):
 
 
 def _bwd_fake(grad, mu, logvar, samples, seed, mask):
-    _plan(mu, logvar, samples, seed)
+    _, out_shape, _, device = _plan(mu, logvar, samples, seed)
+    _check_backward(grad, mask, out_shape, device)
     return tuple(t.new_empty(t.shape) if m else t.new_zeros(1) for t, m in zip((mu, logvar), mask))
 
 
@@ -202,8 +211,8 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, samples: Optional[
             n = operator.index(samples) if not isinstance(samples, bool) else None
         except TypeError:
             n = None
-        if n is None or n < 1:
-            raise ValueError(f"pyvae.reparameterize: samples must be None or an int >= 1, got {samples!r}")
+        if n is None or not 1 <= n < 2**62:
+            raise ValueError(f"pyvae.reparameterize: samples must be None or an int in [1, 2**62), got {samples!r}")
         samples = n
     seed = seed_for(mu.device, generator) if isinstance(mu, torch.Tensor) else _seed_tensor(draw_seed(generator))
     return call(_OP, mu, logvar, 0 if samples is None else samples, seed)
