@@ -37,7 +37,7 @@ import torch
 from . import _gate
 from ._version import __version__
 
-__all__ = ["mode", "enabled", "lookup", "decide", "cache_path", "machine_key", "entries", "clear", "measure"]
+__all__ = ["cpu_model", "mode", "enabled", "lookup", "decide", "cache_path", "machine_key", "entries", "clear", "measure"]
 
 _LOG = logging.getLogger("pyvae.tune")
 _VERSION = 1
@@ -59,7 +59,8 @@ def enabled() -> bool:
     return mode() != "off"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), as results and caches name the machine."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -74,7 +75,7 @@ def machine_key() -> Dict[str, object]:
     """What a measured route depends on besides the shape."""
     if _state["key"] is None:
         _state["key"] = {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "pyvae_cpu_arch": _gate.cpu_arch(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,

@@ -66,32 +66,6 @@ PYVAE_HD PYVAE_FORCEINLINE float uniform_open1(uint32_t r) {
 // (a data-parallel shard's offset) reads it from here.
 constexpr int kNormalsPerCounter = 4;
 
-struct Normal4 {
-  float v[4];
-};
-
-// Four N(0, 1) draws for one counter: Box-Muller on (r0, r1) and (r2, r3):
-// n = sqrt(-2 log u1) * (cos(2 pi u2), sin(2 pi u2)).
-PYVAE_HD PYVAE_FORCEINLINE Normal4 normal4(uint64_t seed, uint64_t counter) {
-  U32x4 c;
-  c.v[0] = static_cast<uint32_t>(counter);
-  c.v[1] = static_cast<uint32_t>(counter >> 32);
-  c.v[2] = 0u;
-  c.v[3] = 0u;
-  const U32x4 r = philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  Normal4 out;
-  for (int pair = 0; pair < 2; ++pair) {
-    const float u1 = uniform_open0(r.v[2 * pair]);
-    const float u2 = uniform_open1(r.v[2 * pair + 1]);
-    const float rad = sqrtf(-2.0f * math::log_positive(u1));
-    float s, co;
-    math::sincos_2pi(u2, &s, &co);
-    out.v[2 * pair] = rad * co;
-    out.v[2 * pair + 1] = rad * s;
-  }
-  return out;
-}
-
 // NOTE: [Counter-based binarization]
 // The same layout for uniforms: element i of a draw takes word i % 4 of Philox4x32-10(counter =
 // offset + i / 4, key = seed), as a float in [0, 1) from its top 24 bits. Dynamic binarization of
@@ -104,6 +78,27 @@ PYVAE_HD PYVAE_FORCEINLINE U32x4 words4(uint64_t seed, uint64_t counter) {
   c.v[2] = 0u;
   c.v[3] = 0u;
   return philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+struct Normal4 {
+  float v[4];
+};
+
+// Four N(0, 1) draws for one counter: Box-Muller on (r0, r1) and (r2, r3):
+// n = sqrt(-2 log u1) * (cos(2 pi u2), sin(2 pi u2)).
+PYVAE_HD PYVAE_FORCEINLINE Normal4 normal4(uint64_t seed, uint64_t counter) {
+  const U32x4 r = words4(seed, counter);
+  Normal4 out;
+  for (int pair = 0; pair < 2; ++pair) {
+    const float u1 = uniform_open0(r.v[2 * pair]);
+    const float u2 = uniform_open1(r.v[2 * pair + 1]);
+    const float rad = sqrtf(-2.0f * math::log_positive(u1));
+    float s, co;
+    math::sincos_2pi(u2, &s, &co);
+    out.v[2 * pair] = rad * co;
+    out.v[2 * pair + 1] = rad * s;
+  }
+  return out;
 }
 
 // The normal for element i of the draw (seed, offset); see [Counter-based eps].

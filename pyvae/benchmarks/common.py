@@ -190,17 +190,6 @@ def run_family(args: argparse.Namespace, family: str, run) -> tuple[list, dict, 
     return rows, (rows[0]["machine"] if rows else machine_info(args)), out
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git_rev() -> str | None:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
@@ -217,9 +206,10 @@ def machine_info(args: argparse.Namespace) -> dict:
     import torch
 
     import pyvae
+    from pyvae._tune import cpu_model
 
     info = {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "threads": torch.get_num_threads(),
