@@ -34,7 +34,6 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.database import DirectoryBasedExampleDatabase  # noqa: E402
 
 import pyvae  # noqa: E402
-from pyvae import reference  # noqa: E402
 from conftest import TOL, check_path, op_path  # noqa: E402
 
 # ----------------------------------------------------------------------------------- profiles
