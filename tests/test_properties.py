@@ -43,7 +43,7 @@ _PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shri
 _COMMON = dict(deadline=None, print_blob=True, phases=_PHASES,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 # ci: the same examples every run (derandomized), so a red CI run is a change in pyvae, not a new draw
-settings.register_profile("pyvae-ci", max_examples=40, derandomize=True, **_COMMON)
+settings.register_profile("pyvae-ci", max_examples=100, derandomize=True, **_COMMON)
 settings.register_profile("pyvae-long", max_examples=10_000, database=_DB, **_COMMON)
 PROFILE = os.environ.get("PYVAE_HYPOTHESIS_PROFILE", "ci")
 if PROFILE not in ("ci", "long"):
