@@ -1,6 +1,6 @@
 """Runs misuse cases for tests/test_misuse.py in a subprocess (so a crash cannot take pytest down).
 
-Reads a JSON job from stdin: {"cases": [{"id", "code", "ref", "dtype"}, ...], "fork": bool}; with
+Reads a JSON job from stdin: {"cases": [{"id", "code", "ref", "dtype"}, ...], "fork": bool, "tol"}; with
 ``fork``, each case runs in a forked child of this process (cases known to crash: cheap isolation).
 For each case it prints one line ``{"start": id}`` before running it and one result line after,
 flushing both: if the process dies, the parent knows which case was running. A case's ``code`` must
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 import pyvae
 from pyvae import reference  # noqa: F401  (used by case code)
-from conftest import TOL
+
+TOL = {}  # {dtype: (rtol, atol)}: conftest.py's table, sent by the parent with the job
 
 P = torch.ops.pyvae
 _gen = torch.Generator()
@@ -219,8 +220,10 @@ def run_forked(case):
 
 
 def main():
-    """stdin: {"cases": [...], "fork": bool}; with fork, every case runs in a forked child."""
+    """stdin: {"cases": [...], "fork": bool, "tol": {dtype name: [rtol, atol]}}; with fork, every case
+    runs in a forked child."""
     job = json.load(sys.stdin)
+    TOL.update({getattr(torch, name): tuple(v) for name, v in job["tol"].items()})
     for case in job["cases"]:
         print(json.dumps({"start": case["id"]}), flush=True)
         print(json.dumps(run_forked(case) if job["fork"] else run_case(case)), flush=True)

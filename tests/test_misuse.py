@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import pyvae  # noqa: F401  (registers torch.ops.pyvae)
+from conftest import TOL
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ACCEPTED = ("TypeError", "ValueError", "RuntimeError")
@@ -513,8 +514,8 @@ CASES[:] = [Case(c.id, c.code, c.expect, c.names, c.ref, c.dtype, True) if c.id 
 def _spawn(cases, timeout, fork=False):
     """Runs ``cases`` in one child (each in a forked grandchild with ``fork``); returns ({id: result},
     id running when the child died or None, detail)."""
-    payload = json.dumps({"fork": fork, "cases": [{"id": c.id, "code": c.code, "ref": c.ref, "dtype": c.dtype}
-                                                 for c in cases]})
+    payload = json.dumps({"fork": fork, "tol": {str(dt).split(".")[1]: tol for dt, tol in TOL.items()},
+                          "cases": [{"id": c.id, "code": c.code, "ref": c.ref, "dtype": c.dtype} for c in cases]})
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
     try:
         proc = subprocess.run([sys.executable, os.path.join(HERE, "misuse_child.py")], input=payload, text=True,
