@@ -39,6 +39,8 @@ def gather_binarize(src: torch.Tensor, index: Optional[torch.Tensor] = None, *, 
         raise TypeError(f"pyvae.gather_binarize: src must be a 2-D float32 tensor, got "
                         f"{src.dtype if isinstance(src, torch.Tensor) else type(src).__name__}"
                         f"{'' if not isinstance(src, torch.Tensor) else ' ' + str(tuple(src.shape))}")
+    if src.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"pyvae.gather_binarize: src is on {src.device}; pyvae has kernels for cpu and cuda")
     if index is not None:
         if not isinstance(index, torch.Tensor) or index.dtype != torch.int64 or index.dim() != 1:
             raise TypeError("pyvae.gather_binarize: index must be a 1-D int64 tensor or None")
