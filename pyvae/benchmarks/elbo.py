@@ -145,6 +145,14 @@ def run(args, out: str) -> list:
             fns = _provider_fns(case, args.providers)
             steps_full, compile_s = C.first_calls(fns, case["args"], {p: case["leaves"] for p in fns},
                                                   case["grad_out"])
+            floor_ms = None
+            if op == "elbo_step" and "full" in args.modes:
+                # The memory floor of the step: one read of logits and x, one write of a fresh [B, D]
+                # gradient (torch.add into a new tensor: its page faults included), timed alike.
+                logits, x = case["args"][0], case["args"][1]
+                add = C.Step(lambda: torch.add(logits.detach(), x), [], None, "forward")
+                floor_ms = C.measure_case({"floor": add}, device=args.device, reps=args.reps, target_s=args.target_s / 2,
+                                          memory=False)["floor"]["median_ms"]
             for mode in args.modes:
                 res = C.measure_case(C.in_mode(steps_full, mode), device=args.device, reps=args.reps, target_s=args.target_s,
                                      memory=not args.no_memory)
@@ -154,12 +162,16 @@ def run(args, out: str) -> list:
                     "threads": machine["threads"], "results": res, "ratios": C.ratios(res),
                     "first_call_s": compile_s, "loadavg": os.getloadavg(), "machine": machine,
                 }
+                if floor_ms is not None and mode == "full":
+                    row["memory_floor_ms"] = floor_ms
+                    row["vs_floor"] = {p: r["median_ms"] / floor_ms for p, r in res.items()}
                 rows.append(row)
                 C.append_jsonl(out, [row])  # row by row: an interrupted run keeps what it measured
                 summary = "  ".join(f"{p}={r['median_ms']:.4g}ms" for p, r in res.items())
                 r0 = next(iter(res.values()))
                 load = "-" if r0["foreign_cpu"] is None else f"{100 * r0['foreign_cpu']:.0f}%"
-                print(f"[{op} {mode} B={B}] {summary}  reps={r0['reps']} other-cpu={load} "
+                floor = f"  floor={floor_ms:.4g}ms" if (floor_ms is not None and mode == "full") else ""
+                print(f"[{op} {mode} B={B}] {summary}{floor}  reps={r0['reps']} other-cpu={load} "
                       f"attempts={r0['attempts']}", file=sys.stderr, flush=True)
     return rows
 
