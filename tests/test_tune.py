@@ -108,9 +108,10 @@ def test_shape_classes_are_measured_once(tuning, monkeypatch):
     assert len(calls) == 3
 
 
-def _child(env_extra, code):
+def _child(env_extra, code, cwd):
+    # From outside the checkout: its pyvae/ (no compiled _C) must not shadow the installed package.
     env = {**os.environ, **env_extra}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
 
 
 def test_the_cache_is_reused_by_the_next_process(tmp_path):
@@ -118,18 +119,18 @@ def test_the_cache_is_reused_by_the_next_process(tmp_path):
             "pyvae.linear_act(torch.randn(32, 48, requires_grad=True), torch.randn(24, 48), None, 'tanh')\n"
             "print(len(_tune.entries()))\n")
     env = {"PYVAE_CACHE_DIR": str(tmp_path), "PYVAE_TUNE": "auto"}
-    first = _child(env, code)
+    first = _child(env, code, tmp_path)
     assert first.returncode == 0, first.stderr
     files = list(tmp_path.glob("routes-*.json"))
     if "busy: not cached" in first.stderr:
         pytest.skip("the machine was busy: the route was measured but, by design, not cached")
     assert len(files) == 1 and "route for linear_act 48->24 tanh" in first.stderr
-    second = _child(env, code)
+    second = _child(env, code, tmp_path)
     assert second.returncode == 0 and second.stdout.strip() == "1"
     assert "route for" not in second.stderr  # read from the cache, not measured again
-    forced = _child({**env, "PYVAE_TUNE": "force"}, code)
+    forced = _child({**env, "PYVAE_TUNE": "force"}, code, tmp_path)
     assert "route for linear_act 48->24 tanh" in forced.stderr
-    off = _child({"PYVAE_CACHE_DIR": str(tmp_path / "off"), "PYVAE_TUNE": "off"}, code)
+    off = _child({"PYVAE_CACHE_DIR": str(tmp_path / "off"), "PYVAE_TUNE": "off"}, code, tmp_path)
     assert off.returncode == 0 and off.stdout.strip() == "0" and not (tmp_path / "off").exists()
 
 
@@ -137,12 +138,12 @@ def test_tune_command_and_show(tmp_path):
     env = {"PYVAE_CACHE_DIR": str(tmp_path), "PYVAE_TUNE": "auto"}
     r = subprocess.run([sys.executable, "-m", "pyvae", "tune", "--batch-size", "16", "--hidden", "32",
                         "--latent", "4", "--x-dim", "64"], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, **env})
+                       env={**os.environ, **env}, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "tuned 4 layer routes" in r.stdout and "cache: " in r.stdout
     assert r.stdout.count("linear_act ") == 4  # enc 64->32, head 32->8, dec 4->32, logits 32->64
     show = subprocess.run([sys.executable, "-m", "pyvae", "tune", "--show"], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **env})
+                          timeout=300, env={**os.environ, **env}, cwd=tmp_path)
     assert show.returncode == 0 and "PYVAE_TUNE=auto" in show.stdout
 
 
