@@ -173,9 +173,14 @@ def decide(key: str, candidates: Dict[str, Callable[[], None]], *, what: str = "
                       "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "busy": busy}
     if mode() != "off" and not busy:
         _save()
-    _LOG.info("pyvae: route for %s: %s (%s)%s", what or key, best,
-              ", ".join(f"{n} {v * 1e3:.3f} ms" for n, v in ms.items()),
-              "; the machine was busy: not cached" if busy else f"; cached in {cache_path()}")
+    if not _state.get("announced"):
+        _state["announced"] = True
+        _LOG.info("pyvae: measuring the fastest route of each new layer shape on this machine (once per shape%s; "
+                  "pyvae tune --show lists them, PYVAE_TUNE=off turns this off)",
+                  ", not cached while the machine is busy" if busy else f", cached in {cache_path()}")
+    _LOG.debug("pyvae: route for %s: %s (%s)%s", what or key, best,
+               ", ".join(f"{n} {v * 1e3:.3f} ms" for n, v in ms.items()),
+               "; the machine was busy: not cached" if busy else f"; cached in {cache_path()}")
     return best
 
 
@@ -196,15 +201,16 @@ def clear() -> bool:
 
 def reset_for_tests(mode_: Optional[str] = None) -> None:
     """Re-reads the environment (tests, ``pyvae tune``): forgets the in-memory routes and machine key."""
-    _state.update(mode=mode_, routes=None, path=None, key=None)
+    _state.update(mode=mode_, routes=None, path=None, key=None, announced=False)
 
 
-def log_to_stderr() -> None:
-    """Shows the route decisions as they are made (the CLI turns this on)."""
+def log_to_stderr(detail: bool = False) -> None:
+    """Shows that routes are being measured (one line; the CLI turns this on), and with ``detail`` each
+    decision with its timings (``pyvae tune``)."""
     if not any(getattr(h, "_pyvae", False) for h in _LOG.handlers):
         h = logging.StreamHandler(sys.stderr)
         h._pyvae = True  # type: ignore[attr-defined]
         h.setFormatter(logging.Formatter("%(message)s"))
         _LOG.addHandler(h)
-        _LOG.setLevel(logging.INFO)
         _LOG.propagate = False
+    _LOG.setLevel(logging.DEBUG if detail else logging.INFO)

@@ -252,7 +252,7 @@ def _cmd_train(args) -> int:
 
     from . import _tune
 
-    _tune.log_to_stderr()  # a layer route measured during the first steps is shown as it is chosen
+    _tune.log_to_stderr()  # one line when layer routes are first measured (NOTE: [Measured routes])
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
     cfg = build_config(flags, config_file=args.config)
     res = train(cfg)
@@ -333,7 +333,7 @@ def _cmd_tune(args) -> int:
     if not args.show:
         if not _tune.enabled():
             raise ValueError("PYVAE_TUNE=off: routing by measurement is turned off")
-        _tune.log_to_stderr()
+        _tune.log_to_stderr(detail=True)
         r = tune_model(args.x_dim, args.latent, args.hidden, args.activation, layers=args.layers,
                        batch_sizes=args.batch_size, precisions=args.precision, force=args.force)
         print(f"tuned {len(r['routes'])} layer routes in {r['seconds']:.2f} s")

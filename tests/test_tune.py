@@ -115,7 +115,7 @@ def _child(env_extra, code, cwd):
 
 
 def test_the_cache_is_reused_by_the_next_process(tmp_path):
-    code = ("import torch, pyvae\nfrom pyvae import _tune\n_tune.log_to_stderr()\n"
+    code = ("import torch, pyvae\nfrom pyvae import _tune\n_tune.log_to_stderr(detail=True)\n"
             "pyvae.linear_act(torch.randn(32, 48, requires_grad=True), torch.randn(24, 48), None, 'tanh')\n"
             "print(len(_tune.entries()))\n")
     env = {"PYVAE_CACHE_DIR": str(tmp_path), "PYVAE_TUNE": "auto"}
