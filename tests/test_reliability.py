@@ -186,3 +186,16 @@ def test_stale_temporaries_are_removed_and_metrics_follow_the_checkpoint(tmp_pat
     got = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert got == [1, 2] == [h["epoch"] for h in r.history]
     assert len((out / "metrics.csv").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("fn", [
+    lambda m: pyvae.gaussian_kl(m, torch.zeros(3, 4)).sum(),
+    lambda m: pyvae.bernoulli_log_prob(m, torch.ones(3, 4)).sum(),
+    lambda m: pyvae.reparameterize(m, torch.zeros(3, 4)).sum(),
+    lambda m: pyvae.linear_act(m, torch.ones(2, 4), None, "tanh").sum(),
+], ids=["gaussian_kl", "bernoulli_log_prob", "reparameterize", "linear_act"])
+def test_torch_func_is_refused_with_a_clear_message(fn):
+    # NOTE: [torch.func]: torch's register_autograd Function cannot run under torch.func transforms; the
+    # message names the op and the way out instead of torch's setup_context error.
+    with pytest.raises(RuntimeError, match=r"pyvae\.\w+: torch.func transforms .* torch.autograd.grad"):
+        torch.func.grad(fn)(torch.randn(3, 4))

@@ -9,7 +9,7 @@ import torch
 
 from ._checks import output_mask
 
-__all__ = ["LIB", "register", "call", "eager_ok", "eager_function", "first_order_only", "FirstOrderOnly", "placeholder"]
+__all__ = ["LIB", "register", "call", "check_no_transform", "eager_ok", "eager_function", "first_order_only", "FirstOrderOnly", "placeholder"]
 
 LIB = torch.library.Library("pyvae", "DEF")
 
@@ -24,10 +24,15 @@ _DEVICE_KEYS = ("CPU", "CUDA")
 # needs grad, the gradients pass through FirstOrderOnly, whose backward raises (torch.compile's
 # CompiledFunctionBackward does the same). Plain backward (grad mode off) skips it.
 class FirstOrderOnly(torch.autograd.Function):
+    # forward + setup_context (not forward(ctx, ...)): the form torch.func transforms accept (the ops
+    # themselves still refuse them: NOTE: [torch.func]).
     @staticmethod
-    def forward(ctx, op, n, *tensors):
-        ctx.op = op
+    def forward(op, n, *tensors):
         return tuple(t.clone() for t in tensors[:n])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op = inputs[0]
 
     @staticmethod
     def backward(ctx, *grads):
@@ -85,10 +90,23 @@ def eager_ok(*tensors) -> bool:
     return True
 
 
+# NOTE: [torch.func]
+# torch 2.13's torch.library.register_autograd builds an autograd.Function without setup_context, which
+# torch.func transforms (grad, vjp, jacrev, vmap of a backward, ...) refuse with an error naming neither
+# the op nor a way out. pyvae's ops use it (through ``register``), so under a transform they raise first,
+# saying so: torch.autograd.grad on the same function computes the same first-order gradients.
+def check_no_transform(name: str) -> None:
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError(
+            f"pyvae.{name}: torch.func transforms (grad, vjp, jacrev, jvp, vmap) are not supported by pyvae's "
+            "ops; use torch.autograd.grad (or loss.backward()) for their first-order gradients")
+
+
 def call(name: str, *args):
     """Runs op ``name``: directly in plain eager mode, else through torch.ops.pyvae."""
     if eager_ok(*(a for a in args if isinstance(a, torch.Tensor))):
         return _EAGER[name](*args)
+    check_no_transform(name)
     return getattr(torch.ops.pyvae, name)(*args)
 
 

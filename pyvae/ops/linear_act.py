@@ -24,7 +24,7 @@ import torch
 
 from .. import _cublaslt, _gate, _gemm, _tune, reference
 from . import _checks as V
-from ._registry import FirstOrderOnly, LIB, eager_ok, first_order_only, register
+from ._registry import FirstOrderOnly, LIB, check_no_transform, eager_ok, first_order_only, register
 
 __all__ = ["linear_act", "ACTIVATIONS", "fused_only", "forget_routes", "ROUTES", "run_route"]
 
@@ -505,4 +505,5 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         if not _fast_valid(x, weight, bias, activation):
             _check(x, weight, bias, activation)
         return _run_route(_route_for(x, weight, bias, activation, x.dtype, None), x, weight, bias, activation, None)
+    check_no_transform(_OP)  # NOTE: [torch.func] in pyvae/ops/_registry.py
     return torch.ops.pyvae.linear_act(x, weight, bias, activation)
