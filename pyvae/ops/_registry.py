@@ -96,7 +96,8 @@ def eager_ok(*tensors) -> bool:
 # the op nor a way out. pyvae's ops use it (through ``register``), so under a transform they raise first,
 # saying so: torch.autograd.grad on the same function computes the same first-order gradients.
 def check_no_transform(name: str) -> None:
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    # (torch.compile traces with functorch's machinery too: the registered op is what it must see)
+    if torch._C._functorch.peek_interpreter_stack() is not None and not torch.compiler.is_compiling():
         raise RuntimeError(
             f"pyvae.{name}: torch.func transforms (grad, vjp, jacrev, jvp, vmap) are not supported by pyvae's "
             "ops; use torch.autograd.grad (or loss.backward()) for their first-order gradients")
