@@ -213,13 +213,14 @@ _MASKED_LOGVAR = -math.log(2.0 * math.pi)
 # NOTE: [Fitted proposal]
 # The importance proposal r(z) for an image is a mixture of M diagonal Gaussians (``components``, 2 by
 # default), each fitted to that image before any weight is computed:
-#   1. candidates: the encoder's q(z | x~) on C completed inputs x~ (the observed pixels with the missing
-#      ones filled by each of ``fills``: e.g. background, the mean image, the training images nearest on
-#      the observed pixels); the M candidates whose means score best on log p(x_obs | mu) + log p(mu) are
-#      kept (one decoder pass per candidate);
+#   1. candidates: the encoder's q(z | x~) on completed inputs x~: the observed pixels with the missing ones
+#      filled by each of ``fills`` (e.g. background, the mean image, the training images nearest on the
+#      observed pixels), and by E[x | z] of the prior draws z that best explain the evidence (``screen``
+#      draws decoded once, the best M per image); the M candidates whose means score best on
+#      log p(evidence | mu) + log p(mu) are kept (one decoder pass per candidate);
 #   2. fit: ``fit_steps`` Adam steps (lr 0.1, 4 draws per step) on each component's own ELBO of the
-#      evidence, E_q[log p(x_obs | z)] - KL(q || N(0, I)), per image (amortization-gap closing as in
-#      semi-amortized VI: the encoder has never seen a half image);
+#      evidence, E_q[log p(x_obs | z)] - KL(q || N(0, I)), per image (the encoder has never seen a half
+#      image, so its q is off: the amortization gap);
 #   3. spread: each fitted std times 1.2 (an ELBO fit is narrower than the posterior; importance sampling
 #      needs the proposal's tails wider than the target's), equal mixture weights, K draws stratified over
 #      the components (ceil/floor of K / M each) and weighted against the whole mixture density
@@ -227,8 +228,9 @@ _MASKED_LOGVAR = -math.log(2.0 * math.pi)
 # Chosen by measurement on the README's MNIST-5k model (docs/INFERENCE.md, "Choosing the proposal"): the
 # issue's encoder-on-mean-image proposal with doubled std had ESS ~3 of 2000 draws; refitting a Gaussian to
 # the weighted draws and redrawing (adaptive importance sampling) needed ~16000 draws to reach the
-# predictive this gets from 160 fit draws and 500 weighted ones; spread 1.0 and 1.5 were worse on log p(x_obs)
-# and on the predictive than 1.2; a full-covariance fit was no better than the diagonal in 20 steps.
+# log p(x_obs) this gets from 160 fit draws and 500 weighted ones; of the cheap settings it is the closest
+# to a 20000-draw reference predictive. Spread 1.0 gave a lower log p(x_obs), 1.5 and 2.0 a lower ESS and a
+# worse predictive; full-covariance and Student-t proposals were no better.
 _FIT_DRAWS = 4
 _FIT_LR = 0.1
 _SPREAD = 1.2
@@ -478,8 +480,11 @@ def inpaint(model, x: torch.Tensor, mask: torch.Tensor, steps: int = 20, samples
         components: importance: M, Gaussians in each image's proposal mixture.
         fills: importance: the fills of the missing pixels whose encodings are the candidate proposals
             (a sequence of numbers / ``[D]`` / ``[B, D]`` tensors, or a ``[C, B, D]`` tensor); default
-            ``(0.0, 0.5)``. ``pyvae.runs.inpaint_run`` passes the training-set mean image, 0 and the six
+            ``(0.0,)``. ``pyvae.runs.inpaint_run`` passes 0, the training-set mean image and the six
             training images nearest on the observed pixels.
+        screen: importance: prior draws z ~ N(0, I) decoded once and scored on each image's observed pixels;
+            the observed pixels completed by E[x | z] of the best ``components`` of them are more candidates
+            (0: none). Needs no training data.
 
     Returns:
         ``Inpainting(completions [S, B, D], mean [B, D], accept_rate, ess, log_px_obs, method)`` in x's
@@ -614,7 +619,7 @@ def denoise_importance(model, x_noisy: torch.Tensor, flip: float, *, draws: int 
         model: a trained Bernoulli ``pyvae.models.VAE``.
         x_noisy: ``[B, D]`` binary float tensor on the model's device.
         flip: the noise's bit-flip probability in [0, 0.5).
-        draws, fit_steps, components: as in ``inpaint``.
+        draws, fit_steps, components, screen: as in ``inpaint``.
         starts: the images whose encodings are the candidate proposals: a sequence of ``[B, D]`` tensors
             (or a ``[C, B, D]`` tensor); default: ``x_noisy`` and ``denoise(model, x_noisy, flip=flip)``.
         generator: torch generator for every draw.
@@ -680,7 +685,7 @@ def denoise(model, x_noisy: torch.Tensor, steps: int = 1, samples: int = 0,
         generator: torch generator for the z draws.
         flip: the noise's bit-flip probability in [0, 0.5), or None to ignore the noise model.
         method: ``"importance"`` (needs ``flip``) or ``"encoder"``; None picks as above.
-        **importance: ``draws``, ``fit_steps``, ``components``, ``starts`` of ``denoise_importance``.
+        **importance: ``draws``, ``fit_steps``, ``components``, ``starts``, ``screen`` of ``denoise_importance``.
 
     Returns:
         ``[B, D]`` tensor in x_noisy's dtype: probabilities for Bernoulli models (threshold at 0.5 for a
