@@ -154,34 +154,52 @@ def _inference_parsers(subparsers) -> None:
     """``pyvae inpaint`` and ``pyvae denoise``."""
     pos, nonneg = _pos_int, _nonneg_int
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = subparsers.add_parser("inpaint", help="fill missing pixels of test images (pseudo-Gibbs / Metropolis)",
-                              description="Fill the missing pixels of N test images (spread over the test set) of a run by "
-                                          "iterating encode -> z -> decode with the observed pixels clamped; "
-                                          "writes a PNG grid (originals / corrupted / completions / mean) and "
-                                          "prints the log-likelihood and error at the missing pixels.",
+    p = subparsers.add_parser("inpaint", help="fill missing pixels of test images (importance sampling, Gibbs, Metropolis)",
+                              description="Fill the missing pixels of N test images (spread over the test set) of a "
+                                          "run. Default method: the posterior predictive p(x_mis | x_obs) by importance "
+                                          "sampling with a per-image fitted proposal (also estimates log p(x_obs) and "
+                                          "reports the effective sample size); gibbs/metropolis: chains encode -> z -> "
+                                          "decode with the observed pixels clamped. Prints the log-likelihood and error "
+                                          "at the missing pixels for the model and two baselines (the training-set mean "
+                                          "image, the nearest training image on the observed pixels); writes a PNG grid "
+                                          "(originals / corrupted / completions / mean) and a reliability diagram.",
                               formatter_class=fmt)
     p.add_argument("run", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
     p.add_argument("--mask", type=_mask_spec, default="top-half",
                    help="top-half, bottom-half, left-half, right-half, random:P (fraction P missing) or a "
                         ".npy/.png file of the image shape (0/black = missing)")
     p.add_argument("--n", type=pos, default=16, help="number of test images")
-    p.add_argument("--steps", type=nonneg, default=20, help="iterations after the first pass")
-    p.add_argument("--samples", type=pos, default=4, help="completions (chains) per image")
-    p.add_argument("--metropolis", action="store_true", help="Metropolis-within-Gibbs correction")
+    p.add_argument("--method", choices=("importance", "gibbs", "metropolis"), default=None,
+                   help="inference method [importance; metropolis with --metropolis]")
+    p.add_argument("--metropolis", action="store_true", help="the same as --method metropolis")
+    p.add_argument("--steps", type=nonneg, default=20, help="gibbs/metropolis: iterations after the first pass")
+    p.add_argument("--samples", type=pos, default=4, help="completions per image (chains, or resampled draws)")
+    p.add_argument("--draws", type=pos, default=500, help="importance: weighted draws of z per image")
+    p.add_argument("--fit-steps", type=nonneg, default=20,
+                   help="importance: Adam steps fitting each proposal component to the image (0: the encoder's q)")
+    p.add_argument("--components", type=pos, default=2, help="importance: Gaussians in each image's proposal")
     p.add_argument("--seed", type=nonneg, default=0)
-    p.add_argument("--out", metavar="PNG", default=None, help="picture to write [RUN/inpaint.png]")
+    p.add_argument("--out", metavar="PNG", default=None,
+                   help="picture to write [RUN/inpaint.png]; the reliability diagram goes beside it (*_reliability.png)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--data-dir", default=None, help="where the data files are now")
-    d = subparsers.add_parser("denoise", help="reconstruct bit-flipped test images through the model",
-                              description="Flip each pixel of the first N binary test images with probability "
-                                          "--flip, reconstruct them through the model (E[x | z = mu(x)]) and "
-                                          "print the fraction of wrong pixels before and after; writes a PNG "
-                                          "grid (originals / noisy / denoised / thresholded).",
+    d = subparsers.add_parser("denoise", help="clean bit-flipped test images with the flip noise model",
+                              description="Flip each pixel of N binary test images (spread over the test set) with "
+                                          "probability --flip and denoise them with the flip noise model: by default "
+                                          "the posterior predictive of the clean image by importance sampling "
+                                          "(--method encoder: the flip posterior under draws from the encoder on the "
+                                          "noisy image). Prints the fraction of wrong pixels before and after, beside "
+                                          "a plain reconstruction, the mean image and the nearest training image; "
+                                          "writes a PNG grid (originals / noisy / denoised / thresholded).",
                               formatter_class=fmt)
     d.add_argument("run", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
     d.add_argument("--flip", type=_probability, default=0.1, help="probability of flipping each pixel")
     d.add_argument("--n", type=pos, default=16, help="number of test images")
-    d.add_argument("--steps", type=pos, default=1, help="reconstructions in a row")
+    d.add_argument("--method", choices=("importance", "encoder"), default="importance", help="denoiser")
+    d.add_argument("--steps", type=pos, default=1, help="encoder: reconstructions in a row")
+    d.add_argument("--draws", type=pos, default=500, help="importance: weighted draws of z per image")
+    d.add_argument("--fit-steps", type=nonneg, default=20, help="importance: Adam steps fitting the proposal")
+    d.add_argument("--components", type=pos, default=2, help="importance: Gaussians in each image's proposal")
     d.add_argument("--seed", type=nonneg, default=0)
     d.add_argument("--out", metavar="PNG", default=None, help="picture to write [RUN/denoise.png]")
     d.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]")
@@ -297,16 +315,31 @@ def _cmd_sample(args) -> int:
 def _cmd_inpaint(args) -> int:
     from .runs import inpaint_run
 
+    if args.metropolis and args.method not in (None, "metropolis"):
+        raise ValueError(f"--metropolis is --method metropolis; it cannot go with --method {args.method}")
+    method = "metropolis" if args.metropolis else (args.method or "importance")
     r = inpaint_run(args.run, mask=args.mask, n=args.n, steps=args.steps, samples=args.samples, seed=args.seed,
-                    metropolis=args.metropolis, out=args.out, device=args.device, data_dir=args.data_dir)
-    mm, mi = r["model"], r["mean_image"]
-    print(f"inpaint {args.mask}: {r['n']} test images, {mm['missing']} missing pixels, steps={args.steps}, "
-          f"samples={args.samples}{', metropolis' if args.metropolis else ''}")
-    print(f"  model:      log-lik {mm['ll']:.4f} nats/pixel, mean abs error {mm['mae']:.4f}, error rate {mm['err']:.4f}")
-    print(f"  mean image: log-lik {mi['ll']:.4f} nats/pixel, mean abs error {mi['mae']:.4f}, error rate {mi['err']:.4f}")
+                    method=method, draws=args.draws, fit_steps=args.fit_steps, components=args.components,
+                    out=args.out, device=args.device, data_dir=args.data_dir)
+    if r["method"] == "importance":
+        how = f"draws={r['draws']}, fit steps={r['fit_steps']}, components={r['components']}"
+    else:
+        how = f"steps={r['steps']}"
+    mm = r["model"]
+    print(f"inpaint {args.mask}: {r['n']} test images, {mm['missing']} missing pixels, method {r['method']} "
+          f"({how}), samples={r['samples']}, {r['seconds']:.1f} s")
+    for name, key in (("model", "model"), ("mean image", "mean_image"), ("nearest neighbour", "nearest_neighbour")):
+        v = r[key]
+        print(f"  {name + ':':<19}log-lik {v['ll']:.4f} nats/pixel, mean abs error {v['mae']:.4f}, "
+              f"error rate {v['err']:.4f}")
+    if "ess" in r:
+        e = r["ess"]
+        print(f"  effective sample size: median {e['median']:.1f}, mean {e['mean']:.1f}, min {e['min']:.1f} of "
+              f"{r['draws']} draws; log p(x_obs) {r['log_px_obs']:.2f} nats per image (mean)")
     if "accept_rate" in r:
         print(f"  Metropolis acceptance rate: {r['accept_rate']:.3f}")
-    print(f"picture: {r['png']}")
+    print(f"  calibration (model, missing pixels): expected calibration error {r['calibration']['ece']:.4f}")
+    print(f"pictures: {r['png']}, {r['reliability_png']}")
     return 0
 
 
@@ -314,11 +347,19 @@ def _cmd_denoise(args) -> int:
     from .runs import denoise_run
 
     r = denoise_run(args.run, flip=args.flip, n=args.n, steps=args.steps, seed=args.seed, out=args.out,
-                    device=args.device, data_dir=args.data_dir)
-    print(f"denoise: {r['n']} test images, flip {args.flip}, steps={args.steps}")
+                    device=args.device, data_dir=args.data_dir, method=args.method, draws=args.draws,
+                    fit_steps=args.fit_steps, components=args.components)
+    how = (f"draws={args.draws}, fit steps={args.fit_steps}, components={args.components}"
+           if r["method"] == "importance" else f"steps={args.steps}")
+    print(f"denoise: {r['n']} test images, flip {args.flip}, method {r['method']} ({how}), {r['seconds']:.1f} s")
     print(f"  wrong pixels: noisy {r['err_noisy']:.4f}; plain reconstruction {r['err_reconstruction']:.4f}; "
-          f"denoised with the flip noise model {r['err_denoised']:.4f}; "
-          f"log-lik of the clean image {r['ll_denoised']:.4f} nats/pixel")
+          f"mean image {r['err_mean_image']:.4f}; nearest neighbour {r['err_nearest_neighbour']:.4f}; "
+          f"denoised with the flip noise model {r['err_denoised']:.4f}")
+    print(f"  log-lik of the clean image {r['ll_denoised']:.4f} nats/pixel")
+    if "ess" in r:
+        e = r["ess"]
+        print(f"  effective sample size: median {e['median']:.1f}, mean {e['mean']:.1f}, min {e['min']:.1f} of "
+              f"{args.draws} draws; log p(x_noisy) {r['log_px_noisy']:.2f} nats per image (mean)")
     print(f"picture: {r['png']}")
     return 0
 

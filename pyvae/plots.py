@@ -10,7 +10,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["learning_curve", "image_grid", "sample_grid", "reconstructions", "manifold", "run_plots"]
+__all__ = ["learning_curve", "image_grid", "sample_grid", "reconstructions", "manifold", "reliability_diagram",
+           "run_plots"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -126,6 +127,50 @@ def manifold(model, image_shape: Tuple[int, int], path: PathLike, n: int = 20) -
     with torch.no_grad():
         imgs = model.mean(zz)
     return image_grid(imgs, image_shape, path, nrow=n, title="learned manifold (z through the inverse Gaussian CDF)")
+
+
+def reliability_diagram(calibration: Dict[str, object], path: PathLike, title: str = "") -> Path:
+    """A reliability diagram: mean predicted probability against observed frequency per bin (the diagonal is
+    perfect calibration), and below it the number of pixels per bin (log scale).
+
+    Args:
+        calibration: ``pyvae.inference.reliability(...)``'s dict (``edges``, ``confidence``, ``frequency``,
+            ``count``, ``ece``).
+        path: the PNG to write.
+        title: the figure's title (the expected calibration error is appended).
+    """
+    for key in ("edges", "confidence", "frequency", "count", "ece"):
+        if key not in calibration:
+            raise ValueError(f"calibration must come from pyvae.inference.reliability (no {key!r})")
+    plt = _plt()
+    edges = calibration["edges"]
+    centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    width = edges[1] - edges[0]
+    keep = [i for i, c in enumerate(calibration["count"]) if c > 0]
+    conf = [calibration["confidence"][i] for i in keep]
+    freq = [calibration["frequency"][i] for i in keep]
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(4.2, 5.0), dpi=100, sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], "--", color="0.6", lw=1, label="perfectly calibrated")
+    ax.bar([centers[i] for i in keep], freq, width=width * 0.9, color="C0", alpha=0.35, label="observed frequency")
+    ax.plot(conf, freq, "o-", color="C0", ms=4, label="(mean prediction, frequency)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("fraction of pixels = 1")
+    ece = calibration["ece"]
+    ax.set_title(f"{title}\nECE {ece:.4f}" if title else f"reliability (ECE {ece:.4f})", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    axc.bar(centers, [max(c, 0) for c in calibration["count"]], width=width * 0.9, color="0.5")
+    if any(c > 0 for c in calibration["count"]):
+        axc.set_yscale("log")
+    axc.set_xlabel("predicted P(x = 1)")
+    axc.set_ylabel("pixels")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def run_plots(model, data, history: List[Dict[str, float]], run_dir: PathLike) -> Dict[str, Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -12,7 +13,8 @@ import torch
 from .checkpoint import load_model, resolve_checkpoint
 from .data import load_dataset, resolve_binarize
 from .evaluation import evaluate
-from .inference import completion_metrics, denoise, flip_noise, inpaint, make_mask
+from .inference import (completion_metrics, denoise, denoise_importance, flip_noise, inpaint, make_mask,
+                        nearest_neighbours, reliability)
 from . import plots
 
 __all__ = ["eval_run", "sample_run", "inpaint_run", "denoise_run", "run_data"]
@@ -142,69 +144,150 @@ def _spread(total: int, n: int) -> torch.Tensor:
     return torch.linspace(0, total - 1, n).round().long() if n > 1 else torch.zeros(n, dtype=torch.long)
 
 
+_SHOWN = 32  # images in a completion grid at most (spread over the n)
+
+
+def _sibling(png: Path, suffix: str) -> Path:
+    """``dir/name.png`` -> ``dir/name_<suffix>.png``."""
+    return png.with_name(f"{png.stem}_{suffix}.png")
+
+
 def inpaint_run(run: PathLike, mask: str = "top-half", n: int = 16, steps: int = 20, samples: int = 4,
                 seed: int = 0, metropolis: bool = False, out: Optional[PathLike] = None, device: str = "cpu",
-                data_dir: Optional[str] = None) -> Dict[str, object]:
-    """Inpaints the first ``n`` test images of a run and writes a PNG grid; returns the numbers.
+                data_dir: Optional[str] = None, *, method: Optional[str] = None, draws: int = 500,
+                fit_steps: int = 20, components: int = 2, neighbours: int = 6) -> Dict[str, object]:
+    """Inpaints ``n`` test images of a run (spread over the test set), scores the model against two baselines
+    on the same missing pixels, and writes the completion grid and a reliability diagram (PNG).
 
-    The grid's rows: originals, corrupted inputs (missing pixels gray), ``min(samples, 3)`` completions,
-    the mean completion.
+    Methods (``pyvae.inference.inpaint``): ``"importance"`` (default; the proposal's candidates are the
+    encoder on the observed pixels filled with 0, the training-set mean image and the ``neighbours``
+    training images nearest on the observed pixels, plus the model's own screened prior draws),
+    ``"gibbs"``, ``"metropolis"`` (``metropolis=True`` is the same). Baselines: the training-set mean image,
+    and the nearest training image on the observed pixels (its pixels copied).
+
+    The grid's rows (``min(n, 32)`` of the images, spread over them): originals, corrupted inputs (missing pixels gray),
+    ``min(samples, 3)`` completions, the mean completion. The reliability diagram (``<grid>_reliability.png``)
+    bins the model's predicted P(x = 1) at the missing pixels against the observed frequency.
 
     Returns:
-        ``{"png": Path, "n", "steps", "samples", "mask", "model": completion_metrics of the mean completion,
-        "mean_image": completion_metrics of the training-set mean image, "accept_rate" (metropolis)}``.
+        ``{"png", "reliability_png": Path, "n", "mask", "method", "steps", "samples", "draws", "fit_steps",
+        "components", "model", "mean_image", "nearest_neighbour": completion_metrics of each on the same
+        pixels, "calibration": pyvae.inference.reliability of the model, "seconds": the inference's wall time,
+        and for importance "ess": {"mean", "median", "min"}, "log_px_obs": mean estimate of log p(x_obs)
+        per image (nats); for metropolis "accept_rate"}``.
     """
     _check_count("n", n, 1)
     _check_count("seed", seed, 0)
+    _check_count("neighbours", neighbours, 0)
+    if method is None:
+        method = "metropolis" if metropolis else "importance"
     model, data, test, shape = _load_run(run, device, data_dir)
-    x = test[_spread(len(test), n)].to(device, next(model.parameters()).dtype)
+    dt = next(model.parameters()).dtype
+    x = test[_spread(len(test), n)].to(device, dt)
     g = torch.Generator().manual_seed(seed)
     m = make_mask(mask, (x.shape[0], *shape), generator=g, device=device)
-    res = inpaint(model, x, m, steps=steps, samples=samples, generator=g, metropolis=metropolis)
-    mean_img = data.train.mean(0).to(x).expand_as(x)
+    train = data.train.to(device, dt)
+    mean_img = train.mean(0)
+    near = nearest_neighbours(x, m, train, max(1, neighbours))
+    nn_img = torch.where(m.bool(), x, train[near[:, 0]])
+    fills = [0.0, mean_img] + [train[near[:, j]] for j in range(neighbours)]
+    t0 = time.perf_counter()
+    res = inpaint(model, x, m, steps=steps, samples=samples, generator=g, metropolis=metropolis, method=method,
+                  draws=draws, fit_steps=fit_steps, components=components, fills=fills)
+    seconds = time.perf_counter() - t0
     nums: Dict[str, object] = {
-        "n": x.shape[0], "steps": steps, "samples": samples, "mask": mask,
-        "model": completion_metrics(res.mean, x, m), "mean_image": completion_metrics(mean_img, x, m),
+        "n": x.shape[0], "mask": mask, "method": res.method, "steps": steps, "samples": samples, "draws": draws,
+        "fit_steps": fit_steps, "components": components, "seconds": seconds,
+        "model": completion_metrics(res.mean, x, m), "mean_image": completion_metrics(mean_img.expand_as(x), x, m),
+        "nearest_neighbour": completion_metrics(nn_img, x, m), "calibration": reliability(res.mean, x, m),
     }
     if res.accept_rate is not None:
         nums["accept_rate"] = res.accept_rate.mean().item()
-    shown = res.completions[: min(samples, 3)]
-    rows = [x, torch.where(m.bool(), x, torch.full_like(x, 0.5)), *shown, res.mean]
-    nums["png"] = plots.image_grid(torch.cat([r.cpu() for r in rows]), shape, _out_path(run, out, "inpaint.png"),
-                             nrow=len(rows))
+    if res.ess is not None:
+        e = res.ess.double()
+        nums["ess"] = {"mean": e.mean().item(), "median": e.median().item(), "min": e.min().item()}
+        nums["log_px_obs"] = res.log_px_obs.mean().item()
+    k = _spread(x.shape[0], _SHOWN).to(x.device)
+    shown = res.completions[: min(samples, 3), k]
+    rows = [x[k], torch.where(m.bool(), x, torch.full_like(x, 0.5))[k], *shown, res.mean[k]]
+    png = _out_path(run, out, "inpaint.png")
+    nums["png"] = plots.image_grid(torch.cat([r.cpu() for r in rows]), shape, png, nrow=len(rows))
+    nums["reliability_png"] = plots.reliability_diagram(
+        nums["calibration"], _sibling(png, "reliability"),
+        title=f"{data.name} {mask}: {res.method}, {x.shape[0]} images")
     return nums
 
 
 def denoise_run(run: PathLike, flip: float = 0.1, n: int = 16, steps: int = 1, seed: int = 0,
-                out: Optional[PathLike] = None, device: str = "cpu", data_dir: Optional[str] = None) -> Dict[str, object]:
-    """Flips each pixel of ``n`` (binary) test images spread over the test set with probability ``flip``, denoises them
-    through the model with the flip noise model (``denoise(..., flip=flip)``, 8 z draws) and writes a
-    PNG grid (originals / noisy / denoised probabilities / thresholded).
+                out: Optional[PathLike] = None, device: str = "cpu", data_dir: Optional[str] = None, *,
+                method: str = "importance", draws: int = 500, fit_steps: int = 20, components: int = 2,
+                neighbours: int = 6) -> Dict[str, object]:
+    """Flips each pixel of ``n`` (binary) test images spread over the test set with probability ``flip``, denoises
+    them with the flip noise model and writes a PNG grid (originals / noisy / denoised probabilities /
+    thresholded).
+
+    Methods: ``"importance"`` (default): ``denoise_importance``, the posterior predictive of the clean image by
+    importance sampling; the proposal's candidates are the encoder on the noisy image, on the encoder-based
+    denoised image and on the ``neighbours`` training images nearest to the noisy image, plus screened prior
+    draws. ``"encoder"``: ``denoise(..., flip=flip, samples=8)``, the flip posterior under 8 draws from the
+    encoder on the noisy image (``steps`` times).
 
     Returns:
-        ``{"png": Path, "n", "flip", "steps", "err_noisy": fraction of wrong pixels before,
-        "err_reconstruction": after a plain reconstruction, "err_denoised": after denoising (> 0.5), "ll_denoised": mean Bernoulli log-likelihood per pixel
-        of the clean image under the denoised probabilities}``.
+        ``{"png": Path, "n", "flip", "steps", "method", "err_noisy": fraction of wrong pixels before,
+        "err_reconstruction": after a plain reconstruction, "err_mean_image", "err_nearest_neighbour": the
+        training-set mean image and the training image nearest to the noisy one, thresholded at 0.5,
+        "err_denoised": after denoising (> 0.5), "ll_denoised": mean Bernoulli log-likelihood per pixel of the
+        clean image under the denoised probabilities, "seconds": the denoiser's wall time; for importance
+        "ess": {"mean", "median", "min"} and "log_px_noisy": mean estimate of log p(x_noisy) per image}``.
     """
     _check_count("n", n, 1)
     _check_count("seed", seed, 0)
+    _check_count("neighbours", neighbours, 0)
+    if method not in ("importance", "encoder"):
+        raise ValueError(f"method must be 'importance' or 'encoder', got {method!r}")
     model, data, test, shape = _load_run(run, device, data_dir)
     if data.binarize == "none":
         raise ValueError("denoise needs a run on binary images (binarize 'dynamic' or 'static')")
-    x = test[_spread(len(test), n)].to(device, next(model.parameters()).dtype)
+    dt = next(model.parameters()).dtype
+    x = test[_spread(len(test), n)].to(device, dt)
     g = torch.Generator().manual_seed(seed)
     noisy = flip_noise(x, flip, g)
-    plain = denoise(model, noisy, steps=steps)
-    den = denoise(model, noisy, steps=steps, samples=8, generator=torch.Generator().manual_seed(seed + 1), flip=flip)
+    train = data.train.to(device, dt)
+    everything = torch.ones(x.shape[1], device=device)
+    near = nearest_neighbours(noisy, everything, train, max(1, neighbours))
+    plain = denoise(model, noisy, steps=steps, method="encoder")
+    g2 = torch.Generator().manual_seed(seed + 1)
+    t0 = time.perf_counter()
+    extra: Dict[str, object] = {}
+    if method == "importance":
+        starts = [noisy, denoise(model, noisy, flip=flip, method="encoder")] + [train[near[:, j]]
+                                                                               for j in range(neighbours)]
+        r = denoise_importance(model, noisy, flip, draws=draws, fit_steps=fit_steps, components=components,
+                               starts=starts, generator=g2)
+        den = r.mean
+        e = r.ess.double()
+        extra = {"ess": {"mean": e.mean().item(), "median": e.median().item(), "min": e.min().item()},
+                 "log_px_noisy": r.log_px_noisy.mean().item()}
+    else:
+        den = denoise(model, noisy, steps=steps, samples=8, generator=g2, flip=flip, method="encoder")
+    seconds = time.perf_counter() - t0
     all_missing = torch.zeros_like(x)
+
+    def err(p):
+        return ((p > 0.5).to(x.dtype) != x).double().mean().item()
+
     nums: Dict[str, object] = {
-        "n": x.shape[0], "flip": flip, "steps": steps,
+        "n": x.shape[0], "flip": flip, "steps": steps, "method": method, "seconds": seconds,
         "err_noisy": (noisy != x).double().mean().item(),
-        "err_reconstruction": ((plain > 0.5).to(x.dtype) != x).double().mean().item(),
-        "err_denoised": ((den > 0.5).to(x.dtype) != x).double().mean().item(),
+        "err_reconstruction": err(plain),
+        "err_mean_image": err(train.mean(0).expand_as(x)),
+        "err_nearest_neighbour": err(train[near[:, 0]]),
+        "err_denoised": err(den),
         "ll_denoised": completion_metrics(den, x, all_missing)["ll"],
+        **extra,
     }
-    rows = [x, noisy, den, (den > 0.5).to(x.dtype)]
+    k = _spread(x.shape[0], _SHOWN).to(x.device)
+    rows = [x[k], noisy[k], den[k], (den[k] > 0.5).to(x.dtype)]
     nums["png"] = plots.image_grid(torch.cat([r.cpu() for r in rows]), shape, _out_path(run, out, "denoise.png"),
-                             nrow=len(rows))
+                                   nrow=len(rows))
     return nums

@@ -1,5 +1,5 @@
-"""pyvae.inference: inpainting (pseudo-Gibbs and Metropolis-within-Gibbs), denoising, masks; and the run-level
-commands on them (pyvae.runs, ``pyvae inpaint|denoise``)."""
+"""pyvae.inference: inpainting (importance-sampled posterior predictive, pseudo-Gibbs and Metropolis-within-Gibbs),
+denoising, masks, baselines, calibration; and the run-level commands on them (pyvae.runs, ``pyvae inpaint|denoise``)."""
 import math
 
 import numpy as np
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pyvae.cli import main as cli_main
-from pyvae.inference import Inpainting, completion_metrics, denoise, flip_noise, inpaint, load_mask, make_mask
+from pyvae.inference import (METHODS, Inpainting, completion_metrics, denoise, denoise_importance, flip_noise, inpaint,
+                             load_mask, make_mask, nearest_neighbour_completion, nearest_neighbours, reliability)
 from pyvae.models import VAE
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -46,11 +47,11 @@ def binary(b, d, seed=0, device="cpu"):
 # ---------------------------------------------------------------------------------- inpaint
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
-@pytest.mark.parametrize("metropolis", [False, True])
-def test_nothing_missing_returns_input_exactly(device, likelihood, metropolis):
+@pytest.mark.parametrize("method", METHODS)
+def test_nothing_missing_returns_input_exactly(device, likelihood, method):
     model = tiny(likelihood, device)
     x = torch.rand(5, 12, device=device)  # not binary: any rounding would show
-    res = inpaint(model, x, torch.ones(12, device=device), steps=3, samples=2, metropolis=metropolis,
+    res = inpaint(model, x, torch.ones(12, device=device), steps=3, samples=2, method=method, draws=20,
                   generator=torch.Generator().manual_seed(0))
     assert torch.equal(res.completions, x.expand(2, 5, 12))
     assert torch.equal(res.mean, x)
@@ -58,12 +59,13 @@ def test_nothing_missing_returns_input_exactly(device, likelihood, metropolis):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["top-half", "left-half", "random:0.3", "random:0.9"])
-@pytest.mark.parametrize("metropolis,output", [(False, "mean"), (True, "mean"), (True, "sample"), (False, "sample")])
-def test_observed_pixels_never_change(device, kind, metropolis, output):
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("output", ["mean", "sample"])
+def test_observed_pixels_never_change(device, kind, method, output):
     model = tiny("bernoulli", device, x_dim=16)
     x = torch.rand(6, 16, device=device, dtype=torch.float64)
     mask = make_mask(kind, (6, 4, 4), generator=torch.Generator().manual_seed(1), device=device)
-    comp, mean = inpaint(model, x, mask, steps=4, samples=3, metropolis=metropolis, output=output,
+    comp, mean = inpaint(model, x, mask, steps=4, samples=3, method=method, output=output, draws=30,
                          generator=torch.Generator().manual_seed(2))
     obs = mask.bool().expand(3, 6, 16)
     assert torch.equal(comp[obs], x.expand(3, 6, 16)[obs])
@@ -85,7 +87,13 @@ def test_shapes_and_dtypes(dtype):
     assert res.mean.shape == (5, 12) and res.mean.dtype == dtype
     assert torch.allclose(res.mean, res.completions.mean(0))
     assert res.accept_rate.shape == (5,) and res.accept_rate.dtype == dtype  # values: test_metropolis_acceptance_rate
+    assert res.method == "metropolis" and res.ess is None and res.log_px_obs is None
     assert inpaint(model, x, torch.ones(12), steps=2).accept_rate is None
+    imp = inpaint(model, x, make_mask("random:0.5", (5, 3, 4)), samples=3, draws=40)
+    assert imp.method == "importance" and imp.accept_rate is None
+    assert imp.completions.shape == (3, 5, 12) and imp.completions.dtype == dtype and imp.mean.dtype == dtype
+    assert imp.ess.shape == (5,) and imp.ess.dtype == dtype
+    assert imp.log_px_obs.shape == (5,) and imp.log_px_obs.dtype == torch.float64
     # a [D] mask and the same mask as [B, D] give the same result; bool and int masks are accepted
     m = make_mask("top-half", (3, 4))
     a = inpaint(model, x, m, steps=2, generator=torch.Generator().manual_seed(3)).completions
@@ -96,9 +104,9 @@ def test_shapes_and_dtypes(dtype):
 def test_seeds_reproduce():
     model = tiny()
     x, m = binary(4, 12), make_mask("random:0.5", (4, 3, 4), generator=torch.Generator().manual_seed(0))
-    for met in (False, True):
-        run = lambda s: inpaint(model, x, m, steps=5, samples=2, metropolis=met, output="sample",  # noqa: E731
-                                generator=torch.Generator().manual_seed(s)).completions
+    for method in METHODS:
+        run = lambda s: inpaint(model, x, m, steps=5, samples=2, method=method, output="sample",  # noqa: E731
+                                draws=50, generator=torch.Generator().manual_seed(s)).completions
         assert torch.equal(run(7), run(7))
         assert not torch.equal(run(7), run(8))
     torch.manual_seed(5)
@@ -134,6 +142,21 @@ def test_bad_arguments_raise():
         inpaint(model, x, torch.ones(12), samples=0)
     with pytest.raises(ValueError, match="metropolis=True needs chain='sample'"):
         inpaint(model, x, torch.ones(12), metropolis=True, chain="mean")
+    with pytest.raises(ValueError, match="method must be one of"):
+        inpaint(model, x, torch.ones(12), method="exact")
+    with pytest.raises(ValueError, match="metropolis=True means method='metropolis'"):
+        inpaint(model, x, torch.ones(12), metropolis=True, method="gibbs")
+    for name in ("draws", "components"):
+        with pytest.raises(ValueError, match=name):
+            inpaint(model, x, torch.ones(12), **{name: 0})
+    with pytest.raises(ValueError, match="fit_steps"):
+        inpaint(model, x, torch.ones(12), fit_steps=-1)
+    with pytest.raises(ValueError, match="fills must be a non-empty sequence"):
+        inpaint(model, x, torch.ones(12), fills=())
+    with pytest.raises(ValueError, match=r"fills\[1\] must be a number or a \[12\]"):
+        inpaint(model, x, torch.ones(12), fills=(0.0, torch.zeros(11)))
+    with pytest.raises(ValueError, match="method='importance' needs flip"):
+        denoise(model, x, method="importance")
     with pytest.raises(TypeError, match="x_noisy must be a floating-point"):
         denoise(model, x.long())
 
@@ -191,7 +214,7 @@ def test_metropolis_acceptance_rate():
     mu, logvar = model.encode(x)
     assert mu[0].item() == 0 and logvar[0].item() == 0
     steps = 5
-    res = inpaint(model, x, torch.ones(2), steps=steps, samples=4000, metropolis=True,
+    res = inpaint(model, x, torch.ones(2), steps=steps, samples=4000, method="metropolis",
                   generator=torch.Generator().manual_seed(0))
     assert res.accept_rate.shape == (3,) and res.accept_rate.dtype == torch.float64
     assert res.accept_rate[0].item() == 1.0
@@ -201,11 +224,11 @@ def test_metropolis_acceptance_rate():
         assert res.accept_rate[b].item() == pytest.approx(want, abs=0.03), b
 
 
-@pytest.mark.parametrize("metropolis", [False, True])
-def test_completions_improve_with_steps(run, test_x, metropolis):
+@pytest.mark.parametrize("method", ["gibbs", "metropolis"])
+def test_completions_improve_with_steps(run, test_x, method):
     _, model = run
     m = make_mask("random:0.6", (test_x.shape[0], 8, 8), generator=torch.Generator().manual_seed(0))
-    ll = {s: completion_metrics(inpaint(model, test_x, m, steps=s, samples=8, metropolis=metropolis,
+    ll = {s: completion_metrics(inpaint(model, test_x, m, steps=s, samples=8, method=method,
                                         generator=torch.Generator().manual_seed(1)).mean, test_x, m)["ll"]
           for s in (0, 10)}
     assert ll[10] >= ll[0] + 0.01, ll  # measured +0.017..+0.024 over 4 seeds
@@ -221,6 +244,129 @@ def test_trained_model_beats_the_mean_image(run, test_x):
                                      generator=torch.Generator().manual_seed(1)).mean, test_x, m)
     base = completion_metrics(mean_img, test_x, m)
     assert got["ll"] > base["ll"] + 0.05 and got["err"] < base["err"], (got, base)
+
+
+# ------------------------------------------------------------------------ importance sampling
+@pytest.mark.parametrize("draws", [1, 7, 200])
+def test_ess_is_reported_and_within_one_and_k(run, test_x, draws):
+    _, model = run
+    m = make_mask("top-half", (8, 8))
+    res = inpaint(model, test_x, m, draws=draws, generator=torch.Generator().manual_seed(0))
+    assert res.ess.shape == (test_x.shape[0],) and torch.isfinite(res.ess).all()
+    assert (res.ess >= 1 - 1e-4).all() and (res.ess <= draws * (1 + 1e-4)).all(), res.ess
+    if draws == 200:  # the fitted proposal on this small model: most draws count
+        assert res.ess.median() > 50, res.ess.median()
+    assert torch.isfinite(res.log_px_obs).all() and (res.log_px_obs < 0).all()
+
+
+def test_importance_beats_the_mean_image_on_held_out_pixels(run, test_x):
+    """The posterior predictive of a trained model, on test digits it has not seen, at the missing pixels only."""
+    _, model = run
+    from pyvae.data import load_dataset
+
+    train = load_dataset("digits", binarize="static").train
+    mean_img = train.mean(0).expand_as(test_x)
+    for kind in ("random:0.5", "top-half", "left-half"):
+        m = make_mask(kind, (test_x.shape[0], 8, 8), generator=torch.Generator().manual_seed(0))
+        got = completion_metrics(inpaint(model, test_x, m, generator=torch.Generator().manual_seed(1)).mean, test_x, m)
+        base = completion_metrics(mean_img, test_x, m)
+        nn = completion_metrics(nearest_neighbour_completion(test_x, m, train), test_x, m)
+        # measured: log-lik -0.352 / -0.368 / -0.358 against the mean image's -0.415 / -0.413 / -0.404,
+        # error 0.173 / 0.182 / 0.184 against 0.226 / 0.222 / 0.213
+        assert got["ll"] > base["ll"] + 0.02 and got["err"] < base["err"] - 0.01, (kind, got, base)
+        assert got["ll"] > nn["ll"], (kind, got, nn)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_log_px_obs_with_every_pixel_observed_is_log_likelihood(likelihood):
+    """With nothing missing, log p(x_obs) is log p(x): the importance estimate (encoder proposal, no fit) and
+    ``model.log_likelihood`` (q(z|x) as proposal) agree within their Monte Carlo error."""
+    model = tiny(likelihood)
+    x = binary(6, 12, seed=3) if likelihood == "bernoulli" else torch.rand(6, 12, generator=torch.Generator().manual_seed(3))
+    res = inpaint(model, x, torch.ones(12), draws=20000, fit_steps=0, components=1, screen=0,
+                  generator=torch.Generator().manual_seed(0))
+    ref = model.log_likelihood(x, samples=20000, generator=torch.Generator().manual_seed(1)).double()
+    torch.testing.assert_close(res.log_px_obs, ref, atol=0.02, rtol=0)
+    # a different fit and more components estimate the same number
+    fitted = inpaint(model, x, torch.ones(12), draws=20000, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(fitted.log_px_obs, ref, atol=0.02, rtol=0)
+
+
+def _grid_posterior(model, x, obs, half_width=7.0, n=601):
+    """Brute force on a 2-D latent space: log p(x_obs) and E[x | x_obs] by a grid over z, with the Bernoulli
+    log-likelihood of the observed pixels from torch.distributions."""
+    g = torch.linspace(-half_width, half_width, n, dtype=torch.float64)
+    z = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        logits = model.decode(z.float()).double()  # [G, D]
+    lik = torch.distributions.Bernoulli(logits=logits.unsqueeze(1)).log_prob(x.double())  # [G, B, D]
+    log_joint = (lik * obs.double()).sum(-1) + torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1, keepdim=True)
+    cell = (g[1] - g[0]) ** 2
+    log_px = torch.logsumexp(log_joint, 0) + torch.log(cell)
+    w = torch.softmax(log_joint, 0)  # [G, B]
+    return log_px, torch.einsum("gb,gd->bd", w, torch.sigmoid(logits))
+
+
+def test_log_px_obs_and_predictive_match_a_grid_over_a_2d_latent_space():
+    torch.manual_seed(0)
+    model = VAE(16, z_dim=2, hidden=16).eval()
+    with torch.no_grad():  # a sharper decoder than the init's, so that the posterior is far from the prior
+        model.dec_logits.weight.mul_(6.0)
+    x = binary(5, 16, seed=4)
+    mask = make_mask("random:0.4", (5, 4, 4), generator=torch.Generator().manual_seed(2))
+    res = inpaint(model, x, mask, draws=4000, generator=torch.Generator().manual_seed(3))
+    log_px, pred = _grid_posterior(model, x, mask)
+    torch.testing.assert_close(res.log_px_obs, log_px, atol=0.03, rtol=0)
+    miss = mask == 0
+    torch.testing.assert_close(res.mean.double()[miss], pred[miss], atol=0.03, rtol=0)
+    assert (res.log_px_obs > log_px - 1).all() and (pred[miss] - 0.5).abs().max() > 0.2  # not a trivial case
+
+
+def test_reliability_bins_and_the_diagram(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(200, 50, generator=g, dtype=torch.float64)
+    x = (torch.rand(200, 50, generator=g, dtype=torch.float64) < p).double()  # calibrated by construction
+    r = reliability(p, x, torch.zeros(50), bins=10)
+    assert sum(r["count"]) == 200 * 50 and len(r["confidence"]) == 10 and r["ece"] < 0.02
+    mid = r["confidence"][5]
+    assert 0.5 <= mid < 0.6 and abs(r["frequency"][5] - mid) < 0.05
+    bad = reliability((p > 0.5).double(), x, torch.zeros(50), bins=10)  # overconfident: 0s and 1s only
+    assert bad["count"][1:9] == [0] * 8 and bad["ece"] > 0.2 and math.isnan(bad["confidence"][4])
+    observed = reliability(p, x, torch.ones(50))  # nothing missing: nothing binned
+    assert sum(observed["count"]) == 0 and observed["ece"] == 0.0
+    from pyvae.plots import reliability_diagram
+
+    png = reliability_diagram(bad, tmp_path / "r.png", title="t")
+    assert png.is_file() and png.stat().st_size > 1000
+
+
+def test_nearest_neighbours_use_only_observed_pixels():
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(30, 12, generator=g)
+    x = train[[3, 17]].clone()
+    mask = torch.ones(2, 12)
+    mask[:, :6] = 0
+    x[:, :6] = 5.0  # far off on the missing pixels: must not matter
+    assert nearest_neighbours(x, mask, train, 2)[:, 0].tolist() == [3, 17]
+    d = ((x[:, None, 6:] - train[None, :, 6:]) ** 2).sum(-1)  # brute force over the observed pixels
+    assert torch.equal(nearest_neighbours(x, mask, train, 5), d.topk(5, 1, largest=False).indices)
+    comp = nearest_neighbour_completion(x, mask, train)
+    assert torch.equal(comp[:, 6:], x[:, 6:]) and torch.equal(comp[:, :6], train[[3, 17], :6])
+    with pytest.raises(ValueError, match="k must be at most"):
+        nearest_neighbours(x, mask, train, 31)
+
+
+def test_importance_denoising_beats_the_encoder_denoiser(run, test_x):
+    _, model = run
+    x = (test_x > 0.5).to(test_x.dtype)
+    noisy = flip_noise(x, 0.1, torch.Generator().manual_seed(1))
+    r = denoise_importance(model, noisy, 0.1, generator=torch.Generator().manual_seed(2))
+    enc = denoise(model, noisy, samples=8, generator=torch.Generator().manual_seed(2), flip=0.1, method="encoder")
+    err = lambda p: ((p > 0.5).to(x.dtype) != x).float().mean().item()  # noqa: E731
+    # measured: 0.066 (importance), 0.070 (encoder), 0.099 (noisy)
+    assert err(r.mean) < err(enc) and err(r.mean) < 0.75 * err(noisy), (err(r.mean), err(enc), err(noisy))
+    assert (r.ess >= 1 - 1e-4).all() and (r.ess <= 500 * (1 + 1e-4)).all() and torch.isfinite(r.log_px_noisy).all()
+    assert torch.equal(denoise(model, noisy, flip=0.1, generator=torch.Generator().manual_seed(2)), r.mean)
 
 
 # ---------------------------------------------------------------------------------- denoise
@@ -277,11 +423,18 @@ def test_run_functions_end_to_end(run, tmp_path, capsys):
 
     out, _ = run
     r = inpaint_run(out, mask="random:0.5", n=8, steps=3, samples=2, out=tmp_path / "i.png")
-    assert r["png"].is_file() and r["png"].stat().st_size > 100
+    assert r["png"].is_file() and r["png"].stat().st_size > 100 and r["method"] == "importance"
+    assert r["reliability_png"] == tmp_path / "i_reliability.png" and r["reliability_png"].stat().st_size > 1000
     assert r["model"]["missing"] == 8 * 32 and r["model"]["ll"] > r["mean_image"]["ll"]
+    assert r["nearest_neighbour"]["missing"] == r["mean_image"]["missing"] == 8 * 32
+    assert r["model"]["ll"] > r["nearest_neighbour"]["ll"] and 1 <= r["ess"]["min"] <= r["ess"]["median"] <= 500
+    assert math.isfinite(r["log_px_obs"]) and sum(r["calibration"]["count"]) == 8 * 32
+    g = inpaint_run(out, mask="random:0.5", n=8, steps=3, samples=2, method="gibbs", out=tmp_path / "g.png")
+    assert g["method"] == "gibbs" and "ess" not in g and g["mean_image"] == r["mean_image"]
     assert capsys.readouterr().out == ""  # the library returns numbers; the CLI prints them
     d = denoise_run(out, flip=0.1, n=8, out=tmp_path / "d.png")
     assert d["png"].is_file() and 0 < d["err_noisy"] < 0.3 and d["err_denoised"] < 0.8 * d["err_noisy"]
+    assert d["method"] == "importance" and 1 <= d["ess"]["min"] and math.isfinite(d["log_px_noisy"])
     from PIL import Image
 
     with Image.open(r["png"]) as im:  # 5 rows (original, corrupted, 2 completions, mean) of 8 images
@@ -321,16 +474,34 @@ def test_inpaint_and_denoise_commands(run, tmp_path, capsys):
                      "--seed", "3", "--metropolis", "--out", str(png)]) == 0 and png.is_file()
     printed = capsys.readouterr().out
     assert "acceptance" in printed and "log-lik" in printed and "error rate" in printed
+    assert "method metropolis" in printed and "reliability" in printed
+    assert cli_main(["inpaint", str(out), "--n", "4", "--draws", "50", "--out", str(png)]) == 0
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert "method importance" in lines[0]
+    for name in ("model:", "mean image:", "nearest neighbour:"):  # one line each, same format
+        line = next(ln for ln in lines if ln.strip().startswith(name))
+        assert "log-lik" in line and "nats/pixel" in line and "error rate" in line, line
+    assert "effective sample size" in printed and "log p(x_obs)" in printed
+    assert (tmp_path / "cli_reliability.png").is_file()
+    assert cli_main(["inpaint", str(out), "--n", "4", "--method", "gibbs", "--steps", "1", "--out", str(png)]) == 0
+    assert "method gibbs" in capsys.readouterr().out
+    assert cli_main(["inpaint", str(out), "--n", "4", "--method", "gibbs", "--metropolis", "--out", str(png)]) == 2
+    assert "--metropolis is --method metropolis" in capsys.readouterr().err
     assert cli_main(["denoise", str(out), "--flip", "0.2", "--n", "4", "--out", str(tmp_path / "d.png")]) == 0
     assert (tmp_path / "d.png").is_file()
+    printed = capsys.readouterr().out
+    assert "method importance" in printed and "nearest neighbour" in printed and "effective sample size" in printed
     for bad in (["inpaint", "r", "--mask", "middle"], ["inpaint", "r", "--mask", "random:2"],
-                ["denoise", "r", "--flip", "1.5"], ["inpaint", "r", "--n", "0"]):
+                ["denoise", "r", "--flip", "1.5"], ["inpaint", "r", "--n", "0"], ["inpaint", "r", "--method", "exact"],
+                ["inpaint", "r", "--draws", "0"]):
         with pytest.raises(SystemExit) as e:
             cli_main(bad)
         assert e.value.code == 2
     with pytest.raises(SystemExit) as e:
         cli_main(["inpaint", "--help"])
-    assert e.value.code == 0 and "--metropolis" in capsys.readouterr().out
+    helptext = capsys.readouterr().out
+    assert e.value.code == 0 and all(f in helptext for f in ("--metropolis", "--method", "--draws"))
     assert cli_main(["inpaint", str(tmp_path / "nowhere")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
 
