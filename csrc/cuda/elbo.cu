@@ -6,6 +6,7 @@
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 #include "ops/bernoulli.h"
+#include "ops/continuous_bernoulli.h"
 #include "ops/elbo.h"
 #include "ops/gaussian_kl.h"
 #include "ops/gaussian_log_prob.h"
@@ -32,7 +33,7 @@ __device__ __forceinline__ C block_sum(C v) {
 
 // ------------------------------------------------------------------------------ forward kernels
 // Op selects the per-element term; every op reads up to four operands a..d of one row.
-enum class Fwd { kBernoulli, kKLStd, kKL, kGaussian };
+enum class Fwd { kBernoulli, kContinuousBernoulli, kKLStd, kKL, kGaussian };
 
 template <Fwd OP, typename T, int THREADS>
 __global__ void __launch_bounds__(THREADS) rowwise_fwd_kernel(RowwiseParams p) {
@@ -46,6 +47,7 @@ __global__ void __launch_bounds__(THREADS) rowwise_fwd_kernel(RowwiseParams p) {
     C acc = 0;
     for (int64_t j = threadIdx.x; j < D; j += THREADS) {
       if (OP == Fwd::kBernoulli) acc += ops::bernoulli_log_prob(load(a, j), load(b, j));
+      if (OP == Fwd::kContinuousBernoulli) acc += ops::continuous_bernoulli_log_prob(load(a, j), load(b, j));
       if (OP == Fwd::kKLStd) acc += ops::kl_std_normal(load(a, j), load(b, j));
       if (OP == Fwd::kKL) acc += ops::kl_normal(load(a, j), load(b, j), load(c, j), load(d, j));
       if (OP == Fwd::kGaussian) acc += ops::gaussian_log_prob(load(a, j), load(b, j), load(c, j));
@@ -74,6 +76,11 @@ __global__ void __launch_bounds__(THREADS) rowwise_bwd_kernel(RowwiseParams p) {
     for (int64_t j = threadIdx.x; j < D; j += THREADS) {
       if (OP == Fwd::kBernoulli) {
         const auto v = ops::bernoulli_log_prob_grad(load(a, j), load(b, j), g);
+        if (ga) store(ga, o + j, v.l);
+        if (gb) store(gb, o + j, v.x);
+      }
+      if (OP == Fwd::kContinuousBernoulli) {
+        const auto v = ops::continuous_bernoulli_log_prob_grad(load(a, j), load(b, j), g);
         if (ga) store(ga, o + j, v.l);
         if (gb) store(gb, o + j, v.x);
       }
@@ -208,6 +215,12 @@ void bwd(const RowwiseParams& p, const char* name) {
 
 void bernoulli_log_prob_fwd(const RowwiseParams& p) { fwd<Fwd::kBernoulli>(p, "bernoulli_log_prob_fwd"); }
 void bernoulli_log_prob_bwd(const RowwiseParams& p) { bwd<Fwd::kBernoulli>(p, "bernoulli_log_prob_bwd"); }
+void continuous_bernoulli_log_prob_fwd(const RowwiseParams& p) {
+  fwd<Fwd::kContinuousBernoulli>(p, "continuous_bernoulli_log_prob_fwd");
+}
+void continuous_bernoulli_log_prob_bwd(const RowwiseParams& p) {
+  bwd<Fwd::kContinuousBernoulli>(p, "continuous_bernoulli_log_prob_bwd");
+}
 void gaussian_kl_fwd(const RowwiseParams& p) {
   if (p.c.data) fwd<Fwd::kKL>(p, "gaussian_kl_fwd");
   else fwd<Fwd::kKLStd>(p, "gaussian_kl_fwd");
