@@ -23,7 +23,7 @@ Conventions:
     - During the chain, the missing pixels of a Bernoulli model are binary draws from p(x_mis | z) (a
       proper Markov chain; ``chain="mean"`` feeds the probabilities back instead, a deterministic
       mean-field variant, not allowed with ``metropolis``). Gaussian models draw
-      x_mis ~ N(mean, exp(logvar)).
+      x_mis ~ N(mean, exp(logvar)), continuous-Bernoulli ones x_mis ~ CB(logits) (by its inverse CDF).
     - The returned completions hold, at the missing pixels, E[x_mis | z] of the last z (decoder
       probabilities for Bernoulli models; ``output="sample"`` returns the last draw of x_mis instead).
       Observed pixels are copied from ``x`` bit for bit.
@@ -141,11 +141,30 @@ def _rand(shape, generator: Optional[torch.Generator], like: torch.Tensor) -> to
     return torch.rand(shape, generator=generator, device=g_dev, dtype=like.dtype).to(like.device)
 
 
+def _continuous_bernoulli_icdf(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The inverse CDF of CB(sigmoid(logits)) at u in [0, 1): a draw when u ~ U[0, 1).
+
+    The density is proportional to e^(l x) on [0, 1], so F(x) = expm1(l x) / expm1(l) and, for l < 0,
+    x = log1p(u expm1(l)) / l (u expm1(l) in (-1, 0]: no overflow, no cancellation). For l > 0 the
+    same with 1 - x ~ CB(-l) at 1 - u. For |l| < 1e-4, x = u + u (1 - u) l / 2 (error O(l^2)).
+    """
+    neg = logits < 0
+    a = -logits.abs()  # the l <= 0 case
+    v = torch.where(neg, u, 1 - u)
+    safe = torch.where(a < -1e-4, a, -1.0)
+    y = torch.log1p(v * torch.expm1(safe)) / safe
+    y = torch.where(a < -1e-4, y, v + v * (1 - v) * a / 2)
+    return torch.where(neg, y, 1 - y).clamp(0, 1)
+
+
 def _draw_x(model, out, generator) -> torch.Tensor:
-    """One draw x ~ p(x | z) from the decoder output (binary for Bernoulli)."""
+    """One draw x ~ p(x | z) from the decoder output (binary for Bernoulli, in [0, 1] for the
+    continuous Bernoulli)."""
     if model.likelihood == "bernoulli":
         p = torch.sigmoid(out)
         return (_rand(p.shape, generator, p) < p).to(p.dtype)
+    if model.likelihood == "continuous-bernoulli":
+        return _continuous_bernoulli_icdf(out, _rand(out.shape, generator, out))
     mean, logvar = out
     return ops.reparameterize(mean, logvar, generator=generator)
 
@@ -165,7 +184,7 @@ def inpaint(model, x: torch.Tensor, mask: torch.Tensor, steps: int = 20, samples
     """Fills the missing pixels (``mask == 0``) of ``x`` given the observed ones, with S chains per image.
 
     Args:
-        model: a trained ``pyvae.models.VAE`` (Bernoulli or Gaussian decoder); put in eval mode by you.
+        model: a trained ``pyvae.models.VAE`` (any decoder); put in eval mode by you.
         x: ``[B, D]`` float tensor on the model's device; its missing pixels are ignored.
         mask: ``[D]`` or ``[B, D]`` bool/int/float tensor on x's device, 1 = observed, 0 = missing.
         steps: pseudo-Gibbs iterations after the first pass (0: one encode -> z -> decode pass).

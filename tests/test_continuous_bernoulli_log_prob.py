@@ -459,3 +459,10 @@ def test_mean_against_decimal_and_edges():
     assert edge[0] == 1 and edge[1] == 0 and edge[2].isnan()
     with pytest.raises(TypeError, match="logits must be a floating-point"):
         pyvae.continuous_bernoulli_mean(torch.zeros(3, dtype=torch.int64))
+
+
+def test_mean_gradcheck():
+    """Both branches (|l| < 1 and beyond) and l = 0 itself give finite, correct gradients."""
+    logits = torch.tensor([0.0, 1e-3, -0.7, 0.999, 1.0, -2.5, 30.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(pyvae.continuous_bernoulli_mean, (logits,))
+

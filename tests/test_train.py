@@ -134,6 +134,20 @@ def test_gaussian_likelihood_continuous(tmp_path):
     assert r.history[-1]["test_elbo"] > r.history[0]["test_elbo"]
 
 
+def test_continuous_bernoulli_trains_on_grey_levels(tmp_path):
+    """likelihood "continuous-bernoulli" keeps the grey levels by default ("auto" -> no binarization)."""
+    from pyvae.data import resolve_binarize
+
+    assert resolve_binarize("auto", "continuous-bernoulli") == "none"
+    cfg = _cfg(tmp_path, likelihood="continuous-bernoulli", epochs=2)
+    assert cfg.binarize_mode == "none"
+    data = load_dataset("digits", binarize=cfg.binarize_mode)
+    assert data.binarize == "none" and ((data.test > 0) & (data.test < 1)).any()
+    r = train(cfg, data=data, log=_quiet)
+    assert r.model.likelihood == "continuous-bernoulli"
+    assert r.history[-1]["test_elbo"] > r.history[0]["test_elbo"]
+
+
 def test_evaluate_deterministic(digits):
     torch.manual_seed(0)
     from pyvae.models import VAE

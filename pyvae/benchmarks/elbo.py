@@ -12,6 +12,8 @@ Ops (``setup_<op>(B)`` builds the inputs for batch size B; D = 784 data dims, Z 
                that requires grad); the cheap ``(z * w).sum()`` makes reparameterize's backward run.
     kl         gaussian_kl(mu, logvar)                  [B, Z] -> [B]
     bernoulli  bernoulli_log_prob(logits, x)            [B, D] -> [B]
+    cbernoulli continuous_bernoulli_log_prob(logits, x) [B, D] -> [B], x grey levels in [0, 1]; the
+               baseline is torch.distributions.ContinuousBernoulli (pyvae.reference)
     gaussian   gaussian_log_prob(x, mean, logvar)       [B, D] -> [B], per-element logvar
     reparam    reparameterize(mu, logvar)               [B, Z] -> [B, Z]
 
@@ -32,7 +34,7 @@ import sys
 
 from . import common as C
 
-OPS = ("elbo_step", "kl", "bernoulli", "gaussian", "reparam")
+OPS = ("elbo_step", "kl", "bernoulli", "cbernoulli", "gaussian", "reparam")
 BATCHES = (100, 1024, 16384)
 
 
@@ -90,6 +92,20 @@ def setup_bernoulli(B, D, Z, device, dtype):
     logits = t(B, D, scale=2.0, grad=True)
     return {"args": (logits, x), "leaves": (logits,), "grad_out": t(B),
             "reference": R.bernoulli_log_prob, "pyvae": pyvae.bernoulli_log_prob}
+
+
+def setup_cbernoulli(B, D, Z, device, dtype):
+    import torch
+
+    import pyvae
+    from pyvae import reference as R
+
+    t, _ = _tensors(B, D, Z, device, dtype)
+    logits = t(B, D, scale=2.0, grad=True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(B, D, generator=g, dtype=dtype).to(device)
+    return {"args": (logits, x), "leaves": (logits,), "grad_out": t(B),
+            "reference": R.continuous_bernoulli_log_prob, "pyvae": pyvae.continuous_bernoulli_log_prob}
 
 
 def setup_gaussian(B, D, Z, device, dtype):

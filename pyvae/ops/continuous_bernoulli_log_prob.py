@@ -50,13 +50,12 @@ _LANGEVIN = (1 / 3, -1 / 45, 2 / 945, -1 / 4725, 2 / 93555, -1382 / 638512875, 4
              310732 / 13447856940643125, -472728182 / 201919571963756521875)
 
 
-@torch.no_grad()
 def continuous_bernoulli_mean(logits: torch.Tensor) -> torch.Tensor:
     """E[x] of CB(sigmoid(logits)), elementwise: ``1/2 + (coth(l/2) - 2/l) / 2`` (not ``sigmoid(l)``).
 
     Plain torch (it is not on the training path). Near ``l = 0`` the Taylor series ``1/2 + l/12 -
     l^3/720 + ...``; elsewhere ``(l > 0) - 1/l + sign(l) / (e^|l| - 1)``, which neither cancels nor
-    overflows. No gradient.
+    overflows. Differentiable (each branch sees only the logits it is used for).
 
     Args:
         logits: float tensor, any shape.
