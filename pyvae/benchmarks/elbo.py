@@ -10,6 +10,9 @@ Ops (``setup_<op>(B)`` builds the inputs for batch size B; D = 784 data dims, Z 
     elbo_step  the main case: z = reparameterize(mu, logvar); loss = -bernoulli_elbo(logits, x, mu,
                logvar).sum() + (z * w).sum(). ``logits`` stands in for the decoder output (a leaf
                that requires grad); the cheap ``(z * w).sum()`` makes reparameterize's backward run.
+    elbo_step_unfused  elbo_step with the fused op replaced by bernoulli_log_prob - gaussian_kl (two ops,
+               as a likelihood without a fused ELBO op runs); the reference is elbo_step's. Against
+               ``elbo_step`` it measures what the fusion buys.
     cb_elbo_step  the same step for a continuous-Bernoulli decoder on grey levels, unfused (there is
                no fused CB ELBO op): loss = -(continuous_bernoulli_log_prob(logits, x) -
                gaussian_kl(mu, logvar)).sum() + (z * w).sum(); the baseline's likelihood is
@@ -39,7 +42,7 @@ import sys
 
 from . import common as C
 
-OPS = ("elbo_step", "cb_elbo_step", "kl", "bernoulli", "cbernoulli", "gaussian", "reparam")
+OPS = ("elbo_step", "elbo_step_unfused", "cb_elbo_step", "kl", "bernoulli", "cbernoulli", "gaussian", "reparam")
 BATCHES = (100, 1024, 16384)
 
 
@@ -56,6 +59,13 @@ def _elbo_step_pyvae(logits, x, mu, logvar, w):
 
     z = pyvae.reparameterize(mu, logvar)
     return -pyvae.bernoulli_elbo(logits, x, mu, logvar).sum() + (z * w).sum()
+
+
+def _elbo_step_unfused_pyvae(logits, x, mu, logvar, w):
+    import pyvae
+
+    z = pyvae.reparameterize(mu, logvar)
+    return -(pyvae.bernoulli_log_prob(logits, x) - pyvae.gaussian_kl(mu, logvar)).sum() + (z * w).sum()
 
 
 def _cb_elbo_step_ref(logits, x, mu, logvar, w):
@@ -91,6 +101,10 @@ def setup_elbo_step(B, D, Z, device, dtype):
     w = t(B, Z)
     return {"args": (logits, x, mu, logvar, w), "leaves": (logits, mu, logvar), "grad_out": None,
             "reference": _elbo_step_ref, "pyvae": _elbo_step_pyvae}
+
+
+def setup_elbo_step_unfused(B, D, Z, device, dtype):
+    return {**setup_elbo_step(B, D, Z, device, dtype), "pyvae": _elbo_step_unfused_pyvae}
 
 
 def setup_cb_elbo_step(B, D, Z, device, dtype):
