@@ -353,6 +353,8 @@ PYBIND11_MODULE(_C, m) {
 #define PYVAE_ROWWISE(NAME) def_rowwise(m, #NAME, &cpu::KernelTable::NAME, PYVAE_CUDA_FN(NAME))
   PYVAE_ROWWISE(bernoulli_log_prob_fwd);
   PYVAE_ROWWISE(bernoulli_log_prob_bwd);
+  PYVAE_ROWWISE(continuous_bernoulli_log_prob_fwd);
+  PYVAE_ROWWISE(continuous_bernoulli_log_prob_bwd);
   PYVAE_ROWWISE(gaussian_kl_fwd);
   PYVAE_ROWWISE(gaussian_kl_bwd);
   PYVAE_ROWWISE(gaussian_log_prob_fwd);

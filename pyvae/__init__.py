@@ -2,7 +2,8 @@
 import torch  # (imported before pyvae._C, through _gate: it loads the OpenMP runtime both share)
 
 from . import _gate
-from .ops import bernoulli_elbo, bernoulli_log_prob, gaussian_kl, gaussian_log_prob, linear_act, reparameterize
+from .ops import (bernoulli_elbo, bernoulli_log_prob, continuous_bernoulli_log_prob, continuous_bernoulli_mean, gaussian_kl,
+                  gaussian_log_prob, linear_act, reparameterize)
 
 from ._version import __version__
 
@@ -31,6 +32,8 @@ __all__ = [
     "linear_act",
     "bernoulli_elbo",
     "bernoulli_log_prob",
+    "continuous_bernoulli_log_prob",
+    "continuous_bernoulli_mean",
     "gaussian_kl",
     "gaussian_log_prob",
     "reparameterize",

@@ -122,6 +122,7 @@ def _dtype_code(kernel: str, dtype: torch.dtype, device: torch.device, table) ->
 # mu / logvar [rows, cols2]) or the plain one (each operand [mod, cols], row r reads row r % mod).
 _ROWWISE = {
     "bernoulli_log_prob": 2,
+    "continuous_bernoulli_log_prob": 2,
     "gaussian_log_prob": 3,
     "gaussian_kl": 2,  # c, d (the prior) optional, both or neither
     "bernoulli_elbo": 4,

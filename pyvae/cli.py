@@ -118,7 +118,7 @@ def _train_parser(sub) -> None:
     a("--dataset", choices=DATASETS, help="dataset [mnist-5k]")
     a("--data-dir", metavar="DIR", help="directory with the data files [$PYVAE_DATA]")
     a("--binarize", choices=("auto", "dynamic", "static", "none"),
-      help="binarization of the images [auto: dynamic for bernoulli, none for gaussian]")
+      help="binarization of the images [auto: dynamic for bernoulli, none for continuous-bernoulli and gaussian]")
     a("--limit", type=_pos_int, help="use only the first N train/test examples")
     a("--epochs", type=_nonneg_int, help="passes over the training set [30]")
     a("--batch-size", type=_pos_int, help="global minibatch size M [100]")
@@ -126,7 +126,8 @@ def _train_parser(sub) -> None:
     a("--hidden", type=_pos_int, help="hidden units per layer [500]")
     a("--layers", type=_pos_int, help="hidden layers in encoder and decoder [1]")
     a("--activation", choices=("tanh", "relu", "sigmoid", "softplus"), help="hidden activation [tanh]")
-    a("--likelihood", choices=("bernoulli", "gaussian"), help="decoder p(x|z) [bernoulli]")
+    a("--likelihood", choices=("bernoulli", "continuous-bernoulli", "gaussian"),
+      help="decoder p(x|z): bernoulli, continuous-bernoulli (grey levels in [0, 1]) or gaussian [bernoulli]")
     a("--estimator", choices=("analytic", "mc"), help="SGVB estimator B (analytic KL) or A (mc) [analytic]")
     a("--samples", type=_pos_int, help="L, draws of z per datapoint [1]")
     a("--init", choices=("default", "paper"), help="weight init: PyTorch's or the paper's N(0, 0.01^2) [default]")

@@ -20,7 +20,8 @@ Binarization (``binarize``):
     ``"dynamic"``: a fresh Bernoulli(x) draw for every training batch (every epoch sees new binary
         images); the test set is binarized once with a fixed seed, so test ELBOs are comparable.
     ``"static"``: train and test binarized once with a fixed seed.
-    ``"none"``: continuous targets in [0, 1] (e.g. for the Gaussian decoder).
+    ``"none"``: continuous targets in [0, 1] (grey levels: for the Gaussian and continuous-Bernoulli
+        decoders).
 """
 from __future__ import annotations
 
@@ -674,7 +675,8 @@ def binarize_batch(x: torch.Tensor, generator: Optional[torch.Generator] = None)
 
 def resolve_binarize(binarize: str, likelihood: str) -> str:
     """The binarization a run uses: ``binarize`` itself, or for "auto" dynamic binarization for a
-    Bernoulli likelihood and none for a Gaussian one."""
+    Bernoulli likelihood and none for the continuous-Bernoulli and Gaussian ones (they model the grey
+    levels themselves)."""
     if binarize != "auto":
         return binarize
     return "dynamic" if likelihood == "bernoulli" else "none"

@@ -35,7 +35,7 @@ Conventions:
       further steps. During the chain, the missing pixels of a Bernoulli model are binary draws from
       p(x_mis | z) (a proper Markov chain; ``chain="mean"`` feeds the probabilities back instead, a
       deterministic mean-field variant, not allowed with ``metropolis``). Gaussian models draw
-      x_mis ~ N(mean, exp(logvar)).
+      x_mis ~ N(mean, exp(logvar)), continuous-Bernoulli ones x_mis ~ CB(logits) (by its inverse CDF).
     - The returned completions hold, at the missing pixels, E[x_mis | z] of one z (decoder probabilities
       for Bernoulli models: the last z of a chain, a resampled z_k for importance sampling);
       ``output="sample"`` returns a draw of x_mis from p(x_mis | z) instead. Observed pixels are copied
@@ -181,11 +181,30 @@ def _rand(shape, generator: Optional[torch.Generator], like: torch.Tensor) -> to
     return torch.rand(shape, generator=generator, device=g_dev, dtype=like.dtype).to(like.device)
 
 
+def _continuous_bernoulli_icdf(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The inverse CDF of CB(sigmoid(logits)) at u in [0, 1): a draw when u ~ U[0, 1).
+
+    The density is proportional to e^(l x) on [0, 1], so F(x) = expm1(l x) / expm1(l) and, for l < 0,
+    x = log1p(u expm1(l)) / l (u expm1(l) in (-1, 0]: no overflow, no cancellation). For l > 0 the
+    same with 1 - x ~ CB(-l) at 1 - u. For |l| < 1e-4, x = u + u (1 - u) l / 2 (error O(l^2)).
+    """
+    neg = logits < 0
+    a = -logits.abs()  # the l <= 0 case
+    v = torch.where(neg, u, 1 - u)
+    safe = torch.where(a < -1e-4, a, -1.0)
+    y = torch.log1p(v * torch.expm1(safe)) / safe
+    y = torch.where(a < -1e-4, y, v + v * (1 - v) * a / 2)
+    return torch.where(neg, y, 1 - y).clamp(0, 1)
+
+
 def _draw_x(model, out, generator) -> torch.Tensor:
-    """One draw x ~ p(x | z) from the decoder output (binary for Bernoulli)."""
+    """One draw x ~ p(x | z) from the decoder output (binary for Bernoulli, in [0, 1] for the
+    continuous Bernoulli)."""
     if model.likelihood == "bernoulli":
         p = torch.sigmoid(out)
         return (_rand(p.shape, generator, p) < p).to(p.dtype)
+    if model.likelihood == "continuous-bernoulli":
+        return _continuous_bernoulli_icdf(out, _rand(out.shape, generator, out))
     mean, logvar = out
     return ops.reparameterize(mean, logvar, generator=generator)
 
@@ -203,7 +222,8 @@ def _select(acc: torch.Tensor, new, old):
 # (bernoulli_log_prob, gaussian_log_prob) sum over every pixel and take no mask, so the missing pixels are
 # made to contribute exactly 0 and the fused op does the rest: Bernoulli, logit -1e4 with target 0
 # (0 * l - softplus(-1e4) = 0, softplus underflows to 0 in float32 and float64, and the ops are exact at
-# logits of +-1e4, README "Extremes"); Gaussian, mean = x with logvar = -log(2 pi)
+# logits of +-1e4, README "Extremes"); continuous Bernoulli, logit 0 with x = 1/2 (log 2 each, subtracted);
+# Gaussian, mean = x with logvar = -log(2 pi)
 # (-0.5 (log 2 pi + lv + 0) = 0 up to rounding, ~1e-7 per pixel). The cost is one masked_fill (where) pass
 # over the decoder output per evaluation; a masked op would save it, not worth a kernel at these sizes
 # (the decoder GEMMs dominate).
@@ -255,6 +275,11 @@ class _Missing:
             masked = decoded.masked_fill_(self.missing, _MASKED_LOGIT) if inplace else \
                 decoded.masked_fill(self.missing, _MASKED_LOGIT)
             return self.model.log_px(self.x0, masked)
+        if self.model.likelihood == "continuous-bernoulli":
+            # A missing pixel as logit 0, x = 1/2: exactly log C(0) = log 2 each, subtracted after the sum.
+            masked = decoded.masked_fill(self.missing, 0.0)
+            return self.model.log_px(self.x.masked_fill(self.missing, 0.5), masked) \
+                - self.missing.sum(-1).to(masked.dtype) * math.log(2.0)
         mean, logvar = decoded
         return self.model.log_px(self.x, (torch.where(self.obs, mean, self.x),
                                           logvar.masked_fill(self.missing, _MASKED_LOGVAR)))
@@ -460,7 +485,7 @@ def inpaint(model, x: torch.Tensor, mask: torch.Tensor, steps: int = 20, samples
     """Fills the missing pixels (``mask == 0``) of ``x`` given the observed ones.
 
     Args:
-        model: a trained ``pyvae.models.VAE`` (Bernoulli or Gaussian decoder); put in eval mode by you.
+        model: a trained ``pyvae.models.VAE`` (any decoder); put in eval mode by you.
         x: ``[B, D]`` float tensor on the model's device; its missing pixels are ignored.
         mask: ``[D]`` or ``[B, D]`` bool/int/float tensor on x's device, 1 = observed, 0 = missing.
         steps: chain iterations after the first pass (``"gibbs"``/``"metropolis"``; 0: one encode -> z ->

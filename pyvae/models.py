@@ -1,8 +1,9 @@
 """The variational auto-encoder of Kingma & Welling (2013) and its estimators, on pyvae's fused ops.
 
-``VAE`` has a Gaussian MLP encoder q(z|x) = N(mu(x), diag(exp(logvar(x)))) and a Bernoulli (logits) or
-Gaussian (sigmoid mean, learned log-variance; the paper's Frey Face decoder) MLP decoder p(x|z), with
-the prior p(z) = N(0, I). Estimators, all per datapoint (``[B]``):
+``VAE`` has a Gaussian MLP encoder q(z|x) = N(mu(x), diag(exp(logvar(x)))) and a Bernoulli (logits),
+continuous-Bernoulli (logits; the normalized density on [0, 1] of Loaiza-Ganem & Cunningham 2019, for
+grey levels) or Gaussian (sigmoid mean, learned log-variance; the paper's Frey Face decoder) MLP decoder
+p(x|z), with the prior p(z) = N(0, I). Estimators, all per datapoint (``[B]``):
 
 - ``elbo(x, samples=L, estimator="analytic")``: SGVB estimator B (analytic KL, the paper's eq. 7);
   ``estimator="mc"``: estimator A (eq. 6), the mean over L draws of log p(x, z) - log q(z|x).
@@ -11,7 +12,8 @@ the prior p(z) = N(0, I). Estimators, all per datapoint (``[B]``):
 
 The hot path runs on pyvae's fused ops: ``reparameterize`` (Philox eps drawn in the kernel),
 ``bernoulli_elbo`` (estimator B for Bernoulli decoders in one pass), ``gaussian_kl``,
-``gaussian_log_prob``, ``bernoulli_log_prob``, and the fused linear layers of ``pyvae.nn``.
+``gaussian_log_prob``, ``bernoulli_log_prob``, ``continuous_bernoulli_log_prob``, and the fused linear
+layers of ``pyvae.nn``.
 
 Layers: every linear layer is built by ``_linear`` (``pyvae.nn.FusedLinear``, or with ``fused=False`` an
 ``nn.Linear`` subclass applying the activation in eager torch). Both ARE ``nn.Linear`` subclasses, so
@@ -32,7 +34,8 @@ from .reference import ACTIVATIONS as TORCH_ACTIVATIONS
 
 __all__ = ["VAE", "LIKELIHOODS", "ESTIMATORS", "Shard"]
 
-LIKELIHOODS = ("bernoulli", "gaussian")
+LIKELIHOODS = ("bernoulli", "continuous-bernoulli", "gaussian")
+_LOGIT_DECODERS = ("bernoulli", "continuous-bernoulli")  # the decoder outputs logits [..., D]
 ESTIMATORS = ("analytic", "mc")
 
 Shard = Tuple[int, int]
@@ -101,8 +104,10 @@ class VAE(nn.Module):
         x_dim: data dimension D (e.g. 784).
         z_dim: latent dimension Z (paper: 2..200; 20 by default).
         hidden: units per hidden layer (paper: 500 for MNIST, 200 for Frey Face).
-        likelihood: "bernoulli" (decoder outputs logits) or "gaussian" (sigmoid mean and a learned
-            per-pixel log-variance, both functions of z, as the paper's Frey Face model).
+        likelihood: "bernoulli" (decoder outputs logits), "continuous-bernoulli" (logits too; the
+            normalized density for x in [0, 1], whose mean is not sigmoid(logits)) or "gaussian"
+            (sigmoid mean and a learned per-pixel log-variance, both functions of z, as the paper's Frey
+            Face model).
         activation: hidden activation ("tanh" as the paper; "relu", "sigmoid", "softplus").
         layers: hidden layers in each of encoder and decoder (paper: 1).
         init: "default" (PyTorch's nn.Linear init) or "paper" (every weight and bias ~ N(0, 0.01^2)).
@@ -132,7 +137,7 @@ class VAE(nn.Module):
         self.enc_head = _gaussian_head(hidden, z_dim, fused)
         dec = [z_dim] + [hidden] * layers
         self.decoder = nn.Sequential(*[_linear(a, b, activation, fused) for a, b in zip(dec[:-1], dec[1:])])
-        if likelihood == "bernoulli":
+        if likelihood in _LOGIT_DECODERS:
             self.dec_logits = _linear(hidden, x_dim, "identity", fused)
         else:
             self.dec_mean = _linear(hidden, x_dim, "sigmoid", fused)
@@ -163,27 +168,35 @@ class VAE(nn.Module):
         return _wide(mu), _wide(logvar)  # the ELBO terms are computed in float32 under autocast
 
     def decode(self, z: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """p(x|z)'s parameters: Bernoulli ``logits [..., D]``; Gaussian ``(mean [..., D], logvar [..., D])``."""
+        """p(x|z)'s parameters: (continuous) Bernoulli ``logits [..., D]``; Gaussian ``(mean [..., D],
+        logvar [..., D])``."""
         if not isinstance(z, torch.Tensor) or z.dim() < 1 or z.shape[-1] != self.z_dim:
             raise ValueError(f"z must be a tensor of shape [..., {self.z_dim}] (z_dim), got "
                              f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
         h = self.decoder(z)
-        if self.likelihood == "bernoulli":
+        if self.likelihood in _LOGIT_DECODERS:
             return _wide(self.dec_logits(h))
         return _wide(self.dec_mean(h)), _wide(self.dec_logvar(h))
 
     def mean_from(self, decoded) -> torch.Tensor:
-        """E[x|z] ``[..., D]`` from ``decode(z)``'s output: sigmoid(logits) (Bernoulli) or the mean (Gaussian)."""
-        return torch.sigmoid(decoded) if self.likelihood == "bernoulli" else decoded[0]
+        """E[x|z] ``[..., D]`` from ``decode(z)``'s output: sigmoid(logits) (Bernoulli), the continuous
+        Bernoulli's mean ``pyvae.ops.continuous_bernoulli_mean(logits)``, or the mean (Gaussian)."""
+        if self.likelihood == "bernoulli":
+            return torch.sigmoid(decoded)
+        if self.likelihood == "continuous-bernoulli":
+            return ops.continuous_bernoulli_mean(decoded)
+        return decoded[0]
 
     def mean(self, z: torch.Tensor) -> torch.Tensor:
-        """E[x|z] ``[..., D]``: sigmoid(logits) (Bernoulli) or the mean (Gaussian)."""
+        """E[x|z] ``[..., D]`` (see ``mean_from``)."""
         return self.mean_from(self.decode(z))
 
     def log_px(self, x: torch.Tensor, decoded) -> torch.Tensor:
         """log p(x|z) summed over D, from ``decoded = decode(z)``: ``x [B, D] -> [..., B]``."""
         if self.likelihood == "bernoulli":
             return ops.bernoulli_log_prob(decoded, x.to(decoded.dtype))
+        if self.likelihood == "continuous-bernoulli":
+            return ops.continuous_bernoulli_log_prob(decoded, x.to(decoded.dtype))
         return ops.gaussian_log_prob(x.to(decoded[0].dtype), decoded[0], decoded[1])
 
     def log_px_given_z(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -218,7 +231,8 @@ class VAE(nn.Module):
         """The training objective (what ``DistributedDataParallel`` wraps).
 
         Args:
-            x: ``[B, D]`` targets (binary for Bernoulli; in [0, 1] allowed).
+            x: ``[B, D]`` targets (binary for Bernoulli, in [0, 1] allowed; in [0, 1] for the continuous
+                Bernoulli).
             samples: L, draws of z per datapoint.
             estimator: "analytic" (SGVB B) or "mc" (SGVB A).
             kl_weight: beta in ``recon - beta * KL`` (KL warm-up); 1 is the ELBO.

@@ -46,6 +46,24 @@ def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
 
 
+def continuous_bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``Independent(ContinuousBernoulli(logits=logits), 1).log_prob(x)``: torch.distributions' own
+    continuous Bernoulli, the baseline pyvae's fused op is measured against.
+
+    Numerically it is torch's: it goes through ``probs = sigmoid(logits)``, so once that rounds to 0
+    or 1 (``|logits|`` above ~17 in float32, ~37 in float64) the normalizer becomes inf or NaN; near
+    ``logits = 0`` (probs in (0.499, 0.501)) it uses a Taylor patch. The tests therefore also compare
+    against a high-precision oracle of their own.
+    """
+    cb = torch.distributions.ContinuousBernoulli(logits=logits, validate_args=False)
+    return torch.distributions.Independent(cb, 1, validate_args=False).log_prob(x)
+
+
+def continuous_bernoulli_mean(logits: torch.Tensor) -> torch.Tensor:
+    """``ContinuousBernoulli(logits=logits).mean`` (torch.distributions; same limits as above)."""
+    return torch.distributions.ContinuousBernoulli(logits=logits, validate_args=False).mean
+
+
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """log N(x | mean, e^logvar) summed over the last dim."""
     return -0.5 * (_LOG_2PI + logvar + (x - mean).pow(2) * (-logvar).exp()).sum(-1)

@@ -58,7 +58,8 @@ class TrainConfig:
     Attributes:
         dataset: one of ``pyvae.data.DATASETS`` (default: the embedded MNIST-5k).
         data_dir: directory of the data files (IDX, frey_rawface.mat); default ``$PYVAE_DATA``.
-        binarize: "dynamic", "static", "none", or "auto" (dynamic for Bernoulli, none for Gaussian).
+        binarize: "dynamic", "static", "none", or "auto" (dynamic for Bernoulli, none for the
+            continuous Bernoulli and the Gaussian).
         limit: use only the first ``limit`` train/test examples.
         epochs: passes over the training set.
         batch_size: M, the global minibatch size (paper: 100).
@@ -66,7 +67,7 @@ class TrainConfig:
         hidden: hidden units per layer (paper: 500 for MNIST, 200 for Frey Face).
         layers: hidden layers in encoder and decoder (paper: 1).
         activation: hidden activation (paper: tanh).
-        likelihood: "bernoulli" or "gaussian".
+        likelihood: "bernoulli", "continuous-bernoulli" (grey levels in [0, 1]) or "gaussian".
         estimator: "analytic" (SGVB B) or "mc" (SGVB A).
         samples: L, draws of z per datapoint (paper: 1).
         init: "default" (PyTorch) or "paper" (N(0, 0.01^2)).

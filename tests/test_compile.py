@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) through all five ELBO ops: one graph, same values as eager.
+"""torch.compile(fullgraph=True) through all six ELBO ops: one graph, same values as eager.
 
 The only compile test of the ELBO ops (inductor takes tens of seconds on 2 cores): deselect with
 ``-m "not compile"``.
@@ -15,6 +15,7 @@ def vae_terms(logits, x, mu, logvar, prior_mu):
     log_q = pyvae.gaussian_log_prob(z, mu, logvar)  # [2, B]
     return (pyvae.bernoulli_elbo(logits, x, mu, logvar)
             + pyvae.bernoulli_log_prob(logits, x).mean(0)
+            + pyvae.continuous_bernoulli_log_prob(logits, x).mean(0)
             - pyvae.gaussian_kl(mu, logvar, prior_mu)
             - log_q.mean(0)).sum()
 
@@ -45,7 +46,8 @@ def test_compile_fullgraph_all_ops(device):
 
     assert len(graphs) == 1  # no graph break
     targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
-    for name in ("reparameterize", "gaussian_log_prob", "bernoulli_elbo", "bernoulli_log_prob", "gaussian_kl"):
+    for name in ("reparameterize", "gaussian_log_prob", "bernoulli_elbo", "bernoulli_log_prob",
+                 "continuous_bernoulli_log_prob", "gaussian_kl"):
         assert f"pyvae.{name}" in targets, (name, targets)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     for a, b in zip(got, want):

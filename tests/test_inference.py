@@ -46,7 +46,7 @@ def binary(b, d, seed=0, device="cpu"):
 
 # ---------------------------------------------------------------------------------- inpaint
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous-bernoulli", "gaussian"])
 @pytest.mark.parametrize("method", METHODS)
 def test_nothing_missing_returns_input_exactly(device, likelihood, method):
     model = tiny(likelihood, device)
@@ -521,3 +521,38 @@ def test_denoise_with_the_flip_noise_model(run, test_x):
         denoise(model, noisy, flip=0.7)
     with pytest.raises(ValueError, match="binary"):
         denoise(model, noisy * 0.5, flip=0.1)
+
+
+# ------------------------------------------------------------------------- continuous Bernoulli
+def test_continuous_bernoulli_draws_are_its_inverse_cdf():
+    """x = F^-1(u) of CB(logits): torch's cdf maps the draws back to u (moderate logits, where torch is
+    accurate), and the draws' mean is the distribution's mean for logits from 1e-5 to 1e4."""
+    from torch.distributions import ContinuousBernoulli
+
+    from pyvae import continuous_bernoulli_mean
+    from pyvae.inference import _continuous_bernoulli_icdf
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([-8.0, -1.5, -0.3, 0.2, 0.9, 2.5, 12.0], dtype=torch.float64).repeat(1000)
+    u = torch.rand(logits.shape, generator=g, dtype=torch.float64)
+    x = _continuous_bernoulli_icdf(logits, u)
+    torch.testing.assert_close(ContinuousBernoulli(logits=logits).cdf(x), u, rtol=0, atol=1e-9)
+    for l in (-1e4, -40.0, -1e-5, 0.0, 1e-5, 3.0, 1e4):
+        lt = torch.full((200_000,), l, dtype=torch.float64)
+        draws = _continuous_bernoulli_icdf(lt, torch.rand(lt.shape, generator=g, dtype=torch.float64))
+        assert ((draws >= 0) & (draws <= 1)).all()
+        assert abs(draws.mean().item() - continuous_bernoulli_mean(lt[:1]).item()) < 5e-3, l
+
+
+def test_inpaint_continuous_bernoulli_grey_levels():
+    model = tiny("continuous-bernoulli", x_dim=16)
+    x = torch.rand(6, 16, dtype=torch.float64)
+    mask = make_mask("top-half", (4, 4))
+    for metropolis, output in ((False, "mean"), (True, "sample")):
+        comp, mean = inpaint(model, x, mask, steps=3, samples=2, metropolis=metropolis, output=output,
+                             generator=torch.Generator().manual_seed(2))
+        obs = mask.bool().expand(2, 6, 16)
+        assert torch.equal(comp[obs], x.expand(2, 6, 16)[obs])
+        miss = comp[~obs]
+        assert ((miss > 0) & (miss < 1)).all()  # grey levels, not binary draws
+        assert len(miss.unique()) > 10

@@ -52,6 +52,7 @@ FORWARD = {
     "gaussian_kl": [("mu", "R", (3, 4)), ("logvar", "R", (3, 4)), ("prior_mu", "R", (4,)),
                     ("prior_logvar", "R", (4,))],
     "bernoulli_log_prob": [("logits", "R", (2, 3, 4)), ("x", "U", (3, 4))],
+    "continuous_bernoulli_log_prob": [("logits", "R", (2, 3, 4)), ("x", "U", (3, 4))],
     "gaussian_log_prob": [("x", "R", (3, 4)), ("mean", "R", (2, 3, 4)), ("logvar", "R", (4,))],
     "bernoulli_elbo": [("logits", "R", (2, 3, 5)), ("x", "U", (3, 5)), ("mu", "R", (3, 4)), ("logvar", "R", (3, 4))],
     "reparameterize": [("mu", "R", (3, 4)), ("logvar", "R", (4,)), ("samples", None, "2"), ("seed", None, "SEED()")],
@@ -68,6 +69,8 @@ BACKWARD = {
     "gaussian_kl_backward": [("grad", "R", (3,))] + FORWARD["gaussian_kl"] + [_mask(4)],
     "gaussian_kl_required_backward": [("grad", "R", (3,))] + FORWARD["gaussian_kl"][:2] + [_mask(2)],
     "bernoulli_log_prob_backward": [("grad", "R", (2, 3))] + FORWARD["bernoulli_log_prob"] + [_mask(2)],
+    "continuous_bernoulli_log_prob_backward": [("grad", "R", (2, 3))] + FORWARD["continuous_bernoulli_log_prob"]
+    + [_mask(2)],
     "gaussian_log_prob_backward": [("grad", "R", (2, 3))] + FORWARD["gaussian_log_prob"] + [_mask(3)],
     "bernoulli_elbo_backward": [("grad", "R", (3,))] + FORWARD["bernoulli_elbo"] + [_mask(4)],
     "reparameterize_backward": [("grad", "R", (2, 3, 4))] + FORWARD["reparameterize"] + [_mask(2)],
@@ -137,7 +140,8 @@ def _call(form, op, overrides):
 def _ref(form, op, eps_gen="GEN()"):
     """Code that sets ``expected`` from the bound a_<name> arguments (``eps_gen``: the generator the
     public reparameterize's oracle draws eps from, seeded like the call's)."""
-    if op in ("gaussian_kl", "bernoulli_log_prob", "gaussian_log_prob", "bernoulli_elbo"):
+    if op in ("gaussian_kl", "bernoulli_log_prob", "continuous_bernoulli_log_prob", "gaussian_log_prob",
+              "bernoulli_elbo"):
         return f"expected = reference.{op}(*map(D64, [{', '.join('a_' + n for n in _names(op))}]))"
     if op == "linear_act":
         return "expected = LINEAR_REF(a_x, a_weight, a_bias, a_activation)"
@@ -572,7 +576,8 @@ add("pyvae.gather_binarize:p-0-and-1", "src = torch.tensor([[0.0, 1.0]]).repeat(
 # context managers (fused_only), the route cache (forget_routes), seed draws (draw_seed, seed_for:
 # tests/test_reliability.py, tests/test_cuda_code.py) and the model's sharded draw (reparameterize_shard,
 # which calls the registered reparameterize op checked above).
-HELPERS = {"fused_only", "forget_routes", "draw_seed", "seed_for", "reparameterize_shard"}
+# continuous_bernoulli_mean is plain torch (no pointer reaches a kernel; tests/test_continuous_bernoulli_log_prob.py).
+HELPERS = {"fused_only", "forget_routes", "draw_seed", "seed_for", "reparameterize_shard", "continuous_bernoulli_mean"}
 
 
 def _params():

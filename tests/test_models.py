@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from torch.distributions import Bernoulli, Independent, Normal, kl_divergence
+from torch.distributions import Bernoulli, ContinuousBernoulli, Independent, Normal, kl_divergence
 
 import pyvae
 from pyvae import models as M
@@ -14,6 +14,14 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and pyvae.cuda_built(
 def _x(b=6, d=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(b, d, generator=g) < 0.4).float()
+
+
+def _grey(b=6, d=12, seed=2, dtype=torch.float32):
+    """Grey levels in [0, 1], with some pixels exactly 0 and 1 (as in images)."""
+    x = torch.rand(b, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    x[:, :2] = 0.0
+    x[:, 2:3] = 1.0
+    return x
 
 
 def _model(likelihood="bernoulli", z=3, d=12, dtype=torch.float32, seed=0, **kw):
@@ -40,13 +48,48 @@ def test_elbo_analytic_bernoulli_by_hand(samples, device):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("samples", [1, 4])
+def test_elbo_analytic_continuous_bernoulli_by_hand(samples, device):
+    """The analytic estimator of a continuous-Bernoulli decoder: E_q[log CB(x | logits)] - KL, on grey levels."""
+    m, x = _model("continuous-bernoulli").to(device), _grey().to(device)
+    z, mu, logvar = _z_for(m, x, samples, 11)
+    rec = Independent(ContinuousBernoulli(logits=m.decode(z)), 1).log_prob(x).mean(0)
+    q = Independent(Normal(mu, (0.5 * logvar).exp()), 1)
+    p = Independent(Normal(torch.zeros_like(mu), torch.ones_like(mu)), 1)
+    want = rec - kl_divergence(q, p)
+    got = m.elbo(x, samples=samples, generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    got.sum().backward()  # and it trains: every parameter gets a finite gradient
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_continuous_bernoulli_mean_is_not_sigmoid():
+    """Reconstructions and samples of a continuous-Bernoulli model show its mean, not sigmoid(logits)."""
+    m = _model("continuous-bernoulli")
+    with torch.no_grad():
+        m.dec_logits.bias.fill_(3.0)  # far from 0, where the two differ most
+    z = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    logits = m.decode(z)
+    want = ContinuousBernoulli(logits=logits.double()).mean.float()
+    torch.testing.assert_close(m.mean(z), want, rtol=1e-5, atol=1e-6)
+    assert (m.mean(z) - torch.sigmoid(logits)).abs().max() > 0.1
+    s = m.sample(5, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (5, 12) and 0 <= s.min() and s.max() <= 1
+    with pytest.raises(ValueError, match="bernoulli"):
+        m.sample(5, binary=True)
+    assert m.reconstruct(_grey()).shape == (6, 12)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous-bernoulli", "gaussian"])
 def test_elbo_mc_by_hand(likelihood):
     m = _model(likelihood)
-    x = _x() if likelihood == "bernoulli" else torch.rand(6, 12, generator=torch.Generator().manual_seed(2))
+    x = _x() if likelihood == "bernoulli" else _grey()
     z, mu, logvar = _z_for(m, x, 3, 5)
     if likelihood == "bernoulli":
         lpx = Independent(Bernoulli(logits=m.decode(z)), 1).log_prob(x)
+    elif likelihood == "continuous-bernoulli":
+        lpx = Independent(ContinuousBernoulli(logits=m.decode(z)), 1).log_prob(x)
     else:
         mean, lv = m.decode(z)
         assert 0 <= mean.min() and mean.max() <= 1  # sigmoid-constrained mean
@@ -58,7 +101,7 @@ def test_elbo_mc_by_hand(likelihood):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous-bernoulli", "gaussian"])
 def test_estimators_agree_in_expectation(likelihood):
     m, x = _model(likelihood, dtype=torch.float64), _x().double()
     g = torch.Generator().manual_seed(0)
@@ -99,11 +142,11 @@ def _exact_log_px_1d(model, x):
     return torch.logsumexp(lp + w.log().unsqueeze(1), 0)
 
 
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous-bernoulli", "gaussian"])
 def test_log_likelihood_matches_numerical_integration(likelihood):
     torch.manual_seed(2)
     m = M.VAE(5, z_dim=1, hidden=4, likelihood=likelihood).double()
-    x = _x(b=4, d=5).double() if likelihood == "bernoulli" else torch.rand(4, 5, dtype=torch.float64)
+    x = _x(b=4, d=5).double() if likelihood == "bernoulli" else _grey(4, 5, dtype=torch.float64)
     exact = _exact_log_px_1d(m, x)
     est = m.log_likelihood(x, samples=20000, batch=3000, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(est, exact, rtol=0, atol=0.01)

@@ -179,6 +179,20 @@ def test_gaussian_likelihood_continuous(tmp_path):
     assert r.history[-1]["test_elbo"] > r.history[0]["test_elbo"]
 
 
+def test_continuous_bernoulli_trains_on_grey_levels(tmp_path):
+    """likelihood "continuous-bernoulli" keeps the grey levels by default ("auto" -> no binarization)."""
+    from pyvae.data import resolve_binarize
+
+    assert resolve_binarize("auto", "continuous-bernoulli") == "none"
+    cfg = _cfg(tmp_path, likelihood="continuous-bernoulli", epochs=2)
+    assert cfg.binarize_mode == "none"
+    data = load_dataset("digits", binarize=cfg.binarize_mode)
+    assert data.binarize == "none" and ((data.test > 0) & (data.test < 1)).any()
+    r = train(cfg, data=data, log=_quiet)
+    assert r.model.likelihood == "continuous-bernoulli"
+    assert r.history[-1]["test_elbo"] > r.history[0]["test_elbo"]
+
+
 def test_evaluate_deterministic_and_matches_an_independent_computation(digits):
     """evaluate's mean ELBO, KL and recon over the 179 test rows (batches of 64: a partial last batch)
     against ``_independent_terms``: the analytic KL to float32 rounding, recon and the ELBO within

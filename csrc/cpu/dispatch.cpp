@@ -17,8 +17,10 @@ namespace {
 
 #define PYVAE_TABLE(ARCH)                                                                       \
   KernelTable {                                                                                 \
-#ARCH, ARCH::bernoulli_log_prob_fwd, ARCH::bernoulli_log_prob_bwd, ARCH::gaussian_kl_fwd,     \
-        ARCH::gaussian_kl_bwd, ARCH::gaussian_log_prob_fwd, ARCH::gaussian_log_prob_bwd,        \
+#ARCH, ARCH::bernoulli_log_prob_fwd, ARCH::bernoulli_log_prob_bwd,                            \
+        ARCH::continuous_bernoulli_log_prob_fwd, ARCH::continuous_bernoulli_log_prob_bwd,        \
+        ARCH::gaussian_kl_fwd, ARCH::gaussian_kl_bwd, ARCH::gaussian_log_prob_fwd,               \
+        ARCH::gaussian_log_prob_bwd,                                                            \
         ARCH::bernoulli_elbo_fwd, ARCH::bernoulli_elbo_bwd, ARCH::reparameterize_fwd,           \
         ARCH::reparameterize_bwd, ARCH::bias_act_fwd, ARCH::act_bwd, ARCH::gather_binarize      \
   }

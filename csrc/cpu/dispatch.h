@@ -17,6 +17,7 @@ using BinarizeFn = void (*)(const BinarizeParams&);
 struct KernelTable {
   const char* name;
   RowwiseFn bernoulli_log_prob_fwd, bernoulli_log_prob_bwd;
+  RowwiseFn continuous_bernoulli_log_prob_fwd, continuous_bernoulli_log_prob_bwd;
   RowwiseFn gaussian_kl_fwd, gaussian_kl_bwd;
   RowwiseFn gaussian_log_prob_fwd, gaussian_log_prob_bwd;
   RowwiseFn bernoulli_elbo_fwd, bernoulli_elbo_bwd;

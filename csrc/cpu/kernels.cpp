@@ -7,6 +7,7 @@
 #include "common/params.h"
 #include "cpu/kernels.h"
 #include "ops/bernoulli.h"
+#include "ops/continuous_bernoulli.h"
 #include "ops/elbo.h"
 #include "ops/gaussian_kl.h"
 #include "ops/gaussian_log_prob.h"
@@ -81,6 +82,42 @@ void bernoulli_log_prob_bwd_t(const RowwiseParams& p) {
 #pragma omp simd
       for (int64_t c = 0; c < D; ++c) {
         const auto d = ops::bernoulli_log_prob_grad(l[c], x[c], g);
+        if (want_l) gl[c] = d.l;
+        if (want_x) gx[c] = d.x;
+      }
+    });
+  });
+}
+
+// ------------------------------------------------------------------------ continuous Bernoulli
+template <typename T>
+void continuous_bernoulli_log_prob_fwd_t(const RowwiseParams& p) {
+  const int64_t D = p.cols;
+  T* out = static_cast<T*>(p.out);
+  parallel_rows(p.rows, D, [&](int64_t r) {
+    const T* l = row_of<T>(p.a, r, D);
+    const T* x = row_of<T>(p.b, r, D);
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t c = 0; c < D; ++c) acc += ops::continuous_bernoulli_log_prob(l[c], x[c]);
+    out[r] = acc;
+  });
+}
+
+template <typename T>
+void continuous_bernoulli_log_prob_bwd_t(const RowwiseParams& p) {
+  const int64_t D = p.cols;
+  const T* G = static_cast<const T*>(p.grad_out);
+  bool_switch2(p.grad_a != nullptr, p.grad_b != nullptr, [&](auto want_l, auto want_x) {
+    parallel_rows(p.rows, D, [&](int64_t r) {
+      const T* l = row_of<T>(p.a, r, D);
+      const T* x = row_of<T>(p.b, r, D);
+      T* gl = want_l ? static_cast<T*>(p.grad_a) + r * D : nullptr;
+      T* gx = want_x ? static_cast<T*>(p.grad_b) + r * D : nullptr;
+      const T g = G[r];
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) {
+        const auto d = ops::continuous_bernoulli_log_prob_grad(l[c], x[c], g);
         if (want_l) gl[c] = d.l;
         if (want_x) gx[c] = d.x;
       }
@@ -353,6 +390,8 @@ void bernoulli_elbo_bwd_t(const RowwiseParams& p) {
 
 PYVAE_CPU_DEFINE(bernoulli_log_prob_fwd, RowwiseParams)
 PYVAE_CPU_DEFINE(bernoulli_log_prob_bwd, RowwiseParams)
+PYVAE_CPU_DEFINE(continuous_bernoulli_log_prob_fwd, RowwiseParams)
+PYVAE_CPU_DEFINE(continuous_bernoulli_log_prob_bwd, RowwiseParams)
 PYVAE_CPU_DEFINE(gaussian_kl_fwd, RowwiseParams)
 PYVAE_CPU_DEFINE(gaussian_kl_bwd, RowwiseParams)
 PYVAE_CPU_DEFINE(gaussian_log_prob_fwd, RowwiseParams)

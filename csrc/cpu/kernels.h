@@ -11,6 +11,9 @@
   /* a = logits, b = x; grad_a = d/dlogits, grad_b = d/dx */                                  \
   void bernoulli_log_prob_fwd(const RowwiseParams& p);                                        \
   void bernoulli_log_prob_bwd(const RowwiseParams& p);                                        \
+  /* a = logits, b = x (continuous Bernoulli); grad_a = d/dlogits, grad_b = d/dx */          \
+  void continuous_bernoulli_log_prob_fwd(const RowwiseParams& p);                             \
+  void continuous_bernoulli_log_prob_bwd(const RowwiseParams& p);                             \
   /* a = mu, b = logvar, c = prior mu, d = prior logvar (c, d null: N(0, I)) */               \
   void gaussian_kl_fwd(const RowwiseParams& p);                                               \
   void gaussian_kl_bwd(const RowwiseParams& p);                                               \

@@ -29,6 +29,7 @@
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 #include "ops/bernoulli.h"
+#include "ops/continuous_bernoulli.h"
 #include "ops/elbo.h"
 #include "ops/gaussian_kl.h"
 #include "ops/gaussian_log_prob.h"
@@ -105,8 +106,8 @@ struct RowLoop {
 };
 
 // ------------------------------------------------------------------------------ forward kernels
-// OP selects the per-element term; every op reads up to four operands a..d of one row.
-enum class Fwd { kBernoulli, kKLStd, kKL, kGaussian };
+// Op selects the per-element term; every op reads up to four operands a..d of one row.
+enum class Fwd { kBernoulli, kContinuousBernoulli, kKLStd, kKL, kGaussian };
 
 template <Fwd OP>
 constexpr int operands() {
@@ -137,6 +138,7 @@ __global__ void __launch_bounds__(kThreads) rowwise_fwd_kernel(const RowwisePara
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         if (OP == Fwd::kBernoulli) acc += ops::bernoulli_log_prob(va[k], vb[k]);
+        if (OP == Fwd::kContinuousBernoulli) acc += ops::continuous_bernoulli_log_prob(va[k], vb[k]);
         if (OP == Fwd::kKLStd) acc += ops::kl_std_normal(va[k], vb[k]);
         if (OP == Fwd::kKL) acc += ops::kl_normal(va[k], vb[k], vc[k], vd[k]);
         if (OP == Fwd::kGaussian) acc += ops::gaussian_log_prob(va[k], vb[k], vc[k]);
@@ -178,6 +180,11 @@ __global__ void __launch_bounds__(kThreads) rowwise_bwd_kernel(const RowwisePara
       for (int k = 0; k < N; ++k) {
         if (OP == Fwd::kBernoulli) {
           const auto v = ops::bernoulli_log_prob_grad(va[k], vb[k], g);
+          oa[k] = v.l;
+          ob[k] = v.x;
+        }
+        if (OP == Fwd::kContinuousBernoulli) {
+          const auto v = ops::continuous_bernoulli_log_prob_grad(va[k], vb[k], g);
           oa[k] = v.l;
           ob[k] = v.x;
         }
@@ -366,6 +373,12 @@ std::vector<DType> rowwise_kernel_dtypes() { return dtypes_in(Dispatched{}); }
 
 void bernoulli_log_prob_fwd(const RowwiseParams& p) { fwd<Fwd::kBernoulli>(p, "bernoulli_log_prob_fwd"); }
 void bernoulli_log_prob_bwd(const RowwiseParams& p) { bwd<Fwd::kBernoulli>(p, "bernoulli_log_prob_bwd"); }
+void continuous_bernoulli_log_prob_fwd(const RowwiseParams& p) {
+  fwd<Fwd::kContinuousBernoulli>(p, "continuous_bernoulli_log_prob_fwd");
+}
+void continuous_bernoulli_log_prob_bwd(const RowwiseParams& p) {
+  bwd<Fwd::kContinuousBernoulli>(p, "continuous_bernoulli_log_prob_bwd");
+}
 void gaussian_kl_fwd(const RowwiseParams& p) {
   if (p.c.data) fwd<Fwd::kKL>(p, "gaussian_kl_fwd");
   else fwd<Fwd::kKLStd>(p, "gaussian_kl_fwd");

@@ -15,6 +15,8 @@ namespace cuda {
 
 void bernoulli_log_prob_fwd(const RowwiseParams& p);
 void bernoulli_log_prob_bwd(const RowwiseParams& p);
+void continuous_bernoulli_log_prob_fwd(const RowwiseParams& p);
+void continuous_bernoulli_log_prob_bwd(const RowwiseParams& p);
 void gaussian_kl_fwd(const RowwiseParams& p);
 void gaussian_kl_bwd(const RowwiseParams& p);
 void gaussian_log_prob_fwd(const RowwiseParams& p);

@@ -62,7 +62,7 @@ PYVAE_HD PYVAE_FORCEINLINE float log1p_unit(float t) {
 PYVAE_HD PYVAE_FORCEINLINE double log1p_unit(double t) { return ::log1p(t); }
 
 // ---------------------------------------------------------------------------------------------
-// log(x) for positive normal x (Box-Muller's uniforms): x = 2^e * m, m in [sqrt(1/2), sqrt(2)),
+// log(x) for positive normal finite x (Box-Muller's uniforms; |logits| in continuous_bernoulli.h): x = 2^e * m, m in [sqrt(1/2), sqrt(2)),
 // log(x) = e*ln2 + log1p(m - 1) with a degree-8 fit of log1p(f)/f on that interval.
 PYVAE_HD PYVAE_FORCEINLINE float log_positive(float x) {
   const uint32_t bits = float_to_bits(x);
@@ -83,6 +83,7 @@ PYVAE_HD PYVAE_FORCEINLINE float log_positive(float x) {
   const float ef = static_cast<float>(e);
   return f * q + ef * 0.693359375f + ef * -2.12194440e-4f;
 }
+PYVAE_HD PYVAE_FORCEINLINE double log_positive(double x) { return ::log(x); }
 
 // ---------------------------------------------------------------------------------------------
 // sin(2*pi*u) and cos(2*pi*u) for u in [0, 1]: reduce to a quarter turn j and a remainder

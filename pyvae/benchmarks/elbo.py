@@ -10,8 +10,18 @@ Ops (``setup_<op>(B)`` builds the inputs for batch size B; D = 784 data dims, Z 
     elbo_step  the main case: z = reparameterize(mu, logvar); loss = -bernoulli_elbo(logits, x, mu,
                logvar).sum() + (z * w).sum(). ``logits`` stands in for the decoder output (a leaf
                that requires grad); the cheap ``(z * w).sum()`` makes reparameterize's backward run.
+    elbo_step_unfused  elbo_step with the fused op replaced by bernoulli_log_prob - gaussian_kl (two ops,
+               as a likelihood without a fused ELBO op runs); the reference is elbo_step's. Against
+               ``elbo_step`` it measures what the fusion buys.
+    cb_elbo_step  the same step for a continuous-Bernoulli decoder on grey levels, unfused (there is
+               no fused CB ELBO op): loss = -(continuous_bernoulli_log_prob(logits, x) -
+               gaussian_kl(mu, logvar)).sum() + (z * w).sum(); the baseline's likelihood is
+               torch.distributions.ContinuousBernoulli. Against ``elbo_step``'s pyvae time it bounds
+               what fusing the CB likelihood with the KL could save.
     kl         gaussian_kl(mu, logvar)                  [B, Z] -> [B]
     bernoulli  bernoulli_log_prob(logits, x)            [B, D] -> [B]
+    cbernoulli continuous_bernoulli_log_prob(logits, x) [B, D] -> [B], x grey levels in [0, 1]; the
+               baseline is torch.distributions.ContinuousBernoulli (pyvae.reference)
     gaussian   gaussian_log_prob(x, mean, logvar)       [B, D] -> [B], per-element logvar
     reparam    reparameterize(mu, logvar)               [B, Z] -> [B, Z]
 
@@ -32,7 +42,7 @@ import sys
 
 from . import common as C
 
-OPS = ("elbo_step", "kl", "bernoulli", "gaussian", "reparam")
+OPS = ("elbo_step", "elbo_step_unfused", "cb_elbo_step", "kl", "bernoulli", "cbernoulli", "gaussian", "reparam")
 BATCHES = (100, 1024, 16384)
 
 
@@ -49,6 +59,27 @@ def _elbo_step_pyvae(logits, x, mu, logvar, w):
 
     z = pyvae.reparameterize(mu, logvar)
     return -pyvae.bernoulli_elbo(logits, x, mu, logvar).sum() + (z * w).sum()
+
+
+def _elbo_step_unfused_pyvae(logits, x, mu, logvar, w):
+    import pyvae
+
+    z = pyvae.reparameterize(mu, logvar)
+    return -(pyvae.bernoulli_log_prob(logits, x) - pyvae.gaussian_kl(mu, logvar)).sum() + (z * w).sum()
+
+
+def _cb_elbo_step_ref(logits, x, mu, logvar, w):
+    from pyvae import reference as R
+
+    z = R.reparameterize(mu, logvar)
+    return -(R.continuous_bernoulli_log_prob(logits, x) - R.gaussian_kl(mu, logvar)).sum() + (z * w).sum()
+
+
+def _cb_elbo_step_pyvae(logits, x, mu, logvar, w):
+    import pyvae
+
+    z = pyvae.reparameterize(mu, logvar)
+    return -(pyvae.continuous_bernoulli_log_prob(logits, x) - pyvae.gaussian_kl(mu, logvar)).sum() + (z * w).sum()
 
 
 def _tensors(B, D, Z, device, dtype):
@@ -72,6 +103,21 @@ def setup_elbo_step(B, D, Z, device, dtype):
             "reference": _elbo_step_ref, "pyvae": _elbo_step_pyvae}
 
 
+def setup_elbo_step_unfused(B, D, Z, device, dtype):
+    return {**setup_elbo_step(B, D, Z, device, dtype), "pyvae": _elbo_step_unfused_pyvae}
+
+
+def setup_cb_elbo_step(B, D, Z, device, dtype):
+    import torch
+
+    t, _ = _tensors(B, D, Z, device, dtype)
+    logits, mu, logvar = t(B, D, scale=2.0, grad=True), t(B, Z, grad=True), t(B, Z, scale=0.5, grad=True)
+    w = t(B, Z)
+    x = torch.rand(B, D, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
+    return {"args": (logits, x, mu, logvar, w), "leaves": (logits, mu, logvar), "grad_out": None,
+            "reference": _cb_elbo_step_ref, "pyvae": _cb_elbo_step_pyvae}
+
+
 def setup_kl(B, D, Z, device, dtype):
     import pyvae
     from pyvae import reference as R
@@ -90,6 +136,20 @@ def setup_bernoulli(B, D, Z, device, dtype):
     logits = t(B, D, scale=2.0, grad=True)
     return {"args": (logits, x), "leaves": (logits,), "grad_out": t(B),
             "reference": R.bernoulli_log_prob, "pyvae": pyvae.bernoulli_log_prob}
+
+
+def setup_cbernoulli(B, D, Z, device, dtype):
+    import torch
+
+    import pyvae
+    from pyvae import reference as R
+
+    t, _ = _tensors(B, D, Z, device, dtype)
+    logits = t(B, D, scale=2.0, grad=True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(B, D, generator=g, dtype=dtype).to(device)
+    return {"args": (logits, x), "leaves": (logits,), "grad_out": t(B),
+            "reference": R.continuous_bernoulli_log_prob, "pyvae": pyvae.continuous_bernoulli_log_prob}
 
 
 def setup_gaussian(B, D, Z, device, dtype):

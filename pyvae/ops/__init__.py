@@ -10,6 +10,8 @@ Public functions (also importable from ``pyvae``):
 =========================================================  ==========================================
 ``gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None)``  KL(q || p) per row, ``[...]``
 ``bernoulli_log_prob(logits, x)``                          log Bern(x | sigmoid(logits)), ``[...]``
+``continuous_bernoulli_log_prob(logits, x)``               log CB(x | sigmoid(logits)), ``[...]``
+``continuous_bernoulli_mean(logits)``                      E[x] of CB(sigmoid(logits)), elementwise
 ``gaussian_log_prob(x, mean, logvar)``                     log N(x | mean, exp(logvar)), ``[...]``
 ``reparameterize(mu, logvar, *, samples=None, generator=None)``  z = mu + exp(logvar/2) * eps
 ``bernoulli_elbo(logits, x, mu, logvar)``                  fused SGVB estimator B, ``[...]``
@@ -28,6 +30,7 @@ name the argument), then one module per op.
 """
 from .bernoulli_elbo import bernoulli_elbo
 from .bernoulli_log_prob import bernoulli_log_prob
+from .continuous_bernoulli_log_prob import continuous_bernoulli_log_prob, continuous_bernoulli_mean
 from .gaussian_kl import gaussian_kl
 from .gather_binarize import gather_binarize
 from .gaussian_log_prob import gaussian_log_prob
@@ -37,6 +40,8 @@ from .reparameterize import draw_seed, reparameterize, reparameterize_shard, see
 __all__ = [
     "gaussian_kl",
     "bernoulli_log_prob",
+    "continuous_bernoulli_log_prob",
+    "continuous_bernoulli_mean",
     "gaussian_log_prob",
     "reparameterize",
     "bernoulli_elbo",

@@ -1,5 +1,6 @@
-"""The row-reduction op family (bernoulli_log_prob, gaussian_log_prob, gaussian_kl, bernoulli_elbo): input
-plans, broadcasting operands without copies, and the forward/backward implementations over the gate.
+"""The row-reduction op family (bernoulli_log_prob, continuous_bernoulli_log_prob, gaussian_log_prob, gaussian_kl,
+bernoulli_elbo): input plans, broadcasting operands without copies, and the forward/backward implementations
+over the gate.
 
 Every op of the family reduces the last (event) dim of elementwise terms: ``out[r] = sum_c term(row r,
 col c)``; leading dims are kept and broadcast as ``torch.distributions`` does.
