@@ -28,6 +28,7 @@ def cuda_built() -> bool:
 
 
 __all__ = [
+    "__version__",
     "VAE",
     "linear_act",
     "bernoulli_elbo",

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pyvae
 from pyvae import _tune
 from pyvae.ops import linear_act
 from pyvae.ops.linear_act import ROUTES, forget_routes
