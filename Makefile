@@ -51,7 +51,8 @@ sanitize:
 	! $(SAN_ENV) $(SAN_PY) -c 'import sys; sys.path.remove(""); import torch, pyvae; \
 	  mu, out = torch.zeros(5, 3), torch.empty(4); p = mu.data_ptr(); \
 	  pyvae._C.gaussian_kl_fwd(device=0, dtype=0, rows=5, cols=3, cols2=0, samples=1, a=p, a_mod=5, b=p, b_mod=5, \
-	  c=0, c_mod=1, d=0, d_mod=1, grad_out=0, out=out.data_ptr(), grad_a=0, grad_b=0, grad_c=0, grad_d=0, stream=0)' \
+	  c=0, c_mod=1, d=0, d_mod=1, grad_out=0, out=out.data_ptr(), grad_a=0, grad_b=0, grad_c=0, grad_d=0, stream=0, \
+	  device_index=0)' \
 	  > $(SAN_DIR)/canary.log 2>&1
 	grep -q "AddressSanitizer: heap-buffer-overflow" $(SAN_DIR)/canary.log
 	@echo "sanitize: canary overflow reported ($(SAN_DIR)/canary.log)"
