@@ -53,9 +53,11 @@ void bool_switch2(bool a, bool b, const F& f) {
   else if (b) f(std::false_type{}, std::true_type{});
 }
 
-// ------------------------------------------------------------------------------------ Bernoulli
-template <typename T>
-void bernoulli_log_prob_fwd_t(const RowwiseParams& p) {
+// ---------------------------------------------------------- Bernoulli and continuous Bernoulli
+// Both take (logits a, x b) per row; TERM(l, x) is the per-element log-density and GRAD(l, x, g) its
+// gradient {l, x} scaled by g, from csrc/ops (bernoulli.h, continuous_bernoulli.h).
+template <typename T, typename Term>
+void logits_x_fwd(const RowwiseParams& p, const Term& term) {
   const int64_t D = p.cols;
   T* out = static_cast<T*>(p.out);
   parallel_rows(p.rows, D, [&](int64_t r) {
@@ -63,66 +65,50 @@ void bernoulli_log_prob_fwd_t(const RowwiseParams& p) {
     const T* x = row_of<T>(p.b, r, D);
     T acc = 0;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t c = 0; c < D; ++c) acc += ops::bernoulli_log_prob(l[c], x[c]);
+    for (int64_t c = 0; c < D; ++c) acc += term(l[c], x[c]);
     out[r] = acc;
   });
+}
+
+template <typename T, typename Grad>
+void logits_x_bwd(const RowwiseParams& p, const Grad& grad) {
+  const int64_t D = p.cols;
+  const T* G = static_cast<const T*>(p.grad_out);
+  bool_switch2(p.grad_a != nullptr, p.grad_b != nullptr, [&](auto want_l, auto want_x) {
+    parallel_rows(p.rows, D, [&](int64_t r) {
+      const T* l = row_of<T>(p.a, r, D);
+      const T* x = row_of<T>(p.b, r, D);
+      T* gl = want_l ? static_cast<T*>(p.grad_a) + r * D : nullptr;
+      T* gx = want_x ? static_cast<T*>(p.grad_b) + r * D : nullptr;
+      const T g = G[r];
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) {
+        const auto d = grad(l[c], x[c], g);
+        if (want_l) gl[c] = d.l;
+        if (want_x) gx[c] = d.x;
+      }
+    });
+  });
+}
+
+template <typename T>
+void bernoulli_log_prob_fwd_t(const RowwiseParams& p) {
+  logits_x_fwd<T>(p, [](T l, T x) { return ops::bernoulli_log_prob(l, x); });
 }
 
 template <typename T>
 void bernoulli_log_prob_bwd_t(const RowwiseParams& p) {
-  const int64_t D = p.cols;
-  const T* G = static_cast<const T*>(p.grad_out);
-  bool_switch2(p.grad_a != nullptr, p.grad_b != nullptr, [&](auto want_l, auto want_x) {
-    parallel_rows(p.rows, D, [&](int64_t r) {
-      const T* l = row_of<T>(p.a, r, D);
-      const T* x = row_of<T>(p.b, r, D);
-      T* gl = want_l ? static_cast<T*>(p.grad_a) + r * D : nullptr;
-      T* gx = want_x ? static_cast<T*>(p.grad_b) + r * D : nullptr;
-      const T g = G[r];
-#pragma omp simd
-      for (int64_t c = 0; c < D; ++c) {
-        const auto d = ops::bernoulli_log_prob_grad(l[c], x[c], g);
-        if (want_l) gl[c] = d.l;
-        if (want_x) gx[c] = d.x;
-      }
-    });
-  });
+  logits_x_bwd<T>(p, [](T l, T x, T g) { return ops::bernoulli_log_prob_grad(l, x, g); });
 }
 
-// ------------------------------------------------------------------------ continuous Bernoulli
 template <typename T>
 void continuous_bernoulli_log_prob_fwd_t(const RowwiseParams& p) {
-  const int64_t D = p.cols;
-  T* out = static_cast<T*>(p.out);
-  parallel_rows(p.rows, D, [&](int64_t r) {
-    const T* l = row_of<T>(p.a, r, D);
-    const T* x = row_of<T>(p.b, r, D);
-    T acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t c = 0; c < D; ++c) acc += ops::continuous_bernoulli_log_prob(l[c], x[c]);
-    out[r] = acc;
-  });
+  logits_x_fwd<T>(p, [](T l, T x) { return ops::continuous_bernoulli_log_prob(l, x); });
 }
 
 template <typename T>
 void continuous_bernoulli_log_prob_bwd_t(const RowwiseParams& p) {
-  const int64_t D = p.cols;
-  const T* G = static_cast<const T*>(p.grad_out);
-  bool_switch2(p.grad_a != nullptr, p.grad_b != nullptr, [&](auto want_l, auto want_x) {
-    parallel_rows(p.rows, D, [&](int64_t r) {
-      const T* l = row_of<T>(p.a, r, D);
-      const T* x = row_of<T>(p.b, r, D);
-      T* gl = want_l ? static_cast<T*>(p.grad_a) + r * D : nullptr;
-      T* gx = want_x ? static_cast<T*>(p.grad_b) + r * D : nullptr;
-      const T g = G[r];
-#pragma omp simd
-      for (int64_t c = 0; c < D; ++c) {
-        const auto d = ops::continuous_bernoulli_log_prob_grad(l[c], x[c], g);
-        if (want_l) gl[c] = d.l;
-        if (want_x) gx[c] = d.x;
-      }
-    });
-  });
+  logits_x_bwd<T>(p, [](T l, T x, T g) { return ops::continuous_bernoulli_log_prob_grad(l, x, g); });
 }
 
 // ------------------------------------------------------------------------------------------ KL
