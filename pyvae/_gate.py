@@ -166,11 +166,15 @@ def rowwise(op: str, direction: str, *, dtype: torch.dtype, device: torch.device
         args[letter + "_mod"] = mod
     if direction == "fwd":
         args["out"] = _ptr(kernel, "out", out, dtype, device, rows)
-        args["grad_out"] = 0
         # NOTE: [ELBO in one pass] (csrc/cpu/kernels.cpp): the CPU forward of the fused ELBO can also write
-        # its unit-upstream gradients of logits, mu and logvar; no other forward writes gradients.
-        if any(g is not None for g in grads_) and not (elbo and device.type == "cpu" and grads_[1] is None):
+        # the gradients of logits, mu and logvar for an expected upstream gradient ``grad_out [rows]``
+        # (None: 1); no other forward writes gradients or reads an upstream gradient.
+        writes = any(g is not None for g in grads_)
+        if writes and not (elbo and device.type == "cpu" and grads_[1] is None):
             raise RuntimeError(f"pyvae._gate.{kernel}: this forward writes no gradients")
+        if grad_out is not None and not writes:
+            raise RuntimeError(f"pyvae._gate.{kernel}: grad_out is read only by a forward that writes gradients")
+        args["grad_out"] = _ptr(kernel, "grad_out", grad_out, dtype, device, rows, optional=True)
     else:
         args["out"] = 0
         args["grad_out"] = _ptr(kernel, "grad_out", grad_out, dtype, device, rows)

@@ -1,4 +1,5 @@
 """pyvae.bernoulli_elbo (fused SGVB estimator B) against its composition from torch.distributions."""
+import importlib
 import math
 
 import pytest
@@ -222,7 +223,32 @@ def test_one_pass_gradients_equal_the_two_pass_ones(dtype, samples, wants):
     torch.testing.assert_close(o1, o2, rtol=0, atol=0)
     for a, b, c in zip(g1, g2, g3):
         torch.testing.assert_close(a, c, rtol=rtol, atol=atol)
-        torch.testing.assert_close(a, b, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same csrc/ops functions of the same scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_pass_expected_upstream_gradient(dtype):
+    # NOTE: [Expected upstream gradient]: the forward writes the gradients for a guessed upstream
+    # gradient; a backward that brings another one must rewrite them. The sequence is a miss (-1: the
+    # default guess is -1/B), a hit (-1 again, now remembered), a miss (-0.5) and a per-row gradient,
+    # each bit for bit the registered op's two-pass backward.
+    E = importlib.import_module("pyvae.ops.bernoulli_elbo")
+
+    torch.manual_seed(5)
+    B, D, Z = 29, 67, 3
+    logits, mu, logvar = torch.randn(B, D, dtype=dtype) * 4, torch.randn(B, Z, dtype=dtype), torch.randn(B, Z, dtype=dtype)
+    x = (torch.rand(B, D) < 0.5).to(dtype)
+    E._EXPECTED.clear()
+    for step, reduce in enumerate([lambda o: -o.sum(), lambda o: -o.sum(), lambda o: -0.5 * o.sum(),
+                                   lambda o: -(o * torch.arange(B, dtype=dtype)).sum(), lambda o: -o.mean()]):
+        got, want = [], []
+        for fn, res in ((pyvae.bernoulli_elbo, got), (torch.ops.pyvae.bernoulli_elbo, want)):
+            t = [a.clone().requires_grad_() for a in (logits, mu, logvar)]
+            res.extend(torch.autograd.grad(reduce(fn(t[0], x, t[1], t[2])), t))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"step {step}: {m}")
+        if step == 1:
+            assert E._EXPECTED[(B, 1, D, Z, dtype)] == -1.0  # the second -sum() ran the hit path
 
 
 def test_one_pass_survives_a_second_backward():

@@ -112,45 +112,76 @@ def _bwd_fake(grad, logits, x, mu, logvar, mask):
     return tuple(t.new_empty(t.shape) if m else t.new_zeros(1) for t, m in zip((logits, x, mu, logvar), mask))
 
 
+# NOTE: [Expected upstream gradient]
+# The one-pass forward writes the gradients for the upstream gradient its backward is expected to bring,
+# so that backward can return them untouched. Training losses are a sum or a mean of the ELBO, negated:
+# the upstream gradient is then one number for every row (-1, or -1/B), the same number every step. The
+# forward uses the last uniform upstream gradient a backward of this shape saw (-1/B before any: the
+# ``-elbo.mean()`` of pyvae's trainer); a backward that brings another one rewrites the gradients with
+# the two-pass backward kernel into the same buffers, from the saved inputs. Both kernels evaluate the
+# same csrc/ops functions of the same scale, so the gradients are the same whichever ran (tested bit for
+# bit): the guess decides the speed, never the result.
+_EXPECTED: dict = {}
+_EXPECTED_MAX = 64
+
+
+def _expected(key, rows: int, dtype: torch.dtype) -> float:
+    c = _EXPECTED.get(key)
+    return float(torch.tensor(-1.0, dtype=dtype) / rows) if c is None else c
+
+
+def _remember(key, g: torch.Tensor) -> None:
+    first = g[0]
+    if bool((g == first).all()) and bool(torch.isfinite(first)):
+        if len(_EXPECTED) >= _EXPECTED_MAX and key not in _EXPECTED:
+            _EXPECTED.clear()
+        _EXPECTED[key] = float(first)
+
+
 class _OnePass(torch.autograd.Function):
     """The direct eager path (NOTE: [Eager fast path]) with the gradients written by the forward (NOTE:
-    [ELBO in one pass] in csrc/cpu/kernels.cpp): backward scales them in place by its upstream gradient.
-    A second backward of the same graph (retain_graph) or a differentiable one (create_graph) runs the
-    two-pass backward from the saved inputs instead."""
+    [ELBO in one pass] in csrc/cpu/kernels.cpp) for the expected upstream gradient (NOTE: [Expected
+    upstream gradient]): backward returns them as they are when the upstream gradient is the expected
+    one, and rewrites them with the backward kernel otherwise. A second backward of the same graph
+    (retain_graph) or a differentiable one (create_graph) runs the two-pass backward from the saved
+    inputs instead."""
 
     @staticmethod
     def forward(ctx, logits, x, mu, logvar):
         lead, samples, D, Z, dtype, device = _plan(logits, x, mu, logvar)
         rows, S = V.numel(lead), max(samples, 1)
         need = ctx.needs_input_grad
+        key = (rows, S, D, Z, dtype)
+        c = _expected(key, rows, dtype)
         out = torch.empty(lead, dtype=dtype, device=device)
         g_l = torch.empty(logits.shape, dtype=dtype, device=device) if need[0] else None
         g_mu = torch.empty(mu.shape, dtype=dtype, device=device) if need[2] else None
         g_lv = torch.empty(mu.shape, dtype=dtype, device=device) if need[3] else None
         _gate.rowwise(_OP, "fwd", dtype=dtype, device=device, rows=rows, cols=D, cols2=Z, samples=S,
                       operands=_operands(logits, x, mu, logvar, lead, S, rows, D, dtype), out=out,
-                      grads=(g_l, None, g_mu, g_lv))
+                      grad_out=torch.full((rows,), c, dtype=dtype, device=device), grads=(g_l, None, g_mu, g_lv))
         ctx.save_for_backward(logits, x, mu, logvar)
-        ctx.unit_grads = (g_l, g_mu, g_lv)
-        ctx.shape = (S, rows, D)
+        ctx.written = (g_l, g_mu, g_lv)
+        ctx.expected, ctx.key, ctx.shape = c, key, (lead, S, rows, D, Z)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         inputs = ctx.saved_tensors
         mask = [bool(m) for m in ctx.needs_input_grad]
-        if ctx.unit_grads is None or torch.is_grad_enabled():
+        if ctx.written is None or torch.is_grad_enabled():
             grads = first_order_only(_OP, _bwd_impl(grad, *inputs, mask), inputs)
             return tuple(g if m else None for g, m in zip(grads, mask))
-        g_l, g_mu, g_lv = ctx.unit_grads
-        ctx.unit_grads = None  # scaled in place below: a second backward recomputes
-        S, rows, D = ctx.shape
-        g = grad.reshape(rows)
-        if g_l is not None:
-            g_l.view(S, rows, D).mul_(g.view(1, rows, 1))
-        for t in (g_mu, g_lv):
-            if t is not None:
-                t.view(rows, -1).mul_(g.view(rows, 1))
+        g_l, g_mu, g_lv = ctx.written
+        ctx.written = None  # handed out below: a second backward recomputes
+        lead, S, rows, D, Z = ctx.shape
+        g = grad.to(inputs[0].dtype).expand(lead).reshape(rows)
+        if not bool((g == ctx.expected).all()):
+            _remember(ctx.key, g)
+            logits, x, mu, logvar = inputs
+            _gate.rowwise(_OP, "bwd", dtype=logits.dtype, device=logits.device, rows=rows, cols=D, cols2=Z,
+                          samples=S, operands=_operands(logits, x, mu, logvar, lead, S, rows, D, logits.dtype),
+                          grad_out=g.contiguous(), grads=(g_l, None, g_mu, g_lv))
         return g_l, None, g_mu, g_lv
 
 
