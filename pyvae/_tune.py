@@ -175,7 +175,7 @@ def decide(key: str, candidates: Dict[str, Callable[[], None]], *, what: str = "
         _save()
     if not _state.get("announced"):
         _state["announced"] = True
-        _LOG.info("pyvae: measuring the fastest route of each new layer shape on this machine (once per shape%s; "
+        _LOG.info("pyvae: measuring the fastest route of each new layer or row-op shape on this machine (once per shape%s; "
                   "pyvae tune --show lists them, PYVAE_TUNE=off turns this off)",
                   ", not cached while the machine is busy" if busy else f", cached in {cache_path()}")
     _LOG.debug("pyvae: route for %s: %s (%s)%s", what or key, best,

@@ -9,11 +9,15 @@ import torch
 
 from ._checks import output_mask
 
-__all__ = ["LIB", "register", "call", "check_no_transform", "eager_ok", "eager_function", "first_order_only", "FirstOrderOnly", "placeholder"]
+__all__ = ["LIB", "ROUTING", "register", "call", "check_no_transform", "eager_ok", "eager_function", "first_order_only", "FirstOrderOnly", "placeholder"]
 
 LIB = torch.library.Library("pyvae", "DEF")
 
 _DEVICE_KEYS = ("CPU", "CUDA")
+
+# Whether eager CPU calls may run torch's own ops where measured faster (NOTE: [Layer routes] in
+# linear_act.py, NOTE: [Row op routes] in _rowwise.py); ``pyvae.ops.fused_only()`` sets "fused_only".
+ROUTING = {"fused_only": False}
 
 
 # ------------------------------------------------------------------------ no double backward

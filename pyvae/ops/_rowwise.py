@@ -11,11 +11,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import _gate
+from .. import _gate, _tune
 from . import _checks as V
-from ._registry import placeholder, register
+from ._registry import ROUTING, eager_function, placeholder, register
 
-__all__ = ["plan", "as_rows", "reduce_grad", "register_rowwise"]
+__all__ = ["plan", "as_rows", "reduce_grad", "register_rowwise", "forget_row_routes"]
 
 _PLAN_FAST = (torch.float32, torch.float64)
 
@@ -114,12 +114,85 @@ def _fake_backward(op: str, grad: torch.Tensor, named: Sequence[tuple], mask: Se
                  for (_, t), m in zip(named, mask))
 
 
+# NOTE: [Row op routes]
+# At the paper's batch a row op is a few microseconds of arithmetic, and a Python autograd node costs more
+# than torch's handful of C++ ones: gaussian_kl at B=100, Z=20 took 0.170 ms forward + backward against
+# eager's 0.133 (bench/RESULTS.md, stop 9), while at B=16384 the kernel is 2-8x eager. So an eager CPU
+# float32/float64 call of a row op whose reference is exact enough (gaussian_kl, bernoulli_log_prob,
+# gaussian_log_prob: pyvae/reference.py, the same formulas in torch's ops; not the continuous Bernoulli,
+# whose torch.distributions form loses accuracy beyond |logits| ~ 17) chooses between pyvae's kernel and
+# torch's ops by measurement, per op, dtype, input shapes and training/inference, as the layers do (NOTE:
+# [Layer routes] in linear_act.py; cache and PYVAE_TUNE in pyvae/_tune.py). Only calls of at most
+# _MEASURE_MAX elements are measured: above it the kernel's single pass wins on every machine measured
+# (1.9-7.7x eager at B=1024 on the AMD EPYC, 2.4x on the Intel Xeon), and measuring eager there would
+# cost seconds. Inputs are checked by pyvae on both routes, so errors are the same; the routes agree to
+# rounding (tests/test_row_routes.py), and, as for the layers, torch's route supports double backward.
+_MEASURE_MAX = 1 << 17
+_ROW_ROUTES: dict = {}
+
+
+def forget_row_routes() -> None:
+    """Forgets this process's row-op routes (the measured ones stay in pyvae/_tune.py)."""
+    _ROW_ROUTES.clear()
+
+
+def _measure_row_route(name, key, direct, ref, args, n_tensors, train) -> str:
+    """Times torch's ops and pyvae's kernel on copies of this call's inputs (forward, and backward when
+    training)."""
+    copies = [a.detach().clone().requires_grad_(a.requires_grad and train) if isinstance(a, torch.Tensor) else a
+              for a in args[:n_tensors]]
+    leaves = [t for t in copies if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def run(fn):
+        def call():
+            for t in leaves:
+                t.grad = None
+            with torch.set_grad_enabled(train):
+                out = fn(*copies, *args[n_tensors:])
+                if train:
+                    out.backward(torch.ones_like(out))
+        return call
+
+    return _tune.decide(key, {"torch": run(ref), "pyvae": run(direct)}, what=key)
+
+
+def _routed(name: str, direct, ref, n_tensors: int, validate):
+    """The eager function of a row op with NOTE: [Row op routes]: ``direct`` (pyvae's kernel) or ``ref``
+    (torch's ops); ``validate(*args)`` (pyvae's checks) runs on the first call of each key."""
+
+    def run(*args):
+        a = args[0]
+        if ROUTING["fused_only"] or not isinstance(a, torch.Tensor) or not a.is_cpu or a.dtype not in _PLAN_FAST:
+            return direct(*args)
+        tensors = args[:n_tensors]
+        train = torch.is_grad_enabled() and any(t.requires_grad for t in tensors if isinstance(t, torch.Tensor))
+        # Everything pyvae's checks look at is in the key, so a call whose key was seen passed them.
+        k = (name, train) + tuple((t.dtype, t.shape, t.requires_grad, t.device) if isinstance(t, torch.Tensor)
+                                  else type(t) for t in tensors)
+        r = _ROW_ROUTES.get(k)
+        if r is None:
+            validate(*args)
+            big = max((t.numel() for t in tensors if isinstance(t, torch.Tensor)), default=0)
+            if not _tune.enabled() or big > _MEASURE_MAX or big == 0:
+                r = "pyvae"
+            else:
+                shapes = " ".join("-" if t is None else "x".join(map(str, t.shape)) + ("*" if t.requires_grad else "")
+                                  for t in tensors)
+                key = f"{name} {str(a.dtype).replace('torch.', '')} {shapes} {'train' if train else 'infer'}"
+                r = _tune.lookup(key) or _measure_row_route(name, key, direct, ref, args, n_tensors, train)
+            _ROW_ROUTES[k] = r
+        return ref(*args) if r == "torch" else direct(*args)
+
+    return run
+
+
 def register_rowwise(name: str, schema: str, bwd_schema: str, arg_names: Sequence[str],
-                     fill=lambda *args: args, n_optional: int = 0) -> None:
+                     fill=lambda *args: args, n_optional: int = 0, reference=None) -> None:
     """Registers row op ``name`` (its kernels ``<name>_fwd``/``_bwd`` behind the gate) with ``register``.
 
     ``fill`` maps the op's tensor arguments to the ones the kernel gets (optional ones completed with
-    real values, NOTE: [No None in backward ops]).
+    real values, NOTE: [No None in backward ops]). ``reference``: torch's ops for the same function, which
+    eager CPU calls may run instead where measured faster (NOTE: [Row op routes]).
     """
     n_req = len(arg_names) - n_optional
     req_names = arg_names[:n_req]
@@ -148,5 +221,12 @@ def register_rowwise(name: str, schema: str, bwd_schema: str, arg_names: Sequenc
         check(inputs, mask)
         return _fake_backward(name, grad, list(zip(arg_names, fill(*inputs))), mask)
 
+    def validate(*args):
+        check(args)
+        plan(name, [(n, t) for n, t in zip(arg_names, fill(*args)) if t is not None])
+
+    eager = True
+    if reference is not None:
+        eager = _routed(name, eager_function(name, impl, bwd_impl, len(arg_names)), reference, len(arg_names), validate)
     register(name, schema, bwd_schema, impl=impl, bwd_impl=bwd_impl, fake=fake, bwd_fake=bwd_fake,
-             n_tensors=len(arg_names), n_optional=n_optional, fill=fill)
+             n_tensors=len(arg_names), n_optional=n_optional, fill=fill, eager=eager)

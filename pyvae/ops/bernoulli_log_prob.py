@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ._registry import call
+from .. import reference
 from ._rowwise import register_rowwise
 
 __all__ = ["bernoulli_log_prob"]
@@ -17,6 +18,7 @@ register_rowwise(
     "bernoulli_log_prob(Tensor logits, Tensor x) -> Tensor",
     "bernoulli_log_prob_backward(Tensor grad, Tensor logits, Tensor x, bool[] output_mask) -> (Tensor, Tensor)",
     ("logits", "x"),
+    reference=reference.bernoulli_log_prob,
 )
 
 

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from ._registry import call
+from .. import reference
 from ._rowwise import register_rowwise
 
 __all__ = ["gaussian_kl"]
@@ -34,6 +35,7 @@ register_rowwise(
     "gaussian_kl_backward(Tensor grad, Tensor mu, Tensor logvar, Tensor prior_mu, Tensor prior_logvar,"
     " bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
     ("mu", "logvar", "prior_mu", "prior_logvar"), fill=_fill_prior, n_optional=2,
+    reference=reference.gaussian_kl,
 )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ._registry import call
+from .. import reference
 from ._rowwise import register_rowwise
 
 __all__ = ["gaussian_log_prob"]
@@ -18,6 +19,7 @@ register_rowwise(
     "gaussian_log_prob_backward(Tensor grad, Tensor x, Tensor mean, Tensor logvar, bool[] output_mask)"
     " -> (Tensor, Tensor, Tensor)",
     ("x", "mean", "logvar"),
+    reference=reference.gaussian_log_prob,
 )
 
 

@@ -24,7 +24,8 @@ import torch
 
 from .. import _cublaslt, _gate, _gemm, _tune, reference
 from . import _checks as V
-from ._registry import FirstOrderOnly, LIB, check_no_transform, eager_ok, first_order_only, register
+from ._rowwise import forget_row_routes
+from ._registry import ROUTING, FirstOrderOnly, LIB, check_no_transform, eager_ok, first_order_only, register
 
 __all__ = ["linear_act", "ACTIVATIONS", "fused_only", "forget_routes", "ROUTES", "run_route"]
 
@@ -360,7 +361,7 @@ class _LinearActAutocastFunction(torch.autograd.Function):
 # pyvae's kernels. One visible difference: the "torch" route supports double backward, pyvae's node
 # refuses it (NOTE: [No double backward] in pyvae/ops/_registry.py). ``fused_only()`` turns the routing
 # off ("pyvae" always: the kernel tests, benchmarks of the kernels themselves).
-_route = {"fused_only": False}
+_route = ROUTING  # shared with the row ops (NOTE: [Row op routes] in _rowwise.py)
 _ROUTES: dict = {}  # shape class -> route, this process (pyvae/_tune.py holds the measured ones)
 ROUTES = ("torch", "pyvae", "pyvae-mm")
 
@@ -432,8 +433,9 @@ def _measure_route(key, x, weight, bias, activation, dtype, amp, rows, train) ->
 
 
 class fused_only:
-    """Context manager: every eager ``linear_act`` call runs pyvae's fused node, none torch's ops
-    (NOTE: [Layer routes]). Not thread-safe; restores the previous setting on exit."""
+    """Context manager: every eager ``linear_act`` call runs pyvae's fused node and every row op (KL, Bernoulli
+    and Gaussian log-densities) pyvae's kernel, none torch's ops (NOTE: [Layer routes], NOTE: [Row op
+    routes] in _rowwise.py). Not thread-safe; restores the previous setting on exit."""
 
     def __enter__(self):
         self._saved = _route["fused_only"]
@@ -446,8 +448,10 @@ class fused_only:
 
 
 def forget_routes() -> None:
-    """Forgets this process's layer routes (tests, ``pyvae tune``); the measured ones stay in pyvae/_tune.py."""
+    """Forgets this process's layer and row-op routes (tests, ``pyvae tune``); the measured ones stay in
+    pyvae/_tune.py."""
     _ROUTES.clear()
+    forget_row_routes()
 
 
 def run_route(route: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
