@@ -257,11 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark the fused ops/layers against PyTorch eager and torch.compile",
                        description="Runs a benchmark family; its own options follow the family name "
                                    "(pyvae bench elbo --help). Results go to bench/results/<family>.jsonl.")
-    b.add_argument("family", choices=["elbo", "mlp", "gemm", "dropin", "routes", "train"],
+    b.add_argument("family", choices=["elbo", "mlp", "gemm", "dropin", "routes", "train", "scaling"],
                    help="elbo: the ELBO ops; mlp: the VAE's linear layers; gemm: the CPU GEMM routes of those layers; "
                         "dropin: an examples-style VAE training loop, plain vs torch.compile vs pyvae swapped in; "
                         "routes: whether each layer's measured route is the fastest, here and on emulated machines; "
-                        "train: the whole training step against its GEMM-only time and memory floor")
+                        "train: the whole training step against its GEMM-only time and memory floor; "
+                        "scaling: the training step over batch size, data dim and latent dim, with a verdict on "
+                        "linear scaling and a plot")
     b.add_argument("options", nargs=argparse.REMAINDER, help="options of the family (see its --help)")
     return parser
 

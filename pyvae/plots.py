@@ -1,4 +1,5 @@
-"""PNG plots of a run: learning curves (the paper's Figure 2), samples, reconstructions, 2-D manifold.
+"""PNG plots of a run: learning curves (the paper's Figure 2), samples, reconstructions, 2-D manifold; and
+log-log panels of measured times (``scaling_plot``, used by ``pyvae bench scaling``).
 
 All functions use matplotlib's non-interactive Agg backend and write a file; none opens a window.
 """
@@ -11,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 __all__ = ["learning_curve", "image_grid", "sample_grid", "reconstructions", "manifold", "reliability_diagram",
-           "run_plots"]
+           "run_plots", "scaling_plot"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -166,6 +167,66 @@ def reliability_diagram(calibration: Dict[str, object], path: PathLike, title: s
         axc.set_yscale("log")
     axc.set_xlabel("predicted P(x = 1)")
     axc.set_ylabel("pixels")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def scaling_plot(panels: Sequence[Sequence[dict]], path: PathLike, title: str = "") -> Path:
+    """A grid of log-log panels: measured times against a size, one line per series, with dashed limits
+    and a dotted reference line.
+
+    Args:
+        panels: rows of panels. Each panel is a dict with ``x`` (the sizes, positive), ``series``
+            (label -> one time per size; None or a non-positive value is left out), and optionally
+            ``limits`` (label -> times, drawn dashed: what no series can beat), ``reference``
+            (``(label, times)``, drawn dotted: e.g. linear scaling), ``colors`` (label -> colour),
+            ``title``, ``xlabel`` and ``ylabel``.
+        path: the PNG to write.
+        title: the figure's title.
+    """
+    rows = [list(r) for r in panels if r]
+    if not rows:
+        raise ValueError("panels is empty: nothing to plot")
+    plt = _plt()
+    ncol = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(4.3 * ncol, 3.5 * len(rows)), dpi=100, squeeze=False)
+
+    def draw(ax, xs, ys, **kw):
+        pts = [(x, y) for x, y in zip(xs, ys) if y is not None and y > 0]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], **kw)
+
+    for i, row in enumerate(rows):
+        for j in range(ncol):
+            ax = axes[i][j]
+            if j >= len(row):
+                ax.axis("off")
+                continue
+            panel = row[j]
+            xs = list(panel["x"])
+            colors = dict(panel.get("colors") or {})
+            for label, ys in dict(panel.get("series") or {}).items():
+                draw(ax, xs, ys, marker="o", ms=4, color=colors.get(label), label=label)
+            for label, ys in dict(panel.get("limits") or {}).items():
+                draw(ax, xs, ys, ls="--", marker="x", ms=4, color=colors.get(label, "0.4"), label=label)
+            if panel.get("reference"):
+                label, ys = panel["reference"]
+                draw(ax, xs, ys, ls=":", color="0.2", lw=1.2, label=label)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xticks(xs)
+            ax.set_xticklabels([str(x) for x in xs], fontsize=7)
+            ax.minorticks_off()
+            ax.set_xlabel(str(panel.get("xlabel", "")))
+            ax.set_ylabel(str(panel.get("ylabel", "ms")))
+            ax.set_title(str(panel.get("title", "")), fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

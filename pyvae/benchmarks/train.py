@@ -17,6 +17,9 @@ measured in the same process:
                     a new tensor): what the ELBO's non-GEMM work must move at least
 
 and the report gives each step's efficiency against GEMM-only, and against GEMM-only + floor.
+
+The model's sizes are parameters (``layer_sizes``, ``plain_model``, ``build_steps``, ``measure_point``
+take D, H, Z; the defaults are the paper's 784-500-20): ``pyvae bench scaling`` sweeps them.
 """
 from __future__ import annotations
 
@@ -27,10 +30,19 @@ import sys
 from . import common as C
 
 PROVIDERS = ("torch-eager", "torch-compile", "pyvae")
-LAYERS = ((784, 500), (500, 40), (20, 500), (500, 784))  # enc1, enc head (mu, logvar), dec1, dec logits
+PAPER = (784, 500, 20)  # (D, H, Z): the paper's MNIST model
 
 
-def _plain_model():
+def layer_sizes(D: int = 784, H: int = 500, Z: int = 20) -> tuple:
+    """(in, out) of the step's four linear layers: enc1, enc head (mu, logvar), dec1, dec logits."""
+    return ((D, H), (H, 2 * Z), (Z, H), (H, D))
+
+
+LAYERS = layer_sizes(*PAPER)
+
+
+def plain_model(D: int = 784, H: int = 500, Z: int = 20):
+    """The torch-eager provider: a plain D-H-Z tanh VAE (nn.Linear, randn eps, BCE-with-logits + KL)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -38,10 +50,10 @@ def _plain_model():
     class Plain(nn.Module):
         def __init__(self):
             super().__init__()
-            self.enc = nn.Linear(784, 500)
-            self.head = nn.Linear(500, 40)
-            self.dec = nn.Linear(20, 500)
-            self.out = nn.Linear(500, 784)
+            self.enc = nn.Linear(D, H)
+            self.head = nn.Linear(H, 2 * Z)
+            self.dec = nn.Linear(Z, H)
+            self.out = nn.Linear(H, D)
 
         def forward(self, x):
             mu, logvar = self.head(torch.tanh(self.enc(x))).float().chunk(2, -1)
@@ -67,26 +79,27 @@ def _step(model, loss_fn, opt, x, precision):
     return step
 
 
-def _providers(B, precision, providers):
+def build_steps(B, precision, providers, D=784, H=500, Z=20):
+    """One training-step callable per provider, all on the same batch x [B, D] and the same initial weights."""
     import torch
 
     import pyvae
 
     torch.manual_seed(0)
-    plain = _plain_model()
-    vae = pyvae.VAE(784)
+    plain = plain_model(D, H, Z)
+    vae = pyvae.VAE(D, z_dim=Z, hidden=H)
     sd = plain.state_dict()
     vae.load_state_dict({"encoder.0.weight": sd["enc.weight"], "encoder.0.bias": sd["enc.bias"],
                          "enc_head.weight": sd["head.weight"], "enc_head.bias": sd["head.bias"],
                          "decoder.0.weight": sd["dec.weight"], "decoder.0.bias": sd["dec.bias"],
                          "dec_logits.weight": sd["out.weight"], "dec_logits.bias": sd["out.bias"]})
-    x = (torch.rand(B, 784, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    x = (torch.rand(B, D, generator=torch.Generator().manual_seed(1)) < 0.3).float()
     out = {}
     for p in providers:
         if p == "pyvae":
             model, fn = vae, (lambda xb, m=vae: -m(xb)[0].mean())
         else:
-            model = _plain_model()
+            model = plain_model(D, H, Z)
             model.load_state_dict(sd)
             fn = torch.compile(model) if p == "torch-compile" else model
         opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
@@ -94,8 +107,17 @@ def _providers(B, precision, providers):
     return out
 
 
-def _gemm_only(B, precision, reps, target_s):
-    """Seconds of the step's GEMMs alone (each product on its faster library), and their FLOPs."""
+def gemm_flops(B: int, layers=LAYERS) -> float:
+    """FLOPs of the step's matrix products: forward, weight and input gradient of every layer (2 B in out
+    each), except the first layer's input gradient."""
+    return sum((2 if i == 0 else 3) * 2.0 * B * fin * fout for i, (fin, fout) in enumerate(layers))
+
+
+def gemm_only(B, precision, reps, target_s, layers=LAYERS, retries=2):
+    """Seconds of the step's GEMMs alone (each product on its faster library), and their FLOPs.
+
+    ``layers`` is the step's (in, out) sizes (:func:`layer_sizes`); the first layer has no input gradient.
+    """
     import torch
 
     import pyvae._gemm as G
@@ -103,7 +125,7 @@ def _gemm_only(B, precision, reps, target_s):
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     gen = torch.Generator().manual_seed(0)
     total_s, flops = 0.0, 0.0
-    for i, (fin, fout) in enumerate(LAYERS):
+    for i, (fin, fout) in enumerate(layers):
         x = torch.randn(B, fin, generator=gen).to(dtype)
         w = torch.randn(fout, fin, generator=gen).to(dtype)
         b = torch.randn(fout, generator=gen).to(dtype)
@@ -118,20 +140,48 @@ def _gemm_only(B, precision, reps, target_s):
             products["grad_input"] = ([lambda: torch.mm(g, w)], [lambda: G.onednn_linear(g, w.t())] if G.onednn_enabled() else [])
         for name, (mm, dnn) in products.items():
             cands = {f"c{k}": C.Step(f, [], None, "forward") for k, f in enumerate(mm + dnn)}
-            res = C.measure_case(cands, device="cpu", reps=reps, target_s=target_s, memory=False)
+            res = C.measure_case(cands, device="cpu", reps=reps, target_s=target_s, memory=False, retries=retries)
             total_s += min(r["median_ms"] for r in res.values()) * 1e-3
             flops += 2.0 * B * fin * fout
     return total_s, flops
 
 
-def _memory_floor(B, reps, target_s):
+def memory_floor(B, reps, target_s, D=784, retries=2):
+    """Seconds of one read of two [B, D] float32 tensors and one write of a fresh one (torch.add)."""
     import torch
 
-    a = torch.rand(B, 784)
-    b = torch.rand(B, 784)
+    a = torch.rand(B, D)
+    b = torch.rand(B, D)
     res = C.measure_case({"add": C.Step(lambda: torch.add(a, b), [], None, "forward")}, device="cpu", reps=reps,
-                         target_s=target_s, memory=False)
+                         target_s=target_s, memory=False, retries=retries)
     return res["add"]["median_ms"] * 1e-3
+
+
+def measure_point(B, precision, args, D=784, H=500, Z=20) -> dict:
+    """One (B, precision, model) point: every provider's step timed interleaved, beside the GEMM-only
+    time and the memory floor of the same sizes. Returns the fields of a result row (no machine info).
+    ``args.retries`` (default 2): how often a case is measured again when other processes were busy."""
+    import time
+
+    retries = getattr(args, "retries", 2)
+    steps = build_steps(B, precision, args.providers, D, H, Z)
+    first = {}
+    for p, fn in steps.items():  # compilation, route measurements, allocator warm-up
+        t = time.perf_counter()
+        fn()
+        first[p] = time.perf_counter() - t
+        fn()
+    res = C.measure_case({p: C.Step(fn, [], None, "forward") for p, fn in steps.items()}, device="cpu",
+                         reps=args.reps, target_s=args.target_s, memory=not args.no_memory, retries=retries)
+    del steps, fn  # the models and their batch: not alive while the limits are measured
+    gemm_s, flops = gemm_only(B, precision, args.reps, args.target_s / 4, layer_sizes(D, H, Z), retries)
+    floor_s = memory_floor(B, args.reps, args.target_s / 4, D, retries)
+    return {"precision": precision, "B": B, "results": res, "first_call_s": first,
+            "gemm_only_ms": gemm_s * 1e3, "gemm_flops": flops, "memory_floor_ms": floor_s * 1e3,
+            "samples_per_s": {p: B / (r["median_ms"] * 1e-3) for p, r in res.items()},
+            "gemm_efficiency": {p: gemm_s * 1e3 / r["median_ms"] for p, r in res.items()},
+            "limit_efficiency": {p: (gemm_s + floor_s) * 1e3 / r["median_ms"] for p, r in res.items()},
+            "ratios": C.ratios(res)}
 
 
 def run(args) -> list:
@@ -139,29 +189,13 @@ def run(args) -> list:
     rows = []
     for precision in args.precision:
         for B in args.batch:
-            steps = _providers(B, precision, args.providers)
-            first = {}
-            for p, fn in steps.items():  # compilation, route measurements, allocator warm-up
-                import time
-
-                t = time.perf_counter()
-                fn()
-                first[p] = time.perf_counter() - t
-                fn()
-            res = C.measure_case({p: C.Step(fn, [], None, "forward") for p, fn in steps.items()}, device="cpu",
-                                 reps=args.reps, target_s=args.target_s, memory=not args.no_memory)
-            gemm_s, flops = _gemm_only(B, precision, args.reps, args.target_s / 4)
-            floor_s = _memory_floor(B, args.reps, args.target_s / 4)
-            row = {"bench": "train", "precision": precision, "B": B, "results": res, "first_call_s": first,
-                   "gemm_only_ms": gemm_s * 1e3, "gemm_flops": flops, "memory_floor_ms": floor_s * 1e3,
-                   "samples_per_s": {p: B / (r["median_ms"] * 1e-3) for p, r in res.items()},
-                   "gemm_efficiency": {p: gemm_s * 1e3 / r["median_ms"] for p, r in res.items()},
-                   "limit_efficiency": {p: (gemm_s + floor_s) * 1e3 / r["median_ms"] for p, r in res.items()},
-                   "ratios": C.ratios(res),
-                   "loadavg": os.getloadavg(), "machine": machine}
+            row = {"bench": "train", **measure_point(B, precision, args), "loadavg": os.getloadavg(),
+                   "machine": machine}
             rows.append(row)
+            res = row["results"]
             print(f"[train {precision} B={B}] " + "  ".join(f"{p}={r['median_ms']:.3g}ms" for p, r in res.items())
-                  + f"  gemm-only={gemm_s * 1e3:.3g}ms floor={floor_s * 1e3:.3g}ms", file=sys.stderr, flush=True)
+                  + f"  gemm-only={row['gemm_only_ms']:.3g}ms floor={row['memory_floor_ms']:.3g}ms",
+                  file=sys.stderr, flush=True)
     return rows
 
 

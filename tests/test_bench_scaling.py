@@ -1,0 +1,145 @@
+"""``pyvae bench scaling``: the linear-scaling verdict on made-up series, the generalized step model, and a
+smoke run of the command on tiny sizes (rows, table, verdicts, a skipped point, the plot)."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from pyvae.benchmarks import scaling as S
+from pyvae.benchmarks import train as T
+
+BATCH = [100, 256, 1024, 4096, 16384, 65536]
+
+
+# ------------------------------------------------------------------------------------------ the verdict
+def test_verdict_linear_series_is_flat():
+    wobble = [1.00, 1.08, 0.97, 1.12, 1.02, 1.05]  # max / min = 1.155: inside 20%
+    v = S.linearity_verdict(BATCH, [0.01 * b * w for b, w in zip(BATCH, wobble)], BATCH)
+    assert v["flat"] is True and v["outside"] == [] and v["flat_range"] == (100, 65536)
+    assert v["spread"] == pytest.approx(1.12 / 0.97)
+    assert "is flat within 20% over B=100..65536" in v["sentence"]
+
+
+def test_verdict_fails_on_fixed_per_step_cost():
+    # 5 ms per step on top of 0.01 ms per sample: per-sample time falls from 0.06 to ~0.01 ms
+    v = S.linearity_verdict(BATCH, [5.0 + 0.01 * b for b in BATCH], BATCH)
+    assert v["flat"] is False and v["best"] == 65536
+    assert [x for x, _ in v["outside"]] == [100, 256, 1024]
+    assert v["flat_range"] == (4096, 65536)
+    assert v["outside"][0][1] == pytest.approx((5.0 / 100 + 0.01) / (5.0 / 65536 + 0.01))
+    assert "not flat" in v["sentence"] and "only over B=4096..65536" in v["sentence"]
+    assert "B=100 at" in v["sentence"] and "B=16384 at" not in v["sentence"]
+
+
+def test_verdict_fails_on_a_slowdown_at_the_large_end():
+    # linear up to 16384, then 1.5x per sample (a cache or memory cliff): the verdict names the last point
+    times = [0.01 * b for b in BATCH[:-1]] + [0.015 * BATCH[-1]]
+    v = S.linearity_verdict(BATCH, times, BATCH)
+    assert v["flat"] is False and v["flat_range"] == (100, 16384)
+    assert v["outside"] == [(65536, pytest.approx(1.5))] and "B=65536 at 1.5x" in v["sentence"]
+
+
+def test_verdict_tolerance_is_the_bound():
+    xs = [1, 2]
+    assert S.linearity_verdict(xs, [1.0, 2.0 * 1.2], xs, tol=0.2)["flat"] is True
+    assert S.linearity_verdict(xs, [1.0, 2.0 * 1.21], xs, tol=0.2)["flat"] is False
+    v = S.linearity_verdict(xs, [1.0, 2.0 * 1.21], xs, tol=0.2)
+    assert v["flat_range"] is None and "no two neighbouring points" in v["sentence"]
+    assert S.linearity_verdict(xs, [1.0, 2.0 * 1.21], xs, tol=0.25)["flat"] is True
+
+
+def test_verdict_divides_by_the_work_and_skips_missing_points():
+    # D sweep: time proportional to the GEMM FLOPs is linear although it is not proportional to D
+    dims = [196, 784, 3072]
+    flops = [T.gemm_flops(1024, T.layer_sizes(d, 500, 20)) for d in dims]
+    v = S.linearity_verdict(dims, [3e-9 * f for f in flops], flops, name="D", unit="GEMM FLOP")
+    assert v["flat"] is True and "time per GEMM FLOP is flat" in v["sentence"]
+    assert S.linearity_verdict(dims, [1.0, 1.0, 1.0], dims, name="D")["flat"] is False
+    v = S.linearity_verdict(dims, [None, 4.0, 0.0], dims)
+    assert v["flat"] is None and "fewer than two points" in v["sentence"]
+
+
+def test_verdicts_cover_every_sweep_and_series():
+    def row(sweep, B, D, Z, ms):
+        return {"sweep": sweep, "precision": "fp32", "B": B, "D": D, "H": 500, "Z": Z,
+                "results": {"torch-eager": {"median_ms": ms}, "pyvae": {"median_ms": ms / 2}},
+                "gemm_only_ms": ms / 4, "gemm_flops": T.gemm_flops(B, T.layer_sizes(D, 500, Z))}
+    rows = [row("batch", b, 784, 20, 5.0 + 0.01 * b) for b in BATCH]
+    rows += [row("D", 1024, d, 20, 1e-8 * T.gemm_flops(1024, T.layer_sizes(d, 500, 20))) for d in (196, 784, 3072)]
+    vs = S.verdicts(rows)
+    assert [(v["sweep"], v["series"]) for v in vs] == [(s, p) for s in ("batch", "D")
+                                                       for p in ("torch-eager", "pyvae", "GEMM-only")]
+    assert all(v["flat"] is False for v in vs if v["sweep"] == "batch")
+    assert all(v["flat"] is True for v in vs if v["sweep"] == "D")
+    # B=1024 D=784 Z=20 is in both sweeps: its two measurements are reported as the run's noise
+    eager = sorted([5.0 + 0.01 * 1024, 1e-8 * T.gemm_flops(1024, T.layer_sizes())])
+    (line,) = S.repeats(rows)
+    assert line.startswith("fp32 B=1024 D=784 H=500 Z=20, measured in 2 sweeps: ")
+    assert f"torch-eager {eager[0]:.3g}-{eager[1]:.3g} ms ({eager[1] / eager[0] - 1:.0%})" in line
+
+
+# ------------------------------------------------------------------------------------------ the model
+def test_default_step_is_the_paper_model():
+    assert T.LAYERS == ((784, 500), (500, 40), (20, 500), (500, 784)) == T.layer_sizes()
+    shapes = [tuple(p.shape) for p in T.plain_model().parameters()]
+    assert shapes == [(500, 784), (500,), (40, 500), (40,), (500, 20), (500,), (784, 500), (784,)]
+    assert [tuple(p.shape) for p in T.plain_model(12, 7, 3).parameters()] == [
+        (7, 12), (7,), (6, 7), (6,), (7, 3), (7,), (12, 7), (12,)]
+
+
+def test_generalized_steps_run_at_other_sizes():
+    import argparse
+
+    import torch
+
+    steps = T.build_steps(5, "fp32", ["torch-eager", "pyvae"], D=12, H=7, Z=3)
+    losses = {p: fn().item() for p, fn in steps.items()}
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    # same weights and batch, different eps: the two negative ELBOs agree roughly, not bit for bit
+    assert losses["pyvae"] == pytest.approx(losses["torch-eager"], rel=0.2)
+    args = argparse.Namespace(providers=["torch-eager"], reps=2, target_s=0.01, no_memory=True, retries=0)
+    pt = T.measure_point(4, "fp32", args, D=6, H=5, Z=2)
+    assert pt["gemm_flops"] == T.gemm_flops(4, T.layer_sizes(6, 5, 2))
+    assert pt["gemm_only_ms"] > 0 and pt["results"]["torch-eager"]["median_ms"] > 0
+
+
+def test_memory_estimate_is_linear_in_batch_and_twice_the_measured_peak():
+    params = S.estimated_bytes(0, 784, 500, 20)
+    assert S.estimated_bytes(2048, 784, 500, 20) - params == 2 * (S.estimated_bytes(1024, 784, 500, 20) - params)
+    # floats per sample at the measured peak of an eager step (NOTE: [Memory estimate] in scaling.py)
+    for (D, H, Z), peak in {(784, 500, 20): 3452, (3072, 500, 20): 10316, (784, 500, 200): 4352,
+                            (196, 500, 20): 1974}.items():
+        per_sample = (S.estimated_bytes(1024, D, H, Z) - S.estimated_bytes(0, D, H, Z)) / (4 * 1024)
+        assert per_sample >= 2 * peak, (D, H, Z)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_bench_scaling_smoke(tmp_path):
+    out = tmp_path / "scaling.jsonl"
+    huge = 10 ** 12  # estimated at petabytes: must be skipped, never run
+    cmd = [sys.executable, "-m", "pyvae", "bench", "scaling", "--quick", "--batch", "8", "16", str(huge),
+           "--dims", "8", "--latents", "3", "--reps", "2", "--quiet-wait", "0", "--no-memory", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tempfile.gettempdir(),
+                       env=dict(os.environ, PYTHONWARNINGS="ignore"), check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(x["sweep"], x["B"], x["D"], x["H"], x["Z"]) for x in rows] == [
+        ("batch", 8, 16, 8, 2), ("batch", 16, 16, 8, 2), ("D", 8, 8, 8, 2), ("Z", 8, 16, 8, 3)]
+    for x in rows:
+        assert x["bench"] == "scaling" and x["precision"] == "fp32"
+        assert set(x["results"]) == {"torch-eager", "pyvae"}
+        for p, res in x["results"].items():
+            assert res["median_ms"] > 0 and res["reps"] == 2
+            assert x["samples_per_s"][p] == pytest.approx(x["B"] / res["median_ms"] * 1e3)
+            assert x["ms_per_sample"][p] == pytest.approx(res["median_ms"] / x["B"])
+            assert x["gemm_efficiency"][p] == pytest.approx(x["gemm_only_ms"] / res["median_ms"])
+        assert x["gemm_only_ms"] > 0 and x["gemm_flops"] == T.gemm_flops(x["B"], T.layer_sizes(x["D"], 8, x["Z"]))
+        assert x["machine"]["threads"] >= 1
+    assert "| fp32 | batch | 16 | 16 | 8 | 2 | pyvae |" in r.stdout
+    assert "- batch sweep, fp32, pyvae: time per sample is" in r.stdout
+    assert "- D sweep, fp32, GEMM-only: time per GEMM FLOP: fewer than two points" in r.stdout
+    assert f"B={huge} D=16 H=8 Z=2: skipped, estimated" in r.stdout
+    assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
