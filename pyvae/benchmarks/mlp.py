@@ -145,7 +145,16 @@ def run(args) -> list:
                 for mode in args.modes:
                     res = C.measure_case(C.in_mode(steps_full, mode), device=args.device, reps=args.reps, target_s=args.target_s,
                                          memory=not args.no_memory)
-                    rows.append({
+                    extra = {}
+                    if op == "stack" and mode == "full" and args.device == "cpu":
+                        # The limit, in the same run: the stack's 11 products alone, each on its fastest library
+                        # and layout (x needs no gradient, so enc1 has no input-gradient product).
+                        from .train import gemm_only
+
+                        gemm_s, _ = gemm_only(B, precision, args.reps, args.target_s / 4)
+                        extra = {"gemm_only_ms": gemm_s * 1e3,
+                                 "gemm_efficiency": {p: gemm_s * 1e3 / r["median_ms"] for p, r in res.items()}}
+                    rows.append({**extra,
                         "bench": "mlp", "run_id": run_id, "op": f"{op} {precision}", "layer": op,
                         "precision": precision, "mode": mode, "B": B, "device": args.device,
                         "malloc": args.malloc, "threads": machine["threads"], "results": res,
@@ -169,6 +178,15 @@ def main(argv=None):
           f"torch {m['torch']}, pyvae {m['pyvae']} ({m['pyvae_cpu_arch']}), device {args.device}; "
           "median (p20-p80) ms; speedup = baseline/pyvae\n")
     print(C.markdown_tables(rows, args.providers))
+    limits = [r for r in rows if "gemm_only_ms" in r]
+    if limits:
+        print("\nThe stack's GEMM-only limit (forward + backward: its 11 products, each on the faster of torch's mm "
+              "and oneDNN in its best layout, timed in the same run) and each provider's share of it:\n")
+        print("| precision | B | GEMM-only ms | " + " | ".join(f"{p} GEMM / step" for p in args.providers) + " |")
+        print("|---|---|---|" + "---|" * len(args.providers))
+        for r in limits:
+            print(f"| {r['precision']} | {r['B']} | {r['gemm_only_ms']:.3g} | "
+                  + " | ".join(f"{r['gemm_efficiency'][p]:.0%}" for p in args.providers) + " |")
     print(f"\n{len(rows)} rows appended to {os.path.relpath(out)}")
 
 

@@ -127,15 +127,22 @@ _EXPECTED_MAX = 64
 
 def _expected(key, rows: int, dtype: torch.dtype) -> float:
     c = _EXPECTED.get(key)
-    return float(torch.tensor(-1.0, dtype=dtype) / rows) if c is None else c
+    if c is None:  # what -elbo.mean() sends: -1 / rows rounded to the dtype, as torch's mean backward
+        c = float(torch.tensor(-1.0, dtype=dtype) / rows)
+        _store(key, c)
+    return c
 
 
 def _remember(key, g: torch.Tensor) -> None:
     first = g[0]
     if bool((g == first).all()) and bool(torch.isfinite(first)):
-        if len(_EXPECTED) >= _EXPECTED_MAX and key not in _EXPECTED:
-            _EXPECTED.clear()
-        _EXPECTED[key] = float(first)
+        _store(key, float(first))
+
+
+def _store(key, c: float) -> None:
+    if len(_EXPECTED) >= _EXPECTED_MAX and key not in _EXPECTED:
+        _EXPECTED.clear()  # a bound on what many shapes can leave here
+    _EXPECTED[key] = c
 
 
 class _OnePass(torch.autograd.Function):
