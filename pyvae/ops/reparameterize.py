@@ -246,7 +246,7 @@ def reparameterize_shard(mu: torch.Tensor, logvar: torch.Tensor, samples: int, s
                          shard: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """``[samples, B, Z]`` z for ``mu, logvar [B, Z]`` from ``seed``; with ``shard = (row0, rows)`` the
     eps of row b of sample l is the one a single process drawing ``[samples, rows, Z]`` would use for
-    row ``row0 + b`` (NOTE: [Sharded draws]). Runs the registered op (``torch.ops.pyvae``).
+    row ``row0 + b`` (NOTE: [Sharded draws]). Runs the op as ``reparameterize`` does (NOTE: [Eager fast path]).
 
     ``seed``: an int, or an op seed tensor from ``seed_for`` (on mu's device for a graph-safe draw; its
     offset word is ignored). The same seed value gives the same z either way."""
@@ -271,6 +271,6 @@ def reparameterize_shard(mu: torch.Tensor, logvar: torch.Tensor, samples: int, s
         return t
 
     if row0 == 0 and rows == B:
-        return torch.ops.pyvae.reparameterize(mu, logvar, samples, key(0))
-    zs = [torch.ops.pyvae.reparameterize(mu, logvar, 0, key((l * rows + row0) * Z // k)) for l in range(samples)]
+        return call(_OP, mu, logvar, samples, key(0))
+    zs = [call(_OP, mu, logvar, 0, key((l * rows + row0) * Z // k)) for l in range(samples)]
     return torch.stack(zs)
