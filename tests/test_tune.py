@@ -241,3 +241,15 @@ def test_early_stop_rarely_picks_a_slower_route(monkeypatch):
         total_calls += sum(calls.values()) - len(ROUTES)  # without the warm-ups
     assert total_calls / races < 0.6 * 75
     assert wrong / races < 0.01, wrong
+
+
+def test_measuring_a_route_imports_no_sympy(tmp_path):
+    # Tensor.backward(grad) imports torch's symbolic shapes, and sympy with them, on its first call
+    # (0.3-0.45 s); a training step never does, and neither may the measurement of its routes.
+    code = ("import sys, torch, pyvae\nfrom pyvae import _tune\n"
+            "x = torch.randn(32, 48, requires_grad=True)\n"
+            "pyvae.linear_act(x, torch.randn(24, 48, requires_grad=True), None, 'tanh').sum().backward()\n"
+            "print(len(_tune.entries()), 'sympy' in sys.modules, x.grad.shape == x.shape)\n")
+    r = _child({"PYVAE_CACHE_DIR": str(tmp_path), "PYVAE_TUNE": "force"}, code, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "False", "True"]
