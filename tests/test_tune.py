@@ -221,7 +221,7 @@ def test_early_stop_rarely_picks_a_slower_route(monkeypatch):
     """2000 races of three routes 5% apart (true 1.00, 1.05, 1.10 ms in random order) under 15%
     exponential noise plus outliers: the timing stops early (under 60% of the 75 calls of 25 full rounds),
     and the route picked (by the tie rule of decide) is more than 3% slower than the best in under 1% of
-    the races (here: 10 of 2000, with 53% of the calls; the fixed 25 rounds: none; judging by the
+    the races (here: 10 of 2000, with 53% of the calls; judging by the
     fastest call alone, k = 1: 240; k = 3: 35)."""
     clock = _FakeClock()
     monkeypatch.setattr(_tune, "time", clock)
