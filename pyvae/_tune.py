@@ -150,9 +150,14 @@ def lookup(key: str) -> Optional[str]:
 # or ``budget_s`` once ``min_rounds`` are done: close routes and noisy timings (large spreads) are timed
 # as long as before. k = 4 rather than 3: on synthetic timings with 15% noise and outliers (routes 5%
 # apart, tests/test_tune.py) k = 3 picks a route more than 3% slower than the best in ~2% of the races,
-# k = 4 in 0.5%, the fixed 25 rounds in under 0.1%, at 53% of their calls. What early stopping cannot help:
-# load that comes in bursts longer than the five rounds (a few ms for the small layers) slows whichever
-# candidate it hits; the fixed rounds were as short for the small layers (25 rounds of 0.2 ms calls).
+# k = 4 in 0.5%, the fixed 25 rounds in under 0.1%, at 53% of their calls. Those timings are independent
+# from call to call; a shared machine's are not: another process takes a core for whole scheduler slices
+# (ms), slowing whichever candidate runs then. Five rounds of the 20->500 layer at B=100 last ~5 ms,
+# and in one `pyvae bench routes` run each on a loaded machine, that early stop picked routes 2-16%
+# slower than the best in five of the 20 B=100 cases, the fixed rounds in none. So no verdict comes
+# before ``min_s`` (25 ms, several slices) either: the small layers are timed as long as before (25
+# rounds of ~1 ms take about that long), and the early stop saves where rounds are long (the 784->500
+# and 500->784 layers at B=100: ~5 ms a round, 25 rounds took 110-150 ms).
 TIE = 0.01  # routes within 1% are a tie (``decide`` then takes the first candidate)
 
 
@@ -175,10 +180,10 @@ def race(times: Dict[str, List[float]], tie: float = TIE, k: int = 4) -> Tuple[L
 
 
 def measure(candidates: Dict[str, Callable[[], None]], budget_s: float = 0.3, min_rounds: int = 5,
-            max_rounds: int = 25) -> Dict[str, float]:
+            max_rounds: int = 25, min_s: float = 0.025) -> Dict[str, float]:
     """Seconds per call of each candidate: the fastest of several calls, timed interleaved after one
-    warm-up call each, for at least ``min_rounds`` rounds and then until the race is decided (NOTE:
-    [Early stop]), ``max_rounds`` are done or ``budget_s`` is spent. The minimum, not the median: on a
+    warm-up call each, for at least ``min_rounds`` rounds and ``min_s`` seconds and then until the race
+    is decided (NOTE: [Early stop]), ``max_rounds`` are done or ``budget_s`` is spent. The minimum, not the median: on a
     shared machine other processes only ever add time, so the fastest call is the best estimate of what
     the route itself costs."""
     for fn in candidates.values():
@@ -193,7 +198,7 @@ def measure(candidates: Dict[str, Callable[[], None]], budget_s: float = 0.3, mi
             candidates[name]()
             times[name].append(time.perf_counter() - t)
         r += 1
-        if r >= min_rounds:
+        if r >= min_rounds and time.perf_counter() - start >= min_s:
             left, over = race({n: times[n] for n in left})
             if over:
                 break

@@ -207,18 +207,21 @@ def _simulated_candidates(clock, true_ms, rng, noise, calls):
     return {n: make(n, t) for n, t in true_ms.items()}
 
 
-def test_measure_stops_once_a_candidate_clearly_wins(monkeypatch):
+@pytest.mark.parametrize("scale", [10.0, 0.1])
+def test_measure_stops_once_a_candidate_clearly_wins(monkeypatch, scale):
     clock = _FakeClock()
     monkeypatch.setattr(_tune, "time", clock)
     calls = {n: 0 for n in ROUTES}
-    fns = _simulated_candidates(clock, {"torch": 1.3, "pyvae": 1.0, "pyvae-mm": 1.6}, random.Random(0), 0.002, calls)
-    ms = _tune.measure(fns, budget_s=10.0)
+    true_ms = {"torch": 1.3 * scale, "pyvae": 1.0 * scale, "pyvae-mm": 1.6 * scale}
+    ms = _tune.measure(_simulated_candidates(clock, true_ms, random.Random(0), 0.002, calls), budget_s=10.0)
     assert min(ms, key=ms.get) == "pyvae" and set(ms) == set(ROUTES)
-    assert calls == {n: 1 + 5 for n in ROUTES}  # one warm-up, min_rounds, then out
+    # One warm-up, then min_rounds (39 ms) and out; rounds of 0.39 ms: no verdict before min_s (25 ms),
+    # which 25 rounds do not reach.
+    assert calls == {n: 1 + (5 if scale == 10.0 else 25) for n in ROUTES}
 
 
 def test_early_stop_rarely_picks_a_slower_route(monkeypatch):
-    """2000 races of three routes 5% apart (true 1.00, 1.05, 1.10 ms in random order) under 15%
+    """2000 races of three routes 5% apart (true 10.0, 10.5, 11.0 ms in random order) under 15%
     exponential noise plus outliers: the timing stops early (under 60% of the 75 calls of 25 full rounds),
     and the route picked (by the tie rule of decide) is more than 3% slower than the best in under 1% of
     the races (here: 10 of 2000, with 53% of the calls; judging by the
@@ -229,7 +232,7 @@ def test_early_stop_rarely_picks_a_slower_route(monkeypatch):
     wrong = total_calls = 0
     races = 2000
     for _ in range(races):
-        true = [1.00, 1.05, 1.10]
+        true = [10.0, 10.5, 11.0]  # ms: rounds longer than min_s, so the rule alone decides when to stop
         rng.shuffle(true)
         true_ms = dict(zip(ROUTES, true))
         calls = {n: 0 for n in ROUTES}
