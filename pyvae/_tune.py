@@ -135,11 +135,11 @@ def lookup(key: str) -> Optional[str]:
 
 # NOTE: [Early stop]
 # A fixed number of rounds spends time on races already decided: at B=100 on the paper's model, the
-# 500->40 layer's torch route is 15-25% ahead of pyvae's after five rounds, with every candidate's fast
-# calls within 1-2% of each other. So after ``min_rounds`` interleaved rounds, and after every round
-# from then on, the race is judged from each candidate's floor (its fastest call, m) and the spread of
-# that floor (its k-th fastest call minus m, k = 4): noise on a shared machine only adds time, so a floor
-# hit k times is a floor measured to within that spread.
+# 500->40 layer's torch route is 11-27% ahead of pyvae's after five rounds, and each candidate's four
+# fastest calls lie within a few percent of its fastest. So after ``min_rounds`` interleaved rounds,
+# and after every round from then on, the race is judged from each candidate's floor (its fastest call,
+# m) and the spread of that floor (its k-th fastest call minus m, k = 4): noise on a shared machine only
+# adds time, so a floor hit k times is a floor measured to within that spread.
 # - A candidate is out when the leader (lowest m) beats it by more than the larger of the two spreads
 #   and more than the tie margin: the leader's k fastest calls all beat its fastest one, and the gap is
 #   no tie. An out candidate is no longer timed (its m so far is reported); one left: it wins.
@@ -183,9 +183,9 @@ def measure(candidates: Dict[str, Callable[[], None]], budget_s: float = 0.3, mi
             max_rounds: int = 25, min_s: float = 0.025) -> Dict[str, float]:
     """Seconds per call of each candidate: the fastest of several calls, timed interleaved after one
     warm-up call each, for at least ``min_rounds`` rounds and ``min_s`` seconds and then until the race
-    is decided (NOTE: [Early stop]), ``max_rounds`` are done or ``budget_s`` is spent. The minimum, not the median: on a
-    shared machine other processes only ever add time, so the fastest call is the best estimate of what
-    the route itself costs."""
+    is decided (NOTE: [Early stop]), ``max_rounds`` are done or ``budget_s`` is spent. The minimum, not
+    the median: on a shared machine other processes only ever add time, so the fastest call is the best
+    estimate of what the route itself costs."""
     for fn in candidates.values():
         fn()
     times: Dict[str, List[float]] = {n: [] for n in candidates}
