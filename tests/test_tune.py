@@ -3,6 +3,7 @@ pyvae/ops/linear_act.py): the fastest candidate wins, the choice is cached per m
 route computes the same layer, and PYVAE_TUNE turns it off or forces it."""
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -155,3 +156,103 @@ def test_bad_setting_is_named(monkeypatch):
     finally:
         monkeypatch.setenv("PYVAE_TUNE", "off")
         _tune.reset_for_tests()
+
+
+# NOTE: [Early stop] in pyvae/_tune.py, on synthetic timings (ms).
+def test_race_drops_a_candidate_beaten_beyond_the_spreads():
+    left, over = _tune.race({"torch": [1.20, 1.21, 1.22, 1.23, 1.40], "pyvae": [1.00, 1.01, 1.01, 1.02, 1.30],
+                             "pyvae-mm": [1.01, 1.05, 1.09, 1.12, 1.15]})
+    assert left == ["pyvae", "pyvae-mm"] and not over  # mm: 1% behind, within pyvae's spread (2%)
+    left, over = _tune.race({"torch": [1.20, 1.21, 1.22, 1.23, 1.40], "pyvae": [1.00, 1.01, 1.01, 1.02, 1.30]})
+    assert left == ["pyvae"] and over
+
+
+def test_race_keeps_a_candidate_behind_by_less_than_the_spread():
+    # 5% behind, but the leader's floor is known only to 8%: no verdict.
+    left, over = _tune.race({"torch": [1.05, 1.06, 1.07, 1.08, 1.5], "pyvae": [1.00, 1.03, 1.05, 1.08, 1.2]})
+    assert left == ["torch", "pyvae"] and not over
+    # and the other way round: the loser's floor is the noisy one.
+    left, over = _tune.race({"torch": [1.05, 1.10, 1.12, 1.15, 1.5], "pyvae": [1.00, 1.00, 1.01, 1.01, 1.2]})
+    assert left == ["torch", "pyvae"] and not over
+
+
+def test_race_ends_on_a_measured_tie_only():
+    sharp = {"torch": [1.004, 1.005, 1.006, 1.008, 1.3], "pyvae": [1.000, 1.002, 1.004, 1.005, 1.1]}
+    assert _tune.race(sharp) == (["torch", "pyvae"], True)
+    noisy = {"torch": [1.004, 1.02, 1.03, 1.04, 1.3], "pyvae": [1.000, 1.002, 1.004, 1.005, 1.1]}
+    assert _tune.race(noisy) == (["torch", "pyvae"], False)
+    apart = {"torch": [1.015, 1.016, 1.017, 1.018, 1.3], "pyvae": [1.000, 1.002, 1.004, 1.005, 1.1]}
+    assert _tune.race(apart) == (["pyvae"], True)  # 1.5% behind, floors known to 0.5%: beaten, no tie
+
+
+class _FakeClock:
+    """time.perf_counter for _tune.measure: each candidate call advances it by a drawn duration."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def _simulated_candidates(clock, true_ms, rng, noise, calls):
+    """Candidates whose calls take true * (1 + Exp(noise)) plus, one call in ten, up to +100% (the
+    shape of timings on a shared machine: a sharp floor, a long tail)."""
+    def make(name, t):
+        def call():
+            x = rng.expovariate(1 / noise) + (rng.random() if rng.random() < 0.1 else 0.0)
+            clock.now += t * 1e-3 * (1 + x)
+            calls[name] += 1
+        return call
+    return {n: make(n, t) for n, t in true_ms.items()}
+
+
+@pytest.mark.parametrize("scale", [10.0, 0.1])
+def test_measure_stops_once_a_candidate_clearly_wins(monkeypatch, scale):
+    clock = _FakeClock()
+    monkeypatch.setattr(_tune, "time", clock)
+    calls = {n: 0 for n in ROUTES}
+    true_ms = {"torch": 1.3 * scale, "pyvae": 1.0 * scale, "pyvae-mm": 1.6 * scale}
+    ms = _tune.measure(_simulated_candidates(clock, true_ms, random.Random(0), 0.002, calls), budget_s=10.0)
+    assert min(ms, key=ms.get) == "pyvae" and set(ms) == set(ROUTES)
+    # One warm-up, then min_rounds (39 ms) and out; rounds of 0.39 ms: no verdict before min_s (25 ms),
+    # which 25 rounds do not reach.
+    assert calls == {n: 1 + (5 if scale == 10.0 else 25) for n in ROUTES}
+
+
+def test_early_stop_rarely_picks_a_slower_route(monkeypatch):
+    """2000 races of three routes 5% apart (true 10.0, 10.5, 11.0 ms in random order) under 15%
+    exponential noise plus outliers: the timing stops early (under 60% of the 75 calls of 25 full rounds),
+    and the route picked (by the tie rule of decide) is more than 3% slower than the best in under 1% of
+    the races (here: 10 of 2000, with 53% of the calls; judging by the
+    fastest call alone, k = 1: 240; k = 3: 35)."""
+    clock = _FakeClock()
+    monkeypatch.setattr(_tune, "time", clock)
+    rng = random.Random(1)
+    wrong = total_calls = 0
+    races = 2000
+    for _ in range(races):
+        true = [10.0, 10.5, 11.0]  # ms: rounds longer than min_s, so the rule alone decides when to stop
+        rng.shuffle(true)
+        true_ms = dict(zip(ROUTES, true))
+        calls = {n: 0 for n in ROUTES}
+        ms = _tune.measure(_simulated_candidates(clock, true_ms, rng, 0.15, calls), budget_s=10.0)
+        best = min(ROUTES, key=ms.get)
+        if ms[ROUTES[0]] <= ms[best] * (1 + _tune.TIE):
+            best = ROUTES[0]
+        wrong += true_ms[best] > 1.03 * min(true)
+        total_calls += sum(calls.values()) - len(ROUTES)  # without the warm-ups
+    assert total_calls / races < 0.6 * 75
+    assert wrong / races < 0.01, wrong
+
+
+def test_measuring_a_route_imports_no_sympy(tmp_path):
+    # Tensor.backward(grad) imports torch's symbolic shapes, and sympy with them, on its first call
+    # (0.3-0.45 s); a training step never does, and neither may the measurement of its routes.
+    code = ("import sys, torch, pyvae\nfrom pyvae import _tune\n"
+            "x = torch.randn(32, 48, requires_grad=True)\n"
+            "pyvae.linear_act(x, torch.randn(24, 48, requires_grad=True), None, 'tanh').sum().backward()\n"
+            "print(len(_tune.entries()), 'sympy' in sys.modules, x.grad.shape == x.shape)\n")
+    r = _child({"PYVAE_CACHE_DIR": str(tmp_path), "PYVAE_TUNE": "force"}, code, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "False", "True"]

@@ -399,6 +399,21 @@ def _route_for(x, weight, bias, activation, dtype, amp) -> str:
     return r
 
 
+_ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
+
+
+def _backward_from(y, gy) -> None:
+    """``y.backward(gy)`` straight into autograd's engine, for timing routes (NOTE: [Measured routes] in
+    pyvae/_tune.py). ``Tensor.backward`` with a gradient runs Python shape checks first: ~20 us a call
+    (10% of a 500->40 layer at B=100, a cost no layer has inside a training step, whose backward starts
+    from a scalar loss), and on its first call they import torch's symbolic shapes and with them sympy,
+    0.3-0.45 s of ``pyvae tune`` (torch 2.13) that the training step itself never imports."""
+    if _ENGINE is None:  # not in this torch: the public call
+        y.backward(gy)
+    else:
+        _ENGINE.run_backward((y,), (gy,), False, False, (), allow_unreachable=True, accumulate_grad=True)
+
+
 def _measure_route(key, x, weight, bias, activation, dtype, amp, rows, train) -> str:
     """Times the routes of NOTE: [Layer routes] on tensors of this call's shape and dtypes."""
     gen = torch.Generator().manual_seed(0)
@@ -418,7 +433,7 @@ def _measure_route(key, x, weight, bias, activation, dtype, amp, rows, train) ->
                                                  else contextlib.nullcontext()):
                 y = fn()
                 if train:
-                    y.backward(gy)
+                    _backward_from(y, gy)
         return call
 
     def pyvae(onednn):
