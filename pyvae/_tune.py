@@ -43,7 +43,7 @@ __all__ = ["cpu_model", "mode", "enabled", "lookup", "decide", "cache_path", "ma
            "race", "TIE"]
 
 _LOG = logging.getLogger("pyvae.tune")
-_VERSION = 1
+_VERSION = 2  # 2: row-op routes, early-stopped races; caches of version 1 are measured again
 _state: Dict[str, object] = {"mode": None, "routes": None, "path": None, "key": None}
 
 

@@ -273,7 +273,7 @@ def _cmd_train(args) -> int:
 
     from . import _tune
 
-    _tune.log_to_stderr()  # one line when layer routes are first measured (NOTE: [Measured routes])
+    _tune.log_to_stderr()  # one line when layer or row-op routes are first measured (NOTE: [Measured routes])
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
     cfg = build_config(flags, config_file=args.config)
     res = train(cfg)
@@ -380,7 +380,9 @@ def _cmd_tune(args) -> int:
         _tune.log_to_stderr(detail=True)
         r = tune_model(args.x_dim, args.latent, args.hidden, args.activation, layers=args.layers,
                        batch_sizes=args.batch_size, precisions=args.precision, force=args.force)
-        print(f"tuned {len(r['routes'])} layer routes in {r['seconds']:.2f} s")
+        n_layers = sum(k.startswith("linear_act ") for k in r["routes"])
+        print(f"tuned {len(r['routes'])} routes ({n_layers} layer, {len(r['routes']) - n_layers} row op) "
+              f"in {r['seconds']:.2f} s")
     print("\n".join(show()))
     return 0
 

@@ -140,8 +140,9 @@ def test_tune_command_and_show(tmp_path):
                         "--latent", "4", "--x-dim", "64"], capture_output=True, text=True, timeout=300,
                        env={**os.environ, **env}, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "tuned 4 layer routes" in r.stdout and "cache: " in r.stdout
-    assert r.stdout.count("linear_act ") == 4  # enc 64->32, head 32->8, dec 4->32, logits 32->64
+    # the 4 layers (enc 64->32, head 32->8, dec 4->32, logits 32->64) and the KL the step reports (no grad)
+    assert "tuned 5 routes (4 layer, 1 row op)" in r.stdout and "cache: " in r.stdout
+    assert r.stdout.count("linear_act ") == 4 and r.stdout.count("gaussian_kl float32 16x4* 16x4* - - infer") == 1
     show = subprocess.run([sys.executable, "-m", "pyvae", "tune", "--show"], capture_output=True, text=True,
                           timeout=300, env={**os.environ, **env}, cwd=tmp_path)
     assert show.returncode == 0 and "PYVAE_TUNE=auto" in show.stdout

@@ -149,8 +149,8 @@ def _measure_row_route(name, key, direct, ref, args, n_tensors, train) -> str:
                 t.grad = None
             with torch.set_grad_enabled(train):
                 out = fn(*copies, *args[n_tensors:])
-                if train:
-                    out.backward(torch.ones_like(out))
+                if train:  # from a scalar, as a training step's backward starts (no gradient argument)
+                    out.sum().backward()
         return call
 
     return _tune.decide(key, {"torch": run(ref), "pyvae": run(direct)}, what=key)
