@@ -253,7 +253,9 @@ class VAE(nn.Module):
         z = _reparameterize(mu, logvar, samples, generator, shard)
         if estimator == "analytic":
             if self.likelihood == "bernoulli":
-                logits = self.decode(z)
+                # L = 1: the decoder and the ELBO on [B, *] (the same products and terms as on [1, B, *], without
+                # the batched matmul's reshapes in forward and backward)
+                logits = self.decode(z[0] if samples == 1 else z)
                 elbo = ops.bernoulli_elbo(logits, x.to(logits.dtype), mu, logvar)
                 if kl_weight == 1.0:
                     with torch.no_grad():
