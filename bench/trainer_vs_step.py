@@ -4,7 +4,8 @@ Runs the real trainer (``pyvae.train.train``: shuffled row gather, dynamic binar
 the non-finite check, bookkeeping) for a few epochs and reads the samples/s of its last epoch (the first
 one includes measuring the layer routes of the new shapes). In the same process it then times the bare
 step (``pyvae bench train``'s pyvae provider: VAE forward, backward and fused Adam on one fixed batch of
-the same size) with the benchmarks' interleaved timer, and reports trainer / bare. Each epoch's samples/s
+the same size) with the benchmarks' interleaved timer, and reports trainer / bare, and the step's
+GEMM-only time (``pyvae bench train``'s limit) against the trainer's time per step. Each epoch's samples/s
 counts every sample of the epoch, the last partial batch included, over the loop's wall time (the test-set
 evaluation after the epoch is not in it).
 
@@ -54,9 +55,13 @@ def main() -> None:
         bare = C.measure_case({"pyvae": C.Step(step, [], None, "forward")}, device="cpu", reps=None,
                               target_s=args.target_s, memory=False)["pyvae"]
         bare_sps = args.batch_size / (bare["median_ms"] * 1e-3)
+        gemm_s, _ = T.gemm_only(args.batch_size, "bf16" if precision == "bf16-mixed" else "fp32", None,
+                                args.target_s / 4)
+        trainer_ms = args.batch_size / trainer_sps * 1e3
         row = {"bench": "trainer_vs_step", "dataset": args.dataset, "B": args.batch_size, "precision": precision,
                "epochs": args.epochs, "trainer_samples_per_s": trainer_sps, "bare_step_ms": bare["median_ms"],
                "bare_samples_per_s": bare_sps, "ratio": trainer_sps / bare_sps, "train_wall_s": wall,
+               "gemm_only_ms": gemm_s * 1e3, "trainer_gemm_efficiency": gemm_s * 1e3 / trainer_ms,
                "cpu": _tune.cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "loadavg": os.getloadavg(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         rows.append(row)
@@ -68,11 +73,13 @@ def main() -> None:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     print(f"\n{rows[0]['cpu']}, {rows[0]['threads']} threads, torch {rows[0]['torch']}\n")
-    print("| precision | B | pyvae train samples/s (last epoch) | bare step ms | bare samples/s | train / bare |")
-    print("|---|---|---|---|---|---|")
+    print("| precision | B | pyvae train samples/s (last epoch) | bare step ms | bare samples/s | train / bare "
+          "| GEMM-only ms | GEMM-only / trainer step |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['precision']} | {r['B']} | {r['trainer_samples_per_s']:,.0f} | {r['bare_step_ms']:.1f} | "
-              f"{r['bare_samples_per_s']:,.0f} | {r['ratio']:.0%} |")
+              f"{r['bare_samples_per_s']:,.0f} | {r['ratio']:.0%} | {r['gemm_only_ms']:.1f} | "
+              f"{r['trainer_gemm_efficiency']:.0%} |")
 
 
 if __name__ == "__main__":

@@ -150,14 +150,16 @@ def lookup(key: str) -> Optional[str]:
 # or ``budget_s`` once ``min_rounds`` are done: close routes and noisy timings (large spreads) are timed
 # as long as before. k = 4 rather than 3: on synthetic timings with 15% noise and outliers (routes 5%
 # apart, tests/test_tune.py) k = 3 picks a route more than 3% slower than the best in ~2% of the races,
-# k = 4 in 0.5%, the fixed 25 rounds in under 0.1%, at 53% of their calls. Those timings are independent
+# k = 4 in 0.5% (0.25% with the 10-round minimum below, at 57% of the calls), the fixed 25 rounds in under 0.1%. Those timings are independent
 # from call to call; a shared machine's are not: another process takes a core for whole scheduler slices
 # (ms), slowing whichever candidate runs then. Five rounds of the 20->500 layer at B=100 last ~5 ms,
 # and in one `pyvae bench routes` run each on a loaded machine, that early stop picked routes 2-16%
 # slower than the best in five of the 20 B=100 cases, the fixed rounds in none. So no verdict comes
 # before ``min_s`` (25 ms, several slices) either: the small layers are timed as long as before (25
 # rounds of ~1 ms take about that long), and the early stop saves where rounds are long (the 784->500
-# and 500->784 layers at B=100: ~5 ms a round, 25 rounds took 110-150 ms).
+# and 500->784 layers at B=100: ~5 ms a round, 25 rounds took 110-150 ms). And none before 10 rounds: with
+# 5, the full `pyvae bench routes` run of 2026-11-30 08:05Z (quiet machine) chose routes 3-16% slower
+# than the best in 4 of the 40 cases, all at B=1024, where a round of the two wide layers takes ~40 ms.
 TIE = 0.01  # routes within 1% are a tie (``decide`` then takes the first candidate)
 
 
@@ -179,7 +181,7 @@ def race(times: Dict[str, List[float]], tie: float = TIE, k: int = 4) -> Tuple[L
     return left, len(left) == 1 or tied
 
 
-def measure(candidates: Dict[str, Callable[[], None]], budget_s: float = 0.3, min_rounds: int = 5,
+def measure(candidates: Dict[str, Callable[[], None]], budget_s: float = 0.3, min_rounds: int = 10,
             max_rounds: int = 25, min_s: float = 0.025) -> Dict[str, float]:
     """Seconds per call of each candidate: the fastest of several calls, timed interleaved after one
     warm-up call each, for at least ``min_rounds`` rounds and ``min_s`` seconds and then until the race

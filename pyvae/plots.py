@@ -191,6 +191,8 @@ def scaling_plot(panels: Sequence[Sequence[dict]], path: PathLike, title: str = 
     if not rows:
         raise ValueError("panels is empty: nothing to plot")
     plt = _plt()
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
+
     ncol = max(len(r) for r in rows)
     fig, axes = plt.subplots(len(rows), ncol, figsize=(4.3 * ncol, 3.5 * len(rows)), dpi=100, squeeze=False)
 
@@ -220,6 +222,9 @@ def scaling_plot(panels: Sequence[Sequence[dict]], path: PathLike, title: str = 
             ax.set_xticks(xs)
             ax.set_xticklabels([str(x) for x in xs], fontsize=7)
             ax.minorticks_off()
+            # labels at 1, 2 and 5 times each power of ten: a panel spanning less than a decade still has some
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
             ax.set_xlabel(str(panel.get("xlabel", "")))
             ax.set_ylabel(str(panel.get("ylabel", "ms")))
             ax.set_title(str(panel.get("title", "")), fontsize=9)

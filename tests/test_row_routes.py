@@ -110,3 +110,14 @@ def test_off_measures_nothing(tuning, monkeypatch):
     out = pyvae.gaussian_kl(mu, lv)
     assert calls == [] and "_Fn" in type(out.grad_fn).__name__
     torch.testing.assert_close(out, reference.gaussian_kl(mu, lv))
+
+
+def test_a_failing_candidate_falls_back_to_the_kernel(tuning, monkeypatch):
+    def measure(candidates, **kw):
+        raise RuntimeError("torch's route cannot run this")
+
+    monkeypatch.setattr(_tune, "measure", measure)
+    mu, lv = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    out = pyvae.gaussian_kl(mu, lv)
+    assert "_Fn" in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, reference.gaussian_kl(mu, lv))

@@ -4,6 +4,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "common/params.h"
 #include "cpu/kernels.h"
 #include "ops/bernoulli.h"
@@ -49,6 +53,14 @@ void touch_pages(T* p, int64_t n) {
   volatile char* c = reinterpret_cast<volatile char*>(p);
   const int64_t bytes = n * int64_t(sizeof(T));
   for (int64_t i = 0; i < bytes; i += kPageBytes) c[i] = 0;
+}
+
+inline int64_t max_threads() {
+#ifdef _OPENMP
+  return std::max(1, omp_get_max_threads());
+#else
+  return 1;
+#endif
 }
 
 // f(r0, r1) over blocks of `block` rows, the blocks split statically over the threads as parallel_rows.
@@ -367,7 +379,9 @@ void bernoulli_elbo_fwd_t(const RowwiseParams& p) {
     }
     // NOTE: [Fault fresh outputs in blocks]
     T* gl = static_cast<T*>(p.grad_a);
-    const int64_t blk = std::max<int64_t>(1, kFaultBlockBytes / (S * D * int64_t(sizeof(T))));
+    // ~1 MB blocks, and at least two per thread so that a small batch is still split over the threads
+    const int64_t per_thread = (B + 2 * max_threads() - 1) / (2 * max_threads());
+    const int64_t blk = std::max<int64_t>(1, std::min(per_thread, kFaultBlockBytes / (S * D * int64_t(sizeof(T)))));
     parallel_blocks(B, blk, S * D + Z, [&](int64_t r0, int64_t r1) {
       for (int64_t s = 0; s < S; ++s) touch_pages(gl + (s * B + r0) * D, (r1 - r0) * D);
       for (int64_t b = r0; b < r1; ++b) row(b);
