@@ -46,6 +46,10 @@ bool rowwise_supports(int device, DType d) {
   return device == kCUDA || d == DType::kFloat32 || d == DType::kFloat64;
 }
 
+// The fused ELBO's CPU forward also takes kBFloat16: bfloat16 logits and logits gradient, the rest float32
+// (NOTE: [bfloat16 logits] in csrc/cpu/kernels.cpp).
+bool elbo_fwd_supports(int device, DType d) { return rowwise_supports(device, d) || d == DType::kBFloat16; }
+
 // The linear epilogues: CPU float32, float64 and bfloat16 (csrc/cpu/linear.cpp); CUDA all four.
 bool linear_supports(int device, DType d) { return device == kCUDA || d != DType::kFloat16; }
 
@@ -81,15 +85,16 @@ using RowwiseFn = void (*)(const RowwiseParams&);
 
 // One Python entry per row-reduction op; every argument by name (pyvae/_gate.py checks each
 // tensor's size, dtype, device and layout before its pointer gets here).
-void def_rowwise(py::module_& m, const char* name, RowwiseFn cpu::KernelTable::*cpu_fn, RowwiseFn cuda_fn) {
+void def_rowwise(py::module_& m, const char* name, RowwiseFn cpu::KernelTable::*cpu_fn, RowwiseFn cuda_fn,
+                 bool (*supports)(int, DType) = rowwise_supports) {
   m.def(
       name,
-      [cpu_fn, cuda_fn](int device, int dtype, int64_t rows, int64_t cols, int64_t cols2, int64_t samples,
+      [cpu_fn, cuda_fn, supports](int device, int dtype, int64_t rows, int64_t cols, int64_t cols2, int64_t samples,
                         uintptr_t a, int64_t a_mod, uintptr_t b, int64_t b_mod, uintptr_t c, int64_t c_mod,
                         uintptr_t d, int64_t d_mod, uintptr_t grad_out, uintptr_t out, uintptr_t grad_a,
                         uintptr_t grad_b, uintptr_t grad_c, uintptr_t grad_d, uintptr_t stream, int device_index) {
         RowwiseParams p;
-        p.dtype = checked_dtype(device, dtype, rowwise_supports);
+        p.dtype = checked_dtype(device, dtype, supports);
         p.rows = rows;
         p.cols = cols;
         p.cols2 = cols2;
@@ -359,7 +364,8 @@ PYBIND11_MODULE(_C, m) {
   PYVAE_ROWWISE(gaussian_kl_bwd);
   PYVAE_ROWWISE(gaussian_log_prob_fwd);
   PYVAE_ROWWISE(gaussian_log_prob_bwd);
-  PYVAE_ROWWISE(bernoulli_elbo_fwd);
+  def_rowwise(m, "bernoulli_elbo_fwd", &cpu::KernelTable::bernoulli_elbo_fwd, PYVAE_CUDA_FN(bernoulli_elbo_fwd),
+              elbo_fwd_supports);
   PYVAE_ROWWISE(bernoulli_elbo_bwd);
 #undef PYVAE_ROWWISE
   def_reparam(m, "reparameterize_fwd", &cpu::KernelTable::reparameterize_fwd, PYVAE_CUDA_FN(reparameterize_fwd));

@@ -132,10 +132,11 @@ _ROWWISE = {
 def rowwise(op: str, direction: str, *, dtype: torch.dtype, device: torch.device, rows: int, cols: int,
             operands: Sequence[Optional[Tuple[torch.Tensor, int]]], cols2: int = 0, samples: int = 1,
             out: Optional[torch.Tensor] = None, grad_out: Optional[torch.Tensor] = None,
-            grads: Sequence[Optional[torch.Tensor]] = ()) -> None:
+            grads: Sequence[Optional[torch.Tensor]] = (), logits_dtype: Optional[torch.dtype] = None) -> None:
     """Runs ``<op>_fwd`` (``direction="fwd"``: writes ``out [rows]``) or ``<op>_bwd`` (``"bwd"``: reads
     ``grad_out [rows]``, writes the requested ``grads``). ``operands``: up to four ``(tensor, mod)``
-    pairs, a ``[mod, width]`` block each."""
+    pairs, a ``[mod, width]`` block each. ``logits_dtype=torch.bfloat16`` (the fused ELBO's CPU forward,
+    ``dtype`` float32): operand a and grad_a are bfloat16 (NOTE: [bfloat16 logits] in csrc/cpu/kernels.cpp)."""
     kernel = f"{op}_{direction}"
     required = _ROWWISE[op]
     elbo = op == "bernoulli_elbo"
@@ -147,6 +148,13 @@ def rowwise(op: str, direction: str, *, dtype: torch.dtype, device: torch.device
         raise RuntimeError(f"pyvae._gate.{kernel}: the prior's mean and log-variance come together")
     dev = _device_code(kernel, device)
     code = _dtype_code(kernel, dtype, device, ROWWISE_DTYPES)
+    a_dtype = dtype
+    if logits_dtype is not None and logits_dtype != dtype:
+        if not (elbo and direction == "fwd" and device.type == "cpu" and dtype == torch.float32
+                and logits_dtype == torch.bfloat16):
+            raise RuntimeError(f"pyvae._gate.{kernel}: logits of another dtype ({logits_dtype}) only as bfloat16 "
+                               "with float32 operands, in the CPU forward of the fused ELBO")
+        code, a_dtype = DTYPE_CODES[torch.bfloat16], torch.bfloat16
     if rows < 0 or cols < 0 or cols2 < 0 or samples < 1:
         raise RuntimeError(f"pyvae._gate.{kernel}: bad sizes rows={rows} cols={cols} cols2={cols2} samples={samples}")
     args = {}
@@ -162,7 +170,7 @@ def rowwise(op: str, direction: str, *, dtype: torch.dtype, device: torch.device
         if type(mod) is not int or mod < 1 or (exact is not None and mod != exact):
             raise RuntimeError(f"pyvae._gate.{kernel}: operand {letter} has {mod!r} rows; expected "
                                f"{exact if exact is not None else 'an int >= 1'}")
-        args[letter] = _ptr(kernel, letter, t, dtype, device, mod * width)
+        args[letter] = _ptr(kernel, letter, t, a_dtype if i == 0 else dtype, device, mod * width)
         args[letter + "_mod"] = mod
     if direction == "fwd":
         args["out"] = _ptr(kernel, "out", out, dtype, device, rows)
@@ -186,7 +194,8 @@ def rowwise(op: str, direction: str, *, dtype: torch.dtype, device: torch.device
                 n = samples * rows * cols if i == 0 else (rows * cols if i == 1 else rows * cols2)
             else:
                 n = rows * cols
-            args["grad_" + letter] = _ptr(kernel, "grad_" + letter, g, dtype, device, n, optional=True)
+            args["grad_" + letter] = _ptr(kernel, "grad_" + letter, g, a_dtype if i == 0 else dtype, device, n,
+                                          optional=True)
     else:
         for letter in "abcd":
             args["grad_" + letter] = 0

@@ -255,8 +255,12 @@ class VAE(nn.Module):
             if self.likelihood == "bernoulli":
                 # L = 1: the decoder and the ELBO on [B, *] (the same products and terms as on [1, B, *], without
                 # the batched matmul's reshapes in forward and backward)
-                logits = self.decode(z[0] if samples == 1 else z)
-                elbo = ops.bernoulli_elbo(logits, x.to(logits.dtype), mu, logvar)
+                logits = self.dec_logits(self.decoder(z[0] if samples == 1 else z))
+                if logits.dtype not in (mu.dtype, torch.bfloat16):
+                    logits = _wide(logits)
+                # bfloat16 logits (CPU autocast) go to the ELBO as they are: NOTE: [bfloat16 logits] in
+                # csrc/cpu/kernels.cpp (the numbers of widening them first, without the two casts)
+                elbo = ops.bernoulli_elbo(logits, x.to(mu.dtype), mu, logvar)
                 if kl_weight == 1.0:
                     with torch.no_grad():
                         kl = ops.gaussian_kl(mu, logvar)

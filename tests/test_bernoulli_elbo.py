@@ -266,3 +266,58 @@ def test_one_pass_survives_a_second_backward():
         out = pyvae.bernoulli_elbo(logits, x, mu, logvar)
         (gl,) = torch.autograd.grad(out.sum(), logits, create_graph=True)
         gl.sum().backward()
+
+
+# ------------------------------------------------------------------ NOTE: [bfloat16 logits]
+@pytest.mark.parametrize("samples", [None, 3])
+def test_bfloat16_logits_read_as_they_are(samples):
+    # CPU autocast's decoder gives bfloat16 logits. The one-pass path reads them as they are and writes
+    # their gradient in bfloat16: the gradients must be bit for bit those of widening the logits first
+    # (the float32 op) and narrowing the gradient, through a miss, a hit and a per-row upstream gradient,
+    # extremes and NaN included; the value agrees to the float32 rounding of its row sums.
+    torch.manual_seed(6)
+    B, D, Z = 37, 101, 5
+    shape = (B, D) if samples is None else (samples, B, D)
+    wide = torch.randn(shape) * 4
+    wide.view(-1)[:4] = torch.tensor([1e4, -1e4, 30.0, float("nan")])
+    logits = wide.to(torch.bfloat16)
+    x = (torch.rand(B, D) < 0.4).float()
+    mu, lv = torch.randn(B, Z), torch.randn(B, Z) * 3
+    for reduce in (lambda o: -o.mean(), lambda o: -o.sum(), lambda o: -o.sum(), lambda o: -(o * torch.arange(B)).sum()):
+        got, want = [], []
+        for widen, res in ((False, got), (True, want)):
+            t = [logits.clone().requires_grad_(), mu.clone().requires_grad_(), lv.clone().requires_grad_()]
+            out = pyvae.bernoulli_elbo(t[0].float() if widen else t[0], x, t[1], t[2])
+            if not widen:
+                assert type(out.grad_fn).__name__ == "_OnePassBackward" and out.dtype == torch.float32
+            res.append(out)
+            res.extend(torch.autograd.grad(reduce(out), t))
+        torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-5, equal_nan=True)
+        assert got[1].dtype == torch.bfloat16
+        for a, b in zip(got[1:], want[1:]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_bfloat16_logits_elsewhere_are_widened():
+    # Off the one-pass path (no gradient wanted, a differentiated x) the op widens the logits first.
+    torch.manual_seed(7)
+    logits = (torch.randn(6, 9) * 3).to(torch.bfloat16)
+    x, mu, lv = (torch.rand(6, 9) < 0.5).float(), torch.randn(6, 2), torch.randn(6, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(pyvae.bernoulli_elbo(logits, x, mu, lv),
+                                   pyvae.bernoulli_elbo(logits.float(), x, mu, lv), rtol=1e-6, atol=1e-5)
+    xr = x.clone().requires_grad_()
+    out = pyvae.bernoulli_elbo(logits, xr, mu, lv)
+    (gx,) = torch.autograd.grad(out.sum(), xr)
+    torch.testing.assert_close(gx, logits.float().expand(6, 9))  # d/dx = logits
+    with pytest.raises(TypeError, match="dtype"):
+        pyvae.bernoulli_elbo(logits, x.double(), mu, lv)  # only bfloat16 logits with float32 rest
+
+
+def test_the_gate_takes_other_logits_dtypes_only_for_the_elbo_forward():
+    from pyvae import _gate
+
+    t = torch.zeros(2, 3)
+    with pytest.raises(RuntimeError, match="bfloat16 with float32 operands"):
+        _gate.rowwise("gaussian_kl", "fwd", dtype=torch.float32, device=t.device, rows=2, cols=3,
+                      operands=[(t, 2), (t, 2)], out=torch.zeros(2), logits_dtype=torch.bfloat16)

@@ -2,6 +2,7 @@
 // Compiled once per instruction set with -DPYVAE_CPU_ARCH=<name> (see CMakeLists.txt).
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #ifdef _OPENMP
@@ -70,6 +71,41 @@ void parallel_blocks(int64_t rows, int64_t block, int64_t work_per_row, const F&
   const bool par = n > 1 && rows * work_per_row >= kParallelGrain;
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t k = 0; k < n; ++k) f(k * block, std::min(rows, (k + 1) * block));
+}
+
+// NOTE: [bfloat16 logits]
+// Under autocast the decoder's logits are bfloat16. The ELBO's one-pass forward reads them as they are (a
+// bfloat16 widens to float32 exactly) and writes their gradient in bfloat16, rounded to nearest even as
+// torch's .to() rounds (NaN: torch's quiet NaN 0x7FC0): the gradients are bit for bit those of widening
+// the logits first, computing in float32 and narrowing the gradient (the value's row sums may differ in
+// their last bits: the loop vectorizes in another order), without those two [B, D] casts, and with half
+// the bytes of logits and gradient for the ELBO itself to move (tests/test_bernoulli_elbo.py).
+struct BF16 {
+  uint16_t bits;
+};
+
+template <typename T>
+inline T load_as(T v) {
+  return v;
+}
+template <typename T>
+inline T load_as(BF16 v) {
+  const uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return T(f);
+}
+template <typename L, typename T>
+inline L store_as(T v) {
+  if constexpr (std::is_same_v<L, BF16>) {
+    const float f = float(v);
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    if (f != f) return BF16{uint16_t(0x7FC0)};
+    return BF16{uint16_t((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16)};
+  } else {
+    return L(v);
+  }
 }
 
 template <typename T>
@@ -330,7 +366,7 @@ void gaussian_log_prob_bwd_t(const RowwiseParams& p) {
 // scale as bernoulli_elbo_bwd_t, so bit for bit its result. When the guess holds, backward returns
 // them untouched: the step moves logits and x once and the gradient once, instead of a second read of
 // logits and x (two-pass) or a second read and write of the gradient (scaling it afterwards).
-template <typename T>
+template <typename T, typename L = T>
 void bernoulli_elbo_fwd_t(const RowwiseParams& p) {
   const int64_t B = p.rows, D = p.cols, Z = p.cols2, S = p.samples;
   T* out = static_cast<T*>(p.out);
@@ -343,19 +379,20 @@ void bernoulli_elbo_fwd_t(const RowwiseParams& p) {
       const T* x = row_of<T>(p.b, b, D);
       T recon = 0;
       for (int64_t s = 0; s < S; ++s) {
-        const T* l = static_cast<const T*>(p.a.data) + (s * B + b) * D;
-        T* gl = want_l ? static_cast<T*>(p.grad_a) + (s * B + b) * D : nullptr;
+        const L* l = static_cast<const L*>(p.a.data) + (s * B + b) * D;
+        L* gl = want_l ? static_cast<L*>(p.grad_a) + (s * B + b) * D : nullptr;
         T acc = 0;
         if (want_l) {  // one loop: e^-|l| is computed once for the term and its gradient (the compiler
                        // shares it), and the sum is bit for bit the value-only loop's (tested)
 #pragma omp simd reduction(+ : acc)
           for (int64_t c = 0; c < D; ++c) {
-            acc += ops::bernoulli_log_prob(l[c], x[c]);
-            gl[c] = ops::bernoulli_log_prob_grad(l[c], x[c], unit.recon).l;
+            const T lc = load_as<T>(l[c]);
+            acc += ops::bernoulli_log_prob(lc, x[c]);
+            gl[c] = store_as<L>(ops::bernoulli_log_prob_grad(lc, x[c], unit.recon).l);
           }
         } else {
 #pragma omp simd reduction(+ : acc)
-          for (int64_t c = 0; c < D; ++c) acc += ops::bernoulli_log_prob(l[c], x[c]);
+          for (int64_t c = 0; c < D; ++c) acc += ops::bernoulli_log_prob(load_as<T>(l[c]), x[c]);
         }
         recon += acc;
       }
@@ -378,10 +415,10 @@ void bernoulli_elbo_fwd_t(const RowwiseParams& p) {
       return;
     }
     // NOTE: [Fault fresh outputs in blocks]
-    T* gl = static_cast<T*>(p.grad_a);
+    L* gl = static_cast<L*>(p.grad_a);
     // ~1 MB blocks, and at least two per thread so that a small batch is still split over the threads
     const int64_t per_thread = (B + 2 * max_threads() - 1) / (2 * max_threads());
-    const int64_t blk = std::max<int64_t>(1, std::min(per_thread, kFaultBlockBytes / (S * D * int64_t(sizeof(T)))));
+    const int64_t blk = std::max<int64_t>(1, std::min(per_thread, kFaultBlockBytes / (S * D * int64_t(sizeof(L)))));
     parallel_blocks(B, blk, S * D + Z, [&](int64_t r0, int64_t r1) {
       for (int64_t s = 0; s < S; ++s) touch_pages(gl + (s * B + r0) * D, (r1 - r0) * D);
       for (int64_t b = r0; b < r1; ++b) row(b);
@@ -444,7 +481,13 @@ PYVAE_CPU_DEFINE(gaussian_kl_fwd, RowwiseParams)
 PYVAE_CPU_DEFINE(gaussian_kl_bwd, RowwiseParams)
 PYVAE_CPU_DEFINE(gaussian_log_prob_fwd, RowwiseParams)
 PYVAE_CPU_DEFINE(gaussian_log_prob_bwd, RowwiseParams)
-PYVAE_CPU_DEFINE(bernoulli_elbo_fwd, RowwiseParams)
+// kBFloat16 here means bfloat16 logits and logits gradient, everything else float32 (NOTE: [bfloat16
+// logits]).
+void bernoulli_elbo_fwd(const RowwiseParams& p) {
+  if (p.dtype == DType::kFloat64) bernoulli_elbo_fwd_t<double>(p);
+  else if (p.dtype == DType::kBFloat16) bernoulli_elbo_fwd_t<float, BF16>(p);
+  else bernoulli_elbo_fwd_t<float>(p);
+}
 PYVAE_CPU_DEFINE(bernoulli_elbo_bwd, RowwiseParams)
 
 }  // namespace PYVAE_CPU_ARCH

@@ -10,7 +10,7 @@ import torch
 
 from .. import _gate
 from . import _checks as V
-from ._registry import call, eager_function, first_order_only, register
+from ._registry import call, eager_function, eager_ok, first_order_only, register
 from ._rowwise import as_rows, reduce_grad
 
 __all__ = ["bernoulli_elbo"]
@@ -18,13 +18,16 @@ __all__ = ["bernoulli_elbo"]
 _OP = "bernoulli_elbo"
 
 
-def _plan(logits, x, mu, logvar):
-    """Validates the fused ELBO's inputs; returns (lead, samples, D, Z, dtype, device)."""
+def _plan(logits, x, mu, logvar, mixed: bool = False):
+    """Validates the fused ELBO's inputs; returns (lead, samples, D, Z, dtype, device). ``mixed``: logits
+    may have another dtype than the rest (NOTE: [bfloat16 logits] in csrc/cpu/kernels.cpp)."""
     named = [("logits", logits), ("x", x), ("mu", mu), ("logvar", logvar)]
     V.required(_OP, [n for n, _ in named], [t for _, t in named])
     for n, t in named:
         V.tensor(n, t, op=_OP)
-    dtype, device = V.same_dtype_device(named, op=_OP)
+    dtype, device = V.same_dtype_device(named[1:] if mixed else named, op=_OP)
+    if mixed and logits.device != device:
+        raise ValueError(f"pyvae.{_OP}: logits is on {logits.device} but x is on {device}")
     if mu.shape != logvar.shape:
         raise ValueError(f"pyvae.{_OP}: mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
     lead = tuple(mu.shape[:-1])
@@ -47,9 +50,9 @@ def _plan(logits, x, mu, logvar):
     return lead, samples, D, mu.shape[-1], dtype, device
 
 
-def _operands(logits, x, mu, logvar, lead, S, rows, D, cd):
+def _operands(logits, x, mu, logvar, lead, S, rows, D, cd, logits_dtype=None):
     return [
-        (logits.to(cd).contiguous(), S * rows),
+        (logits.to(logits_dtype or cd).contiguous(), S * rows),
         as_rows(x, lead, D, cd),
         (mu.to(cd).contiguous(), rows),
         (logvar.to(cd).contiguous(), rows),
@@ -155,50 +158,76 @@ class _OnePass(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, x, mu, logvar):
-        lead, samples, D, Z, dtype, device = _plan(logits, x, mu, logvar)
+        mixed = logits.dtype != mu.dtype  # bfloat16 logits, the rest float32 (_one_pass_ok)
+        lead, samples, D, Z, dtype, device = _plan(logits, x, mu, logvar, mixed)
         rows, S = V.numel(lead), max(samples, 1)
         need = ctx.needs_input_grad
         key = (rows, S, D, Z, dtype)
         c = _expected(key, rows, dtype)
         out = torch.empty(lead, dtype=dtype, device=device)
-        g_l = torch.empty(logits.shape, dtype=dtype, device=device) if need[0] else None
+        g_l = torch.empty(logits.shape, dtype=logits.dtype, device=device) if need[0] else None
         g_mu = torch.empty(mu.shape, dtype=dtype, device=device) if need[2] else None
         g_lv = torch.empty(mu.shape, dtype=dtype, device=device) if need[3] else None
         _gate.rowwise(_OP, "fwd", dtype=dtype, device=device, rows=rows, cols=D, cols2=Z, samples=S,
-                      operands=_operands(logits, x, mu, logvar, lead, S, rows, D, dtype), out=out,
-                      grad_out=torch.full((rows,), c, dtype=dtype, device=device), grads=(g_l, None, g_mu, g_lv))
+                      operands=_operands(logits, x, mu, logvar, lead, S, rows, D, dtype, logits.dtype), out=out,
+                      grad_out=torch.full((rows,), c, dtype=dtype, device=device), grads=(g_l, None, g_mu, g_lv),
+                      logits_dtype=logits.dtype)
         ctx.save_for_backward(logits, x, mu, logvar)
         ctx.written = (g_l, g_mu, g_lv)
-        ctx.expected, ctx.key, ctx.shape = c, key, (lead, S, rows, D, Z)
+        ctx.expected, ctx.key, ctx.shape, ctx.dtype = c, key, (lead, S, rows, D, Z), dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
         inputs = ctx.saved_tensors
+        logits, x, mu, logvar = inputs
         mask = [bool(m) for m in ctx.needs_input_grad]
         if ctx.written is None or torch.is_grad_enabled():
-            grads = first_order_only(_OP, _bwd_impl(grad, *inputs, mask), inputs)
+            # the two-pass backward, in float32 for bfloat16 logits (and its logits gradient narrowed after)
+            wide = logits.to(ctx.dtype)
+            grads = list(first_order_only(_OP, _bwd_impl(grad, wide, x, mu, logvar, mask), inputs))
+            grads[0] = grads[0].to(logits.dtype)
             return tuple(g if m else None for g, m in zip(grads, mask))
         g_l, g_mu, g_lv = ctx.written
         ctx.written = None  # handed out below: a second backward recomputes
         lead, S, rows, D, Z = ctx.shape
-        g = grad.to(inputs[0].dtype).expand(lead).reshape(rows)
+        g = grad.to(ctx.dtype).expand(lead).reshape(rows)
         if not bool((g == ctx.expected).all()):
             _remember(ctx.key, g)
-            logits, x, mu, logvar = inputs
-            _gate.rowwise(_OP, "bwd", dtype=logits.dtype, device=logits.device, rows=rows, cols=D, cols2=Z,
-                          samples=S, operands=_operands(logits, x, mu, logvar, lead, S, rows, D, logits.dtype),
-                          grad_out=g.contiguous(), grads=(g_l, None, g_mu, g_lv))
+            if logits.dtype == ctx.dtype:
+                _gate.rowwise(_OP, "bwd", dtype=logits.dtype, device=logits.device, rows=rows, cols=D, cols2=Z,
+                              samples=S, operands=_operands(logits, x, mu, logvar, lead, S, rows, D, logits.dtype),
+                              grad_out=g.contiguous(), grads=(g_l, None, g_mu, g_lv))
+            else:  # bfloat16 logits: the float32 backward kernel, its logits gradient narrowed into g_l
+                wide = _bwd_impl(grad, logits.to(ctx.dtype), x, mu, logvar, [g_l is not None, False, g_mu is not None,
+                                                                             g_lv is not None])
+                for buf, w in zip((g_l, g_mu, g_lv), (wide[0], wide[2], wide[3])):
+                    if buf is not None:
+                        buf.copy_(w)
         return g_l, None, g_mu, g_lv
 
 
-def _eager(logits, x, mu, logvar):
-    """The one-pass path where it applies (CPU float32/float64 inputs of one dtype, x not differentiated,
-    gradients wanted, a non-empty batch), else the plain direct path."""
-    if (torch.is_grad_enabled() and all(isinstance(t, torch.Tensor) for t in (logits, x, mu, logvar))
-            and logits.is_cpu and logits.dtype in _ONE_PASS_DTYPES and not x.requires_grad
+def _mixed(logits, x, mu, logvar) -> bool:
+    """bfloat16 logits (autocast's decoder output) with float32 x, mu and logvar."""
+    return (isinstance(logits, torch.Tensor) and logits.dtype == torch.bfloat16
+            and all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in (x, mu, logvar)))
+
+
+def _one_pass_ok(logits, x, mu, logvar) -> bool:
+    """Where the one-pass path applies: CPU inputs of one float32/float64 dtype, or bfloat16 logits with
+    float32 x, mu and logvar (NOTE: [bfloat16 logits] in csrc/cpu/kernels.cpp); x not differentiated,
+    gradients wanted, a non-empty batch."""
+    return (torch.is_grad_enabled() and all(isinstance(t, torch.Tensor) for t in (logits, x, mu, logvar))
+            and logits.is_cpu and not x.requires_grad
             and (logits.requires_grad or mu.requires_grad or logvar.requires_grad)
-            and x.dtype == logits.dtype == mu.dtype == logvar.dtype and mu.numel() > 0 and logits.numel() > 0):
+            and ((logits.dtype in _ONE_PASS_DTYPES and x.dtype == logits.dtype == mu.dtype == logvar.dtype)
+                 or _mixed(logits, x, mu, logvar))
+            and mu.numel() > 0 and logits.numel() > 0)
+
+
+def _eager(logits, x, mu, logvar):
+    """The one-pass path where it applies (``_one_pass_ok``), else the plain direct path."""
+    if _one_pass_ok(logits, x, mu, logvar):
         return _OnePass.apply(logits, x, mu, logvar)
     return _two_pass(logits, x, mu, logvar)
 
@@ -224,7 +253,13 @@ def bernoulli_elbo(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logv
         x: broadcastable to ``[*B, D]``.
         mu: ``[*B, Z]`` posterior mean; logvar: ``[*B, Z]`` posterior log-variance. Prior N(0, I).
 
+        bfloat16 logits with float32 ``x``, ``mu`` and ``logvar`` (what a decoder under CPU autocast
+        gives) are computed in float32: on the CPU eager path read as they are, elsewhere widened first;
+        the logits gradient comes back in bfloat16 either way.
+
     Returns:
         ``[*B]`` tensor: mean_l log p(x | z_l) - KL(q(z|x) || p(z)).
     """
+    if _mixed(logits, x, mu, logvar) and not (eager_ok(logits, x, mu, logvar) and _one_pass_ok(logits, x, mu, logvar)):
+        logits = logits.float()
     return call(_OP, logits, x, mu, logvar)
