@@ -45,6 +45,27 @@ TOL = {
 # Event shapes: 1 element, odd, the paper's 784, 1000+7; plus leading batch/sample dims.
 SHAPES = [(1,), (3,), (5, 1), (2, 1007), (4, 784), (2, 3, 5)]
 
+# (logits shape, x shape) of the (logits, x) ops: x shared over a leading sample dim, per-feature, broadcast
+# middle dims, and x with more dims than the logits.
+LOGITS_X_BROADCASTS = [
+    ((4, 3, 7), (3, 7)),
+    ((4, 3, 7), (7,)),
+    ((4, 3, 7), (4, 1, 7)),
+    ((2, 5, 784), (5, 784)),
+    ((3, 7), (4, 3, 7)),
+    ((1, 3, 1007), (2, 1, 1007)),
+]
+
+# Activations in float64 for oracles of linear_act: softplus as logaddexp(t, 0), not F.softplus, whose default
+# threshold=20 returns t (and derivative 1) above 20, 2e-9 off.
+EXACT_ACTIVATIONS = {
+    "identity": lambda t: t,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "softplus": lambda t: torch.logaddexp(t, torch.zeros_like(t)),
+}
+
 ARCHS = pyvae._C.cpu_archs()
 
 
@@ -188,6 +209,23 @@ def assert_archs_agree(results, expected, dtype):
             eps = torch.finfo(dtype).eps  # a few ulps of the result's scale
             torch.testing.assert_close(r, f, rtol=8 * eps, atol=8 * eps * f.abs().max().item(), equal_nan=True,
                                        msg=lambda m: f"{name} vs {ARCHS[-1]}: {m}")
+
+
+@pytest.fixture
+def tuning(tmp_path, monkeypatch):
+    """Measuring routes on (PYVAE_TUNE=auto), into a private cache, never judged busy; this process's
+    layer and row-op routes forgotten before and after (NOTE: [Measured routes] in pyvae/_tune.py)."""
+    from pyvae import _tune
+    from pyvae.ops import forget_routes
+
+    monkeypatch.setenv("PYVAE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PYVAE_TUNE", "auto")
+    monkeypatch.setattr(_tune, "_busy", lambda: False)
+    _tune.reset_for_tests()
+    forget_routes()
+    yield tmp_path
+    _tune.reset_for_tests()
+    forget_routes()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from torch.distributions import Bernoulli, Independent
 
 import pyvae
 from pyvae import reference
-from conftest import (DEVICES, DEVICE_DTYPES, HALF_DTYPES, PATHS, SHAPES, assert_archs_agree, assert_close,
+from conftest import (LOGITS_X_BROADCASTS, DEVICES, DEVICE_DTYPES, HALF_DTYPES, PATHS, SHAPES, assert_archs_agree, assert_close,
                       assert_double_backward_raises, check_op, grads, make, op_path, per_arch, ref)
 
 
@@ -39,20 +39,8 @@ def test_matches_torch_distributions(device, dtype, shape, x_kind, path):
     assert out.shape == shape[:-1] and out.device.type == device
 
 
-# (logits shape, x shape): x shared over a leading sample dim, per-feature, broadcast middle dims,
-# and x with more dims than the logits.
-BROADCASTS = [
-    ((4, 3, 7), (3, 7)),
-    ((4, 3, 7), (7,)),
-    ((4, 3, 7), (4, 1, 7)),
-    ((2, 5, 784), (5, 784)),
-    ((3, 7), (4, 3, 7)),
-    ((1, 3, 1007), (2, 1, 1007)),
-]
-
-
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("shapes", BROADCASTS, ids=str)
+@pytest.mark.parametrize("shapes", LOGITS_X_BROADCASTS, ids=str)
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_broadcast_sample_dims(device, dtype, shapes, path):
     logits = make(*shapes[0], dtype=dtype, device=device, scale=3.0, seed=1, grad=True)

@@ -34,7 +34,7 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.database import DirectoryBasedExampleDatabase  # noqa: E402
 
 import pyvae  # noqa: E402
-from conftest import TOL, check_path, op_path  # noqa: E402
+from conftest import EXACT_ACTIVATIONS, TOL, check_path, op_path  # noqa: E402
 
 # ----------------------------------------------------------------------------------- profiles
 _DB = DirectoryBasedExampleDatabase(os.path.join(os.path.dirname(__file__), ".hypothesis", "examples"))
@@ -550,14 +550,7 @@ def test_reparameterize(data, dtype, path):
 
 
 # -------------------------------------------------------------------------------- linear_act
-ACTS = {
-    "identity": lambda t: t,
-    "relu": torch.relu,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    # not F.softplus: its default threshold=20 returns x (and derivative 1) above 20, 2e-9 off
-    "softplus": lambda t: torch.logaddexp(t, torch.zeros_like(t)),
-}
+ACTS = EXACT_ACTIVATIONS
 
 
 def _act_d2(act, pre):

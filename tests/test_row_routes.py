@@ -15,16 +15,6 @@ _rowwise = importlib.import_module("pyvae.ops._rowwise")
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-4), torch.float64: dict(rtol=1e-12, atol=1e-10)}
 
 
-@pytest.fixture
-def tuning(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYVAE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("PYVAE_TUNE", "auto")
-    monkeypatch.setattr(_tune, "_busy", lambda: False)
-    _tune.reset_for_tests()
-    forget_routes()
-    yield tmp_path
-    _tune.reset_for_tests()
-    forget_routes()
 
 
 def _winner(monkeypatch, winner):

@@ -13,19 +13,9 @@ import torch.nn.functional as F
 
 from pyvae import _tune
 from pyvae.ops import linear_act
-from pyvae.ops.linear_act import ROUTES, forget_routes
+from pyvae.ops.linear_act import ROUTES
 
 
-@pytest.fixture
-def tuning(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYVAE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("PYVAE_TUNE", "auto")
-    monkeypatch.setattr(_tune, "_busy", lambda: False)
-    _tune.reset_for_tests()
-    forget_routes()
-    yield tmp_path
-    _tune.reset_for_tests()
-    forget_routes()
 
 
 def _fake_measure(winner):
