@@ -114,7 +114,7 @@ void def_rowwise(py::module_& m, const char* name, RowwiseFn cpu::KernelTable::*
         if (rows == 0) return;
         launch(device, cpu_fn, cuda_fn, p);
       },
-      py::kw_only(), py::arg("device"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("cols2"),
+      py::arg("device"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("cols2"),
       py::arg("samples"), py::arg("a"), py::arg("a_mod"), py::arg("b"), py::arg("b_mod"), py::arg("c"),
       py::arg("c_mod"), py::arg("d"), py::arg("d_mod"), py::arg("grad_out"), py::arg("out"), py::arg("grad_a"),
       py::arg("grad_b"), py::arg("grad_c"), py::arg("grad_d"), py::arg("stream"), py::arg("device_index"),
@@ -150,7 +150,7 @@ void def_reparam(py::module_& m, const char* name, ReparamFn cpu::KernelTable::*
         if (numel == 0 || samples == 0) return;
         launch(device, cpu_fn, cuda_fn, p);
       },
-      py::kw_only(), py::arg("device"), py::arg("dtype"), py::arg("numel"), py::arg("samples"), py::arg("mu"),
+      py::arg("device"), py::arg("dtype"), py::arg("numel"), py::arg("samples"), py::arg("mu"),
       py::arg("logvar"), py::arg("grad_out"), py::arg("z"), py::arg("grad_mu"), py::arg("grad_logvar"),
       py::arg("seed"), py::arg("offset"), py::arg("seed_ptr"), py::arg("stream"), py::arg("device_index"),
       py::call_guard<py::gil_scoped_release>());

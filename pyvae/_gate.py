@@ -15,6 +15,7 @@ defined once in C++ (NOTE: [Codes are defined here] in csrc/bindings.cpp) and re
 """
 from __future__ import annotations
 
+import re
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -23,7 +24,7 @@ from . import _C
 
 __all__ = [
     "ACTIVATIONS", "DTYPE_CODES", "NORMALS_PER_COUNTER", "cuda_built", "cublaslt_built", "kernel_dtype", "check_device",
-    "stream", "rowwise", "gather_binarize", "reparameterize_fwd", "reparameterize_bwd", "bias_act_fwd", "act_bwd",
+    "stream", "rowwise", "prepare_rowwise", "RowCall", "gather_binarize", "reparameterize_fwd", "reparameterize_bwd", "bias_act_fwd", "act_bwd",
     "act_bwd_workspace",
     "act_bwd_workspace_bytes", "device_index", "cublaslt_linear", "CUDA_KERNEL_DTYPES",
 ]
@@ -129,22 +130,59 @@ _ROWWISE = {
 }
 
 
-def rowwise(op: str, direction: str, *, dtype: torch.dtype, device: torch.device, rows: int, cols: int,
-            operands: Sequence[Optional[Tuple[torch.Tensor, int]]], cols2: int = 0, samples: int = 1,
-            out: Optional[torch.Tensor] = None, grad_out: Optional[torch.Tensor] = None,
-            grads: Sequence[Optional[torch.Tensor]] = (), logits_dtype: Optional[torch.dtype] = None) -> None:
-    """Runs ``<op>_fwd`` (``direction="fwd"``: writes ``out [rows]``) or ``<op>_bwd`` (``"bwd"``: reads
-    ``grad_out [rows]``, writes the requested ``grads``). ``operands``: up to four ``(tensor, mod)``
-    pairs, a ``[mod, width]`` block each. ``logits_dtype=torch.bfloat16`` (the fused ELBO's CPU forward,
-    ``dtype`` float32): operand a and grad_a are bfloat16 (NOTE: [bfloat16 logits] in csrc/cpu/kernels.cpp)."""
+def _arg_order(fn) -> Tuple[str, ...]:
+    """The parameter names of binding ``fn`` in order, as pybind11 writes them into its signature (the
+    names each binding declares with ``py::arg``)."""
+    head = fn.__doc__.split("->")[0]
+    return tuple(re.findall(r"(\w+):", head[head.index("(") + 1:]))
+
+
+# NOTE: [Prepared kernel calls]
+# At the paper's batch a row op's kernel runs in about a microsecond, and building and checking its call
+# here took ~12 us (22 keyword arguments parsed by pybind11 alone: ~4 us). A prepared call splits the
+# work: ``prepare_rowwise`` checks once what does not change between calls of one shape (op, direction,
+# sizes, operand row counts, dtype and device codes, which operands and gradients take part) and fixes
+# the binding's argument list, with the names mapped to positions by the binding's own signature
+# (``_arg_order``), so nothing depends on a hand-written order. Each call then checks only the tensors
+# (dtype, element count, contiguity, device, as ``_ptr`` does) and passes their pointers in that list:
+# ~0.3 us a tensor and one positional call (~2 us with the kernel). ``rowwise`` is a prepared call made
+# and used once, so both ways run the same checks.
+class RowCall:
+    """A row kernel call prepared by ``prepare_rowwise``: ``call(*tensors)`` with the tensors in the order
+    of ``slots`` (present operands a..d, then ``out`` or ``grad_out``, then the requested gradients)."""
+
+    __slots__ = ("kernel", "fn", "template", "slots")
+
+    def __init__(self, kernel, fn, template, slots):
+        self.kernel, self.fn, self.template, self.slots = kernel, fn, template, slots
+
+    def __call__(self, *tensors) -> None:
+        if len(tensors) != len(self.slots):
+            raise RuntimeError(f"pyvae._gate.{self.kernel}: {len(self.slots)} tensors expected "
+                               f"({', '.join(s[0] for s in self.slots)}), got {len(tensors)}")
+        args = list(self.template)
+        for t, (name, pos, dtype, device, numel) in zip(tensors, self.slots):
+            if type(t) is not torch.Tensor and not isinstance(t, torch.Tensor) or t.dtype != dtype \
+                    or t.numel() != numel or not t.is_contiguous() or t.device != device:
+                _fail(self.kernel, name, t, f"a contiguous {dtype} tensor of {numel} elements on {device}")
+            args[pos] = t.data_ptr()
+        self.fn(*args)
+
+
+def prepare_rowwise(op: str, direction: str, *, dtype: torch.dtype, device: torch.device, rows: int, cols: int,
+                    mods: Sequence[Optional[int]], grads: Sequence[bool] = (), grad_out: bool = False,
+                    cols2: int = 0, samples: int = 1, logits_dtype: Optional[torch.dtype] = None) -> RowCall:
+    """Checks and prepares a call of ``<op>_fwd`` / ``<op>_bwd`` (see ``rowwise``; NOTE: [Prepared kernel
+    calls]). ``mods``: the row count of each present operand a..d (None: absent); ``grads``: which of
+    grad_a..d are written; ``grad_out``: whether a forward reads an expected upstream gradient."""
     kernel = f"{op}_{direction}"
     required = _ROWWISE[op]
     elbo = op == "bernoulli_elbo"
-    ops_ = list(operands) + [None] * (4 - len(operands))
-    grads_ = list(grads) + [None] * (4 - len(grads))
-    if len(ops_) != 4 or len(grads_) != 4 or direction not in ("fwd", "bwd"):
+    mods_ = list(mods) + [None] * (4 - len(mods))
+    grads_ = [bool(g) for g in grads] + [False] * (4 - len(grads))
+    if len(mods_) != 4 or len(grads_) != 4 or direction not in ("fwd", "bwd"):
         raise RuntimeError(f"pyvae._gate.{kernel}: at most 4 operands and 4 gradients")
-    if (ops_[2] is None) != (ops_[3] is None) and op == "gaussian_kl":
+    if (mods_[2] is None) != (mods_[3] is None) and op == "gaussian_kl":
         raise RuntimeError(f"pyvae._gate.{kernel}: the prior's mean and log-variance come together")
     dev = _device_code(kernel, device)
     code = _dtype_code(kernel, dtype, device, ROWWISE_DTYPES)
@@ -157,50 +195,90 @@ def rowwise(op: str, direction: str, *, dtype: torch.dtype, device: torch.device
         code, a_dtype = DTYPE_CODES[torch.bfloat16], torch.bfloat16
     if rows < 0 or cols < 0 or cols2 < 0 or samples < 1:
         raise RuntimeError(f"pyvae._gate.{kernel}: bad sizes rows={rows} cols={cols} cols2={cols2} samples={samples}")
-    args = {}
-    for i, (letter, o) in enumerate(zip("abcd", ops_)):
+    fn = getattr(_C, kernel)
+    order = _ARGS.get(kernel)
+    if order is None:
+        order = _ARGS[kernel] = _arg_order(fn)
+    pos = {n: i for i, n in enumerate(order)}
+    template = [0] * len(order)
+    for name, v in (("device", dev), ("dtype", code), ("rows", rows), ("cols", cols), ("cols2", cols2),
+                    ("samples", samples), ("stream", stream(device)), ("device_index", device_index(device))):
+        template[pos[name]] = v
+    slots = []
+    for i, (letter, mod) in enumerate(zip("abcd", mods_)):
         width = cols2 if (elbo and i >= 2) else cols
-        if o is None:
+        if mod is None:
             if i < required:
                 _fail(kernel, letter, None, "a tensor")
-            args[letter], args[letter + "_mod"] = 0, 1
+            template[pos[letter + "_mod"]] = 1
             continue
-        t, mod = o
         exact = (samples * rows) if (elbo and i == 0) else (rows if (elbo and i >= 2) else None)
         if type(mod) is not int or mod < 1 or (exact is not None and mod != exact):
             raise RuntimeError(f"pyvae._gate.{kernel}: operand {letter} has {mod!r} rows; expected "
                                f"{exact if exact is not None else 'an int >= 1'}")
-        args[letter] = _ptr(kernel, letter, t, a_dtype if i == 0 else dtype, device, mod * width)
-        args[letter + "_mod"] = mod
+        template[pos[letter + "_mod"]] = mod
+        slots.append((letter, pos[letter], a_dtype if i == 0 else dtype, device, mod * width))
+    writes = any(grads_)
     if direction == "fwd":
-        args["out"] = _ptr(kernel, "out", out, dtype, device, rows)
+        slots.append(("out", pos["out"], dtype, device, rows))
         # NOTE: [ELBO in one pass] (csrc/cpu/kernels.cpp): the CPU forward of the fused ELBO can also write
         # the gradients of logits, mu and logvar for an expected upstream gradient ``grad_out [rows]``
         # (None: 1); no other forward writes gradients or reads an upstream gradient.
-        writes = any(g is not None for g in grads_)
-        if writes and not (elbo and device.type == "cpu" and grads_[1] is None):
+        if writes and not (elbo and device.type == "cpu" and not grads_[1]):
             raise RuntimeError(f"pyvae._gate.{kernel}: this forward writes no gradients")
-        if grad_out is not None and not writes:
+        if grad_out and not writes:
             raise RuntimeError(f"pyvae._gate.{kernel}: grad_out is read only by a forward that writes gradients")
-        args["grad_out"] = _ptr(kernel, "grad_out", grad_out, dtype, device, rows, optional=True)
+        if grad_out:
+            slots.append(("grad_out", pos["grad_out"], dtype, device, rows))
     else:
-        args["out"] = 0
-        args["grad_out"] = _ptr(kernel, "grad_out", grad_out, dtype, device, rows)
-    if direction == "bwd" or any(g is not None for g in grads_):
+        slots.append(("grad_out", pos["grad_out"], dtype, device, rows))
+    if direction == "bwd" or writes:
         for i, (letter, g) in enumerate(zip("abcd", grads_)):
-            if g is not None and ops_[i] is None:
-                _fail(kernel, "grad_" + letter, g, f"None (operand {letter} is absent)")
+            if not g:
+                continue
+            if mods_[i] is None:
+                raise RuntimeError(f"pyvae._gate.{kernel}: grad_{letter} must be None (operand {letter} is absent)")
             if elbo:
                 n = samples * rows * cols if i == 0 else (rows * cols if i == 1 else rows * cols2)
             else:
                 n = rows * cols
-            args["grad_" + letter] = _ptr(kernel, "grad_" + letter, g, a_dtype if i == 0 else dtype, device, n,
-                                          optional=True)
+            slots.append(("grad_" + letter, pos["grad_" + letter], a_dtype if i == 0 else dtype, device, n))
+    return RowCall(kernel, fn, tuple(template), tuple(slots))
+
+
+_ARGS: dict = {}
+
+
+def rowwise(op: str, direction: str, *, dtype: torch.dtype, device: torch.device, rows: int, cols: int,
+            operands: Sequence[Optional[Tuple[torch.Tensor, int]]], cols2: int = 0, samples: int = 1,
+            out: Optional[torch.Tensor] = None, grad_out: Optional[torch.Tensor] = None,
+            grads: Sequence[Optional[torch.Tensor]] = (), logits_dtype: Optional[torch.dtype] = None) -> None:
+    """Runs ``<op>_fwd`` (``direction="fwd"``: writes ``out [rows]``) or ``<op>_bwd`` (``"bwd"``: reads
+    ``grad_out [rows]``, writes the requested ``grads``). ``operands``: up to four ``(tensor, mod)``
+    pairs, a ``[mod, width]`` block each. ``logits_dtype=torch.bfloat16`` (the fused ELBO's CPU forward,
+    ``dtype`` float32): operand a and grad_a are bfloat16 (NOTE: [bfloat16 logits] in csrc/cpu/kernels.cpp)."""
+    kernel = f"{op}_{direction}"
+    if len(operands) > 4 or len(grads) > 4:
+        raise RuntimeError(f"pyvae._gate.{kernel}: at most 4 operands and 4 gradients")
+    for o in operands:
+        if o is not None and (not isinstance(o, tuple) or len(o) != 2):
+            raise RuntimeError(f"pyvae._gate.{kernel}: an operand is a (tensor, rows) pair, got {type(o).__name__}")
+    call = prepare_rowwise(op, direction, dtype=dtype, device=device, rows=rows, cols=cols,
+                           mods=[None if o is None else o[1] for o in operands],
+                           grads=[g is not None for g in grads], grad_out=grad_out is not None and direction == "fwd",
+                           cols2=cols2, samples=samples, logits_dtype=logits_dtype)
+    tensors = [o[0] for o in operands if o is not None]
+    if direction == "fwd":
+        tensors.append(out)
+        if grad_out is not None:
+            tensors.append(grad_out)
     else:
-        for letter in "abcd":
-            args["grad_" + letter] = 0
-    getattr(_C, kernel)(device=dev, dtype=code, rows=rows, cols=cols, cols2=cols2, samples=samples,
-                        stream=stream(device), device_index=device_index(device), **args)
+        tensors.append(grad_out)
+    tensors += [g for g in grads if g is not None]
+    for name, t in zip((s[0] for s in call.slots), tensors):
+        if t is None:
+            _fail(kernel, name, t, "a tensor")
+    call(*tensors)
 
 
 # ------------------------------------------------------------------------------ reparameterize

@@ -15,6 +15,10 @@ _rowwise = importlib.import_module("pyvae.ops._rowwise")
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-4), torch.float64: dict(rtol=1e-12, atol=1e-10)}
 
 
+def _kernel_ran(out):
+    """Whether ``out`` came from pyvae's kernel (an autograd.Function node: the general eager path's or NOTE:
+    [Lean row calls]'s) rather than torch's ops (torch's own nodes)."""
+    return type(out.grad_fn).__name__ in ("_FnBackward", "_LeanFnBackward")
 
 
 def _winner(monkeypatch, winner):
@@ -61,7 +65,7 @@ def test_torch_route_computes_the_op(tuning, monkeypatch, dtype, case):
         assert calls == [["pyvae", "torch"]], calls  # measured once, both candidates
         grads = torch.autograd.grad(out, leaves, torch.linspace(-1, 1, out.numel(), dtype=dtype).view(out.shape))
         # the route ran is the one chosen: torch's ops leave torch's autograd nodes, the kernel pyvae's
-        assert ("_Fn" in type(out.grad_fn).__name__) == (winner == "pyvae"), type(out.grad_fn).__name__
+        assert _kernel_ran(out) == (winner == "pyvae"), type(out.grad_fn).__name__
         results[winner] = (out, grads)
     (o_t, g_t), (o_p, g_p) = results["torch"], results["pyvae"]
     assert torch.isfinite(o_t).all() and all(torch.isfinite(g).all() for g in g_t)
@@ -85,11 +89,11 @@ def test_large_calls_and_fused_only_run_the_kernel(tuning, monkeypatch):
     n = _rowwise._MEASURE_MAX // 64 + 1
     logits = torch.randn(n, 64, requires_grad=True)
     out = pyvae.bernoulli_log_prob(logits, torch.zeros(n, 64))
-    assert calls == [] and "_Fn" in type(out.grad_fn).__name__
+    assert calls == [] and _kernel_ran(out)
     mu, lv = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
-    assert "_Fn" not in type(pyvae.gaussian_kl(mu, lv).grad_fn).__name__
+    assert not _kernel_ran(pyvae.gaussian_kl(mu, lv))
     with fused_only():
-        assert "_Fn" in type(pyvae.gaussian_kl(mu, lv).grad_fn).__name__
+        assert _kernel_ran(pyvae.gaussian_kl(mu, lv))
 
 
 def test_off_measures_nothing(tuning, monkeypatch):
@@ -98,7 +102,7 @@ def test_off_measures_nothing(tuning, monkeypatch):
     calls = _winner(monkeypatch, "torch")
     mu, lv = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
     out = pyvae.gaussian_kl(mu, lv)
-    assert calls == [] and "_Fn" in type(out.grad_fn).__name__
+    assert calls == [] and _kernel_ran(out)
     torch.testing.assert_close(out, reference.gaussian_kl(mu, lv))
 
 
@@ -109,5 +113,91 @@ def test_a_failing_candidate_falls_back_to_the_kernel(tuning, monkeypatch):
     monkeypatch.setattr(_tune, "measure", measure)
     mu, lv = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
     out = pyvae.gaussian_kl(mu, lv)
-    assert "_Fn" in type(out.grad_fn).__name__
+    assert _kernel_ran(out)
     torch.testing.assert_close(out, reference.gaussian_kl(mu, lv))
+
+
+# ----------------------------------------------------------------- NOTE: [Lean row calls]
+def _lean_cases(dtype):
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    bits = lambda *s: (torch.rand(*s, generator=g) < 0.5).to(dtype)  # noqa: E731
+    return {
+        "kl": (pyvae.gaussian_kl, [r(9, 5), r(9, 5) * 3], (0, 1)),
+        "kl_prior": (pyvae.gaussian_kl, [r(9, 5), r(9, 5), r(9, 5), r(9, 5)], (0, 1, 2, 3)),
+        "kl_logvar_only": (pyvae.gaussian_kl, [r(2, 9, 5), r(2, 9, 5)], (1,)),
+        "bernoulli": (pyvae.bernoulli_log_prob, [r(6, 11) * 4, bits(6, 11)], (0,)),
+        "bernoulli_1d": (pyvae.bernoulli_log_prob, [r(11) * 4, bits(11)], (0,)),
+        "cbernoulli": (pyvae.continuous_bernoulli_log_prob, [r(6, 11) * 4, torch.rand(6, 11, generator=g, dtype=dtype)],
+                       (0,)),
+        "gaussian": (pyvae.gaussian_log_prob, [r(6, 9), r(6, 9), r(6, 9)], (1, 2)),
+    }
+
+
+def _run(fn, args, need, upstream):
+    leaves = [a.clone().requires_grad_(i in need) for i, a in enumerate(args)]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, [leaves[i] for i in need], upstream(out))
+    return out, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", list(_lean_cases(torch.float32)))
+@pytest.mark.parametrize("upstream", ["dense", "expanded"])
+def test_lean_calls_match_the_general_path_bit_for_bit(dtype, case, upstream, monkeypatch):
+    """The lean path runs for same-shape contiguous inputs and gives exactly the general path's values and
+    gradients, for a dense upstream gradient and an expanded one (``out.sum().backward()``'s, stride 0)."""
+    monkeypatch.setenv("PYVAE_TUNE", "off")  # the kernel route, without measuring
+    _tune.reset_for_tests()
+    forget_routes()
+    fn, args, need = _lean_cases(dtype)[case]
+    up = ((lambda o: torch.linspace(-2, 1, o.numel(), dtype=dtype).view(o.shape)) if upstream == "dense"
+          else (lambda o: torch.tensor(0.75, dtype=dtype).expand(o.shape)))
+    lean_out, lean_grads = _run(fn, args, need, up)
+    assert type(lean_out.grad_fn).__name__ == "_LeanFnBackward"
+    monkeypatch.setattr(_rowwise._LeanRow, "eligible", staticmethod(lambda tensors: False))
+    forget_routes()
+    out, grads = _run(fn, args, need, up)
+    assert type(out.grad_fn).__name__ == "_FnBackward"  # the general path this time
+    assert torch.equal(lean_out, out)
+    for a, b in zip(lean_grads, grads):
+        assert torch.equal(a, b)
+    with torch.no_grad():  # the lean forward without autograd
+        forget_routes()
+        monkeypatch.undo()
+        monkeypatch.setenv("PYVAE_TUNE", "off")
+        _tune.reset_for_tests()
+        assert torch.equal(fn(*args), out.detach())
+
+
+def test_lean_calls_are_not_taken_for_broadcast_or_strided_inputs(monkeypatch):
+    monkeypatch.setenv("PYVAE_TUNE", "off")
+    _tune.reset_for_tests()
+    forget_routes()
+    mu = torch.randn(8, 4, requires_grad=True)
+    lv = torch.randn(4, 8).t().requires_grad_()  # not contiguous
+    assert type(pyvae.gaussian_kl(mu, lv).grad_fn).__name__ == "_FnBackward"
+    torch.testing.assert_close(pyvae.gaussian_kl(mu, lv), reference.gaussian_kl(mu, lv))
+    lv1 = torch.randn(4, requires_grad=True)  # broadcast
+    assert type(pyvae.gaussian_kl(mu, lv1).grad_fn).__name__ == "_FnBackward"
+    torch.testing.assert_close(pyvae.gaussian_kl(mu, lv1), reference.gaussian_kl(mu, lv1))
+    lv2 = torch.randn(8, 4, requires_grad=True)
+    assert type(pyvae.gaussian_kl(mu, lv2).grad_fn).__name__ == "_LeanFnBackward"
+
+
+def test_lean_calls_refuse_double_backward_and_see_inplace_changes(monkeypatch):
+    monkeypatch.setenv("PYVAE_TUNE", "off")
+    _tune.reset_for_tests()
+    forget_routes()
+    mu, lv = torch.randn(5, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    out = pyvae.gaussian_kl(mu, lv)
+    assert type(out.grad_fn).__name__ == "_LeanFnBackward"
+    (g,) = torch.autograd.grad(out.sum(), mu, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        g.sum().backward()
+    a = torch.randn(5, 3, requires_grad=True)
+    b = a * 1.0
+    out = pyvae.gaussian_kl(b, lv)
+    b.add_(1.0)  # modifies a saved input: autograd must notice
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
