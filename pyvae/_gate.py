@@ -24,7 +24,7 @@ from . import _C
 
 __all__ = [
     "ACTIVATIONS", "DTYPE_CODES", "NORMALS_PER_COUNTER", "cuda_built", "cublaslt_built", "kernel_dtype", "check_device",
-    "stream", "rowwise", "prepare_rowwise", "RowCall", "gather_binarize", "reparameterize_fwd", "reparameterize_bwd", "bias_act_fwd", "act_bwd",
+    "stream", "rowwise", "prepare_rowwise", "prepare_reparameterize", "KernelCall", "gather_binarize", "reparameterize_fwd", "reparameterize_bwd", "bias_act_fwd", "act_bwd",
     "act_bwd_workspace",
     "act_bwd_workspace_bytes", "device_index", "cublaslt_linear", "CUDA_KERNEL_DTYPES",
 ]
@@ -147,31 +147,52 @@ def _arg_order(fn) -> Tuple[str, ...]:
 # (dtype, element count, contiguity, device, as ``_ptr`` does) and passes their pointers in that list:
 # ~0.3 us a tensor and one positional call (~2 us with the kernel). ``rowwise`` is a prepared call made
 # and used once, so both ways run the same checks.
-class RowCall:
-    """A row kernel call prepared by ``prepare_rowwise``: ``call(*tensors)`` with the tensors in the order
-    of ``slots`` (present operands a..d, then ``out`` or ``grad_out``, then the requested gradients)."""
+class KernelCall:
+    """A kernel call prepared by ``prepare_rowwise`` / ``prepare_reparameterize``: ``call(*tensors,
+    *values)`` with the tensors in the order of ``slots`` (name, position, dtype, device, element count)
+    and then one int for each name in ``values`` (the reparameterize kernels' seed and offset)."""
 
-    __slots__ = ("kernel", "fn", "template", "slots")
+    __slots__ = ("kernel", "fn", "template", "slots", "values")
 
-    def __init__(self, kernel, fn, template, slots):
-        self.kernel, self.fn, self.template, self.slots = kernel, fn, template, slots
+    def __init__(self, kernel, fn, template, slots, values=()):
+        self.kernel, self.fn, self.template, self.slots, self.values = kernel, fn, template, slots, values
 
-    def __call__(self, *tensors) -> None:
-        if len(tensors) != len(self.slots):
-            raise RuntimeError(f"pyvae._gate.{self.kernel}: {len(self.slots)} tensors expected "
-                               f"({', '.join(s[0] for s in self.slots)}), got {len(tensors)}")
-        args = list(self.template)
-        for t, (name, pos, dtype, device, numel) in zip(tensors, self.slots):
+    def __call__(self, *args) -> None:
+        n = len(self.slots)
+        if len(args) != n + len(self.values):
+            raise RuntimeError(f"pyvae._gate.{self.kernel}: {n} tensors "
+                               f"({', '.join(s[0] for s in self.slots)}) and {len(self.values)} ints expected, "
+                               f"got {len(args)} arguments")
+        call = list(self.template)
+        for t, (name, pos, dtype, device, numel) in zip(args, self.slots):
             if type(t) is not torch.Tensor and not isinstance(t, torch.Tensor) or t.dtype != dtype \
                     or t.numel() != numel or not t.is_contiguous() or t.device != device:
                 _fail(self.kernel, name, t, f"a contiguous {dtype} tensor of {numel} elements on {device}")
-            args[pos] = t.data_ptr()
-        self.fn(*args)
+            call[pos] = t.data_ptr()
+        for v, pos in zip(args[n:], self.values):
+            if type(v) is not int:
+                raise RuntimeError(f"pyvae._gate.{self.kernel}: an int expected, got {type(v).__name__}")
+            call[pos] = v
+        self.fn(*call)
+
+
+def _template(kernel: str, fixed: dict):
+    """The binding of ``kernel``, a position for each of its argument names, and its argument list with
+    ``fixed`` filled in (0 elsewhere: a null pointer or a zero size)."""
+    fn = getattr(_C, kernel)
+    order = _ARGS.get(kernel)
+    if order is None:
+        order = _ARGS[kernel] = _arg_order(fn)
+    pos = {n: i for i, n in enumerate(order)}
+    template = [0] * len(order)
+    for name, v in fixed.items():
+        template[pos[name]] = v
+    return fn, pos, template
 
 
 def prepare_rowwise(op: str, direction: str, *, dtype: torch.dtype, device: torch.device, rows: int, cols: int,
                     mods: Sequence[Optional[int]], grads: Sequence[bool] = (), grad_out: bool = False,
-                    cols2: int = 0, samples: int = 1, logits_dtype: Optional[torch.dtype] = None) -> RowCall:
+                    cols2: int = 0, samples: int = 1, logits_dtype: Optional[torch.dtype] = None) -> KernelCall:
     """Checks and prepares a call of ``<op>_fwd`` / ``<op>_bwd`` (see ``rowwise``; NOTE: [Prepared kernel
     calls]). ``mods``: the row count of each present operand a..d (None: absent); ``grads``: which of
     grad_a..d are written; ``grad_out``: whether a forward reads an expected upstream gradient."""
@@ -195,15 +216,9 @@ def prepare_rowwise(op: str, direction: str, *, dtype: torch.dtype, device: torc
         code, a_dtype = DTYPE_CODES[torch.bfloat16], torch.bfloat16
     if rows < 0 or cols < 0 or cols2 < 0 or samples < 1:
         raise RuntimeError(f"pyvae._gate.{kernel}: bad sizes rows={rows} cols={cols} cols2={cols2} samples={samples}")
-    fn = getattr(_C, kernel)
-    order = _ARGS.get(kernel)
-    if order is None:
-        order = _ARGS[kernel] = _arg_order(fn)
-    pos = {n: i for i, n in enumerate(order)}
-    template = [0] * len(order)
-    for name, v in (("device", dev), ("dtype", code), ("rows", rows), ("cols", cols), ("cols2", cols2),
-                    ("samples", samples), ("stream", stream(device)), ("device_index", device_index(device))):
-        template[pos[name]] = v
+    fn, pos, template = _template(kernel, dict(device=dev, dtype=code, rows=rows, cols=cols, cols2=cols2,
+                                               samples=samples, stream=stream(device),
+                                               device_index=device_index(device)))
     slots = []
     for i, (letter, mod) in enumerate(zip("abcd", mods_)):
         width = cols2 if (elbo and i >= 2) else cols
@@ -243,7 +258,7 @@ def prepare_rowwise(op: str, direction: str, *, dtype: torch.dtype, device: torc
             else:
                 n = rows * cols
             slots.append(("grad_" + letter, pos["grad_" + letter], a_dtype if i == 0 else dtype, device, n))
-    return RowCall(kernel, fn, tuple(template), tuple(slots))
+    return KernelCall(kernel, fn, tuple(template), tuple(slots))
 
 
 _ARGS: dict = {}
@@ -322,6 +337,30 @@ def reparameterize_bwd(*, logvar: torch.Tensor, grad_out: torch.Tensor, grad_mu:
         grad_logvar=_ptr(kernel, "grad_logvar", grad_logvar, dtype, device, n, optional=True),
         seed=seed, offset=offset, seed_ptr=_seed_ptr(kernel, seed_tensor, device), stream=stream(device),
         device_index=device_index(device))
+
+
+def prepare_reparameterize(direction: str, *, dtype: torch.dtype, device: torch.device, numel: int, samples: int,
+                           grads: Sequence[bool] = (False, False)) -> KernelCall:
+    """A prepared (NOTE: [Prepared kernel calls]) host-seeded CPU ``reparameterize_fwd`` (tensors mu, logvar,
+    z; then seed, offset) or ``reparameterize_bwd`` (logvar, grad_out, the requested grad_mu / grad_logvar;
+    then seed, offset). Draws seeded from device memory go through ``reparameterize_fwd`` / ``_bwd``."""
+    kernel = f"reparameterize_{direction}"
+    if direction not in ("fwd", "bwd") or device.type != "cpu":
+        raise RuntimeError(f"pyvae._gate.{kernel}: prepared calls are CPU forward or backward calls")
+    if numel < 1 or samples < 1:
+        raise RuntimeError(f"pyvae._gate.{kernel}: bad sizes numel={numel} samples={samples}")
+    fn, pos, template = _template(kernel, dict(
+        device=_device_code(kernel, device), dtype=_dtype_code(kernel, dtype, device, ROWWISE_DTYPES), numel=numel,
+        samples=samples))
+    if direction == "fwd":
+        names = (("mu", numel), ("logvar", numel), ("z", samples * numel))
+    else:
+        names = (("logvar", numel), ("grad_out", samples * numel)) + tuple(
+            (n, numel) for n, g in zip(("grad_mu", "grad_logvar"), grads) if g)
+        if not any(grads):
+            raise RuntimeError(f"pyvae._gate.{kernel}: a backward call writes grad_mu, grad_logvar or both")
+    slots = tuple((n, pos[n], dtype, device, k) for n, k in names)
+    return KernelCall(kernel, fn, tuple(template), slots, (pos["seed"], pos["offset"]))
 
 
 # ------------------------------------------------------------------------------ binarization

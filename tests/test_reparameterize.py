@@ -3,6 +3,7 @@
 eps is not torch.randn's, so values are checked against the formula with the op's own eps (read
 back by a draw with mu = 0, logvar = 0 from the same seed), and the distribution statistically.
 """
+import importlib
 import math
 
 import pytest
@@ -363,3 +364,59 @@ def test_one_input_needing_grad_gets_the_same_gradient(samples, which):
     k = 0 if which == "mu" else 1
     assert one[1 - k] is None
     assert torch.equal(one[k], both[k])
+
+
+# ------------------------------------------------------------ NOTE: [Lean reparameterize]
+_rp = importlib.import_module("pyvae.ops.reparameterize")
+
+
+def _draw(mu0, lv0, need, samples, generator_seed, upstream):
+    mu, lv = mu0.clone().requires_grad_(0 in need), lv0.clone().requires_grad_(1 in need)
+    gen = None
+    if generator_seed is None:
+        torch.manual_seed(11)
+    else:
+        gen = torch.Generator().manual_seed(generator_seed)
+    z = pyvae.reparameterize(mu, lv, samples=samples, generator=gen)
+    if not need:
+        return z, type(z.grad_fn).__name__ if z.grad_fn else None, ()
+    up = (torch.linspace(-1, 2, z.numel(), dtype=z.dtype).view(z.shape) if upstream == "dense"
+          else torch.tensor(0.5, dtype=z.dtype).expand(z.shape))
+    grads = torch.autograd.grad(z, [t for i, t in enumerate((mu, lv)) if i in need], up)
+    return z, type(z.grad_fn).__name__, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("need", [(0, 1), (0,), (1,), ()])
+@pytest.mark.parametrize("samples,generator_seed,upstream", [(None, None, "dense"), (3, 5, "dense"),
+                                                              (None, 7, "expanded"), (2, None, "expanded")])
+def test_lean_draws_match_the_general_path_bit_for_bit(monkeypatch, dtype, need, samples, generator_seed, upstream):
+    """The lean path (same-shape contiguous CPU inputs) draws the same seed from the same generator and runs
+    the same kernels: z and its gradients equal the general path's exactly."""
+    g = torch.Generator().manual_seed(1)
+    mu0, lv0 = torch.randn(7, 12, generator=g, dtype=dtype), torch.randn(7, 12, generator=g, dtype=dtype)
+    z, node, grads = _draw(mu0, lv0, need, samples, generator_seed, upstream)
+    assert node == ("_LeanDrawFnBackward" if need else None)
+    monkeypatch.setattr(_rp, "_lean", lambda *a: None)
+    z_ref, node_ref, grads_ref = _draw(mu0, lv0, need, samples, generator_seed, upstream)
+    assert node_ref == ("_FnBackward" if need else None)
+    assert torch.equal(z, z_ref)
+    for a, b in zip(grads, grads_ref):
+        assert torch.equal(a, b)
+
+
+def test_lean_draws_are_not_taken_for_broadcast_or_strided_inputs():
+    mu = torch.randn(6, 4, requires_grad=True)
+    assert type(pyvae.reparameterize(mu, torch.randn(4, 6).t()).grad_fn).__name__ == "_FnBackward"
+    assert type(pyvae.reparameterize(mu, torch.randn(4)).grad_fn).__name__ == "_FnBackward"
+    assert type(pyvae.reparameterize(mu, torch.randn(6, 4)).grad_fn).__name__ == "_LeanDrawFnBackward"
+
+
+@pytest.mark.parametrize("need", [(0,), (1,)])
+def test_lean_draws_refuse_double_backward(need):
+    mu, lv = torch.randn(5, 4, requires_grad=0 in need), torch.randn(5, 4, requires_grad=1 in need)
+    z = pyvae.reparameterize(mu, lv)
+    assert type(z.grad_fn).__name__ == "_LeanDrawFnBackward"
+    (g,) = torch.autograd.grad((z * z).sum(), mu if need == (0,) else lv, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        g.sum().backward()
