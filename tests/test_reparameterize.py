@@ -405,18 +405,37 @@ def test_lean_draws_match_the_general_path_bit_for_bit(monkeypatch, dtype, need,
         assert torch.equal(a, b)
 
 
-def test_lean_draws_are_not_taken_for_broadcast_or_strided_inputs():
-    mu = torch.randn(6, 4, requires_grad=True)
-    assert type(pyvae.reparameterize(mu, torch.randn(4, 6).t()).grad_fn).__name__ == "_FnBackward"
-    assert type(pyvae.reparameterize(mu, torch.randn(4)).grad_fn).__name__ == "_FnBackward"
-    assert type(pyvae.reparameterize(mu, torch.randn(6, 4)).grad_fn).__name__ == "_LeanDrawFnBackward"
+def test_lean_draws_take_strided_views_but_not_broadcasts(monkeypatch):
+    h = torch.randn(6, 8, requires_grad=True)
+
+    def draw():
+        torch.manual_seed(4)
+        z = pyvae.reparameterize(h[:, :4], h[:, 4:])  # GaussianHead's layout: column slices of one output
+        return z, torch.autograd.grad(z, h, torch.linspace(-1, 1, 24).view(6, 4))[0]
+
+    z, g = draw()
+    assert type(z.grad_fn).__name__ == "_LeanDrawFnBackward"
+    monkeypatch.setattr(_rp, "_lean", lambda *a: None)
+    z_ref, g_ref = draw()
+    assert type(z_ref.grad_fn).__name__ == "_FnBackward"
+    assert torch.equal(z, z_ref) and torch.equal(g, g_ref)
+    monkeypatch.undo()
+    assert type(pyvae.reparameterize(h[:, :4], torch.randn(4)).grad_fn).__name__ == "_FnBackward"
 
 
 @pytest.mark.parametrize("need", [(0,), (1,)])
-def test_lean_draws_refuse_double_backward(need):
-    mu, lv = torch.randn(5, 4, requires_grad=0 in need), torch.randn(5, 4, requires_grad=1 in need)
+@pytest.mark.parametrize("strided", [False, True])
+def test_lean_draws_refuse_double_backward(need, strided):
+    base = torch.randn(5, 8 if strided else 4)
+    mu = (base[:, :4] if strided else base).clone().requires_grad_(0 in need) if not strided else None
+    if strided:
+        h = base.requires_grad_()
+        mu, lv, wrt = (h[:, :4], h[:, 4:].detach(), h) if need == (0,) else (h[:, :4].detach(), h[:, 4:], h)
+    else:
+        mu, lv = base.clone().requires_grad_(0 in need), torch.randn(5, 4, requires_grad=1 in need)
+        wrt = mu if need == (0,) else lv
     z = pyvae.reparameterize(mu, lv)
     assert type(z.grad_fn).__name__ == "_LeanDrawFnBackward"
-    (g,) = torch.autograd.grad((z * z).sum(), mu if need == (0,) else lv, create_graph=True)
+    (g,) = torch.autograd.grad((z * z).sum(), wrt, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward is not supported"):
         g.sum().backward()

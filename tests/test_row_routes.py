@@ -170,19 +170,32 @@ def test_lean_calls_match_the_general_path_bit_for_bit(dtype, case, upstream, mo
         assert torch.equal(fn(*args), out.detach())
 
 
-def test_lean_calls_are_not_taken_for_broadcast_or_strided_inputs(monkeypatch):
+def test_lean_calls_take_strided_views_but_not_broadcasts(monkeypatch):
+    """Strided views (GaussianHead's mu and logvar are column slices of one output) take the lean path,
+    copied for the kernel, with the general path's exact values and gradients; broadcasts do not take it."""
     monkeypatch.setenv("PYVAE_TUNE", "off")
     _tune.reset_for_tests()
     forget_routes()
-    mu = torch.randn(8, 4, requires_grad=True)
-    lv = torch.randn(4, 8).t().requires_grad_()  # not contiguous
-    assert type(pyvae.gaussian_kl(mu, lv).grad_fn).__name__ == "_FnBackward"
-    torch.testing.assert_close(pyvae.gaussian_kl(mu, lv), reference.gaussian_kl(mu, lv))
-    lv1 = torch.randn(4, requires_grad=True)  # broadcast
+    h = torch.randn(8, 10, requires_grad=True)
+
+    def kl_of_views():
+        out = pyvae.gaussian_kl(h[:, :5], h[:, 5:])
+        return out, torch.autograd.grad(out, h, torch.linspace(-1, 1, 8))[0]
+
+    out, grad = kl_of_views()
+    assert type(out.grad_fn).__name__ == "_LeanFnBackward"
+    monkeypatch.setattr(_rowwise._LeanRow, "eligible", staticmethod(lambda tensors: False))
+    forget_routes()
+    out_ref, grad_ref = kl_of_views()
+    assert type(out_ref.grad_fn).__name__ == "_FnBackward"
+    assert torch.equal(out, out_ref) and torch.equal(grad, grad_ref)
+    monkeypatch.undo()
+    monkeypatch.setenv("PYVAE_TUNE", "off")
+    _tune.reset_for_tests()
+    forget_routes()
+    mu, lv1 = torch.randn(8, 4, requires_grad=True), torch.randn(4, requires_grad=True)  # a broadcast
     assert type(pyvae.gaussian_kl(mu, lv1).grad_fn).__name__ == "_FnBackward"
     torch.testing.assert_close(pyvae.gaussian_kl(mu, lv1), reference.gaussian_kl(mu, lv1))
-    lv2 = torch.randn(8, 4, requires_grad=True)
-    assert type(pyvae.gaussian_kl(mu, lv2).grad_fn).__name__ == "_LeanFnBackward"
 
 
 def test_lean_calls_refuse_double_backward_and_see_inplace_changes(monkeypatch):
@@ -190,11 +203,13 @@ def test_lean_calls_refuse_double_backward_and_see_inplace_changes(monkeypatch):
     _tune.reset_for_tests()
     forget_routes()
     mu, lv = torch.randn(5, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
-    out = pyvae.gaussian_kl(mu, lv)
-    assert type(out.grad_fn).__name__ == "_LeanFnBackward"
-    (g,) = torch.autograd.grad(out.sum(), mu, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward is not supported"):
-        g.sum().backward()
+    h = torch.randn(5, 6, requires_grad=True)
+    for args, wrt in (((mu, lv), mu), ((h[:, :3], h[:, 3:]), h)):  # saved inputs, and saved copies of views
+        out = pyvae.gaussian_kl(*args)
+        assert type(out.grad_fn).__name__ == "_LeanFnBackward"
+        (g,) = torch.autograd.grad(out.sum(), wrt, create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward is not supported"):
+            g.sum().backward()
     a = torch.randn(5, 3, requires_grad=True)
     b = a * 1.0
     out = pyvae.gaussian_kl(b, lv)

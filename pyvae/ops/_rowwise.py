@@ -161,7 +161,7 @@ def _measure_row_route(name, key, direct, ref, args, n_tensors, train) -> str:
 # path of gaussian_kl at B=100, Z=20 cost ~119 us (eager torch: ~92 us), nearly all of it Python around a
 # kernel that runs in about a microsecond: planning the broadcast, checking, building the kernel's
 # arguments, in forward and again in backward. So the common case (every given tensor of one shape,
-# contiguous, float32/float64 on the CPU) is planned once per key of NOTE: [Row op routes] (which holds
+# float32/float64 on the CPU; a strided one is copied first, as the general path does) is planned once per key of NOTE: [Row op routes] (which holds
 # everything pyvae's checks look at): a _LeanRow keeps the two kernel calls prepared by the gate (NOTE:
 # [Prepared kernel calls] in pyvae/_gate.py) and which gradients backward writes, and a call only
 # allocates, passes pointers and runs the kernels. It runs the same kernels on the same operands as the
@@ -192,14 +192,20 @@ class _LeanRow:
         given = [t for t in tensors if t is not None]
         a = given[0]
         return (a.dim() >= 1 and a.numel() > 0 and a.shape[-1] > 0 and a.is_cpu and a.dtype in _PLAN_FAST
-                and all(t.shape == a.shape and t.dtype == a.dtype and t.is_cpu and t.is_contiguous() for t in given))
+                and all(t.shape == a.shape and t.dtype == a.dtype and t.is_cpu for t in given))
+
+    @staticmethod
+    def dense(tensors):
+        """The tensors the kernels read: strided ones (views such as GaussianHead's mu and logvar) copied."""
+        return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
     def forward(self, tensors) -> torch.Tensor:
         out = torch.empty(self.lead, dtype=self.dtype)
         self.fwd(*tensors, out)
         return out
 
-    def backward(self, grad: torch.Tensor, tensors):
+    def backward(self, grad: torch.Tensor, inputs):
+        tensors = self.dense(inputs)
         if grad.dtype != self.dtype:
             grad = grad.to(self.dtype)
         if not grad.is_contiguous():
@@ -207,22 +213,22 @@ class _LeanRow:
         grads = [torch.empty(self.shape, dtype=self.dtype) for m in self.mask if m]
         self.bwd(*tensors, grad, *grads)
         if torch.is_grad_enabled():  # NOTE: [No double backward]
-            grads = list(first_order_only(self.name, tuple(grads), tensors))
+            grads = list(first_order_only(self.name, tuple(grads), inputs))
         return tuple(grads.pop(0) if m else None for m in self.mask)
 
     def run(self, args, train: bool):
         tensors = [args[i] for i in self.present]
         if train:
             return _LeanFn.apply(self, *tensors)
-        return self.forward(tensors)
+        return self.forward(self.dense(tensors))
 
 
 class _LeanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lean, *tensors):
         ctx.lean = lean
-        ctx.save_for_backward(*tensors)
-        return lean.forward(tensors)
+        ctx.save_for_backward(*tensors)  # the inputs themselves (NOTE: [No double backward] needs their edges)
+        return lean.forward(lean.dense(tensors))
 
     @staticmethod
     def backward(ctx, grad):

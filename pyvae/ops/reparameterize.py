@@ -226,7 +226,8 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, samples: Optional[
 # As for the row ops (NOTE: [Lean row calls] in _rowwise.py): at the paper's batch the kernel runs in a
 # microsecond or two and the Python around it was most of the op (B=100, Z=20: 133 us forward + backward
 # against eager's 110, bench/RESULTS.md stop 10), including a host seed that went int -> tensor -> int. So
-# an eager CPU call with mu and logvar of one shape, contiguous, float32/float64, seeded from a CPU
+# an eager CPU call with mu and logvar of one shape, float32/float64 (strided ones copied first, as the
+# general path does), seeded from a CPU
 # generator, is planned once per key (everything the op's checks look at): the two kernel calls are
 # prepared by the gate and a call draws the seed as an int, allocates and runs the kernel. The seed is the
 # same draw from the same generator as the general path's and the kernels are the same, so z and its
@@ -250,7 +251,7 @@ def _lean(mu, logvar, samples: int, generator) -> Optional["_LeanDraw"]:
             return None
         _plan(mu, logvar, samples, _seed_tensor(0))  # the op's checks, once per key
         ok = (mu.dtype in (torch.float32, torch.float64) and logvar.dtype == mu.dtype and logvar.is_cpu
-              and mu.shape == logvar.shape and mu.numel() > 0 and mu.is_contiguous() and logvar.is_contiguous())
+              and mu.shape == logvar.shape and mu.numel() > 0)
         lean = _LEAN[k] = _LeanDraw(mu, logvar, samples, train) if ok else False
     if lean is False or not eager_ok(mu, logvar):
         return None
@@ -283,7 +284,7 @@ class _LeanDraw:
         if not grad.is_contiguous():
             grad = grad.contiguous()
         grads = [torch.empty(self.shape, dtype=self.dtype) for m in self.mask if m]
-        self.bwd(logvar, grad, *grads, seed, offset)
+        self.bwd(logvar.contiguous(), grad, *grads, seed, offset)
         if torch.is_grad_enabled():  # NOTE: [No double backward]
             grads = list(first_order_only(_OP, tuple(grads), (mu, logvar)))
         return tuple(grads.pop(0) if m else None for m in self.mask)
@@ -292,15 +293,16 @@ class _LeanDraw:
         """z for the draw (seed, offset): Philox counter words as the general path passes them."""
         if self.train:
             return _LeanDrawFn.apply(self, (seed, offset), mu, logvar)
-        return self.forward(mu, logvar, seed, offset)
+        return self.forward(mu.contiguous(), logvar.contiguous(), seed, offset)
 
 
 class _LeanDrawFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lean, key, mu, logvar):
         ctx.lean, ctx.key = lean, key
-        ctx.save_for_backward(mu, logvar)  # mu for NOTE: [No double backward] only
-        return lean.forward(mu, logvar, *key)
+        ctx.save_for_backward(mu, logvar)  # mu for NOTE: [No double backward]: its edge
+        # (strided views, e.g. GaussianHead's mu and logvar, are copied for the kernel)
+        return lean.forward(mu.contiguous(), logvar.contiguous(), *key)
 
     @staticmethod
     def backward(ctx, grad):
