@@ -1,6 +1,7 @@
 """Routes chosen by measurement (NOTE: [Measured routes] in pyvae/_tune.py, NOTE: [Layer routes] in
 pyvae/ops/linear_act.py): the fastest candidate wins, the choice is cached per machine and reused, every
 route computes the same layer, and PYVAE_TUNE turns it off or forces it."""
+import importlib
 import json
 import os
 import random
@@ -26,11 +27,19 @@ def _fake_measure(winner):
     return measure
 
 
+_THREE = ("torch", "pyvae", "pyvae-mm")  # three candidates of simulated races
+
+
+def _measured_routes():
+    """The layer routes measured on this machine: "pyvae-1t" only where torch runs more than one thread."""
+    return [r for r in ROUTES if r != "pyvae-1t" or torch.get_num_threads() > 1]
+
+
 def _grad_fn_name(y):
     return type(y.grad_fn).__name__
 
 
-@pytest.mark.parametrize("winner", ROUTES)
+@pytest.mark.parametrize("winner", _measured_routes())
 def test_the_measured_winner_runs(tuning, monkeypatch, winner):
     monkeypatch.setattr(_tune, "measure", _fake_measure(winner))
     x = torch.randn(64, 96, requires_grad=True)
@@ -39,7 +48,7 @@ def test_the_measured_winner_runs(tuning, monkeypatch, winner):
     y = linear_act(x, w, b, "tanh")
     assert ("LinearAct" in _grad_fn_name(y)) == (winner != "torch"), _grad_fn_name(y)
     (entry,) = _tune.entries().values()
-    assert entry["choice"] == winner and set(entry["ms"]) == set(ROUTES)
+    assert entry["choice"] == winner and set(entry["ms"]) == set(_measured_routes())
     cached = json.loads(_tune.cache_path().read_text())
     assert [e["choice"] for e in cached["routes"].values()] == [winner]
     assert cached["machine"]["threads"] == torch.get_num_threads()
@@ -202,13 +211,13 @@ def _simulated_candidates(clock, true_ms, rng, noise, calls):
 def test_measure_stops_once_a_candidate_clearly_wins(monkeypatch, scale):
     clock = _FakeClock()
     monkeypatch.setattr(_tune, "time", clock)
-    calls = {n: 0 for n in ROUTES}
+    calls = {n: 0 for n in _THREE}
     true_ms = {"torch": 1.3 * scale, "pyvae": 1.0 * scale, "pyvae-mm": 1.6 * scale}
     ms = _tune.measure(_simulated_candidates(clock, true_ms, random.Random(0), 0.002, calls), budget_s=10.0)
-    assert min(ms, key=ms.get) == "pyvae" and set(ms) == set(ROUTES)
+    assert min(ms, key=ms.get) == "pyvae" and set(ms) == set(_THREE)
     # One warm-up, then min_rounds (10 rounds of 39 ms) and out; rounds of 0.39 ms: no verdict before min_s
     # (25 ms), which 25 rounds do not reach.
-    assert calls == {n: 1 + (10 if scale == 10.0 else 25) for n in ROUTES}
+    assert calls == {n: 1 + (10 if scale == 10.0 else 25) for n in _THREE}
 
 
 def test_early_stop_rarely_picks_a_slower_route(monkeypatch):
@@ -225,14 +234,14 @@ def test_early_stop_rarely_picks_a_slower_route(monkeypatch):
     for _ in range(races):
         true = [10.0, 10.5, 11.0]  # ms: rounds longer than min_s, so the rule alone decides when to stop
         rng.shuffle(true)
-        true_ms = dict(zip(ROUTES, true))
-        calls = {n: 0 for n in ROUTES}
+        true_ms = dict(zip(_THREE, true))
+        calls = {n: 0 for n in _THREE}
         ms = _tune.measure(_simulated_candidates(clock, true_ms, rng, 0.15, calls), budget_s=10.0)
-        best = min(ROUTES, key=ms.get)
-        if ms[ROUTES[0]] <= ms[best] * (1 + _tune.TIE):
-            best = ROUTES[0]
+        best = min(_THREE, key=ms.get)
+        if ms[_THREE[0]] <= ms[best] * (1 + _tune.TIE):
+            best = _THREE[0]
         wrong += true_ms[best] > 1.03 * min(true)
-        total_calls += sum(calls.values()) - len(ROUTES)  # without the warm-ups
+        total_calls += sum(calls.values()) - len(_THREE)  # without the warm-ups
     assert total_calls / races < 0.6 * 75
     assert wrong / races < 0.01, wrong
 
@@ -247,3 +256,35 @@ def test_measuring_a_route_imports_no_sympy(tmp_path):
     r = _child({"PYVAE_CACHE_DIR": str(tmp_path), "PYVAE_TUNE": "force"}, code, tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["1", "False", "True"]
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="the one-thread route needs torch on 2+ threads")
+def test_the_one_thread_route_runs_its_node_on_one_thread_and_restores_the_count(monkeypatch):
+    la = importlib.import_module("pyvae.ops.linear_act")
+    seen = []
+
+    def spy(fn):
+        def wrapped(*args):
+            seen.append((fn.__name__, torch.get_num_threads()))
+            return fn(*args)
+        return wrapped
+
+    monkeypatch.setattr(la, "_forward", spy(la._forward))
+    monkeypatch.setattr(la, "_backward_core", spy(la._backward_core))
+    before = torch.get_num_threads()
+    x, w = torch.randn(16, 24, requires_grad=True), torch.randn(8, 24, requires_grad=True)
+    y = la.run_route("pyvae-1t", x, w, None, "tanh")
+    assert torch.get_num_threads() == before
+    y.sum().backward()
+    assert seen == [("_forward", 1), ("_backward_core", 1)] and torch.get_num_threads() == before
+    seen.clear()
+    la.run_route("pyvae", x, w, None, "tanh").sum().backward()
+    assert seen == [("_forward", before), ("_backward_core", before)]
+
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(la, "_forward", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        la.run_route("pyvae-1t", x, w, None, "tanh")
+    assert torch.get_num_threads() == before  # restored on an error too

@@ -11,8 +11,9 @@ fp32 and bf16-mixed (torch.autocast on CPU), at each batch size. Beside the step
 measured in the same process:
 
     GEMM-only       the 11 matrix products of a step (forward, input and weight gradients of every layer; the
-                    first layer needs no input gradient), each with the faster of torch's mm and oneDNN's
-                    linear in its best layout, in the step's precision: no step can be faster
+                    first layer needs no input gradient), each with the fastest of torch's mm and oneDNN's
+                    linear in its best layout, on all threads or on one, in the step's precision: no step
+                    can be faster
     memory floor    one read of the logits and x and one write of a fresh [B, 784] gradient (torch.add into
                     a new tensor): what the ELBO's non-GEMM work must move at least
 
@@ -113,8 +114,24 @@ def gemm_flops(B: int, layers=LAYERS) -> float:
     return sum((2 if i == 0 else 3) * 2.0 * B * fin * fout for i, (fin, fout) in enumerate(layers))
 
 
+def _one_thread(fn):
+    """``fn`` run with torch's thread count lowered to one for the call."""
+    import torch
+
+    def call():
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(prev)
+    return call
+
+
 def gemm_only(B, precision, reps, target_s, layers=LAYERS, retries=2):
-    """Seconds of the step's GEMMs alone (each product on its faster library), and their FLOPs.
+    """Seconds of the step's GEMMs alone (each product on its faster library and layout, on all of torch's
+    threads or, where that is faster, on one: pyvae's "pyvae-1t" layer route can run a product so), and
+    their FLOPs.
 
     ``layers`` is the step's (in, out) sizes (:func:`layer_sizes`); the first layer has no input gradient.
     """
@@ -139,7 +156,10 @@ def gemm_only(B, precision, reps, target_s, layers=LAYERS, retries=2):
         if i > 0:
             products["grad_input"] = ([lambda: torch.mm(g, w)], [lambda: G.onednn_linear(g, w.t())] if G.onednn_enabled() else [])
         for name, (mm, dnn) in products.items():
-            cands = {f"c{k}": C.Step(f, [], None, "forward") for k, f in enumerate(mm + dnn)}
+            fns = mm + dnn
+            if torch.get_num_threads() > 1:
+                fns = fns + [_one_thread(f) for f in fns]
+            cands = {f"c{k}": C.Step(f, [], None, "forward") for k, f in enumerate(fns)}
             res = C.measure_case(cands, device="cpu", reps=reps, target_s=target_s, memory=False, retries=retries)
             total_s += min(r["median_ms"] for r in res.values()) * 1e-3
             flops += 2.0 * B * fin * fout

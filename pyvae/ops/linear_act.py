@@ -293,23 +293,40 @@ LIB.impl(_OP, _make_autocast("cpu"), "AutocastCPU")
 LIB.impl(_OP, _make_autocast("cuda"), "AutocastCUDA")
 
 
+def _on_threads(threads, fn, *args):
+    """``fn(*args)`` with torch's intra-op thread count lowered to ``threads`` for the call (None: as is);
+    see NOTE: [Layer routes] ("pyvae-1t"). torch.set_num_threads costs ~0.1 us a call here."""
+    if threads is None:
+        return fn(*args)
+    prev = torch.get_num_threads()
+    if threads >= prev:
+        return fn(*args)
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(prev)
+
+
 class _LinearActFunction(torch.autograd.Function):
     """The direct eager path (NOTE: [Eager fast path] in pyvae/ops/_registry.py) of pyvae::linear_act, for
     inputs ``linear_act`` has already validated."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation, onednn=None):
-        out = _forward(x, weight, bias, ACTIVATIONS[activation], onednn)
+    def forward(ctx, x, weight, bias, activation, onednn=None, threads=None):
+        out = _on_threads(threads, _forward, x, weight, bias, ACTIVATIONS[activation], onednn)
         _save(ctx, x, weight, bias, activation, out, onednn)
+        ctx.threads = threads
         return out
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True: the checked path, which refuses double backward
-            return (*_backward(ctx, grad, direct=True), None)
+            return (*_backward(ctx, grad, direct=True), None, None)
         x, weight, out = ctx.saved_tensors
-        gx, gw, gb = _backward_core(grad, x, weight, out, ctx.has_bias, ctx.act, ctx.needs_input_grad, ctx.onednn)
-        return gx, gw, gb, None, None
+        gx, gw, gb = _on_threads(ctx.threads, _backward_core, grad, x, weight, out, ctx.has_bias, ctx.act,
+                                 ctx.needs_input_grad, ctx.onednn)
+        return gx, gw, gb, None, None, None
 
 
 class _LinearActAutocastFunction(torch.autograd.Function):
@@ -318,20 +335,22 @@ class _LinearActAutocastFunction(torch.autograd.Function):
     the cast nodes of the dispatcher path would do."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation, dtype, checked, onednn=None):
+    def forward(ctx, x, weight, bias, activation, dtype, checked, onednn=None, threads=None):
         xc, wc, bc = _autocast_cast(x, dtype), _autocast_cast(weight, dtype), _autocast_cast(bias, dtype)
         # checked: linear_act's _fast_valid(autocast=True) passed, so the casts are valid inputs too.
         if not checked:
             _check(xc, wc, bc, activation)
-        out = _forward(xc, wc, bc, ACTIVATIONS[activation], onednn)
+        out = _on_threads(threads, _forward, xc, wc, bc, ACTIVATIONS[activation], onednn)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         _save(ctx, xc, wc, bc, activation, out, onednn)
+        ctx.threads = threads
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, out = ctx.saved_tensors
-        grads = _backward_core(grad, x, weight, out, ctx.has_bias, ctx.act, ctx.needs_input_grad[:3], ctx.onednn)
+        grads = _on_threads(ctx.threads, _backward_core, grad, x, weight, out, ctx.has_bias, ctx.act,
+                            ctx.needs_input_grad[:3], ctx.onednn)
         grads = [g if g is None or g.dtype == dt else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         if torch.is_grad_enabled():  # create_graph=True: NOTE: [No double backward] in pyvae/ops/_registry.py
             idx = [i for i, g in enumerate(grads) if g is not None]
@@ -340,7 +359,7 @@ class _LinearActAutocastFunction(torch.autograd.Function):
             wrapped = FirstOrderOnly.apply(_OP, len(idx), *(grads[i] for i in idx), anchor)
             for i, g in zip(idx, wrapped):
                 grads[i] = g
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 # NOTE: [Layer routes]
@@ -348,7 +367,14 @@ class _LinearActAutocastFunction(torch.autograd.Function):
 #   "torch"     torch's own F.linear + activation (C++ autograd, MKL or oneDNN as torch picks);
 #   "pyvae"     pyvae's fused node: GEMMs on oneDNN for float32 products of 8 MFLOP and more
 #               (NOTE: [CPU GEMM backend] in pyvae/_gemm.py), the epilogue kernels of csrc/cpu/linear.cpp;
-#   "pyvae-mm"  the same node with every GEMM on torch's mm (float32 only: else it is "pyvae").
+#   "pyvae-mm"  the same node with every GEMM on torch's mm (float32 only: else it is "pyvae");
+#   "pyvae-1t"  the "pyvae" node with its GEMMs and kernels on one thread (a candidate only where torch runs
+#               more than one): at the paper's batch a narrow layer's products are too small to share,
+#               and waking the second thread costs more than it gives (on the AMD EPYC, 2 threads vs 1:
+#               20->500 tanh 0.44 vs 0.27 ms forward + backward at B=100, 784->500 tanh 1.7 vs 2.8 ms).
+#               The count is torch's process-wide setting, lowered for the node's forward and backward
+#               calls and restored after; torch's own route cannot take it (its backward runs in torch's
+#               engine).
 # Which is fastest depends on the CPU (on an AMD EPYC "pyvae" is 2x eager in float32, on an Intel Xeon
 # with AVX-512 MKL it loses 8-15%), the shape, the dtype and autocast. So the route of each shape class
 # (dtype, autocast dtype, in/out features, activation, bias, rows rounded up to a power of two, training
@@ -363,7 +389,7 @@ class _LinearActAutocastFunction(torch.autograd.Function):
 # off ("pyvae" always: the kernel tests, benchmarks of the kernels themselves).
 _route = ROUTING  # shared with the row ops (NOTE: [Row op routes] in _rowwise.py)
 _ROUTES: dict = {}  # shape class -> route, this process (pyvae/_tune.py holds the measured ones)
-ROUTES = ("torch", "pyvae", "pyvae-mm")
+ROUTES = ("torch", "pyvae", "pyvae-mm", "pyvae-1t")
 
 
 def _cold_route(rows, fin, fout, activation, dtype) -> str:
@@ -436,14 +462,16 @@ def _measure_route(key, x, weight, bias, activation, dtype, amp, rows, train) ->
                     _backward_from(y, gy)
         return call
 
-    def pyvae(onednn):
+    def pyvae(onednn, threads=None):
         if amp is not None:
-            return lambda: _LinearActAutocastFunction.apply(xs, ws, bs, activation, amp, True, onednn)
-        return lambda: _LinearActFunction.apply(xs, ws, bs, activation, onednn)
+            return lambda: _LinearActAutocastFunction.apply(xs, ws, bs, activation, amp, True, onednn, threads)
+        return lambda: _LinearActFunction.apply(xs, ws, bs, activation, onednn, threads)
 
     candidates = {"torch": run(lambda: torch_act(torch.nn.functional.linear(xs, ws, bs))), "pyvae": run(pyvae(None))}
     if dtype in _gemm.ONEDNN_DTYPES and _gemm.onednn_enabled():
         candidates["pyvae-mm"] = run(pyvae(False))
+    if torch.get_num_threads() > 1:
+        candidates["pyvae-1t"] = run(pyvae(None, 1))
     return _tune.decide(key, candidates, what=key)
 
 
@@ -485,9 +513,10 @@ def _run_route(route, x, weight, bias, activation, amp, checked=True):
     if route == "torch":  # autocast (when on) casts for F.linear
         return reference.ACTIVATIONS[activation](torch.nn.functional.linear(x, weight, bias))
     onednn = False if route == "pyvae-mm" else None
+    threads = 1 if route == "pyvae-1t" else None
     if amp is not None:
-        return _LinearActAutocastFunction.apply(x, weight, bias, activation, amp, checked, onednn)
-    return _LinearActFunction.apply(x, weight, bias, activation, onednn)
+        return _LinearActAutocastFunction.apply(x, weight, bias, activation, amp, checked, onednn, threads)
+    return _LinearActFunction.apply(x, weight, bias, activation, onednn, threads)
 
 
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
