@@ -321,3 +321,55 @@ def test_the_gate_takes_other_logits_dtypes_only_for_the_elbo_forward():
     with pytest.raises(RuntimeError, match="bfloat16 with float32 operands"):
         _gate.rowwise("gaussian_kl", "fwd", dtype=torch.float32, device=t.device, rows=2, cols=3,
                       operands=[(t, 2), (t, 2)], out=torch.zeros(2), logits_dtype=torch.bfloat16)
+
+
+# -------------------------------------------------------------- NOTE: [Lean one-pass ELBO]
+_elbo_mod = importlib.import_module("pyvae.ops.bernoulli_elbo")
+
+
+def _one_pass_run(logits0, x, mu0, lv0, upstream):
+    logits, mu, lv = (t.clone().requires_grad_() for t in (logits0, mu0, lv0))
+    out = pyvae.bernoulli_elbo(logits, x, mu, lv)
+    if upstream == "mean":
+        loss = -out.mean()
+    elif upstream == "sum":
+        loss = -out.sum()
+    else:  # one number per row: the backward kernel rewrites the forward's gradients
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum()
+    return out, torch.autograd.grad(loss, (logits, mu, lv))
+
+
+@pytest.mark.parametrize("upstream", ["mean", "sum", "per_row"])
+@pytest.mark.parametrize("case", ["fp32", "fp64", "samples", "bf16_logits"])
+def test_lean_one_pass_matches_the_general_one_pass_bit_for_bit(monkeypatch, upstream, case):
+    g = torch.Generator().manual_seed(2)
+    dtype = torch.float64 if case == "fp64" else torch.float32
+    lead = (6,)
+    logits = 3 * torch.randn(*((3,) if case == "samples" else ()), *lead, 13, generator=g, dtype=dtype)
+    if case == "bf16_logits":
+        logits = logits.to(torch.bfloat16)
+    x = (torch.rand(*lead, 13, generator=g) < 0.5).to(dtype)
+    mu, lv = torch.randn(*lead, 4, generator=g, dtype=dtype), torch.randn(*lead, 4, generator=g, dtype=dtype)
+    _elbo_mod._EXPECTED.clear()
+    lean = [_one_pass_run(logits, x, mu, lv, upstream) for _ in range(2)]  # a miss, then (mean, sum) a hit
+    assert _elbo_mod._PLANS, "the lean path did not run"
+    monkeypatch.setattr(_elbo_mod._Plan, "of", staticmethod(lambda *a: None))
+    _elbo_mod._EXPECTED.clear()
+    general = [_one_pass_run(logits, x, mu, lv, upstream) for _ in range(2)]
+    for (o1, g1), (o2, g2) in zip(lean, general):
+        assert torch.equal(o1, o2)
+        for a, b in zip(g1, g2):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_lean_one_pass_is_not_taken_for_broadcast_or_strided_inputs():
+    _elbo_mod._PLANS.clear()
+    logits = torch.randn(5, 8, requires_grad=True)
+    h = torch.randn(5, 6, requires_grad=True)
+    x_row = (torch.rand(8) < 0.5).float()  # broadcast over the batch
+    out = pyvae.bernoulli_elbo(logits, x_row, h[:, :3], h[:, 3:])  # mu, logvar: strided views
+    (-out.mean()).backward()
+    assert list(_elbo_mod._PLANS.values()) == [False]
+    want = reference.bernoulli_elbo(logits.detach().double(), x_row.double(), h[:, :3].detach().double(),
+                                    h[:, 3:].detach().double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)

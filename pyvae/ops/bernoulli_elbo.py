@@ -148,20 +148,83 @@ def _store(key, c: float) -> None:
     _EXPECTED[key] = c
 
 
+# NOTE: [Lean one-pass ELBO]
+# At the paper's batch the one-pass kernel takes some tens of microseconds, and planning and checking the
+# call (the broadcast plan, the operands, the gate's checks, a fresh tensor of the expected upstream
+# gradient) took as long again, in forward and backward. As for the row ops (NOTE: [Lean row calls] in
+# _rowwise.py), a call whose inputs need no conversion (logits [*B, D] or [L, *B, D], x [*B, D], mu and
+# logvar [*B, Z], each contiguous, in the dtypes the one-pass kernel reads) is planned once per key of
+# everything pyvae's checks look at: the gate's prepared forward (and two-pass backward) call, the rows
+# and sizes, and the expected upstream gradient's tensor, made again only when that value changes. The
+# kernels and their operands are the general path's, so the results are bit for bit the same.
+_PLANS: dict = {}
+_PLANS_MAX = 256
+
+
+class _Plan:
+    __slots__ = ("shape", "key", "dtype", "logits_dtype", "need", "fwd", "bwd", "c", "c_t")
+
+    def __init__(self, logits, x, mu, logvar, need, lead, samples, D, Z, dtype):
+        rows, S = V.numel(lead), max(samples, 1)
+        self.shape, self.key, self.dtype, self.logits_dtype = (lead, S, rows, D, Z), (rows, S, D, Z, dtype), dtype, logits.dtype
+        self.need = (need[0], need[2], need[3])
+        common = dict(dtype=dtype, device=logits.device, rows=rows, cols=D, cols2=Z, samples=S,
+                      mods=[S * rows, rows, rows, rows], grads=[need[0], False, need[2], need[3]])
+        self.fwd = _gate.prepare_rowwise(_OP, "fwd", grad_out=True, logits_dtype=logits.dtype, **common)
+        self.bwd = _gate.prepare_rowwise(_OP, "bwd", **common) if logits.dtype == dtype else None
+        self.c, self.c_t = None, None
+
+    @staticmethod
+    def of(logits, x, mu, logvar, need) -> "_Plan | None":
+        """The plan of this call (made on its key's first call), or None where the general one-pass runs."""
+        k = (need, logits.dtype, logits.shape, logits.is_contiguous(), x.dtype, x.shape, x.is_contiguous(),
+             mu.dtype, mu.shape, mu.is_contiguous(), logvar.dtype, logvar.shape, logvar.is_contiguous())
+        plan = _PLANS.get(k)
+        if plan is None:
+            mixed = logits.dtype != mu.dtype
+            lead, samples, D, Z, dtype, _ = _plan(logits, x, mu, logvar, mixed)
+            ok = (logits.is_contiguous() and x.is_contiguous() and mu.is_contiguous() and logvar.is_contiguous()
+                  and tuple(x.shape) == (*lead, D) and x.dtype == dtype and mu.dtype == dtype
+                  and logvar.dtype == dtype and logits.is_cpu and V.numel(lead) > 0)
+            if len(_PLANS) >= _PLANS_MAX:
+                _PLANS.clear()
+            plan = _PLANS[k] = _Plan(logits, x, mu, logvar, need, lead, samples, D, Z, dtype) if ok else False
+        return plan or None
+
+    def expected(self) -> torch.Tensor:
+        c = _expected(self.key, self.shape[2], self.dtype)
+        if c != self.c:
+            self.c, self.c_t = c, torch.full((self.shape[2],), c, dtype=self.dtype)
+        return self.c_t
+
+
 class _OnePass(torch.autograd.Function):
     """The direct eager path (NOTE: [Eager fast path]) with the gradients written by the forward (NOTE:
     [ELBO in one pass] in csrc/cpu/kernels.cpp) for the expected upstream gradient (NOTE: [Expected
     upstream gradient]): backward returns them as they are when the upstream gradient is the expected
     one, and rewrites them with the backward kernel otherwise. A second backward of the same graph
     (retain_graph) or a differentiable one (create_graph) runs the two-pass backward from the saved
-    inputs instead."""
+    inputs instead. Calls that need no conversion run planned (NOTE: [Lean one-pass ELBO])."""
 
     @staticmethod
     def forward(ctx, logits, x, mu, logvar):
+        need = ctx.needs_input_grad
+        plan = _Plan.of(logits, x, mu, logvar, need)
+        if plan is not None:
+            lead, S, rows, D, Z = plan.shape
+            out = torch.empty(lead, dtype=plan.dtype)
+            grads = [torch.empty(t.shape, dtype=t.dtype) for t, n in zip((logits, mu, logvar), plan.need) if n]
+            plan.fwd(logits, x, mu, logvar, out, plan.expected(), *grads)
+            g_l = grads.pop(0) if plan.need[0] else None
+            g_mu = grads.pop(0) if plan.need[1] else None
+            g_lv = grads.pop(0) if plan.need[2] else None
+            ctx.save_for_backward(logits, x, mu, logvar)
+            ctx.written, ctx.plan = (g_l, g_mu, g_lv), plan
+            ctx.expected, ctx.key, ctx.shape, ctx.dtype = plan.c, plan.key, plan.shape, plan.dtype
+            return out
         mixed = logits.dtype != mu.dtype  # bfloat16 logits, the rest float32 (_one_pass_ok)
         lead, samples, D, Z, dtype, device = _plan(logits, x, mu, logvar, mixed)
         rows, S = V.numel(lead), max(samples, 1)
-        need = ctx.needs_input_grad
         key = (rows, S, D, Z, dtype)
         c = _expected(key, rows, dtype)
         out = torch.empty(lead, dtype=dtype, device=device)
@@ -173,7 +236,7 @@ class _OnePass(torch.autograd.Function):
                       grad_out=torch.full((rows,), c, dtype=dtype, device=device), grads=(g_l, None, g_mu, g_lv),
                       logits_dtype=logits.dtype)
         ctx.save_for_backward(logits, x, mu, logvar)
-        ctx.written = (g_l, g_mu, g_lv)
+        ctx.written, ctx.plan = (g_l, g_mu, g_lv), None
         ctx.expected, ctx.key, ctx.shape, ctx.dtype = c, key, (lead, S, rows, D, Z), dtype
         return out
 
@@ -191,10 +254,18 @@ class _OnePass(torch.autograd.Function):
         g_l, g_mu, g_lv = ctx.written
         ctx.written = None  # handed out below: a second backward recomputes
         lead, S, rows, D, Z = ctx.shape
-        g = grad.to(ctx.dtype).expand(lead).reshape(rows)
-        if not bool((g == ctx.expected).all()):
+        g = grad if grad.dtype == ctx.dtype else grad.to(ctx.dtype)
+        if g.dim() > 0 and not any(g.stride()):  # one value for every row (what .mean() / .sum() send)
+            same = g.reshape(-1)[:1].item() == ctx.expected
+        else:
+            same = bool((g == ctx.expected).all())
+        if not same:
+            g = g.expand(lead).reshape(rows)
             _remember(ctx.key, g)
-            if logits.dtype == ctx.dtype:
+            plan = ctx.plan
+            if plan is not None and plan.bwd is not None:
+                plan.bwd(logits, x, mu, logvar, g.contiguous(), *(t for t in (g_l, g_mu, g_lv) if t is not None))
+            elif logits.dtype == ctx.dtype:
                 _gate.rowwise(_OP, "bwd", dtype=logits.dtype, device=logits.device, rows=rows, cols=D, cols2=Z,
                               samples=S, operands=_operands(logits, x, mu, logvar, lead, S, rows, D, logits.dtype),
                               grad_out=g.contiguous(), grads=(g_l, None, g_mu, g_lv))
