@@ -362,14 +362,31 @@ def test_lean_one_pass_matches_the_general_one_pass_bit_for_bit(monkeypatch, ups
             assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-def test_lean_one_pass_is_not_taken_for_broadcast_or_strided_inputs():
+def test_lean_one_pass_takes_strided_mu_logvar_but_not_a_broadcast_x(monkeypatch):
+    """GaussianHead's mu and logvar (column slices of one output) take the lean path with the general
+    path's exact results; a broadcast x does not take it."""
+    g = torch.Generator().manual_seed(5)
+    logits0, h0 = torch.randn(5, 8, generator=g), torch.randn(5, 6, generator=g)
+    x = (torch.rand(5, 8, generator=g) < 0.5).float()
+
+    def run():
+        logits, h = logits0.clone().requires_grad_(), h0.clone().requires_grad_()
+        out = pyvae.bernoulli_elbo(logits, x, h[:, :3], h[:, 3:])
+        return out, torch.autograd.grad((out * torch.linspace(-1, 1, 5)).sum(), (logits, h))
+
     _elbo_mod._PLANS.clear()
-    logits = torch.randn(5, 8, requires_grad=True)
-    h = torch.randn(5, 6, requires_grad=True)
-    x_row = (torch.rand(8) < 0.5).float()  # broadcast over the batch
-    out = pyvae.bernoulli_elbo(logits, x_row, h[:, :3], h[:, 3:])  # mu, logvar: strided views
+    lean = [run(), run()]
+    assert [type(p).__name__ for p in _elbo_mod._PLANS.values()] == ["_Plan"]
+    monkeypatch.setattr(_elbo_mod._Plan, "of", staticmethod(lambda *a: None))
+    general = [run(), run()]
+    for (o1, g1), (o2, g2) in zip(lean, general):
+        assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    monkeypatch.undo()
+    _elbo_mod._PLANS.clear()
+    x_row = x[0]  # broadcast over the batch
+    logits = logits0.clone().requires_grad_()
+    out = pyvae.bernoulli_elbo(logits, x_row, h0[:, :3], h0[:, 3:].clone().requires_grad_())
     (-out.mean()).backward()
     assert list(_elbo_mod._PLANS.values()) == [False]
-    want = reference.bernoulli_elbo(logits.detach().double(), x_row.double(), h[:, :3].detach().double(),
-                                    h[:, 3:].detach().double())
+    want = reference.bernoulli_elbo(logits0.double(), x_row.double(), h0[:, :3].double(), h0[:, 3:].double())
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)

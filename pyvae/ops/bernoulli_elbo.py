@@ -152,8 +152,9 @@ def _store(key, c: float) -> None:
 # At the paper's batch the one-pass kernel takes some tens of microseconds, and planning and checking the
 # call (the broadcast plan, the operands, the gate's checks, a fresh tensor of the expected upstream
 # gradient) took as long again, in forward and backward. As for the row ops (NOTE: [Lean row calls] in
-# _rowwise.py), a call whose inputs need no conversion (logits [*B, D] or [L, *B, D], x [*B, D], mu and
-# logvar [*B, Z], each contiguous, in the dtypes the one-pass kernel reads) is planned once per key of
+# _rowwise.py), a call whose big inputs need no conversion (logits [*B, D] or [L, *B, D] and x [*B, D],
+# contiguous; mu and logvar [*B, Z], copied when strided, as GaussianHead's views are; all in the dtypes the
+# one-pass kernel reads) is planned once per key of
 # everything pyvae's checks look at: the gate's prepared forward (and two-pass backward) call, the rows
 # and sizes, and the expected upstream gradient's tensor, made again only when that value changes. The
 # kernels and their operands are the general path's, so the results are bit for bit the same.
@@ -183,7 +184,7 @@ class _Plan:
         if plan is None:
             mixed = logits.dtype != mu.dtype
             lead, samples, D, Z, dtype, _ = _plan(logits, x, mu, logvar, mixed)
-            ok = (logits.is_contiguous() and x.is_contiguous() and mu.is_contiguous() and logvar.is_contiguous()
+            ok = (logits.is_contiguous() and x.is_contiguous()
                   and tuple(x.shape) == (*lead, D) and x.dtype == dtype and mu.dtype == dtype
                   and logvar.dtype == dtype and logits.is_cpu and V.numel(lead) > 0)
             if len(_PLANS) >= _PLANS_MAX:
@@ -214,7 +215,7 @@ class _OnePass(torch.autograd.Function):
             lead, S, rows, D, Z = plan.shape
             out = torch.empty(lead, dtype=plan.dtype)
             grads = [torch.empty(t.shape, dtype=t.dtype) for t, n in zip((logits, mu, logvar), plan.need) if n]
-            plan.fwd(logits, x, mu, logvar, out, plan.expected(), *grads)
+            plan.fwd(logits, x, mu.contiguous(), logvar.contiguous(), out, plan.expected(), *grads)
             g_l = grads.pop(0) if plan.need[0] else None
             g_mu = grads.pop(0) if plan.need[1] else None
             g_lv = grads.pop(0) if plan.need[2] else None
@@ -264,7 +265,8 @@ class _OnePass(torch.autograd.Function):
             _remember(ctx.key, g)
             plan = ctx.plan
             if plan is not None and plan.bwd is not None:
-                plan.bwd(logits, x, mu, logvar, g.contiguous(), *(t for t in (g_l, g_mu, g_lv) if t is not None))
+                plan.bwd(logits, x, mu.contiguous(), logvar.contiguous(), g.contiguous(),
+                         *(t for t in (g_l, g_mu, g_lv) if t is not None))
             elif logits.dtype == ctx.dtype:
                 _gate.rowwise(_OP, "bwd", dtype=logits.dtype, device=logits.device, rows=rows, cols=D, cols2=Z,
                               samples=S, operands=_operands(logits, x, mu, logvar, lead, S, rows, D, logits.dtype),
