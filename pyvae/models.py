@@ -94,7 +94,9 @@ def _reparameterize(mu: torch.Tensor, logvar: torch.Tensor, samples: int, genera
     the device for CUDA inputs, so a captured training step draws anew on each replay: NOTE: [Graph-safe
     seed]). With ``shard``, the draws of those rows of the global batch (NOTE: [Sharded draws] in
     pyvae/ops/reparameterize.py)."""
-    return ops.reparameterize_shard(mu, logvar, samples, ops.seed_for(mu.device, generator), shard)
+    # (CPU inputs: the seed as an int, the value seed_for would hold in its host tensor)
+    seed = ops.draw_seed(generator) if mu.device.type == "cpu" else ops.seed_for(mu.device, generator)
+    return ops.reparameterize_shard(mu, logvar, samples, seed, shard)
 
 
 class VAE(nn.Module):
