@@ -19,11 +19,15 @@ def run(tmp_path_factory):
     """A tiny Bernoulli VAE trained for a few seconds on the 8x8 digits, as a run directory."""
     from pyvae.train import build_config, train
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("inference") / "run"
-    cfg = build_config(dict(dataset="digits", hidden=64, latent=4, epochs=60, batch_size=50, threads=1, seed=0,
-                            progress=False, plots=False, out=str(out)))
-    res = train(cfg)
+    try:
+        out = tmp_path_factory.mktemp("inference") / "run"
+        cfg = build_config(dict(dataset="digits", hidden=64, latent=4, epochs=60, batch_size=50, threads=1, seed=0,
+                                progress=False, plots=False, out=str(out)))
+        res = train(cfg)
+    finally:
+        torch.set_num_threads(threads)  # (process-wide: later tests see the thread count they started with)
     return out, res.model.eval()
 
 

@@ -41,6 +41,8 @@ def _grad_fn_name(y):
 
 @pytest.mark.parametrize("winner", _measured_routes())
 def test_the_measured_winner_runs(tuning, monkeypatch, winner):
+    if winner not in _measured_routes():
+        pytest.skip("torch runs one thread here: no one-thread route to measure")
     monkeypatch.setattr(_tune, "measure", _fake_measure(winner))
     x = torch.randn(64, 96, requires_grad=True)
     w = torch.randn(80, 96, requires_grad=True)
