@@ -235,6 +235,17 @@ def restore_threads():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _threads_unchanged():
+    """torch's thread count is process-wide: a test that changes it gets it restored, so that no later
+    test runs with another count than the suite started with (the one-thread layer route is measured
+    only where torch runs more than one)."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "compile: runs torch.compile (slow: tens of seconds on 2 cores)")
