@@ -17,7 +17,8 @@ this torch, this many threads, and keeps the winner:
 
 Every candidate computes the same function; routes differ in speed and in rounding, never otherwise.
 Candidates are timed on tensors of the call's shape filled from a private generator (the caller's
-tensors and torch's global RNG are not touched), interleaved, and the fastest call of each is compared;
+tensors and torch's global RNG are not touched), interleaved, and the fastest call of each is compared
+(the median is the studied alternative: NOTE: [Median rule]);
 the timing stops as soon as one candidate clearly wins or the candidates left measurably tie (NOTE:
 [Early stop]).
 """
@@ -162,6 +163,36 @@ def lookup(key: str) -> Optional[str]:
 # 5, the full `pyvae bench routes` run of 2026-11-30 08:05Z (quiet machine) chose routes 3-16% slower
 # than the best in 4 of the 40 cases, all at B=1024, where a round of the two wide layers takes ~40 ms.
 TIE = 0.01  # routes within 1% are a tie (``decide`` then takes the first candidate)
+
+
+# NOTE: [Median rule]
+# The tuner compares each route's fastest call; `pyvae bench routes` compares medians (a training step
+# pays the typical call, not the best one). The two disagree where a route's own time varies from call
+# to call: a route fast in a quarter of its calls and slow in the rest has the best floor and a worse
+# median than a steady route (tests/test_tune.py: the fastest call picks it in 185-188 of 200 simulated
+# races, the median in 1-2). ``measure(stat="median")`` decides on the middle call instead, with the early
+# stop judged on the median's order-statistic interval (about one standard error either side; a
+# candidate is out when the two intervals are apart, and beyond the tie margin). Measured before making
+# it the default, and not made it:
+# - `pyvae bench routes --study 3` reruns the tuner's race three times per rule on each case's own
+#   candidates and reads every pick against the benchmark's medians. Two full runs (80 cases, 240 picks
+#   per rule; 2026-11-30 09:05Z loaded, 09:14Z quiet): fastest call 15 picks over 1.03, 7 of them beyond
+#   the benchmark's noise (NOTE: [Route noise] in pyvae/benchmarks/routes.py); median 13 and 9. No
+#   difference that the runs resolve: on this machine's routes the misses are moments (the tuner times
+#   10-25 rounds once; a near-tie read then can differ from the benchmark's read a second later), not the
+#   statistic.
+# - Where noise only adds time (the synthetic races of NOTE: [Early stop]: 15% exponential noise plus
+#   outliers, routes 5% apart), the median picks a route more than 3% slower in 333 of 2000 races (the
+#   fastest call: 5) and spends 72% of the calls of 25 full rounds (57%): the median of 10-25 calls keeps
+#   the noise that the floor filters out. On a loaded machine (another process on one of the 2 cores),
+#   the median of every route of the 500->40 layer read ~40 ms against a 0.2 ms floor: it measures the
+#   load.
+# - `pyvae tune --batch-size 100 --force` on a quiet machine: 1.93-2.19 s wall with the fastest call
+#   (0.29-0.32 s of it measuring), 1.83-1.89 s with the median (0.25-0.29 s); loaded, both took 3.6-8.4 s.
+# - A blend tried in simulation and not kept (the fastest call, unless the medians put its route behind beyond both
+#   intervals) picked the slower route in 56 of 2000 noise-only races and the steady route in only 148 of
+#   200 of the races above: worse than either rule on the other's ground.
+# So ``STAT`` stays "min"; "median" stays selectable for further study.
 STAT = "min"  # what ``measure`` compares by default (NOTE: [Median rule])
 
 
