@@ -17,7 +17,8 @@ this torch, this many threads, and keeps the winner:
 
 Every candidate computes the same function; routes differ in speed and in rounding, never otherwise.
 Candidates are timed on tensors of the call's shape filled from a private generator (the caller's
-tensors and torch's global RNG are not touched), interleaved, and the fastest call of each is compared;
+tensors and torch's global RNG are not touched), interleaved, and the fastest call of each is compared
+(the median is the studied alternative: NOTE: [Median rule]);
 the timing stops as soon as one candidate clearly wins or the candidates left measurably tie (NOTE:
 [Early stop]).
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -40,7 +42,7 @@ from . import _gate
 from ._version import __version__
 
 __all__ = ["cpu_model", "mode", "enabled", "lookup", "decide", "cache_path", "machine_key", "entries", "clear", "measure",
-           "race", "TIE"]
+           "race", "choose", "TIE", "STAT", "STATS"]
 
 _LOG = logging.getLogger("pyvae.tune")
 _VERSION = 2  # 2: row-op routes, early-stopped races; caches of version 1 are measured again
@@ -163,31 +165,95 @@ def lookup(key: str) -> Optional[str]:
 TIE = 0.01  # routes within 1% are a tie (``decide`` then takes the first candidate)
 
 
+# NOTE: [Median rule]
+# The tuner compares each route's fastest call; `pyvae bench routes` compares medians (a training step
+# pays the typical call, not the best one). The two disagree where a route's own time varies from call
+# to call: a route fast in a quarter of its calls and slow in the rest has the best floor and a worse
+# median than a steady route (tests/test_tune.py: the fastest call picks it in 185-188 of 200 simulated
+# races, the median in 1-2). ``measure(stat="median")`` decides on the middle call instead, with the early
+# stop judged on the median's order-statistic interval (about one standard error either side; a
+# candidate is out when the two intervals are apart, and beyond the tie margin). Measured before making
+# it the default, and not made it:
+# - `pyvae bench routes --study 3` reruns the tuner's race three times per rule on each case's own
+#   candidates and reads every pick against the benchmark's medians. Two full runs (80 cases, 240 picks
+#   per rule; 2026-11-30 09:05Z loaded, 09:14Z quiet): fastest call 15 picks over 1.03, 7 of them beyond
+#   the benchmark's noise (NOTE: [Route noise] in pyvae/benchmarks/routes.py); median 13 and 9. No
+#   difference that the runs resolve: on this machine's routes the misses are moments (the tuner times
+#   10-25 rounds once; a near-tie read then can differ from the benchmark's read a second later), not the
+#   statistic.
+# - Where noise only adds time (the synthetic races of NOTE: [Early stop]: 15% exponential noise plus
+#   outliers, routes 5% apart), the median picks a route more than 3% slower in 333 of 2000 races (the
+#   fastest call: 5) and spends 72% of the calls of 25 full rounds (57%): the median of 10-25 calls keeps
+#   the noise that the floor filters out. On a loaded machine (another process on one of the 2 cores),
+#   the median of every route of the 500->40 layer read ~40 ms against a 0.2 ms floor: it measures the
+#   load.
+# - `pyvae tune --batch-size 100 --force` on a quiet machine: 1.93-2.19 s wall with the fastest call
+#   (0.29-0.32 s of it measuring), 1.83-1.89 s with the median (0.25-0.29 s); loaded, both took 3.6-8.4 s.
+# - A blend tried in simulation and not kept (the fastest call, unless the medians put its route behind beyond both
+#   intervals) picked the slower route in 56 of 2000 noise-only races and the steady route in only 148 of
+#   200 of the races above: worse than either rule on the other's ground.
+# So ``STAT`` stays "min"; "median" stays selectable for further study.
+STAT = "min"  # what ``measure`` compares by default (NOTE: [Median rule])
+
+
 def _floor(times: List[float], k: int) -> Tuple[float, float]:
     """(fastest call, k-th fastest call minus the fastest) of one candidate's timings."""
     s = sorted(times)
     return s[0], s[min(k, len(s)) - 1] - s[0]
 
 
-def race(times: Dict[str, List[float]], tie: float = TIE, k: int = 4) -> Tuple[List[str], bool]:
-    """Judges interleaved timings so far (NOTE: [Early stop]): the candidates still in the race, in their
-    given order, and whether the race is over (one left, or a measured tie)."""
-    floors = {n: _floor(v, k) for n, v in times.items()}
-    lead = min(floors, key=lambda n: floors[n][0])
-    m_lead, s_lead = floors[lead]
-    left = [n for n, (m, s) in floors.items()
-            if n == lead or m - m_lead <= max(s_lead, s, tie * m_lead)]
-    tied = all(floors[n][0] <= m_lead * (1 + tie) and floors[n][1] <= tie * floors[n][0] for n in left)
+def _middle(times: List[float]) -> Tuple[float, float]:
+    """(median, half-width of its order-statistic interval) of one candidate's timings (NOTE: [Median
+    rule]): the interval runs from the ceil(n/2 - sqrt(n)/2)-th to the floor(n/2 + 1 + sqrt(n)/2)-th
+    fastest call (1-based; about one standard error either side: n = 10, the 4th to 7th fastest; n = 25,
+    the 10th to 16th), and the half-width is the larger of its two sides."""
+    s = sorted(times)
+    n = len(s)
+    med = s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+    lo = max(math.ceil(n / 2 - math.sqrt(n) / 2), 1) - 1
+    hi = min(math.floor(n / 2 + 1 + math.sqrt(n) / 2), n) - 1
+    return med, max(med - s[lo], s[hi] - med)
+
+
+STATS = ("min", "median")
+
+
+def race(times: Dict[str, List[float]], tie: float = TIE, k: int = 4, stat: str = "min") -> Tuple[List[str], bool]:
+    """Judges interleaved timings so far (NOTE: [Early stop], NOTE: [Median rule]): the candidates still in
+    the race, in their given order, and whether the race is over (one left, or a measured tie)."""
+    if stat == "min":
+        est = {n: _floor(v, k) for n, v in times.items()}
+        beyond = max  # noise only adds: the leader's k fastest calls all beat the other's fastest
+    elif stat == "median":
+        est = {n: _middle(v) for n, v in times.items()}
+        beyond = lambda a, b: a + b  # noqa: E731  two intervals, apart
+    else:
+        raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
+    lead = min(est, key=lambda n: est[n][0])
+    m_lead, s_lead = est[lead]
+    left = [n for n, (m, s) in est.items()
+            if n == lead or m - m_lead <= max(beyond(s_lead, s), tie * m_lead)]
+    tied = all(est[n][0] <= m_lead * (1 + tie) and est[n][1] <= tie * est[n][0] for n in left)
     return left, len(left) == 1 or tied
 
 
+def _summary(times: List[float], stat: str) -> float:
+    return min(times) if stat == "min" else _middle(times)[0]
+
+
 def measure(candidates: Dict[str, Callable[[], None]], budget_s: float = 0.3, min_rounds: int = 10,
-            max_rounds: int = 25, min_s: float = 0.025) -> Dict[str, float]:
-    """Seconds per call of each candidate: the fastest of several calls, timed interleaved after one
-    warm-up call each, for at least ``min_rounds`` rounds and ``min_s`` seconds and then until the race
-    is decided (NOTE: [Early stop]), ``max_rounds`` are done or ``budget_s`` is spent. The minimum, not
-    the median: on a shared machine other processes only ever add time, so the fastest call is the best
-    estimate of what the route itself costs."""
+            max_rounds: int = 25, min_s: float = 0.025, stat: Optional[str] = None,
+            raw: Optional[Dict[str, List[float]]] = None) -> Dict[str, float]:
+    """Seconds per call of each candidate, timed interleaved after one warm-up call each, for at least
+    ``min_rounds`` rounds and ``min_s`` seconds and then until the race is decided (NOTE: [Early stop]),
+    ``max_rounds`` are done or ``budget_s`` is spent. ``stat`` (default ``STAT``): "min", the fastest
+    call (on a shared machine other processes only ever add time, so the fastest call estimates what the
+    route itself costs), or "median", the middle call (what a run of many calls pays per call where a
+    route's own time varies from call to call; NOTE: [Median rule]). ``raw``, when given, receives each
+    candidate's timings (seconds, in the order taken)."""
+    stat = stat or STAT
+    if stat not in STATS:
+        raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
     for fn in candidates.values():
         fn()
     times: Dict[str, List[float]] = {n: [] for n in candidates}
@@ -201,10 +267,20 @@ def measure(candidates: Dict[str, Callable[[], None]], budget_s: float = 0.3, mi
             times[name].append(time.perf_counter() - t)
         r += 1
         if r >= min_rounds and time.perf_counter() - start >= min_s:
-            left, over = race({n: times[n] for n in left})
+            left, over = race({n: times[n] for n in left}, stat=stat)
             if over:
                 break
-    return {n: min(v) for n, v in times.items()}
+    if raw is not None:
+        raw.update({n: list(v) for n, v in times.items()})
+    return {n: _summary(v, stat) for n, v in times.items()}
+
+
+def choose(ms: Dict[str, float]) -> str:
+    """The route ``decide`` takes from measured seconds per call (in candidate order): the fastest, or
+    the first candidate (torch's route) when it is within ``TIE`` of the fastest."""
+    names = list(ms)
+    best = min(names, key=lambda n: ms[n])
+    return names[0] if ms[names[0]] <= ms[best] * (1 + TIE) else best
 
 
 def _busy() -> bool:
@@ -220,10 +296,7 @@ def decide(key: str, candidates: Dict[str, Callable[[], None]], *, what: str = "
     """Times ``candidates`` (name -> a call of that route on tensors of the key's shape), records and
     returns the fastest. Ties (within 1%) go to the first candidate, by convention torch's own route."""
     ms = measure(candidates)
-    names = list(candidates)
-    best = min(names, key=lambda n: ms[n])
-    if ms[names[0]] <= ms[best] * (1 + TIE):
-        best = names[0]
+    best = choose({n: ms[n] for n in candidates})
     busy = _busy()
     _routes()[key] = {"choice": best, "ms": {n: round(v * 1e3, 4) for n, v in ms.items()}, "what": what,
                       "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "busy": busy}

@@ -440,7 +440,7 @@ def _timed_rounds(steps: dict[str, Step], device: str, reps: int | None, target_
 def measure_case(steps: dict[str, Step], *, device: str, reps: int | None, target_s: float,
                  min_reps: int = 15, max_reps: int = 200, memory: bool = True,
                  quiet_wait_s: float | None = None, retries: int = 2,
-                 busy_threshold: float = 0.15) -> dict[str, dict]:
+                 busy_threshold: float = 0.15, keep_times: bool = False) -> dict[str, dict]:
     """Times every provider's step, interleaved (one call each per round, in random order); returns
     per-provider statistics.
 
@@ -448,7 +448,8 @@ def measure_case(steps: dict[str, Step], *, device: str, reps: int | None, targe
     slices. So before timing, wait up to quiet_wait_s (default: --quiet-wait, via setup_torch) for
     other processes to go quiet; and if they used more than busy_threshold of the CPUs while the
     case ran, wait and measure it again (at most ``retries`` times). The share of the last attempt
-    is reported as ``foreign_cpu`` and the number of attempts as ``attempts``.
+    is reported as ``foreign_cpu`` and the number of attempts as ``attempts``. ``keep_times`` adds
+    each provider's calls (ms, one per round, rounds in the same order for every provider) as ``times_ms``.
     """
     wait = _QUIET_WAIT_S if quiet_wait_s is None else quiet_wait_s
     attempts = 0
@@ -473,6 +474,8 @@ def measure_case(steps: dict[str, Step], *, device: str, reps: int | None, targe
             "foreign_cpu": foreign,
             "attempts": attempts,
         }
+        if keep_times:
+            out[name]["times_ms"] = list(ts)
     return out
 
 
