@@ -213,7 +213,7 @@ def assert_archs_agree(results, expected, dtype):
 
 @pytest.fixture
 def tuning(tmp_path, monkeypatch):
-    """Measuring routes on (PYVAE_TUNE=auto), into a private cache, never judged busy; this process's
+    """Measuring routes on (PYVAE_TUNE=auto), into a private cache, never judged busy or disturbed; this process's
     layer and row-op routes forgotten before and after (NOTE: [Measured routes] in pyvae/_tune.py)."""
     from pyvae import _tune
     from pyvae.ops import forget_routes
@@ -221,6 +221,7 @@ def tuning(tmp_path, monkeypatch):
     monkeypatch.setenv("PYVAE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("PYVAE_TUNE", "auto")
     monkeypatch.setattr(_tune, "_busy", lambda: False)
+    monkeypatch.setattr(_tune, "_measure_undisturbed", lambda c: (_tune.measure(c), False))
     _tune.reset_for_tests()
     forget_routes()
     yield tmp_path
