@@ -45,7 +45,8 @@ __all__ = ["cpu_model", "mode", "enabled", "lookup", "decide", "cache_path", "ma
            "race", "choose", "TIE", "STAT", "STATS"]
 
 _LOG = logging.getLogger("pyvae.tune")
-_VERSION = 2  # 2: row-op routes, early-stopped races; caches of version 1 are measured again
+_VERSION = 3  # 2: row-op routes, early-stopped races; 3: the one-thread layer route and the planned (lean) row-op
+# kernel path as the kernel candidate. Caches of an older version are measured again.
 _state: Dict[str, object] = {"mode": None, "routes": None, "path": None, "key": None}
 
 

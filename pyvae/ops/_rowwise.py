@@ -161,8 +161,8 @@ def _measure_row_route(name, key, direct, ref, args, n_tensors, train) -> str:
 # path of gaussian_kl at B=100, Z=20 cost ~119 us (eager torch: ~92 us), nearly all of it Python around a
 # kernel that runs in about a microsecond: planning the broadcast, checking, building the kernel's
 # arguments, in forward and again in backward. So the common case (every given tensor of one shape,
-# float32/float64 on the CPU; a strided one is copied first, as the general path does) is planned once per key of NOTE: [Row op routes] (which holds
-# everything pyvae's checks look at): a _LeanRow keeps the two kernel calls prepared by the gate (NOTE:
+# float32/float64 on the CPU; a strided one is copied first, as the general path does) is planned once
+# per key of NOTE: [Row op routes] (which holds everything pyvae's checks look at): a _LeanRow keeps the two kernel calls prepared by the gate (NOTE:
 # [Prepared kernel calls] in pyvae/_gate.py) and which gradients backward writes, and a call only
 # allocates, passes pointers and runs the kernels. It runs the same kernels on the same operands as the
 # general path, so its results are bit for bit the same (tests/test_row_routes.py).
