@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -132,7 +133,8 @@ def run(args) -> list:
             torch.manual_seed(args.seed)
             tot = sum(float(fn(data.test[i:i + 1000])) for i in range(0, data.test.shape[0], 1000))
             test_loss[p] = tot / data.test.shape[0]
-    steady = {p: (sorted(v[1:])[len(v[1:]) // 2] if len(v) > 1 else v[0]) for p, v in epoch_s.items()}
+    # the median of the epochs after the first (for an even count, the mean of the two middle ones)
+    steady = {p: (statistics.median(v[1:]) if len(v) > 1 else v[0]) for p, v in epoch_s.items()}
     samples = (n // B) * B
     row = {"bench": "dropin", "dataset": data.name, "B": B, "epochs": args.epochs, "train_samples": samples,
            "epoch_s": epoch_s, "median_epoch_s": steady, "first_epoch_s": {p: v[0] for p, v in epoch_s.items()},
