@@ -162,17 +162,17 @@ def _ci(v) -> str:
 
 def markdown(rows) -> str:
     stats = sorted({s for r in rows for s in r.get("study", {})})
-    lines = ["| emulation | layer | B | torch ms | pyvae ms | pyvae-mm ms | A/A [95%] | best (share) | chosen | "
-             "chosen / best [95%] | verdict" + "".join(f" | {s} rule: picks, worst" for s in stats) + " |",
-             "|---" * (11 + len(stats)) + "|"]
-    short = {"torch": "t", "pyvae": "p", "pyvae-mm": "m"}
+    lines = ["| emulation | layer | B | torch ms | pyvae ms | pyvae-mm ms | pyvae-1t ms | A/A [95%] | best (share) | "
+             "chosen | chosen / best [95%] | verdict" + "".join(f" | {s} rule: picks, worst" for s in stats) + " |",
+             "|---" * (12 + len(stats)) + "|"]
+    short = {"torch": "t", "pyvae": "p", "pyvae-mm": "m", "pyvae-1t": "1"}
     for r in rows:
         ms = {k: f"{v['median_ms']:.3f}" for k, v in r["results"].items()}
         share = r.get("best_share", {}).get(r["best"])
         best = r["best"] + ("" if share is None else f" ({100 * share:.0f}%{'' if r.get('resolved') else ', tied'})")
         ratio = [r["chosen_vs_best"], *r["chosen_vs_best_ci"]] if "chosen_vs_best_ci" in r else None
         cells = [r["emulation"], r["layer"], str(r["B"]), ms.get("torch", "-"), ms.get("pyvae", "-"),
-                 ms.get("pyvae-mm", "-"), _ci(r["aa"]) if r.get("aa") else "-", best, r["chosen"],
+                 ms.get("pyvae-mm", "-"), ms.get("pyvae-1t", "-"), _ci(r["aa"]) if r.get("aa") else "-", best, r["chosen"],
                  _ci(ratio) if ratio else f"{r['chosen_vs_best']:.3f}", r.get("verdict", "-")]
         for s in stats:
             st = r.get("study", {}).get(s)
