@@ -216,3 +216,19 @@ def test_lean_calls_refuse_double_backward_and_see_inplace_changes(monkeypatch):
     b.add_(1.0)  # modifies a saved input: autograd must notice
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_per_shape_state_is_bounded(monkeypatch):
+    """Ragged batches (a new shape per call) must not grow the per-process route and plan tables without
+    bound: past the bound they start over, and calls still compute the op."""
+    monkeypatch.setenv("PYVAE_TUNE", "off")
+    _tune.reset_for_tests()
+    forget_routes()
+    monkeypatch.setattr(_rowwise, "_KEYS_MAX", 8)
+    rp = importlib.import_module("pyvae.ops.reparameterize")
+    monkeypatch.setattr(rp, "_LEAN_MAX", 8)
+    for rows in range(1, 30):
+        mu, lv = torch.randn(rows, 3, requires_grad=True), torch.randn(rows, 3, requires_grad=True)
+        torch.testing.assert_close(pyvae.gaussian_kl(mu, lv), reference.gaussian_kl(mu, lv))
+        pyvae.reparameterize(mu, lv).sum().backward()
+        assert len(_rowwise._ROW_ROUTES) <= 8 and len(rp._LEAN) <= 8

@@ -129,6 +129,7 @@ def _fake_backward(op: str, grad: torch.Tensor, named: Sequence[tuple], mask: Se
 # rounding (tests/test_row_routes.py), and, as for the layers, torch's route supports double backward.
 _MEASURE_MAX = 1 << 17
 _ROW_ROUTES: dict = {}
+_KEYS_MAX = 1024  # keys kept per process (the measured routes stay cached in pyvae/_tune.py)
 
 
 def forget_row_routes() -> None:
@@ -275,6 +276,8 @@ def _routed(name: str, direct, ref, n_tensors: int, validate, fill):
                         r = "pyvae"
             if r != "torch" and lean is not None:
                 r = lean
+            if len(_ROW_ROUTES) >= _KEYS_MAX:  # a bound on what many shapes (ragged batches) leave here
+                _ROW_ROUTES.clear()
             _ROW_ROUTES[k] = r
         if r == "torch":
             return ref(*args)

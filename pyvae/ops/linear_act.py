@@ -421,6 +421,8 @@ def _route_for(x, weight, bias, activation, dtype, amp) -> str:
                    f"{str(dtype).replace('torch.', '')}{' autocast' if amp is not None else ''} "
                    f"rows<={bucket} {'train' if train else 'infer'}")
             r = _tune.lookup(key) or _measure_route(key, x, weight, bias, activation, dtype, amp, rows, train)
+        if len(_ROUTES) >= 1024:  # a bound on what many shapes leave here (measured routes stay in _tune)
+            _ROUTES.clear()
         _ROUTES[k] = r
     return r
 

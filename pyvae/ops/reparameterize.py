@@ -233,6 +233,7 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, samples: Optional[
 # same draw from the same generator as the general path's and the kernels are the same, so z and its
 # gradients are bit for bit the general path's (tests/test_reparameterize.py).
 _LEAN: dict = {}
+_LEAN_MAX = 1024
 
 
 def _lean(mu, logvar, samples: int, generator) -> Optional["_LeanDraw"]:
@@ -252,6 +253,8 @@ def _lean(mu, logvar, samples: int, generator) -> Optional["_LeanDraw"]:
         _plan(mu, logvar, samples, _seed_tensor(0))  # the op's checks, once per key
         ok = (mu.dtype in (torch.float32, torch.float64) and logvar.dtype == mu.dtype and logvar.is_cpu
               and mu.shape == logvar.shape and mu.numel() > 0)
+        if len(_LEAN) >= _LEAN_MAX:  # a bound on what many shapes (ragged batches) leave here
+            _LEAN.clear()
         lean = _LEAN[k] = _LeanDraw(mu, logvar, samples, train) if ok else False
     if lean is False or not eager_ok(mu, logvar):
         return None
