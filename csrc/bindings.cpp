@@ -83,8 +83,9 @@ void launch(int device, void (*const cpu::KernelTable::*cpu_fn)(const P&), void 
 
 using RowwiseFn = void (*)(const RowwiseParams&);
 
-// One Python entry per row-reduction op; every argument by name (pyvae/_gate.py checks each
-// tensor's size, dtype, device and layout before its pointer gets here).
+// One Python entry per row-reduction op; every argument named, and positional too: the gate's prepared
+// calls (NOTE: [Prepared kernel calls] in pyvae/_gate.py) place them by the names of this signature.
+// pyvae/_gate.py checks each tensor's size, dtype, device and layout before its pointer gets here.
 void def_rowwise(py::module_& m, const char* name, RowwiseFn cpu::KernelTable::*cpu_fn, RowwiseFn cuda_fn,
                  bool (*supports)(int, DType) = rowwise_supports) {
   m.def(

@@ -5,10 +5,11 @@ NOTE: [The gate]
 layout differs from what a kernel assumes is read wrongly or out of bounds, silently. Every call into
 ``_C`` therefore goes through this module, and only this module (``tests/test_layers.py`` keeps it so):
 each entry takes tensors, checks for each one the dtype, device, contiguity and element count its
-kernel assumes, and only then passes ``data_ptr()``s to ``_C``, by keyword. The ops validate user
-input first and name the user's argument; a check that fails here means pyvae's own op code handed
-over a wrong tensor, so it raises ``RuntimeError`` naming the kernel and the tensor instead of
-running the kernel.
+kernel assumes, and only then passes ``data_ptr()``s to ``_C``, by keyword (or, for a prepared call,
+in the positions the binding's own signature gives those names: NOTE: [Prepared kernel calls]). The
+ops validate user input first and name the user's argument; a check that fails here means pyvae's own
+op code handed over a wrong tensor, so it raises ``RuntimeError`` naming the kernel and the tensor
+instead of running the kernel.
 
 The codes (device, dtype, activation) and which dtypes each kernel family takes on each device are
 defined once in C++ (NOTE: [Codes are defined here] in csrc/bindings.cpp) and read here.
