@@ -439,3 +439,23 @@ def test_lean_draws_refuse_double_backward(need, strided):
     (g,) = torch.autograd.grad((z * z).sum(), wrt, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward is not supported"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("seed", [12345, -7, 2**63 - 1, -(2**63)])
+def test_shard_draws_take_any_int64_seed_as_the_general_path_does(monkeypatch, seed):
+    """reparameterize_shard's host seeds (negative ones too) give the lean path the same 64-bit words as the
+    general path's int64 seed tensor; a seed outside int64 is refused on both."""
+    mu, lv = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    z = pyvae.ops.reparameterize_shard(mu, lv, 2, seed)
+    assert type(z.grad_fn).__name__ == "_LeanDrawFnBackward"
+    monkeypatch.setattr(_rp, "_lean", lambda *a: None)
+    assert torch.equal(z, pyvae.ops.reparameterize_shard(mu, lv, 2, seed))
+
+
+def test_shard_draws_refuse_a_seed_outside_int64_on_both_paths(monkeypatch):
+    mu, lv = torch.randn(6, 4), torch.randn(6, 4)
+    with pytest.raises((RuntimeError, OverflowError, ValueError)):
+        pyvae.ops.reparameterize_shard(mu, lv, 1, 2**64 + 5)
+    monkeypatch.setattr(_rp, "_lean", lambda *a: None)
+    with pytest.raises((RuntimeError, OverflowError, ValueError)):
+        pyvae.ops.reparameterize_shard(mu, lv, 1, 2**64 + 5)

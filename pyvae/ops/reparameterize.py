@@ -234,6 +234,7 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, samples: Optional[
 # gradients are bit for bit the general path's (tests/test_reparameterize.py).
 _LEAN: dict = {}
 _LEAN_MAX = 1024
+_U64 = 0xFFFFFFFFFFFFFFFF
 
 
 def _lean(mu, logvar, samples: int, generator) -> Optional["_LeanDraw"]:
@@ -364,10 +365,13 @@ def reparameterize_shard(mu: torch.Tensor, logvar: torch.Tensor, samples: int, s
         t[1:].fill_(offset)
         return t
 
+    # The lean path (NOTE: [Lean reparameterize]) for a host seed the general path's int64 seed tensor holds
+    # (a Python int in [-2**63, 2**63)), as the same 64-bit words.
+    host = not on_device and type(seed) is int and -2**63 <= seed < 2**63
     if row0 == 0 and rows == B:
-        lean = None if on_device else _lean(mu, logvar, samples, None)
-        return lean.run(mu, logvar, seed, 0) if lean is not None else call(_OP, mu, logvar, samples, key(0))
-    lean = None if on_device else _lean(mu, logvar, 0, None)
-    zs = [lean.run(mu, logvar, seed, (l * rows + row0) * Z // k) if lean is not None
+        lean = _lean(mu, logvar, samples, None) if host else None
+        return lean.run(mu, logvar, seed & _U64, 0) if lean is not None else call(_OP, mu, logvar, samples, key(0))
+    lean = _lean(mu, logvar, 0, None) if host else None
+    zs = [lean.run(mu, logvar, seed & _U64, (l * rows + row0) * Z // k) if lean is not None
           else call(_OP, mu, logvar, 0, key((l * rows + row0) * Z // k)) for l in range(samples)]
     return torch.stack(zs)
