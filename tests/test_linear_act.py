@@ -1,5 +1,7 @@
 """pyvae.ops.linear_act and the pyvae.nn modules against nn.Linear + activation."""
 import contextlib
+import importlib
+import threading
 
 import pytest
 import torch
@@ -461,3 +463,61 @@ def test_weight_gradient_with_and_without_the_transposed_gradient(act, monkeypat
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)
     ref = torch.autograd.grad(ACTS[act](F.linear(x, lin.weight, lin.bias)), lin.weight, g)[0]
     torch.testing.assert_close(grads[0], ref, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------ NOTE: [Backward workspace]
+_la_mod = importlib.import_module("pyvae.ops.linear_act")
+
+
+def _layer_grads(x0, w0, b0, act, g):
+    x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+    y = pyvae.ops.linear_act(x, w, b, act)
+    return torch.autograd.grad(y, (x, w, b), g)
+
+
+@pytest.mark.parametrize("gemm", ["torch", "onednn"])
+@pytest.mark.parametrize("rows,fin,fout,act", [(96, 160, 96, "tanh"), (40, 16, 40, "relu"), (64, 160, 20, "identity"),
+                                               (128, 300, 200, "sigmoid")])
+def test_backward_workspace_changes_no_gradient_and_is_reused(monkeypatch, gemm, rows, fin, fout, act):
+    """The reused buffers give exactly the fresh-tensor gradients, over repeated calls (whose buffers hold
+    the previous call's values) and with rows == out_features, where dL/d(pre) and its transpose (on
+    oneDNN's weight-gradient path) have one shape and must not share a buffer."""
+    if gemm == "onednn" and not pyvae._gemm.onednn_enabled():
+        pytest.skip("torch build without a usable oneDNN linear")
+    monkeypatch.setattr(pyvae._gemm, "_MIN_FLOPS", 0.0 if gemm == "onednn" else float("inf"))
+    g = torch.Generator().manual_seed(rows)
+    x0, w0, b0 = torch.randn(rows, fin, generator=g), torch.randn(fout, fin, generator=g), torch.randn(fout, generator=g)
+    gy = [torch.randn(rows, fout, generator=g) for _ in range(3)]
+    pyvae.ops.release_workspace()
+    with pyvae.ops.fused_only():
+        reused = [_layer_grads(x0, w0, b0, act, gi) for gi in gy]
+        bufs = dict(getattr(_la_mod._WORKSPACE, "bufs", {}))
+        ptrs = {k: v.data_ptr() for k, v in bufs.items()}
+        _layer_grads(x0, w0, b0, act, gy[0])
+        assert {k: v.data_ptr() for k, v in _la_mod._WORKSPACE.bufs.items()} == ptrs  # the same buffers again
+        monkeypatch.setitem(_la_mod.WORKSPACE, "enabled", False)
+        fresh = [_layer_grads(x0, w0, b0, act, gi) for gi in gy]
+    for a, b in zip(reused, fresh):
+        for ga, gb in zip(a, b):
+            assert torch.equal(ga, gb)
+
+
+def test_backward_workspace_is_bounded_per_thread(monkeypatch):
+    monkeypatch.setitem(_la_mod.WORKSPACE, "max_buffers", 2)
+    pyvae.ops.release_workspace()
+    with pyvae.ops.fused_only():
+        for rows in (5, 6, 7, 8):
+            x, w = torch.randn(rows, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+            pyvae.ops.linear_act(x, w, None, "tanh").sum().backward()
+    assert len(_la_mod._WORKSPACE.bufs) <= 2
+    seen = {}
+
+    def other():
+        seen["bufs"] = getattr(_la_mod._WORKSPACE, "bufs", None)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen["bufs"] is None  # another thread has its own (empty) workspace
+    pyvae.ops.release_workspace()
+    assert _la_mod._WORKSPACE.bufs == {}

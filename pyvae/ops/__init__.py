@@ -34,7 +34,7 @@ from .continuous_bernoulli_log_prob import continuous_bernoulli_log_prob, contin
 from .gaussian_kl import gaussian_kl
 from .gather_binarize import gather_binarize
 from .gaussian_log_prob import gaussian_log_prob
-from .linear_act import ACTIVATIONS, forget_routes, fused_only, linear_act
+from .linear_act import ACTIVATIONS, forget_routes, fused_only, linear_act, release_workspace
 from .reparameterize import draw_seed, reparameterize, reparameterize_shard, seed_for
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "ACTIVATIONS",
     "fused_only",
     "forget_routes",
+    "release_workspace",
     "draw_seed",
     "reparameterize_shard",
     "seed_for",

@@ -18,6 +18,7 @@ output has the autocast dtype; parameters stay float32 (their gradients are cast
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Optional
 
 import torch
@@ -27,7 +28,7 @@ from . import _checks as V
 from ._rowwise import forget_row_routes
 from ._registry import ROUTING, FirstOrderOnly, LIB, check_no_transform, eager_ok, first_order_only, register
 
-__all__ = ["linear_act", "ACTIVATIONS", "fused_only", "forget_routes", "ROUTES", "run_route"]
+__all__ = ["linear_act", "ACTIVATIONS", "fused_only", "forget_routes", "ROUTES", "run_route", "release_workspace"]
 
 ACTIVATIONS = dict(_gate.ACTIVATIONS)  # name -> the kernels' code (csrc/ops/activation.h)
 _IDENTITY = ACTIVATIONS["identity"]
@@ -125,6 +126,44 @@ def _forward(x, weight, bias, act, onednn=None):
     return y if flat else y.view(*x.shape[:-1], weight.shape[0])
 
 
+# NOTE: [Backward workspace]
+# Two temporaries of a layer's CPU backward never leave it: dL/d(pre) of an activated layer (read by the
+# input- and weight-gradient GEMMs) and its transposed copy for the weight-gradient GEMM (NOTE: [CPU GEMM
+# backend]); both are dead once the GEMMs return, which on the CPU is when their results exist. Taken
+# fresh each step, their pages are faulted in again on every step (at B=8192 ~75 MB a step for the paper's
+# model, where glibc maps blocks over its threshold afresh). So each thread keeps one buffer per (role,
+# shape, dtype) and the next backward of that shape reuses it: the layers of a backward run one after
+# another on a thread, and a role never serves two tensors of one call. Measured on the AMD EPYC (one
+# process, on/off alternated, medians of 6): the fp32 training step 29.85 -> 29.25 ms at B=1024 and
+# 191.1 -> 187.2 ms at B=8192. Bounded: at most 16 buffers and 256 MB a thread (beyond that, fresh
+# tensors); CUDA (stream-ordered memory, its own caching allocator) always takes fresh ones.
+_WORKSPACE = threading.local()
+WORKSPACE = {"enabled": True, "max_bytes": 256 << 20, "max_buffers": 16}
+
+
+def _scratch(role: str, shape, dtype, device) -> torch.Tensor:
+    """A CPU buffer for a temporary of ``_backward_core`` that never leaves it (NOTE: [Backward
+    workspace]); a fresh tensor on CUDA, with the workspace disabled, or past its bounds."""
+    if device.type != "cpu" or not WORKSPACE["enabled"]:
+        return torch.empty(shape, dtype=dtype, device=device)
+    bufs = getattr(_WORKSPACE, "bufs", None)
+    if bufs is None:
+        bufs = _WORKSPACE.bufs = {}
+    key = (role, shape, dtype)
+    t = bufs.get(key)
+    if t is None:
+        t = torch.empty(shape, dtype=dtype)
+        held = sum(b.nbytes for b in bufs.values())
+        if len(bufs) < WORKSPACE["max_buffers"] and held + t.nbytes <= WORKSPACE["max_bytes"]:
+            bufs[key] = t
+    return t
+
+
+def release_workspace() -> None:
+    """Frees this thread's backward workspace (NOTE: [Backward workspace]); it refills on the next backward."""
+    _WORKSPACE.bufs = {}
+
+
 def _backward_core(grad, x, weight, out, has_bias, act, mask, onednn=None):
     """Gradients (x, weight, bias) of y = act(x @ weight.T + b), None where ``mask`` (or no bias) says
     not needed. Inputs are already validated (by the forward or the op wrapper below)."""
@@ -152,7 +191,7 @@ def _backward_core(grad, x, weight, out, has_bias, act, mask, onednn=None):
     grad_bias = torch.empty(out_features, dtype=kd, device=x.device) if need_bias else None
     # The weight gradient's GEMM wants dL/d(pre) transposed (NOTE: [CPU GEMM backend]): the epilogue
     # kernel writes it too, in the same pass.
-    g_t = torch.empty(out_features, rows, dtype=kd, device=x.device) \
+    g_t = _scratch("g_t", (out_features, rows), kd, x.device) \
         if cpu and mask[1] and kd == g2.dtype and rows > 0 and _gemm.wants_transposed_grad(g2, in_features, onednn) else None
     # dL/d(pre) row-major is for the input gradient, and for the weight gradient unless g_t serves it.
     need_pre = mask[0] or (mask[1] and g_t is None)
@@ -169,7 +208,7 @@ def _backward_core(grad, x, weight, out, has_bias, act, mask, onednn=None):
             yk = yk.to(kd)
         if not yk.is_contiguous():
             yk = yk.contiguous()
-        grad_pre = torch.empty_like(gk) if need_pre else None
+        grad_pre = _scratch("pre", tuple(gk.shape), kd, x.device) if need_pre else None
         if need_pre or need_bias or g_t is not None:
             _gate.act_bwd(act=act, grad_y=gk, out=yk, grad_pre=grad_pre, grad_bias=grad_bias, grad_pre_t=g_t,
                           workspace=None if cpu or not need_bias else _gate.act_bwd_workspace(gk))
