@@ -408,12 +408,13 @@ class _LinearActAutocastFunction(torch.autograd.Function):
 #               (NOTE: [CPU GEMM backend] in pyvae/_gemm.py), the epilogue kernels of csrc/cpu/linear.cpp;
 #   "pyvae-mm"  the same node with every GEMM on torch's mm (float32 only: else it is "pyvae");
 #   "pyvae-1t"  the "pyvae" node with its GEMMs and kernels on one thread (a candidate only where torch runs
-#               more than one): at the paper's batch a narrow layer's products are too small to share,
-#               and waking the second thread costs more than it gives (on the AMD EPYC, 2 threads vs 1:
-#               20->500 tanh 0.44 vs 0.27 ms forward + backward at B=100, 784->500 tanh 1.7 vs 2.8 ms).
-#               The count is torch's process-wide setting, lowered for the node's forward and backward
-#               calls and restored after; torch's own route cannot take it (its backward runs in torch's
-#               engine).
+#               more than one): a narrow layer's products at small batch can be too small to share. In
+#               separate processes on the AMD EPYC one thread ran 20->500 tanh at B=100 in 0.27 ms against
+#               two threads' 0.44 (stop 10); lowered inside a two-thread process it never won a layer there
+#               (stop 11: 1.2-1.9x slower, bench/RESULTS.md), so it stays a measured candidate, for
+#               machines where it wins. The count is torch's process-wide setting, lowered for the node's
+#               forward and backward calls and restored after; torch's own route cannot take it (its
+#               backward runs in torch's engine).
 # Which is fastest depends on the CPU (on an AMD EPYC "pyvae" is 2x eager in float32, on an Intel Xeon
 # with AVX-512 MKL it loses 8-15%), the shape, the dtype and autocast. So the route of each shape class
 # (dtype, autocast dtype, in/out features, activation, bias, rows rounded up to a power of two, training
