@@ -297,27 +297,48 @@ def _busy() -> bool:
 # A race timed while another process shares the cores is not a measurement of the routes: on this 2-core
 # VM a competing 2-thread job made the paper's layers 3-10x slower and the race cached garbage (500->40:
 # 20 ms against 0.2 ms), while the 1-minute load average (``_busy``) still read 1.5-2.3, under its bar.
-# The signal that tells is the measuring thread's own CPU time against wall time over the race: a race
-# that runs undisturbed keeps its thread on a core all along (1.00 here, whether the GEMMs' OpenMP workers
-# spin or sleep), a disturbed one loses it to the other process (0.50 with one competing job), directly
-# or while it waits for a descheduled worker. So a race whose thread ran less than RUN_SHARE of its
-# wall time is run again, up to RETRIES times; if every attempt was disturbed, its result is used by this
-# process but not cached, as for a busy machine. Races under 5 ms of wall time are too short to judge.
-RUN_SHARE = 0.9
+# What tells is the time this process's threads spent runnable but waiting for a CPU (Linux's per-thread
+# run delay, the second field of /proc/self/task/*/schedstat), summed over its threads, against the race's
+# wall time: undisturbed, 0.001-0.012 here, whether OpenMP's idle workers spin or sleep
+# (OMP_WAIT_POLICY=passive); with one competing job, 0.97-1.01. (The measuring thread's CPU time against
+# wall time, tried first, cannot tell: it drops to 0.87-0.91 undisturbed when the workers sleep.) So a
+# race whose threads waited for a CPU more than MAX_RUN_DELAY of its wall time is run again, up to RETRIES
+# times; if every attempt was disturbed, its result is used by this process but not cached, as for a busy
+# machine. Where the counters cannot be read (not Linux, no schedstat) races are not judged, and races
+# under 5 ms of wall time are too short to judge. One more case reads as disturbed: torch set to more
+# threads than the process gets cores, whose own threads then wait for each other's CPUs.
+MAX_RUN_DELAY = 0.1
 RETRIES = 2
+
+
+def _run_delay() -> Optional[float]:
+    """Seconds this process's threads have spent runnable but not running (None where unreadable)."""
+    total, read = 0, False
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for t in tasks:
+        try:
+            with open(f"/proc/self/task/{t}/schedstat") as f:
+                total += int(f.read().split()[1])
+                read = True
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total * 1e-9 if read else None
 
 
 def _measure_undisturbed(candidates: Dict[str, Callable[[], None]]) -> Tuple[Dict[str, float], bool]:
     """``measure(candidates)``, run again while disturbed (NOTE: [Disturbed races]); returns the timings and
     whether the last attempt was still disturbed."""
     for _ in range(1 + RETRIES):
-        w0, c0 = time.perf_counter(), time.thread_time()
+        w0, d0 = time.perf_counter(), _run_delay()
         ms = measure(candidates)
-        wall, cpu = time.perf_counter() - w0, time.thread_time() - c0
-        if wall < 0.005 or cpu >= RUN_SHARE * wall:
+        wall, d1 = time.perf_counter() - w0, _run_delay()
+        if wall < 0.005 or d0 is None or d1 is None or d1 - d0 <= MAX_RUN_DELAY * wall:
             return ms, False
-        _LOG.debug("pyvae: a route race ran on a core %.0f%% of its %.3f s: another process shares the CPUs; "
-                    "timing it again", 100 * cpu / wall, wall)
+        _LOG.debug("pyvae: a route race's threads waited for a CPU %.0f%% of its %.3f s: another process shares "
+                   "the CPUs; timing it again", 100 * (d1 - d0) / wall, wall)
     return ms, True
 
 
