@@ -145,7 +145,7 @@ def _arg_order(fn) -> Tuple[str, ...]:
 # sizes, operand row counts, dtype and device codes, which operands and gradients take part) and fixes
 # the binding's argument list, with the names mapped to positions by the binding's own signature
 # (``_arg_order``), so nothing depends on a hand-written order. Each call then checks only the tensors
-# (dtype, element count, contiguity, device, as ``_ptr`` does) and passes their pointers in that list:
+# (dtype, element count, contiguity, device: ``_ptr``) and passes their pointers in that list:
 # ~0.3 us a tensor and one positional call (~2 us with the kernel). ``rowwise`` is a prepared call made
 # and used once, so both ways run the same checks.
 class KernelCall:
@@ -166,10 +166,7 @@ class KernelCall:
                                f"got {len(args)} arguments")
         call = list(self.template)
         for t, (name, pos, dtype, device, numel) in zip(args, self.slots):
-            if type(t) is not torch.Tensor and not isinstance(t, torch.Tensor) or t.dtype != dtype \
-                    or t.numel() != numel or not t.is_contiguous() or t.device != device:
-                _fail(self.kernel, name, t, f"a contiguous {dtype} tensor of {numel} elements on {device}")
-            call[pos] = t.data_ptr()
+            call[pos] = _ptr(self.kernel, name, t, dtype, device, numel)
         for v, pos in zip(args[n:], self.values):
             if type(v) is not int:
                 raise RuntimeError(f"pyvae._gate.{self.kernel}: an int expected, got {type(v).__name__}")
@@ -196,7 +193,9 @@ def prepare_rowwise(op: str, direction: str, *, dtype: torch.dtype, device: torc
                     cols2: int = 0, samples: int = 1, logits_dtype: Optional[torch.dtype] = None) -> KernelCall:
     """Checks and prepares a call of ``<op>_fwd`` / ``<op>_bwd`` (see ``rowwise``; NOTE: [Prepared kernel
     calls]). ``mods``: the row count of each present operand a..d (None: absent); ``grads``: which of
-    grad_a..d are written; ``grad_out``: whether a forward reads an expected upstream gradient."""
+    grad_a..d are written; ``grad_out``: whether a forward reads an expected upstream gradient. The CUDA
+    stream is the current one when prepared: keep prepared calls only for CPU tensors (as the ops' lean
+    paths do); a CUDA call is prepared anew each time (``rowwise``)."""
     kernel = f"{op}_{direction}"
     required = _ROWWISE[op]
     elbo = op == "bernoulli_elbo"

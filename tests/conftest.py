@@ -229,13 +229,6 @@ def tuning(tmp_path, monkeypatch):
     forget_routes()
 
 
-@pytest.fixture
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(autouse=True)
 def _threads_unchanged():
     """torch's thread count is process-wide: a test that changes it gets it restored, so that no later

@@ -119,7 +119,7 @@ def test_cpu_builds_agree(dtype):
     assert_archs_agree(per_arch(run), (expected, *grads(expected, ref_inputs, g.double())), dtype)
 
 
-def test_thread_count_does_not_change_results(restore_threads):
+def test_thread_count_does_not_change_results():  # (conftest restores the thread count)
     """Rows are split among threads; each row (and the x gradient summed over L) stays on one."""
     inputs = _inputs(((3, 64, 784), (64, 784), (64, 20)), torch.float32)
     results = []

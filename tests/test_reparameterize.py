@@ -174,7 +174,7 @@ def test_eps_is_the_same_for_float32_and_float64():
     assert torch.equal(z64, z32.double())
 
 
-def test_independent_of_thread_count(restore_threads):
+def test_independent_of_thread_count():  # (conftest restores the thread count)
     mu, lv = make(300, 1001, seed=1, grad=True), make(300, 1001, seed=2, grad=True)
     results = []
     for n in (1, 2):

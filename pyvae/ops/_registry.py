@@ -9,7 +9,7 @@ import torch
 
 from ._checks import output_mask
 
-__all__ = ["LIB", "ROUTING", "register", "call", "check_no_transform", "eager_ok", "eager_function", "first_order_only", "FirstOrderOnly", "placeholder"]
+__all__ = ["LIB", "ROUTING", "register", "call", "remember", "check_no_transform", "eager_ok", "eager_function", "first_order_only", "FirstOrderOnly", "placeholder"]
 
 LIB = torch.library.Library("pyvae", "DEF")
 
@@ -64,6 +64,16 @@ def placeholder(like: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.T
     """What a backward op returns for an input that gets no gradient (NOTE: [No None in backward ops]):
     a 1-element zero tensor with the input's dtype and device (``fallback``'s for an absent input)."""
     return (fallback if like is None else like).new_zeros(1)
+
+
+def remember(table: dict, key, value, limit: int):
+    """``table[key] = value`` for a per-process table of ops' per-shape state (routes, plans), started over
+    once it holds ``limit`` keys: a bound on what many shapes (ragged batches) can leave there. Returns
+    ``value``."""
+    if len(table) >= limit and key not in table:
+        table.clear()
+    table[key] = value
+    return value
 
 
 # ------------------------------------------------------------------------- eager fast path

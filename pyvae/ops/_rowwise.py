@@ -13,7 +13,7 @@ import torch
 
 from .. import _gate, _tune
 from . import _checks as V
-from ._registry import ROUTING, eager_function, first_order_only, placeholder, register
+from ._registry import ROUTING, eager_function, first_order_only, placeholder, register, remember
 
 __all__ = ["plan", "as_rows", "reduce_grad", "register_rowwise", "forget_row_routes"]
 
@@ -276,9 +276,7 @@ def _routed(name: str, direct, ref, n_tensors: int, validate, fill):
                         r = "pyvae"
             if r != "torch" and lean is not None:
                 r = lean
-            if len(_ROW_ROUTES) >= _KEYS_MAX:  # a bound on what many shapes (ragged batches) leave here
-                _ROW_ROUTES.clear()
-            _ROW_ROUTES[k] = r
+            remember(_ROW_ROUTES, k, r, _KEYS_MAX)
         if r == "torch":
             return ref(*args)
         if r == "pyvae":

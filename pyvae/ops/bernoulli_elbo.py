@@ -10,7 +10,7 @@ import torch
 
 from .. import _gate
 from . import _checks as V
-from ._registry import call, eager_function, eager_ok, first_order_only, register
+from ._registry import call, eager_function, eager_ok, first_order_only, register, remember
 from ._rowwise import as_rows, reduce_grad
 
 __all__ = ["bernoulli_elbo"]
@@ -143,9 +143,7 @@ def _remember(key, g: torch.Tensor) -> None:
 
 
 def _store(key, c: float) -> None:
-    if len(_EXPECTED) >= _EXPECTED_MAX and key not in _EXPECTED:
-        _EXPECTED.clear()  # a bound on what many shapes can leave here
-    _EXPECTED[key] = c
+    remember(_EXPECTED, key, c, _EXPECTED_MAX)
 
 
 # NOTE: [Lean one-pass ELBO]
@@ -187,9 +185,8 @@ class _Plan:
             ok = (logits.is_contiguous() and x.is_contiguous()
                   and tuple(x.shape) == (*lead, D) and x.dtype == dtype and mu.dtype == dtype
                   and logvar.dtype == dtype and logits.is_cpu and V.numel(lead) > 0)
-            if len(_PLANS) >= _PLANS_MAX:
-                _PLANS.clear()
-            plan = _PLANS[k] = _Plan(logits, x, mu, logvar, need, lead, samples, D, Z, dtype) if ok else False
+            plan = remember(_PLANS, k, _Plan(logits, x, mu, logvar, need, lead, samples, D, Z, dtype) if ok else False,
+                            _PLANS_MAX)
         return plan or None
 
     def expected(self) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from .. import _cublaslt, _gate, _gemm, _tune, reference
 from . import _checks as V
 from ._rowwise import forget_row_routes
-from ._registry import ROUTING, FirstOrderOnly, LIB, check_no_transform, eager_ok, first_order_only, register
+from ._registry import ROUTING, FirstOrderOnly, LIB, check_no_transform, eager_ok, first_order_only, register, remember
 
 __all__ = ["linear_act", "ACTIVATIONS", "fused_only", "forget_routes", "ROUTES", "run_route", "release_workspace"]
 
@@ -461,9 +461,7 @@ def _route_for(x, weight, bias, activation, dtype, amp) -> str:
                    f"{str(dtype).replace('torch.', '')}{' autocast' if amp is not None else ''} "
                    f"rows<={bucket} {'train' if train else 'infer'}")
             r = _tune.lookup(key) or _measure_route(key, x, weight, bias, activation, dtype, amp, rows, train)
-        if len(_ROUTES) >= 1024:  # a bound on what many shapes leave here (measured routes stay in _tune)
-            _ROUTES.clear()
-        _ROUTES[k] = r
+        remember(_ROUTES, k, r, 1024)  # (the measured routes stay cached in pyvae/_tune.py)
     return r
 
 

@@ -15,7 +15,7 @@ import torch
 
 from .. import _gate
 from . import _checks as V
-from ._registry import call, eager_ok, first_order_only, register
+from ._registry import call, eager_ok, first_order_only, register, remember
 from ._rowwise import plan, reduce_grad
 
 __all__ = ["reparameterize", "draw_seed", "seed_for", "reparameterize_shard"]
@@ -254,9 +254,7 @@ def _lean(mu, logvar, samples: int, generator) -> Optional["_LeanDraw"]:
         _plan(mu, logvar, samples, _seed_tensor(0))  # the op's checks, once per key
         ok = (mu.dtype in (torch.float32, torch.float64) and logvar.dtype == mu.dtype and logvar.is_cpu
               and mu.shape == logvar.shape and mu.numel() > 0)
-        if len(_LEAN) >= _LEAN_MAX:  # a bound on what many shapes (ragged batches) leave here
-            _LEAN.clear()
-        lean = _LEAN[k] = _LeanDraw(mu, logvar, samples, train) if ok else False
+        lean = remember(_LEAN, k, _LeanDraw(mu, logvar, samples, train) if ok else False, _LEAN_MAX)
     if lean is False or not eager_ok(mu, logvar):
         return None
     return lean
