@@ -148,6 +148,20 @@ class VAE(nn.Module):
             for p in self.parameters():
                 nn.init.normal_(p, 0.0, 0.01)
 
+    elbo_into_logits: bool = True
+    """Training (``forward``, Bernoulli, analytic KL): the fused ELBO may write d ELBO / d logits over the
+    decoder's logits, an intermediate no one else sees, instead of a fresh ``[L, B, D]`` tensor each step
+    (NOTE: [ELBO gradient into the logits] in pyvae/ops/bernoulli_elbo.py). Not while ``dec_logits`` (or
+    every module) has forward hooks, which could keep the logits. The graph of such a step can then be
+    differentiated once (no ``retain_graph`` second backward, no ``create_graph``): set False on the model
+    (or the class) for those."""
+
+    def _elbo_into_logits(self) -> bool:
+        from torch.nn.modules import module as _module
+
+        return (self.elbo_into_logits and not self.dec_logits._forward_hooks
+                and not _module._global_forward_hooks)
+
     def config(self) -> dict:
         """Constructor arguments (without ``init``/``fused``) as a plain dict, for checkpoints."""
         return dict(x_dim=self.x_dim, z_dim=self.z_dim, hidden=self.hidden, likelihood=self.likelihood,
@@ -262,7 +276,9 @@ class VAE(nn.Module):
                     logits = _wide(logits)
                 # bfloat16 logits (CPU autocast) go to the ELBO as they are: NOTE: [bfloat16 logits] in
                 # csrc/cpu/kernels.cpp (the numbers of widening them first, without the two casts)
-                elbo = ops.bernoulli_elbo(logits, x.to(mu.dtype), mu, logvar)
+                # the logits are this model's own intermediate: their storage may take their gradient
+                elbo = (ops.bernoulli_elbo_into_logits if self._elbo_into_logits() else ops.bernoulli_elbo)(
+                    logits, x.to(mu.dtype), mu, logvar)
                 if kl_weight == 1.0:
                     with torch.no_grad():
                         kl = ops.gaussian_kl(mu, logvar)

@@ -390,3 +390,101 @@ def test_lean_one_pass_takes_strided_mu_logvar_but_not_a_broadcast_x(monkeypatch
     assert list(_elbo_mod._PLANS.values()) == [False]
     want = reference.bernoulli_elbo(logits0.double(), x_row.double(), h0[:, :3].double(), h0[:, 3:].double())
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ NOTE: [ELBO gradient into the logits]
+def _into_case(dtype=torch.float32, samples=None, logits_dtype=None):
+    g = torch.Generator().manual_seed(11)
+    B, D, Z = 9, 23, 4
+    shape = (B, D) if samples is None else (samples, B, D)
+    w = (3 * torch.randn(*shape, generator=g, dtype=dtype))
+    w.view(-1)[1:3] = torch.tensor([1e4, -1e4], dtype=dtype)  # (element 0 random: a stray store there shows)
+    x = (torch.rand(B, D, generator=g) < 0.5).to(dtype)
+    mu, lv = torch.randn(B, Z, generator=g, dtype=dtype), torch.randn(B, Z, generator=g, dtype=dtype)
+    return w.to(logits_dtype or dtype), x, mu, lv
+
+
+def _through(fn, w, x, mu, lv, reduce):
+    """The ELBO of logits made by a differentiable op (as a decoder's), and the gradients of reduce(elbo)
+    with respect to the op's input and mu, logvar."""
+    src, m, l = w.clone().requires_grad_(), mu.clone().requires_grad_(), lv.clone().requires_grad_()
+    logits = src * 1.0  # a non-leaf intermediate, as the decoder's output; MulBackward keeps no logits
+    out = fn(logits, x, m, l)
+    return out, torch.autograd.grad(reduce(out), (src, m, l)), logits
+
+
+@pytest.mark.parametrize("case", ["fp32", "fp64", "samples", "bf16_logits"])
+def test_gradient_into_logits_matches_a_fresh_gradient(case):
+    # Written over the logits, the gradients must be the fresh buffer's bit for bit while the upstream
+    # gradient is the expected one (mean), and within one rounding when it is not (sum, per row: rescaled).
+    dtype = torch.float64 if case == "fp64" else torch.float32
+    args = _into_case(dtype, 3 if case == "samples" else None, torch.bfloat16 if case == "bf16_logits" else None)
+    B = args[1].shape[0]
+    _elbo_mod._EXPECTED.clear()
+    for reduce, exact in ((lambda o: -o.mean(), True), (lambda o: -o.mean(), True), (lambda o: -o.sum(), False),
+                          (lambda o: -(o * torch.linspace(0.5, 2, B, dtype=dtype)).sum(), False)):
+        o1, g1, logits = _through(pyvae.ops.bernoulli_elbo_into_logits, *args, reduce)
+        o2, g2, _ = _through(pyvae.bernoulli_elbo, *args, reduce)
+        assert torch.equal(o1, o2)
+        assert torch.equal(logits, g1[0]), "the logits' storage holds their gradient"
+        for a, b in zip(g1, g2):
+            if exact:
+                assert torch.equal(a, b)
+            else:
+                rtol = 1e-2 if a.dtype == torch.bfloat16 else 4 * torch.finfo(a.dtype).eps
+                torch.testing.assert_close(a, b, rtol=rtol, atol=0)
+                assert not torch.equal(a, torch.zeros_like(a))
+
+
+def test_gradient_into_logits_refuses_a_second_backward_and_create_graph():
+    w, x, mu, lv = _into_case()
+    src = w.clone().requires_grad_()
+    out = pyvae.ops.bernoulli_elbo_into_logits(src * 1.0, x, mu, lv.clone().requires_grad_())
+    out.mean().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="elbo_into_logits"):
+        out.mean().backward()
+    out = pyvae.ops.bernoulli_elbo_into_logits(src * 1.0, x, mu, lv)
+    with pytest.raises(RuntimeError, match="elbo_into_logits"):
+        torch.autograd.grad(out.mean(), src, create_graph=True)
+
+
+def test_gradient_into_logits_is_caught_by_a_node_that_saved_the_logits():
+    w, x, mu, lv = _into_case()
+    src = w.clone().requires_grad_()
+    logits = src * 1.0
+    side = logits.pow(2).sum()  # PowBackward saves the logits
+    out = pyvae.ops.bernoulli_elbo_into_logits(logits, x, mu, lv)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (side + out.mean()).backward()
+
+
+def test_vae_writes_the_gradient_into_its_logits_unless_told_not_to():
+    torch.manual_seed(0)
+    vae = pyvae.VAE(30, z_dim=3, hidden=16)
+    x = (torch.rand(8, 30) < 0.5).float()
+
+    def grads(into, reduce=lambda o: -o.mean(), hook=False):
+        vae.elbo_into_logits = into
+        vae.zero_grad()
+        seen = []
+        h = vae.dec_logits.register_forward_hook(lambda m, i, o: seen.append(o)) if hook else None
+        torch.manual_seed(1)
+        reduce(vae(x)[0]).backward()
+        if h is not None:
+            h.remove()
+        return [p.grad.clone() for p in vae.parameters()], seen
+
+    calls = []
+    real = pyvae.ops.bernoulli_elbo_into_logits
+    pyvae.ops.bernoulli_elbo_into_logits = lambda *a: calls.append(1) or real(*a)
+    try:
+        _elbo_mod._EXPECTED.clear()
+        on, _ = grads(True)
+        off, _ = grads(False)
+        assert calls == [1]
+        assert all(torch.equal(a, b) for a, b in zip(on, off))
+        hooked, seen = grads(True, hook=True)  # a hook could keep the logits: a fresh gradient
+        assert len(seen) == 1 and calls == [1] and all(torch.equal(a, b) for a, b in zip(hooked, off))
+    finally:
+        pyvae.ops.bernoulli_elbo_into_logits = real
+        vae.elbo_into_logits = True

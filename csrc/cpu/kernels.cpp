@@ -419,8 +419,12 @@ void bernoulli_elbo_fwd_t(const RowwiseParams& p) {
     // ~1 MB blocks, and at least two per thread so that a small batch is still split over the threads
     const int64_t per_thread = (B + 2 * max_threads() - 1) / (2 * max_threads());
     const int64_t blk = std::max<int64_t>(1, std::min(per_thread, kFaultBlockBytes / (S * D * int64_t(sizeof(L)))));
+    // Written over the logits themselves (NOTE: [ELBO gradient into the logits]): their pages are mapped,
+    // and a touch would clobber a logit before it is read.
+    const bool fresh = static_cast<const void*>(gl) != p.a.data;
     parallel_blocks(B, blk, S * D + Z, [&](int64_t r0, int64_t r1) {
-      for (int64_t s = 0; s < S; ++s) touch_pages(gl + (s * B + r0) * D, (r1 - r0) * D);
+      if (fresh)
+        for (int64_t s = 0; s < S; ++s) touch_pages(gl + (s * B + r0) * D, (r1 - r0) * D);
       for (int64_t b = r0; b < r1; ++b) row(b);
     });
   });

@@ -18,6 +18,10 @@ Public functions (also importable from ``pyvae``):
 ``linear_act(x, weight, bias=None, activation="identity")``  act(x @ weight.T + bias)
 =========================================================  ==========================================
 
+``bernoulli_elbo_into_logits`` (not in ``__all__``: pyvae.VAE's) is ``bernoulli_elbo`` for a caller that owns
+the logits: their gradient may be written over them (NOTE: [ELBO gradient into the logits] in
+bernoulli_elbo.py).
+
 NaN in any input gives NaN in the affected rows of the result (and gradient); infinities follow
 the limits of the formulas. CPU kernels take float32 and float64 (float16 and bfloat16 are computed
 in float32 and cast back); CUDA kernels take float32, float64, float16 and bfloat16 and accumulate
@@ -28,7 +32,7 @@ Layout: ``_registry.py`` (the one registration helper, the eager fast path, firs
 gradients), ``_rowwise.py`` (the row-reduction family's plumbing), ``_checks.py`` (input checks that
 name the argument), then one module per op.
 """
-from .bernoulli_elbo import bernoulli_elbo
+from .bernoulli_elbo import bernoulli_elbo, bernoulli_elbo_into_logits  # noqa: F401 (pyvae.VAE's, not public)
 from .bernoulli_log_prob import bernoulli_log_prob
 from .continuous_bernoulli_log_prob import continuous_bernoulli_log_prob, continuous_bernoulli_mean
 from .gaussian_kl import gaussian_kl

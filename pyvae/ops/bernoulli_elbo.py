@@ -6,6 +6,8 @@ csrc/cuda/elbo.cu; tests: tests/test_bernoulli_elbo.py; benchmark keys ``elbo``/
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _gate
@@ -205,18 +207,28 @@ class _OnePass(torch.autograd.Function):
     inputs instead. Calls that need no conversion run planned (NOTE: [Lean one-pass ELBO])."""
 
     @staticmethod
-    def forward(ctx, logits, x, mu, logvar):
-        need = ctx.needs_input_grad
+    def forward(ctx, logits, x, mu, logvar, into_logits=False):
+        need = ctx.needs_input_grad[:4]
         plan = _Plan.of(logits, x, mu, logvar, need)
+        ctx.into_logits = False
         if plan is not None:
             lead, S, rows, D, Z = plan.shape
             out = torch.empty(lead, dtype=plan.dtype)
-            grads = [torch.empty(t.shape, dtype=t.dtype) for t, n in zip((logits, mu, logvar), plan.need) if n]
-            plan.fwd(logits, x, mu.contiguous(), logvar.contiguous(), out, plan.expected(), *grads)
+            expected = plan.expected()
+            # NOTE: [ELBO gradient into the logits]: only where the gradient can be rescaled afterwards
+            ctx.into_logits = into = (into_logits and plan.need[0] and plan.c != 0.0 and math.isfinite(plan.c))
+            grads = [logits if into and i == 0 else torch.empty(t.shape, dtype=t.dtype)
+                     for i, (t, n) in enumerate(zip((logits, mu, logvar), plan.need)) if n]
+            plan.fwd(logits, x, mu.contiguous(), logvar.contiguous(), out, expected, *grads)
             g_l = grads.pop(0) if plan.need[0] else None
             g_mu = grads.pop(0) if plan.need[1] else None
             g_lv = grads.pop(0) if plan.need[2] else None
-            ctx.save_for_backward(logits, x, mu, logvar)
+            if into:
+                # the logits now hold their gradient: a node that saved them fails its version check
+                torch.autograd.graph.increment_version(logits)
+                ctx.save_for_backward(x, mu, logvar)
+            else:
+                ctx.save_for_backward(logits, x, mu, logvar)
             ctx.written, ctx.plan = (g_l, g_mu, g_lv), plan
             ctx.expected, ctx.key, ctx.shape, ctx.dtype = plan.c, plan.key, plan.shape, plan.dtype
             return out
@@ -240,9 +252,11 @@ class _OnePass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.into_logits:
+            return _OnePass._backward_into_logits(ctx, grad)
         inputs = ctx.saved_tensors
         logits, x, mu, logvar = inputs
-        mask = [bool(m) for m in ctx.needs_input_grad]
+        mask = [bool(m) for m in ctx.needs_input_grad[:4]]
         if ctx.written is None or torch.is_grad_enabled():
             # the two-pass backward, in float32 for bfloat16 logits (and its logits gradient narrowed after)
             wide = logits.to(ctx.dtype)
@@ -274,7 +288,35 @@ class _OnePass(torch.autograd.Function):
                 for buf, w in zip((g_l, g_mu, g_lv), (wide[0], wide[2], wide[3])):
                     if buf is not None:
                         buf.copy_(w)
-        return g_l, None, g_mu, g_lv
+        return g_l, None, g_mu, g_lv, None
+
+    @staticmethod
+    def _backward_into_logits(ctx, grad):
+        """Backward of a forward that wrote the logits gradient over the logits (NOTE: [ELBO gradient into
+        the logits]): the logits are gone, so the gradients are the written ones, rescaled row by row when
+        the upstream gradient is not the expected one, and a second or differentiable backward refuses."""
+        if ctx.written is None or torch.is_grad_enabled():
+            raise RuntimeError(
+                "pyvae.VAE: the ELBO's logits gradient was written over the decoder's logits (NOTE: [ELBO "
+                "gradient into the logits]), so this graph can be differentiated once and not with "
+                "create_graph=True; set VAE.elbo_into_logits = False for retain_graph or double backward")
+        g_l, g_mu, g_lv = ctx.written
+        ctx.written = None
+        lead, S, rows, D, Z = ctx.shape
+        g = grad if grad.dtype == ctx.dtype else grad.to(ctx.dtype)
+        if g.dim() > 0 and not any(g.stride()):
+            same = g.reshape(-1)[:1].item() == ctx.expected
+        else:
+            same = bool((g == ctx.expected).all())
+        if not same:  # every gradient is the upstream gradient of its row times a function of the inputs
+            g = g.expand(lead).reshape(rows)
+            _remember(ctx.key, g)
+            factor = g / ctx.expected
+            g_l.view(S, rows, D).mul_(factor.to(g_l.dtype).view(1, rows, 1))
+            for t in (g_mu, g_lv):
+                if t is not None:
+                    t.view(rows, Z).mul_(factor.view(rows, 1))
+        return g_l, None, g_mu, g_lv, None
 
 
 def _mixed(logits, x, mu, logvar) -> bool:
@@ -304,6 +346,30 @@ def _eager(logits, x, mu, logvar):
 
 _ONE_PASS_DTYPES = (torch.float32, torch.float64)
 _two_pass = eager_function(_OP, _impl, _bwd_impl, 4)
+
+
+# NOTE: [ELBO gradient into the logits]
+# The one-pass forward writes d ELBO / d logits, a fresh [L, B, D] tensor. Inside pyvae.VAE the logits are
+# an intermediate the model owns: once the ELBO has read them, nothing needs them (the decoder's last layer
+# is linear: its backward needs its input and weight, not its output), so the gradient is written over them
+# element by element (read, then write the same place) and no fresh [L, B, D] buffer is allocated and faulted
+# in each step. Where this applies: the planned CPU one-pass path (NOTE: [Lean one-pass ELBO]) with a logits
+# gradient wanted and a nonzero expected upstream gradient c. Consequences, all checked by tests:
+# - the logits' version counter is bumped, so a node that saved the logits (a hook's custom layer) raises
+#   torch's "modified by an inplace operation" error in backward instead of reading gradients;
+# - the two-pass fallback has no logits to read: an upstream gradient g other than c rescales the written
+#   gradients row by row by g / c (each is g times a function of the inputs), which may differ from the
+#   two-pass result by one rounding; a second backward of the graph (retain_graph) or create_graph=True
+#   raises a RuntimeError naming VAE.elbo_into_logits, the switch that turns this off.
+# Anyone else calling pyvae.bernoulli_elbo gets a fresh gradient: only an owner of the logits opts in.
+def bernoulli_elbo_into_logits(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor,
+                               logvar: torch.Tensor) -> torch.Tensor:
+    """``bernoulli_elbo`` for a caller that owns ``logits`` and needs nothing of them afterwards: where the
+    planned one-pass path runs, their storage receives d ELBO / d logits (NOTE: [ELBO gradient into the
+    logits]); elsewhere exactly ``bernoulli_elbo``."""
+    if eager_ok(logits, x, mu, logvar) and _one_pass_ok(logits, x, mu, logvar):
+        return _OnePass.apply(logits, x, mu, logvar, True)
+    return bernoulli_elbo(logits, x, mu, logvar)
 
 register(
     _OP,
