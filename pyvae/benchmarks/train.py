@@ -6,6 +6,8 @@ backward and a fused Adam update, for three providers trained side by side on th
     torch-eager     a plain PyTorch VAE (nn.Linear + tanh, randn eps, BCE-with-logits + the KL formula)
     torch-compile   the same step's loss under torch.compile
     pyvae           pyvae.VAE (fused layers with measured routes, in-kernel eps, the fused ELBO)
+    pyvae-fresh-grad  (opt-in) the same with ``elbo_into_logits = False``: the ELBO's logits gradient in a
+                    fresh tensor instead of the logits' storage (NOTE: [ELBO gradient into the logits])
 
 fp32 and bf16-mixed (torch.autocast on CPU), at each batch size. Beside the step times, two limits are
 measured in the same process:
@@ -82,6 +84,8 @@ def _step(model, loss_fn, opt, x, precision):
 
 def build_steps(B, precision, providers, D=784, H=500, Z=20):
     """One training-step callable per provider, all on the same batch x [B, D] and the same initial weights."""
+    import copy
+
     import torch
 
     import pyvae
@@ -97,8 +101,10 @@ def build_steps(B, precision, providers, D=784, H=500, Z=20):
     x = (torch.rand(B, D, generator=torch.Generator().manual_seed(1)) < 0.3).float()
     out = {}
     for p in providers:
-        if p == "pyvae":
-            model, fn = vae, (lambda xb, m=vae: -m(xb)[0].mean())
+        if p.startswith("pyvae"):
+            model = vae if p == "pyvae" else copy.deepcopy(vae)
+            model.elbo_into_logits = p != "pyvae-fresh-grad"
+            fn = lambda xb, m=model: -m(xb)[0].mean()  # noqa: E731
         else:
             model = plain_model(D, H, Z)
             model.load_state_dict(sd)
@@ -237,7 +243,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="pyvae bench train", description=__doc__.split("\n")[0])
     p.add_argument("--batch", nargs="+", type=int, default=[100, 1024, 8192])
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
-    C.add_common_args(p)
+    C.add_common_args(p, extra_providers=("pyvae-fresh-grad",))
     args = p.parse_args(argv)
     rows, m, out = C.run_family(args, "train", run)
     print(f"\n{m['cpu_model']}, {m['threads']} threads, torch {m['torch']}, pyvae {m['pyvae']} ({m['pyvae_cpu_arch']}), "
