@@ -46,7 +46,12 @@ void fill_uniforms(uint64_t seed, int64_t i0, int64_t n, float* dst) {
 #pragma omp simd
   for (int64_t c = c0; c < c1; ++c) {
     const philox::U32x4 w = philox::words4(seed, static_cast<uint64_t>(c));
-    for (int k = 0; k < 4; ++k) buf[4 * (c - c0) + k] = philox::uniform_open1(w.v[k]);
+    // the four stores spelled out: as a k loop, gcc 12 kept w in memory and left this loop scalar
+    float* b = buf + 4 * (c - c0);
+    b[0] = philox::uniform_open1(w.v[0]);
+    b[1] = philox::uniform_open1(w.v[1]);
+    b[2] = philox::uniform_open1(w.v[2]);
+    b[3] = philox::uniform_open1(w.v[3]);
   }
   std::copy(buf + (i0 - 4 * c0), buf + (i0 - 4 * c0) + n, dst);
 }
