@@ -128,11 +128,13 @@ void def_reparam(py::module_& m, const char* name, ReparamFn cpu::KernelTable::*
   m.def(
       name,
       [cpu_fn, cuda_fn](int device, int dtype, int64_t numel, int64_t samples, uintptr_t mu, uintptr_t logvar,
-                        uintptr_t grad_out, uintptr_t z, uintptr_t grad_mu, uintptr_t grad_logvar, uint64_t seed,
-                        uint64_t offset, uintptr_t seed_ptr, uintptr_t stream, int device_index) {
+                        uintptr_t grad_out, uintptr_t z, uintptr_t grad_mu, uintptr_t grad_logvar, uintptr_t eps,
+                        uint64_t seed, uint64_t offset, uintptr_t seed_ptr, uintptr_t stream, int device_index) {
         // A seed in device memory is read by the CUDA kernels only (NOTE: [Graph-safe seed]).
         if (seed_ptr && device != kCUDA)
           throw std::invalid_argument("pyvae._C: seed_ptr (a seed in device memory) is CUDA-only");
+        // Saved eps are written and read by the CPU kernels only (NOTE: [Saved eps]).
+        if (eps && device != kCPU) throw std::invalid_argument("pyvae._C: eps (saved normals) is CPU-only");
         ReparamParams p;
         p.dtype = checked_dtype(device, dtype, rowwise_supports);
         p.numel = numel;
@@ -143,6 +145,7 @@ void def_reparam(py::module_& m, const char* name, ReparamFn cpu::KernelTable::*
         p.z = ptr<void>(z);
         p.grad_mu = ptr<void>(grad_mu);
         p.grad_logvar = ptr<void>(grad_logvar);
+        p.eps = ptr<void>(eps);
         p.seed = seed;
         p.offset = offset;
         p.seed_ptr = ptr<const int64_t>(seed_ptr);
@@ -152,7 +155,7 @@ void def_reparam(py::module_& m, const char* name, ReparamFn cpu::KernelTable::*
         launch(device, cpu_fn, cuda_fn, p);
       },
       py::arg("device"), py::arg("dtype"), py::arg("numel"), py::arg("samples"), py::arg("mu"),
-      py::arg("logvar"), py::arg("grad_out"), py::arg("z"), py::arg("grad_mu"), py::arg("grad_logvar"),
+      py::arg("logvar"), py::arg("grad_out"), py::arg("z"), py::arg("grad_mu"), py::arg("grad_logvar"), py::arg("eps"),
       py::arg("seed"), py::arg("offset"), py::arg("seed_ptr"), py::arg("stream"), py::arg("device_index"),
       py::call_guard<py::gil_scoped_release>());
 }

@@ -318,7 +318,7 @@ def reparameterize_fwd(*, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tenso
     _C.reparameterize_fwd(
         device=dev, dtype=code, numel=n, samples=samples, mu=_ptr(kernel, "mu", mu, dtype, device, n),
         logvar=_ptr(kernel, "logvar", logvar, dtype, device, n), grad_out=0,
-        z=_ptr(kernel, "z", z, dtype, device, samples * n), grad_mu=0, grad_logvar=0, seed=seed, offset=offset,
+        z=_ptr(kernel, "z", z, dtype, device, samples * n), grad_mu=0, grad_logvar=0, eps=0, seed=seed, offset=offset,
         seed_ptr=_seed_ptr(kernel, seed_tensor, device), stream=stream(device), device_index=device_index(device))
 
 
@@ -334,16 +334,18 @@ def reparameterize_bwd(*, logvar: torch.Tensor, grad_out: torch.Tensor, grad_mu:
         device=dev, dtype=code, numel=n, samples=samples, mu=0, logvar=_ptr(kernel, "logvar", logvar, dtype, device, n),
         grad_out=_ptr(kernel, "grad_out", grad_out, dtype, device, samples * n), z=0,
         grad_mu=_ptr(kernel, "grad_mu", grad_mu, dtype, device, n, optional=True),
-        grad_logvar=_ptr(kernel, "grad_logvar", grad_logvar, dtype, device, n, optional=True),
+        grad_logvar=_ptr(kernel, "grad_logvar", grad_logvar, dtype, device, n, optional=True), eps=0,
         seed=seed, offset=offset, seed_ptr=_seed_ptr(kernel, seed_tensor, device), stream=stream(device),
         device_index=device_index(device))
 
 
 def prepare_reparameterize(direction: str, *, dtype: torch.dtype, device: torch.device, numel: int, samples: int,
-                           grads: Sequence[bool] = (False, False)) -> KernelCall:
+                           grads: Sequence[bool] = (False, False), eps: bool = False) -> KernelCall:
     """A prepared (NOTE: [Prepared kernel calls]) host-seeded CPU ``reparameterize_fwd`` (tensors mu, logvar,
     z; then seed, offset) or ``reparameterize_bwd`` (logvar, grad_out, the requested grad_mu / grad_logvar;
-    then seed, offset). Draws seeded from device memory go through ``reparameterize_fwd`` / ``_bwd``."""
+    then seed, offset). With ``eps``, a last tensor ``[samples, numel]`` of ``dtype``: the forward stores its
+    normals there, the backward reads them instead of drawing them again (NOTE: [Saved eps] in
+    csrc/cpu/reparameterize.cpp). Draws seeded from device memory go through ``reparameterize_fwd`` / ``_bwd``."""
     kernel = f"reparameterize_{direction}"
     if direction not in ("fwd", "bwd") or device.type != "cpu":
         raise RuntimeError(f"pyvae._gate.{kernel}: prepared calls are CPU forward or backward calls")
@@ -359,6 +361,8 @@ def prepare_reparameterize(direction: str, *, dtype: torch.dtype, device: torch.
             (n, numel) for n, g in zip(("grad_mu", "grad_logvar"), grads) if g)
         if not any(grads):
             raise RuntimeError(f"pyvae._gate.{kernel}: a backward call writes grad_mu, grad_logvar or both")
+    if eps:
+        names += (("eps", samples * numel),)
     slots = tuple((n, pos[n], dtype, device, k) for n, k in names)
     return KernelCall(kernel, fn, tuple(template), slots, (pos["seed"], pos["offset"]))
 

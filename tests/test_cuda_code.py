@@ -150,8 +150,18 @@ def test_gate_and_binding_refuse_a_device_seed_for_cpu_inputs():
                                  seed_tensor=torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="seed_ptr .* is CUDA-only"):
         _C.reparameterize_fwd(device=_C.device_codes["cpu"], dtype=0, numel=4, samples=1, mu=mu.data_ptr(),
-                              logvar=mu.data_ptr(), grad_out=0, z=z.data_ptr(), grad_mu=0, grad_logvar=0, seed=1,
-                              offset=0, seed_ptr=mu.data_ptr(), stream=0, device_index=0)
+                              logvar=mu.data_ptr(), grad_out=0, z=z.data_ptr(), grad_mu=0, grad_logvar=0, eps=0,
+                              seed=1, offset=0, seed_ptr=mu.data_ptr(), stream=0, device_index=0)
+
+
+def test_binding_refuses_saved_eps_off_the_cpu():
+    """NOTE: [Saved eps]: only the CPU kernels read and write the eps buffer; a CUDA call with one is refused
+    before anything runs (the CUDA kernels would ignore it and the caller would read garbage)."""
+    mu, z = torch.zeros(4), torch.empty(4)
+    with pytest.raises(ValueError, match="eps .* is CPU-only"):
+        _C.reparameterize_fwd(device=_C.device_codes["cuda"], dtype=0, numel=4, samples=1, mu=mu.data_ptr(),
+                              logvar=mu.data_ptr(), grad_out=0, z=z.data_ptr(), grad_mu=0, grad_logvar=0,
+                              eps=z.data_ptr(), seed=1, offset=0, seed_ptr=0, stream=0, device_index=0)
 
 
 @pytest.mark.parametrize("row0", [0, 1, 3, 2**40])

@@ -49,6 +49,9 @@ struct ReparamParams {
   void* z = nullptr;               // [S, numel], forward only
   void* grad_mu = nullptr;         // [numel]
   void* grad_logvar = nullptr;     // [numel]
+  // CPU only (NOTE: [Saved eps] in csrc/cpu/reparameterize.cpp): [S, numel] of the kernel dtype; the forward
+  // writes its eps here when set, and the backward reads them from here instead of drawing them again.
+  void* eps = nullptr;
   uint64_t seed = 0;
   uint64_t offset = 0;
   // CUDA only: when set, two int64 in device memory, {seed, offset} (bit-cast to uint64), read by the

@@ -204,7 +204,9 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, samples: Optional[
             seeded alike gives CPU and CUDA inputs the same draw.
 
     Returns:
-        ``z``, differentiable in ``mu`` and ``logvar`` (eps is regenerated in backward, not stored).
+        ``z``, differentiable in ``mu`` and ``logvar``. CPU eager calls keep their eps for backward (4 bytes
+        per element of z, 8 for float64: NOTE: [Saved eps] in csrc/cpu/reparameterize.cpp); elsewhere
+        backward draws them again.
     """
     if samples is not None:
         try:  # integer-like (numpy integers too); not bool, float or str
@@ -263,30 +265,55 @@ def _lean(mu, logvar, samples: int, generator) -> Optional["_LeanDraw"]:
 class _LeanDraw:
     """The kernel calls of one key (NOTE: [Lean reparameterize])."""
 
-    __slots__ = ("shape", "out_shape", "dtype", "train", "mask", "fwd", "bwd")
+    __slots__ = ("shape", "out_shape", "dtype", "train", "mask", "mu_is_grad", "fwd", "bwd", "fwd_keep",
+                 "bwd_kept")
 
     def __init__(self, mu, logvar, samples: int, train: bool):
         self.shape, self.dtype, self.train = tuple(mu.shape), mu.dtype, train
         self.out_shape = (samples, *self.shape) if samples > 0 else self.shape
         self.mask = (train and mu.requires_grad, train and logvar.requires_grad)
+        # One sample: d z / d mu = 1, so mu's gradient is the upstream gradient itself (the value the kernel
+        # would copy; torch's add returns its gradient so too), and the kernel writes only logvar's.
+        self.mu_is_grad = self.mask[0] and samples <= 1
+        kernel_grads = (self.mask[0] and not self.mu_is_grad, self.mask[1])
         n, k = mu.numel(), max(samples, 1)
         self.fwd = _gate.prepare_reparameterize("fwd", dtype=self.dtype, device=mu.device, numel=n, samples=k)
         self.bwd = (_gate.prepare_reparameterize("bwd", dtype=self.dtype, device=mu.device, numel=n, samples=k,
-                                                 grads=self.mask) if train else None)
+                                                 grads=kernel_grads) if any(kernel_grads) else None)
+        # NOTE: [Saved eps] in csrc/cpu/reparameterize.cpp: the logvar gradient reads the forward's normals
+        keep = train and self.mask[1]
+        self.fwd_keep = (_gate.prepare_reparameterize("fwd", dtype=self.dtype, device=mu.device, numel=n, samples=k,
+                                                      eps=True) if keep else None)
+        self.bwd_kept = (_gate.prepare_reparameterize("bwd", dtype=self.dtype, device=mu.device, numel=n, samples=k,
+                                                      grads=kernel_grads, eps=True) if keep else None)
 
     def forward(self, mu, logvar, seed: int, offset: int) -> torch.Tensor:
         z = torch.empty(self.out_shape, dtype=self.dtype)
         self.fwd(mu, logvar, z, seed, offset)
         return z
 
-    def backward(self, grad, inputs, seed: int, offset: int):
+    def forward_keeping_eps(self, mu, logvar, seed: int, offset: int):
+        """(z, eps): the draw and its normals (NOTE: [Saved eps]), where the logvar gradient is wanted."""
+        if self.fwd_keep is None:
+            return self.forward(mu, logvar, seed, offset), None
+        z = torch.empty(self.out_shape, dtype=self.dtype)
+        eps = torch.empty(self.out_shape, dtype=self.dtype)
+        self.fwd_keep(mu, logvar, z, eps, seed, offset)
+        return z, eps
+
+    def backward(self, grad, inputs, seed: int, offset: int, eps=None):
         mu, logvar = inputs
         if grad.dtype != self.dtype:
             grad = grad.to(self.dtype)
         if not grad.is_contiguous():
             grad = grad.contiguous()
-        grads = [torch.empty(self.shape, dtype=self.dtype) for m in self.mask if m]
-        self.bwd(logvar.contiguous(), grad, *grads, seed, offset)
+        written = [torch.empty(self.shape, dtype=self.dtype)
+                   for m in (self.mask[0] and not self.mu_is_grad, self.mask[1]) if m]
+        if eps is not None:
+            self.bwd_kept(logvar.contiguous(), grad, *written, eps, seed, offset)
+        elif written:
+            self.bwd(logvar.contiguous(), grad, *written, seed, offset)
+        grads = ([grad.view(self.shape)] if self.mu_is_grad else []) + written
         if torch.is_grad_enabled():  # NOTE: [No double backward]
             grads = list(first_order_only(_OP, tuple(grads), (mu, logvar)))
         return tuple(grads.pop(0) if m else None for m in self.mask)
@@ -304,11 +331,12 @@ class _LeanDrawFn(torch.autograd.Function):
         ctx.lean, ctx.key = lean, key
         ctx.save_for_backward(mu, logvar)  # mu for NOTE: [No double backward]: its edge
         # (strided views, e.g. GaussianHead's mu and logvar, are copied for the kernel)
-        return lean.forward(mu.contiguous(), logvar.contiguous(), *key)
+        z, ctx.eps = lean.forward_keeping_eps(mu.contiguous(), logvar.contiguous(), *key)
+        return z
 
     @staticmethod
     def backward(ctx, grad):
-        return (None, None) + ctx.lean.backward(grad, ctx.saved_tensors, *ctx.key)
+        return (None, None) + ctx.lean.backward(grad, ctx.saved_tensors, *ctx.key, eps=ctx.eps)
 
 
 # NOTE: [Sharded draws]
