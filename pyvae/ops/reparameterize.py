@@ -230,8 +230,10 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, samples: Optional[
 # against eager's 110, bench/RESULTS.md stop 10), including a host seed that went int -> tensor -> int. So
 # an eager CPU call with mu and logvar of one shape, float32/float64 (strided ones copied first, as the
 # general path does), seeded from a CPU
-# generator, is planned once per key (everything the op's checks look at): the two kernel calls are
-# prepared by the gate and a call draws the seed as an int, allocates and runs the kernel. The seed is the
+# generator, is planned once per key (everything the op's checks look at): the two kernel calls (and, where
+# logvar's gradient is wanted, their twins that keep and read eps: NOTE: [Saved eps] in
+# csrc/cpu/reparameterize.cpp) are prepared by the gate and a call draws the seed as an int, allocates and
+# runs the kernel. The seed is the
 # same draw from the same generator as the general path's and the kernels are the same, so z and its
 # gradients are bit for bit the general path's (tests/test_reparameterize.py).
 _LEAN: dict = {}
