@@ -436,6 +436,18 @@ def test_gradient_into_logits_matches_a_fresh_gradient(case):
                 assert not torch.equal(a, torch.zeros_like(a))
 
 
+def test_gradient_into_logits_leaves_a_leaf_alone():
+    # A leaf's values are its owner's: the gradient goes to a fresh tensor, the leaf keeps its logits.
+    w, x, mu, lv = _into_case()
+    leaf = w.clone().requires_grad_()
+    out = pyvae.ops.bernoulli_elbo_into_logits(leaf, x, mu, lv)
+    (g,) = torch.autograd.grad(out.mean(), leaf)
+    assert torch.equal(leaf.detach(), w)
+    leaf2 = w.clone().requires_grad_()
+    (g2,) = torch.autograd.grad(pyvae.bernoulli_elbo(leaf2, x, mu, lv).mean(), leaf2)
+    assert torch.equal(g, g2)
+
+
 def test_gradient_into_logits_refuses_a_second_backward_and_create_graph():
     w, x, mu, lv = _into_case()
     src = w.clone().requires_grad_()

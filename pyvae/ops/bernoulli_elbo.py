@@ -216,7 +216,8 @@ class _OnePass(torch.autograd.Function):
             out = torch.empty(lead, dtype=plan.dtype)
             expected = plan.expected()
             # NOTE: [ELBO gradient into the logits]: only where the gradient can be rescaled afterwards
-            ctx.into_logits = into = (into_logits and plan.need[0] and plan.c != 0.0 and math.isfinite(plan.c))
+            ctx.into_logits = into = (into_logits and plan.need[0] and logits.grad_fn is not None
+                                      and plan.c != 0.0 and math.isfinite(plan.c))
             grads = [logits if into and i == 0 else torch.empty(t.shape, dtype=t.dtype)
                      for i, (t, n) in enumerate(zip((logits, mu, logvar), plan.need)) if n]
             plan.fwd(logits, x, mu.contiguous(), logvar.contiguous(), out, expected, *grads)
@@ -354,7 +355,8 @@ _two_pass = eager_function(_OP, _impl, _bwd_impl, 4)
 # is linear: its backward needs its input and weight, not its output), so the gradient is written over them
 # element by element (read, then write the same place) and no fresh [L, B, D] buffer is allocated and faulted
 # in each step. Where this applies: the planned CPU one-pass path (NOTE: [Lean one-pass ELBO]) with a logits
-# gradient wanted and a nonzero expected upstream gradient c. Consequences, all checked by tests:
+# gradient wanted, logits made by an op (never a leaf: its values are the caller's) and a nonzero expected
+# upstream gradient c. Consequences, all checked by tests:
 # - the logits' version counter is bumped, so a node that saved the logits (a hook's custom layer) raises
 #   torch's "modified by an inplace operation" error in backward instead of reading gradients;
 # - the two-pass fallback has no logits to read: an upstream gradient g other than c rescales the written
