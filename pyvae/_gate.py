@@ -25,8 +25,8 @@ from . import _C
 
 __all__ = [
     "ACTIVATIONS", "DTYPE_CODES", "NORMALS_PER_COUNTER", "cuda_built", "cublaslt_built", "kernel_dtype", "check_device",
-    "stream", "rowwise", "prepare_rowwise", "prepare_reparameterize", "KernelCall", "gather_binarize", "reparameterize_fwd", "reparameterize_bwd", "bias_act_fwd", "act_bwd",
-    "act_bwd_workspace",
+    "stream", "rowwise", "prepare_rowwise", "prepare_reparameterize", "KernelCall", "gather_binarize",
+    "reparameterize_fwd", "reparameterize_bwd", "bias_act_fwd", "act_bwd", "act_bwd_workspace",
     "act_bwd_workspace_bytes", "device_index", "cublaslt_linear", "CUDA_KERNEL_DTYPES",
 ]
 

@@ -159,8 +159,9 @@ class VAE(nn.Module):
     def _elbo_into_logits(self) -> bool:
         from torch.nn.modules import module as _module
 
-        return (self.elbo_into_logits and not self.dec_logits._forward_hooks
-                and not _module._global_forward_hooks)
+        # torch keeps the global forward hooks in a private dict: where a torch has none, assume some
+        global_hooks = getattr(_module, "_global_forward_hooks", True)
+        return self.elbo_into_logits and not self.dec_logits._forward_hooks and not global_hooks
 
     def config(self) -> dict:
         """Constructor arguments (without ``init``/``fused``) as a plain dict, for checkpoints."""

@@ -229,13 +229,12 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, samples: Optional[
 # microsecond or two and the Python around it was most of the op (B=100, Z=20: 133 us forward + backward
 # against eager's 110, bench/RESULTS.md stop 10), including a host seed that went int -> tensor -> int. So
 # an eager CPU call with mu and logvar of one shape, float32/float64 (strided ones copied first, as the
-# general path does), seeded from a CPU
-# generator, is planned once per key (everything the op's checks look at): the two kernel calls (and, where
-# logvar's gradient is wanted, their twins that keep and read eps: NOTE: [Saved eps] in
-# csrc/cpu/reparameterize.cpp) are prepared by the gate and a call draws the seed as an int, allocates and
-# runs the kernel. The seed is the
-# same draw from the same generator as the general path's and the kernels are the same, so z and its
-# gradients are bit for bit the general path's (tests/test_reparameterize.py).
+# general path does), seeded from a CPU generator, is planned once per key (everything the op's checks look
+# at): the two kernel calls (and, where logvar's gradient is wanted, their twins that keep and read eps:
+# NOTE: [Saved eps] in csrc/cpu/reparameterize.cpp) are prepared by the gate and a call draws the seed as an
+# int, allocates and runs the kernel. The seed is the same draw from the same generator as the general
+# path's and the kernels are the same, so z and its gradients are bit for bit the general path's
+# (tests/test_reparameterize.py).
 _LEAN: dict = {}
 _LEAN_MAX = 1024
 _U64 = 0xFFFFFFFFFFFFFFFF
@@ -267,27 +266,22 @@ def _lean(mu, logvar, samples: int, generator) -> Optional["_LeanDraw"]:
 class _LeanDraw:
     """The kernel calls of one key (NOTE: [Lean reparameterize])."""
 
-    __slots__ = ("shape", "out_shape", "dtype", "train", "mask", "mu_is_grad", "fwd", "bwd", "fwd_keep",
-                 "bwd_kept")
+    __slots__ = ("shape", "out_shape", "dtype", "train", "mask", "fwd", "bwd", "fwd_keep", "bwd_kept")
 
     def __init__(self, mu, logvar, samples: int, train: bool):
         self.shape, self.dtype, self.train = tuple(mu.shape), mu.dtype, train
         self.out_shape = (samples, *self.shape) if samples > 0 else self.shape
         self.mask = (train and mu.requires_grad, train and logvar.requires_grad)
-        # One sample: d z / d mu = 1, so mu's gradient is the upstream gradient itself (the value the kernel
-        # would copy; torch's add returns its gradient so too), and the kernel writes only logvar's.
-        self.mu_is_grad = self.mask[0] and samples <= 1
-        kernel_grads = (self.mask[0] and not self.mu_is_grad, self.mask[1])
         n, k = mu.numel(), max(samples, 1)
         self.fwd = _gate.prepare_reparameterize("fwd", dtype=self.dtype, device=mu.device, numel=n, samples=k)
         self.bwd = (_gate.prepare_reparameterize("bwd", dtype=self.dtype, device=mu.device, numel=n, samples=k,
-                                                 grads=kernel_grads) if any(kernel_grads) else None)
+                                                 grads=self.mask) if train else None)
         # NOTE: [Saved eps] in csrc/cpu/reparameterize.cpp: the logvar gradient reads the forward's normals
         keep = train and self.mask[1]
         self.fwd_keep = (_gate.prepare_reparameterize("fwd", dtype=self.dtype, device=mu.device, numel=n, samples=k,
                                                       eps=True) if keep else None)
         self.bwd_kept = (_gate.prepare_reparameterize("bwd", dtype=self.dtype, device=mu.device, numel=n, samples=k,
-                                                      grads=kernel_grads, eps=True) if keep else None)
+                                                      grads=self.mask, eps=True) if keep else None)
 
     def forward(self, mu, logvar, seed: int, offset: int) -> torch.Tensor:
         z = torch.empty(self.out_shape, dtype=self.dtype)
@@ -309,13 +303,11 @@ class _LeanDraw:
             grad = grad.to(self.dtype)
         if not grad.is_contiguous():
             grad = grad.contiguous()
-        written = [torch.empty(self.shape, dtype=self.dtype)
-                   for m in (self.mask[0] and not self.mu_is_grad, self.mask[1]) if m]
+        grads = [torch.empty(self.shape, dtype=self.dtype) for m in self.mask if m]
         if eps is not None:
-            self.bwd_kept(logvar.contiguous(), grad, *written, eps, seed, offset)
-        elif written:
-            self.bwd(logvar.contiguous(), grad, *written, seed, offset)
-        grads = ([grad.view(self.shape)] if self.mu_is_grad else []) + written
+            self.bwd_kept(logvar.contiguous(), grad, *grads, eps, seed, offset)
+        else:
+            self.bwd(logvar.contiguous(), grad, *grads, seed, offset)
         if torch.is_grad_enabled():  # NOTE: [No double backward]
             grads = list(first_order_only(_OP, tuple(grads), (mu, logvar)))
         return tuple(grads.pop(0) if m else None for m in self.mask)
