@@ -428,7 +428,7 @@ def _timed_rounds(steps: dict[str, Step], device: str, reps: int | None, target_
     if reps is None:
         slowest = max(percentile([_time_once(steps[n], device) for _ in range(3)], 50) for n in names)
         reps = int(min(max_reps, max(min_reps, round(target_s * 1e3 / max(slowest, 1e-3)))))
-    timed = max(1, block - 1) if block > 1 else 1
+    timed = max(1, block - 1)
     times: dict[str, list[float]] = {n: [] for n in names}
     gc.collect()
     gc_was = gc.isenabled()
@@ -463,7 +463,8 @@ def _timed_rounds(steps: dict[str, Step], device: str, reps: int | None, target_
 # step again and again. So by default each provider runs a block of calls per round: one untimed call that
 # brings its own data back into cache, then block - 1 timed calls; rounds still shuffle the providers'
 # order. ``--block 1`` gives the earlier cold-cache interleaving (a lower bound for a model sharing the
-# machine's caches with others); bench/RESULTS.md compares the two in one run.
+# machine's caches with others). No run has yet compared the two in one process: bench/RESULTS.md (stop 12)
+# has a --block 1 run, in another process.
 
 
 def measure_case(steps: dict[str, Step], *, device: str, reps: int | None, target_s: float,
