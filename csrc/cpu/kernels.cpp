@@ -11,6 +11,7 @@
 
 #include "common/params.h"
 #include "cpu/kernels.h"
+#include "cpu/pages.h"
 #include "ops/bernoulli.h"
 #include "ops/continuous_bernoulli.h"
 #include "ops/elbo.h"
@@ -150,6 +151,8 @@ template <typename T, typename Grad>
 void logits_x_bwd(const RowwiseParams& p, const Grad& grad) {
   const int64_t D = p.cols;
   const T* G = static_cast<const T*>(p.grad_out);
+  advise_huge_pages(static_cast<T*>(p.grad_a), p.rows * D);  // NOTE: [Huge pages for fresh outputs]
+  advise_huge_pages(static_cast<T*>(p.grad_b), p.rows * D);
   bool_switch2(p.grad_a != nullptr, p.grad_b != nullptr, [&](auto want_l, auto want_x) {
     parallel_rows(p.rows, D, [&](int64_t r) {
       const T* l = row_of<T>(p.a, r, D);
@@ -341,6 +344,7 @@ void gaussian_log_prob_bwd_t(const RowwiseParams& p) {
   T* gx = static_cast<T*>(p.grad_a);
   T* gm = static_cast<T*>(p.grad_b);
   T* glv = static_cast<T*>(p.grad_c);
+  for (T* g : {gx, gm, glv}) advise_huge_pages(g, p.rows * D);  // NOTE: [Huge pages for fresh outputs]
   parallel_rows(p.rows, D, [&](int64_t r) {
     const T* x = row_of<T>(p.a, r, D);
     const T* m = row_of<T>(p.b, r, D);
@@ -422,6 +426,7 @@ void bernoulli_elbo_fwd_t(const RowwiseParams& p) {
     // Written over the logits themselves (NOTE: [ELBO gradient into the logits]): their pages are mapped,
     // and a touch would clobber a logit before it is read.
     const bool fresh = static_cast<const void*>(gl) != p.a.data;
+    if (fresh) advise_huge_pages(gl, S * B * D);  // NOTE: [Huge pages for fresh outputs]
     parallel_blocks(B, blk, S * D + Z, [&](int64_t r0, int64_t r1) {
       if (fresh)
         for (int64_t s = 0; s < S; ++s) touch_pages(gl + (s * B + r0) * D, (r1 - r0) * D);
@@ -436,6 +441,8 @@ void bernoulli_elbo_bwd_t(const RowwiseParams& p) {
   const T* G = static_cast<const T*>(p.grad_out);
   T* gmu = static_cast<T*>(p.grad_c);
   T* glv = static_cast<T*>(p.grad_d);
+  advise_huge_pages(static_cast<T*>(p.grad_a), S * B * D);  // NOTE: [Huge pages for fresh outputs]
+  advise_huge_pages(static_cast<T*>(p.grad_b), B * D);
   bool_switch2(p.grad_a != nullptr, p.grad_b != nullptr, [&](auto want_l, auto want_x) {
     parallel_rows(B, S * D + Z, [&](int64_t b) {
       const auto scale = ops::elbo_grad_scales(G[b], S);

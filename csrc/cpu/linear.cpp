@@ -8,6 +8,7 @@
 #include "common/hd.h"
 #include "common/params.h"
 #include "cpu/kernels.h"
+#include "cpu/pages.h"
 #include "ops/activation.h"
 
 namespace pyvae {
@@ -61,6 +62,8 @@ void act_bwd_t(const LinearParams& p) {
   S* gb = static_cast<S*>(p.grad_bias);
   S* gpt = static_cast<S*>(p.grad_pre_t);
   const int64_t R = p.rows, N = p.cols;
+  advise_huge_pages(gp, R * N);  // NOTE: [Huge pages for fresh outputs] in csrc/cpu/pages.h
+  advise_huge_pages(gpt, R * N);
   const int64_t chunks = (R + kRowChunk - 1) / kRowChunk;
   std::vector<C> partial(gb ? static_cast<size_t>(chunks * N) : 0);
   // grad_pre_t without grad_pre (only the weight gradient is wanted): the chunk's rows of

@@ -7,6 +7,7 @@
 
 #include "common/params.h"
 #include "cpu/kernels.h"
+#include "cpu/pages.h"
 #include "ops/binarize.h"
 #include "ops/philox.h"
 #include "ops/reparameterize.h"
@@ -164,6 +165,7 @@ void reparameterize_bwd(const ReparamParams& p) {
 void gather_binarize(const BinarizeParams& p) {
   const int64_t R = p.rows, D = p.cols;
   if (R == 0 || D == 0) return;
+  advise_huge_pages(p.out, R * D);  // NOTE: [Huge pages for fresh outputs] in csrc/cpu/pages.h
 #pragma omp parallel for schedule(static) if (R * D >= kParallelGrain)
   for (int64_t r = 0; r < R; ++r) {
     const float* src = p.src + (p.index ? p.index[r] : r) * D;

@@ -1,0 +1,43 @@
+// Memory advice for large outputs of the CPU kernels (included by each per-instruction-set launcher file).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace pyvae {
+namespace cpu {
+namespace PYVAE_CPU_ARCH {
+
+// NOTE: [Huge pages for fresh outputs]
+// The same faults come 512 times fewer with 2 MiB pages: on the 2-core AMD EPYC VM a fresh [16384, 784]
+// float32 tensor written by torch.add took 21.6 ms with 4 KiB pages and 6.6-6.9 ms with huge pages
+// (torch's own THP_MEM_ALLOC_ENABLE=1, which madvises every allocation of 2 MB and more, for the whole
+// process). A kernel that writes a fresh output of kHugeAdviceBytes or more advises the kernel to back
+// it with transparent huge pages (madvise MADV_HUGEPAGE over the whole 2 MiB-aligned pages inside it)
+// before its first store, for its own output only. Advice changes no data: memory already mapped keeps
+// its contents (the kernel's khugepaged may later merge such pages in the background). Where THP is off
+// ("never") or unsupported, the call has no effect and its result is ignored.
+constexpr int64_t kHugeAdviceBytes = int64_t(4) << 20;
+
+// Null p: nothing.
+template <typename T>
+inline void advise_huge_pages(T* p, int64_t n) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const int64_t bytes = n * int64_t(sizeof(T));
+  if (p == nullptr || bytes < kHugeAdviceBytes) return;
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t b = reinterpret_cast<uintptr_t>(p), e = b + static_cast<uintptr_t>(bytes);
+  const uintptr_t b2 = (b + kHuge - 1) & ~(kHuge - 1), e2 = e & ~(kHuge - 1);
+  if (e2 > b2) (void)madvise(reinterpret_cast<void*>(b2), e2 - b2, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
+}  // namespace PYVAE_CPU_ARCH
+}  // namespace cpu
+}  // namespace pyvae

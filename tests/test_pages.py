@@ -1,0 +1,68 @@
+"""Large fresh outputs of the CPU kernels are advised onto transparent huge pages (NOTE: [Huge pages for fresh
+outputs] in csrc/cpu/pages.h).
+
+The check reads the kernel's own accounting (/proc/self/smaps: AnonHugePages of the mapping that holds the
+output). It runs only where the system's THP mode is "madvise": with "always" every large mapping gets huge
+pages whether pyvae asks or not (the test could not fail), with "never" none do.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyvae
+from pyvae.ops import gather_binarize
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return "absent"
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else "absent"
+
+
+pytestmark = pytest.mark.skipif(_thp_mode() != "madvise", reason="THP mode is not 'madvise' here")
+
+
+def _huge_kb(t: torch.Tensor) -> int:
+    """AnonHugePages (kB) of the mappings overlapping ``t``'s bytes (advice splits a mapping at the 2 MiB
+    boundaries inside the tensor, so its first bytes lie in a mapping of their own)."""
+    lo_t = t.data_ptr()
+    hi_t = lo_t + t.numel() * t.element_size()
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo < hi_t and lo_t < hi
+            elif inside and head == "AnonHugePages:":
+                total += int(line.split()[1])
+    return total
+
+
+B, D, Z = 16384, 784, 20  # 51 MB float32 outputs: always a fresh mapping of glibc's
+
+
+def test_bernoulli_log_prob_grad_on_huge_pages():
+    logits = torch.randn(B, D, requires_grad=True)
+    x = (torch.rand(B, D) < 0.5).float()
+    pyvae.bernoulli_log_prob(logits, x).sum().backward()
+    assert _huge_kb(logits.grad) >= 2048
+
+
+def test_elbo_fresh_grad_on_huge_pages():
+    logits = torch.randn(B, D, requires_grad=True)  # a leaf: the gradient is a fresh tensor
+    x = (torch.rand(B, D) < 0.5).float()
+    mu = torch.randn(B, Z, requires_grad=True)
+    logvar = torch.randn(B, Z, requires_grad=True)
+    pyvae.bernoulli_elbo(logits, x, mu, logvar).sum().backward()
+    assert _huge_kb(logits.grad) >= 2048
+
+
+def test_gather_binarize_output_on_huge_pages():
+    src = torch.rand(B, D)
+    out = gather_binarize(src, torch.arange(B), seed=3)
+    assert _huge_kb(out) >= 2048
