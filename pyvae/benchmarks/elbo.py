@@ -205,14 +205,20 @@ def run(args, out: str) -> list:
             fns = _provider_fns(case, args.providers)
             steps_full, compile_s = C.first_calls(fns, case["args"], {p: case["leaves"] for p in fns},
                                                   case["grad_out"])
-            floor_ms = None
+            floor_ms = huge_ms = None
             if op == "elbo_step" and "full" in args.modes:
                 # The memory floor of the step: one read of logits and x, one write of a fresh [B, D]
-                # gradient (torch.add into a new tensor: its page faults included), timed alike.
+                # gradient (torch.add into a new tensor: its page faults included), timed alike; and the same
+                # write into a fresh tensor advised onto huge pages first, as pyvae's kernels advise a large
+                # fresh output (NOTE: [Huge pages for fresh outputs] in csrc/cpu/pages.h).
                 logits, x = case["args"][0], case["args"][1]
-                add = C.Step(lambda: torch.add(logits.detach(), x), [], None, "forward")
-                floor_ms = C.measure_case({"floor": add}, device=args.device, reps=args.reps, target_s=args.target_s / 2,
-                                          memory=False)["floor"]["median_ms"]
+                floors = {"floor": C.Step(lambda: torch.add(logits.detach(), x), [], None, "forward")}
+                if args.device == "cpu":
+                    floors["huge"] = C.Step(lambda: torch.add(logits.detach(), x, out=C.empty_on_huge_pages(
+                        x.shape, x.dtype)), [], None, "forward")
+                fl = C.measure_case(floors, device=args.device, reps=args.reps, target_s=args.target_s / 2, memory=False)
+                floor_ms = fl["floor"]["median_ms"]
+                huge_ms = fl["huge"]["median_ms"] if "huge" in fl else None
             for mode in args.modes:
                 res = C.measure_case(C.in_mode(steps_full, mode), device=args.device, reps=args.reps, target_s=args.target_s,
                                      memory=not args.no_memory)
@@ -225,12 +231,17 @@ def run(args, out: str) -> list:
                 if floor_ms is not None and mode == "full":
                     row["memory_floor_ms"] = floor_ms
                     row["vs_floor"] = {p: r["median_ms"] / floor_ms for p, r in res.items()}
+                    if huge_ms is not None:
+                        row["memory_floor_huge_ms"] = huge_ms
+                        row["vs_floor_huge"] = {p: r["median_ms"] / huge_ms for p, r in res.items()}
                 rows.append(row)
                 C.append_jsonl(out, [row])  # row by row: an interrupted run keeps what it measured
                 summary = "  ".join(f"{p}={r['median_ms']:.4g}ms" for p, r in res.items())
                 r0 = next(iter(res.values()))
                 load = "-" if r0["foreign_cpu"] is None else f"{100 * r0['foreign_cpu']:.0f}%"
                 floor = f"  floor={floor_ms:.4g}ms" if (floor_ms is not None and mode == "full") else ""
+                if huge_ms is not None and mode == "full":
+                    floor += f" floor-huge={huge_ms:.4g}ms"
                 print(f"[{op} {mode} B={B}] {summary}{floor}  reps={r0['reps']} other-cpu={load} "
                       f"attempts={r0['attempts']}", file=sys.stderr, flush=True)
     return rows
