@@ -53,5 +53,6 @@ def show() -> List[str]:
              "machine: " + ", ".join(f"{k}={v}" for k, v in _tune.machine_key().items())]
     for key, e in sorted(_tune.entries().items()):
         ms = ", ".join(f"{n} {v:.3f} ms" for n, v in e["ms"].items())
-        lines.append(f"{key}: {e['choice']}  ({ms})")
+        votes = f"; undecided, races picked {', '.join(e['votes'])}" if e.get("votes") else ""
+        lines.append(f"{key}: {e['choice']}  ({ms}{votes})")
     return lines

@@ -221,7 +221,9 @@ def tuning(tmp_path, monkeypatch):
     monkeypatch.setenv("PYVAE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("PYVAE_TUNE", "auto")
     monkeypatch.setattr(_tune, "_busy", lambda: False)
-    monkeypatch.setattr(_tune, "_measure_undisturbed", lambda c: (_tune.measure(c), False))
+    monkeypatch.setattr(_tune, "_measure_undisturbed",
+                        lambda c, outcome=None: (_tune.measure(c, **({} if outcome is None else {"outcome": outcome})),
+                                                 False))
     _tune.reset_for_tests()
     forget_routes()
     yield tmp_path

@@ -405,3 +405,51 @@ def test_run_delay_reads_this_process_threads():
     torch.randn(256, 256) @ torch.randn(256, 256)
     b = _tune._run_delay()
     assert b is not None and b >= a >= 0.0
+
+
+def _scripted_measure(script, calls):
+    """A ``measure`` whose n-th race returns ``script[n]`` = (winner, decided): the winner 10% ahead."""
+    def measure(candidates, outcome=None, **kw):
+        winner, decided = script[len(calls)]
+        calls.append(tuple(candidates))
+        if outcome is not None:
+            outcome.update(decided=decided, rounds=25)
+        return {n: (0.0010 if n == winner else 0.0011) for n in candidates}
+    return measure
+
+
+_RACERS = {"torch": lambda: None, "pyvae": lambda: None, "pyvae-mm": lambda: None}
+
+
+def test_an_undecided_race_is_run_again_and_the_picks_vote(tuning, monkeypatch):
+    # NOTE: [Undecided races]: one close race read pyvae-mm first; two more, between it and the runner-up, read torch.
+    calls = []
+    monkeypatch.setattr(_tune, "measure", _scripted_measure([("pyvae-mm", False), ("torch", False), ("torch", True)],
+                                                            calls))
+    assert _tune.decide("k", dict(_RACERS)) == "torch"
+    assert calls[0] == ("torch", "pyvae", "pyvae-mm") and len(calls) == 3
+    assert set(calls[1]) == set(calls[2]) == {"torch", "pyvae-mm"}  # the pick and the fastest other (a tie: first)
+    entry = _tune.entries()["k"]
+    assert entry["choice"] == "torch" and entry["votes"] == ["pyvae-mm", "torch", "torch"]
+
+
+def test_two_agreeing_races_need_no_third(tuning, monkeypatch):
+    calls = []
+    monkeypatch.setattr(_tune, "measure", _scripted_measure([("pyvae", False), ("pyvae", False)], calls))
+    assert _tune.decide("k", dict(_RACERS)) == "pyvae" and len(calls) == 2
+
+
+def test_a_decided_race_is_not_repeated(tuning, monkeypatch):
+    calls = []
+    monkeypatch.setattr(_tune, "measure", _scripted_measure([("pyvae", True)], calls))
+    assert _tune.decide("k", dict(_RACERS)) == "pyvae" and len(calls) == 1
+    assert "votes" not in _tune.entries()["k"]
+
+
+def test_measure_reports_whether_its_race_was_decided():
+    out = {}
+    _tune.measure({"a": lambda: None}, outcome=out, min_rounds=2, max_rounds=3, min_s=0.0)
+    assert out == {"decided": True, "rounds": 2}  # one candidate: decided at the first judgement
+    out = {}
+    _tune.measure({"a": lambda: None, "b": lambda: None}, outcome=out, min_rounds=2, max_rounds=2, min_s=10.0)
+    assert out == {"decided": False, "rounds": 2}  # never judged (min_s not reached): undecided
