@@ -252,8 +252,9 @@ def measure(candidates: Dict[str, Callable[[], None]], budget_s: float = 0.3, mi
     call (on a shared machine other processes only ever add time, so the fastest call estimates what the
     route itself costs), or "median", the middle call (what a run of many calls pays per call where a
     route's own time varies from call to call; NOTE: [Median rule]). ``raw``, when given, receives each
-    candidate's timings (seconds, in the order taken); ``outcome``, when given, receives ``decided`` (the race
-    ended by its rule, NOTE: [Early stop], rather than by ``max_rounds`` or ``budget_s``) and ``rounds``."""
+    candidate's timings (seconds, in the order taken); ``outcome``, when given, receives ``decided`` (whether the
+    rule of NOTE: [Early stop] has a verdict on the timings taken, when the race ended or at its end) and
+    ``rounds``."""
     stat = stat or STAT
     if stat not in STATS:
         raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
@@ -277,6 +278,8 @@ def measure(candidates: Dict[str, Callable[[], None]], budget_s: float = 0.3, mi
     if raw is not None:
         raw.update({n: list(v) for n, v in times.items()})
     if outcome is not None:
+        if not over and r:  # stopped by max_rounds or the budget (or before min_s): judged once at the end
+            over = race({n: times[n] for n in left}, stat=stat)[1]
         outcome.update(decided=over, rounds=r)
     return {n: _summary(v, stat) for n, v in times.items()}
 
@@ -349,7 +352,7 @@ def _measure_undisturbed(candidates: Dict[str, Callable[[], None]],
 
 
 # NOTE: [Undecided races]
-# A race that runs all its rounds without a verdict (NOTE: [Early stop]) is a close one, and on this shared
+# A race whose timings have no verdict when it ends (NOTE: [Early stop]) is a close one, and on this shared
 # VM a close race read once can come out either way: in stop 12's `pyvae bench routes` runs the worst
 # misses (chosen route 1.15x and 1.35x the best) were such races, and the tuner's own rule, run three more
 # times on the same candidates inside the benchmark, picked the benchmark's best in every rerun. So an

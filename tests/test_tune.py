@@ -452,4 +452,19 @@ def test_measure_reports_whether_its_race_was_decided():
     assert out == {"decided": True, "rounds": 2}  # one candidate: decided at the first judgement
     out = {}
     _tune.measure({"a": lambda: None, "b": lambda: None}, outcome=out, min_rounds=2, max_rounds=2, min_s=10.0)
-    assert out == {"decided": False, "rounds": 2}  # never judged (min_s not reached): undecided
+    assert out["rounds"] == 2 and isinstance(out["decided"], bool)  # min_s not reached: judged at the end
+
+
+def test_measure_judges_a_race_cut_short_at_its_end(monkeypatch):
+    # Two routes far apart, stopped by max_rounds before min_s: decided at the end; two equal noisy ones: not.
+    clock = _FakeClock()
+    monkeypatch.setattr(_tune, "time", clock)
+    calls = {"a": 0, "b": 0}
+    out = {}
+    _tune.measure(_simulated_candidates(clock, {"a": 1.0, "b": 2.0}, random.Random(0), 0.01, calls), outcome=out,
+                  min_rounds=10, max_rounds=12, min_s=1e9)
+    assert out == {"decided": True, "rounds": 12}
+    out = {}
+    _tune.measure(_simulated_candidates(clock, {"a": 1.0, "b": 1.0}, random.Random(0), 0.3, calls), outcome=out,
+                  min_rounds=10, max_rounds=12, min_s=1e9)
+    assert out == {"decided": False, "rounds": 12}
