@@ -116,6 +116,8 @@ def _child(args) -> list:
             seen: dict = {}
 
             def spy(candidates, **kw):  # the tuner's own candidates and timings, for --study and the record
+                if "candidates" in seen:  # a confirming race of an undecided one (NOTE: [Undecided races])
+                    return real_measure(candidates, **kw)
                 seen["candidates"], seen["raw"] = candidates, {}
                 return real_measure(candidates, raw=seen["raw"], **kw)
 
@@ -142,7 +144,7 @@ def _child(args) -> list:
                 study[stat] = {"picks": picks, "ratios": [boot["ratio"][p] for p in picks]}
             rows.append({"bench": "routes", "emulation": os.environ.get("PYVAE_BENCH_EMULATION", "as-is"),
                          "layer": name, "B": B, "results": res, "best": best, "chosen": chosen,
-                         "tuner_ms": entry["ms"], "tuner_stat": _tune.STAT,
+                         "tuner_ms": entry["ms"], "tuner_stat": _tune.STAT, "tuner_votes": entry.get("votes"),
                          "tuner_rounds": {r: len(v) for r, v in seen.get("raw", {}).items()},
                          "chosen_vs_best": res[chosen]["median_ms"] / res[best]["median_ms"],
                          "chosen_vs_best_ci": boot["chosen"][1:], "verdict": verdict(boot["chosen"]),
@@ -172,7 +174,9 @@ def markdown(rows) -> str:
         best = r["best"] + ("" if share is None else f" ({100 * share:.0f}%{'' if r.get('resolved') else ', tied'})")
         ratio = [r["chosen_vs_best"], *r["chosen_vs_best_ci"]] if "chosen_vs_best_ci" in r else None
         cells = [r["emulation"], r["layer"], str(r["B"]), ms.get("torch", "-"), ms.get("pyvae", "-"),
-                 ms.get("pyvae-mm", "-"), ms.get("pyvae-1t", "-"), _ci(r["aa"]) if r.get("aa") else "-", best, r["chosen"],
+                 ms.get("pyvae-mm", "-"), ms.get("pyvae-1t", "-"), _ci(r["aa"]) if r.get("aa") else "-", best,
+                 r["chosen"] + (f" (votes {''.join(short.get(p, p) for p in r['tuner_votes'])})"
+                                if r.get("tuner_votes") else ""),
                  _ci(ratio) if ratio else f"{r['chosen_vs_best']:.3f}", r.get("verdict", "-")]
         for s in stats:
             st = r.get("study", {}).get(s)
