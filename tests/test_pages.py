@@ -11,19 +11,11 @@ import pytest
 import torch
 
 import pyvae
+from pyvae.benchmarks.common import thp_mode
 from pyvae.ops import gather_binarize
 
 
-def _thp_mode() -> str:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            text = f.read()
-    except OSError:
-        return "absent"
-    return text[text.index("[") + 1:text.index("]")] if "[" in text else "absent"
-
-
-pytestmark = pytest.mark.skipif(_thp_mode() != "madvise", reason="THP mode is not 'madvise' here")
+pytestmark = pytest.mark.skipif(thp_mode() != "madvise", reason="THP mode is not 'madvise' here")
 
 
 def _huge_kb(t: torch.Tensor) -> int:

@@ -212,6 +212,16 @@ def _git_rev() -> str | None:
         return None
 
 
+def thp_mode() -> str | None:
+    """The system's transparent-huge-page mode ("always", "madvise", "never"), or None where unreadable."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")] if "[" in text and "]" in text else None
+
+
 def machine_info(args: argparse.Namespace) -> dict:
     import torch
 
@@ -236,6 +246,10 @@ def machine_info(args: argparse.Namespace) -> dict:
         "glibc": platform.libc_ver()[1] or None,
         "malloc_env": {k: v for k, v in os.environ.items()
                        if k == "GLIBC_TUNABLES" or k.startswith("MALLOC_")},
+        # large fresh outputs of pyvae's kernels go on huge pages only in "madvise" or "always" mode (NOTE: [Huge
+        # pages for fresh outputs] in csrc/cpu/pages.h); torch's THP_MEM_ALLOC_ENABLE puts all of torch's there
+        "thp": thp_mode(),
+        "thp_env": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "omp_wait": getattr(args, "omp_wait", None),
         "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))},
         "inductor_compile_threads": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS"),
