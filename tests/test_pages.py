@@ -68,3 +68,28 @@ def test_benchmark_floor_buffer_on_huge_pages():
     assert t.shape == (B, D) and t.dtype == torch.float32
     t.fill_(1.0)
     assert _huge_kb(t) >= 2048
+
+
+def test_advice_can_be_turned_off(tmp_path):
+    # PYVAE_HUGE_PAGES=off (NOTE: [Huge pages for fresh outputs]): the same output stays on 4 KiB pages; with the
+    # variable unset, the same child process puts it on huge pages (so the check can tell the two apart).
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, pyvae, test_pages as T\n"
+            "logits = torch.randn(T.B, T.D, requires_grad=True)\n"
+            "pyvae.bernoulli_log_prob(logits, (torch.rand(T.B, T.D) < 0.5).float()).sum().backward()\n"
+            "print(T._huge_kb(logits.grad))\n")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "PYVAE_HUGE_PAGES"}
+    env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")  # (pyvae itself: the installed one)
+
+    def huge_kb(**extra):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                             timeout=300, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
+
+    assert huge_kb(PYVAE_HUGE_PAGES="off") == 0
+    assert huge_kb() >= 2048

@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -23,14 +25,28 @@ namespace PYVAE_CPU_ARCH {
 // later merge such pages in the background). Where THP is off ("never") or unsupported, the call has no
 // effect and its result is ignored. Measured with `pyvae bench elbo` (bench/RESULTS.md, stop 13); tested in
 // tests/test_pages.py.
+// Where the kernel's THP defrag setting is "madvise" (a common default), a fault in an advised range may
+// compact memory synchronously to find a free 2 MiB page; on a machine whose memory is fragmented that can
+// cost more than the faults it saves. PYVAE_HUGE_PAGES=off in the environment (read once, at the first
+// large output) turns the advice off.
 constexpr int64_t kHugeAdviceBytes = int64_t(4) << 20;
+
+inline bool huge_page_advice_on() {
+  static const bool on = [] {
+    const char* v = std::getenv("PYVAE_HUGE_PAGES");
+    if (v == nullptr) return true;
+    const std::string s(v);
+    return !(s == "off" || s == "0" || s == "false" || s == "no");
+  }();
+  return on;
+}
 
 // Null p: nothing.
 template <typename T>
 inline void advise_huge_pages(T* p, int64_t n) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const int64_t bytes = n * int64_t(sizeof(T));
-  if (p == nullptr || bytes < kHugeAdviceBytes) return;
+  if (p == nullptr || bytes < kHugeAdviceBytes || !huge_page_advice_on()) return;
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const uintptr_t b = reinterpret_cast<uintptr_t>(p), e = b + static_cast<uintptr_t>(bytes);
   const uintptr_t b2 = (b + kHuge - 1) & ~(kHuge - 1), e2 = e & ~(kHuge - 1);
