@@ -357,19 +357,11 @@ def _measure_undisturbed(candidates: Dict[str, Callable[[], None]],
 # misses (chosen route 1.15x and 1.35x the best) were such races, and the tuner's own rule, run three more
 # times on the same candidates inside the benchmark, picked the benchmark's best in every rerun. So an
 # undecided race is run again between its pick and the fastest other candidate, at another moment, and the
-# picks vote; if the two disagree a third race decides (the route two of the three picked; if all three
-# differ, the lowest median of the three races' times). A race decided by its rule is not repeated, so the
+# picks vote; if the two disagree a third race between the same two decides (two of the three picks agree:
+# the later races have only the two to pick from). A race decided by its rule is not repeated, so the
 # cost falls on close races only: each extra race is another 10-25 rounds of two candidates. The cache
 # entry keeps the picks ("votes").
 CONFIRM = 3  # races at most for an undecided one
-
-
-def _vote(picks: List[str], runs: List[Dict[str, float]]) -> str:
-    for p in picks:
-        if picks.count(p) * 2 > len(picks):
-            return p
-    names = [n for n in runs[0] if all(n in r for r in runs)]
-    return min(names, key=lambda n: sorted(r[n] for r in runs)[len(runs) // 2])
 
 
 def decide(key: str, candidates: Dict[str, Callable[[], None]], *, what: str = "") -> str:
@@ -380,16 +372,15 @@ def decide(key: str, candidates: Dict[str, Callable[[], None]], *, what: str = "
     outcome: dict = {}
     ms, disturbed = _measure_undisturbed(candidates, outcome)
     best = choose({n: ms[n] for n in candidates})
-    picks, runs = [best], [ms]
+    picks = [best]
     if outcome.get("decided") is False and len(candidates) > 1:  # NOTE: [Undecided races]
         other = min((n for n in candidates if n != best), key=lambda n: ms[n])
         pair = {n: candidates[n] for n in candidates if n in (best, other)}  # (candidate order: ties go first)
         while len(picks) < CONFIRM and not (len(picks) == 2 and picks[0] == picks[1]):
             ms_k, dist_k = _measure_undisturbed(pair)
             disturbed = disturbed or dist_k
-            runs.append(ms_k)
             picks.append(choose(ms_k))
-        best = _vote(picks, runs)
+        best = max(picks, key=picks.count)  # the majority: two of two, or two of three
     busy = disturbed or _busy()
     _routes()[key] = {"choice": best, "ms": {n: round(v * 1e3, 4) for n, v in ms.items()}, "what": what,
                       "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "busy": busy}
