@@ -14,6 +14,22 @@ Each epoch runs the three one after the other in a fresh random order; the table
 time (first epoch, which includes compilation and pyvae's route measurements, reported apart), samples/s,
 the ratios, and the test loss per datapoint after the last epoch (same within noise: the three optimize
 the same objective from the same start, with different random draws).
+
+The limit of the swap, measured in the same process after the epochs: a swap of the layers and the loss
+leaves three things of each step as they are, so no swapped loop can take less per step than their sum:
+
+    GEMM-only       the model's matrix products (forward, weight and input gradients; the first layer needs
+                    no input gradient), each with the fastest of torch's mm and oneDNN's linear in its best
+                    layout, on all threads or on one (``pyvae bench train``'s ``gemm_only``), for the swapped
+                    model's layers (its two heads in one product: fewer calls than the plain model's)
+    optimizer       the user's ``torch.optim.Adam(lr=1e-3).step()`` on the swapped model's parameters
+    gather          the loop's ``data.train[perm[i:i + B]]``
+
+``limit epoch s`` is their sum times the steps of an epoch; ``plain / limit`` is the most any such swap
+could speed up this loop on this machine, and ``limit / pyvae`` the share of it pyvae's swap reaches. The
+limit is timed alone, with its operands warm in the caches, so it is a bound, not a forecast. Minor page
+faults per step (``getrusage``) are reported per provider: on this loop glibc can return freed heap to
+the kernel every step and fault it in again, a process-wide cost that moves epoch times by 10-15%.
 """
 from __future__ import annotations
 
@@ -97,7 +113,45 @@ def _data(name: str, data_dir, limit):
     return load_dataset(name, data_dir, "none", limit)
 
 
+def layer_sizes(module) -> list:
+    """(in, out) of the linear layers of ``module`` (``nn.Linear`` and pyvae's ``FusedLinear``), in the order
+    they were registered, which for these models is the forward order."""
+    from torch import nn
+
+    return [(m.in_features, m.out_features) for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def limit_per_step(gemm_ms: float, optimizer_ms: float, gather_ms: float) -> float:
+    """The per-step bound of the swap: its three unchanged parts run back to back."""
+    return gemm_ms + optimizer_ms + gather_ms
+
+
+def measure_limit(module, data, B: int, seed: int, target_s: float = 1.0) -> dict:
+    """Milliseconds of the parts of a step that a swap of the layers and the loss leaves unchanged (see the
+    module docstring), measured on copies of ``module``'s parameters."""
+    import torch
+
+    from .train import gemm_only
+
+    gemm_s, flops = gemm_only(B, "fp32", None, target_s / 4, layers=layer_sizes(module))
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(p.detach().clone()) for p in module.parameters()]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt = torch.optim.Adam(params, lr=1e-3)
+    idx = torch.randperm(data.train.shape[0], generator=gen)[:B]
+    res = C.measure_case({"optimizer": C.Step(opt.step, [], None, "forward"),
+                          "gather": C.Step(lambda: data.train[idx], [], None, "forward")},
+                         device="cpu", reps=None, target_s=target_s, memory=False)
+    out = {"gemm_ms": gemm_s * 1e3, "gemm_flops": flops, "optimizer_ms": res["optimizer"]["median_ms"],
+           "gather_ms": res["gather"]["median_ms"]}
+    out["step_ms"] = limit_per_step(out["gemm_ms"], out["optimizer_ms"], out["gather_ms"])
+    return out
+
+
 def run(args) -> list:
+    import resource
+
     import torch
 
     machine = C.machine_info(args)
@@ -107,6 +161,8 @@ def run(args) -> list:
     n = data.train.shape[0]
     B = args.batch_size
     epoch_s = {p: [] for p in args.providers}
+    faults = {p: [] for p in args.providers}  # minor page faults per step, per epoch
+    steps = len(range(0, n - B + 1, B))
     order = random.Random(args.seed)
     for epoch in range(args.epochs):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
@@ -116,6 +172,7 @@ def run(args) -> list:
             module, fn = models[p]
             opt = opts[p]
             module.train()
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t = time.perf_counter()
             for i in range(0, n - B + 1, B):
                 x = data.train[perm[i:i + B]]
@@ -124,6 +181,7 @@ def run(args) -> list:
                 loss.backward()
                 opt.step()
             epoch_s[p].append(time.perf_counter() - t)
+            faults[p].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / max(steps, 1))
         print(f"[dropin epoch {epoch + 1}] " + "  ".join(f"{p}={epoch_s[p][-1]:.2f}s" for p in args.providers),
               file=sys.stderr, flush=True)
     test_loss = {}
@@ -139,7 +197,16 @@ def run(args) -> list:
     row = {"bench": "dropin", "dataset": data.name, "B": B, "epochs": args.epochs, "train_samples": samples,
            "epoch_s": epoch_s, "median_epoch_s": steady, "first_epoch_s": {p: v[0] for p, v in epoch_s.items()},
            "samples_per_s": {p: samples / s for p, s in steady.items()}, "test_loss": test_loss,
+           "faults_per_step": {p: statistics.median(v[1:]) if len(v) > 1 else v[0] for p, v in faults.items()},
            "loadavg": os.getloadavg(), "machine": machine}
+    if not args.no_swap_limit:
+        lim = measure_limit(models["pyvae"][0], data, B, args.seed)
+        print(f"[dropin limit] gemm-only={lim['gemm_ms']:.3g}ms optimizer={lim['optimizer_ms']:.3g}ms "
+              f"gather={lim['gather_ms']:.3g}ms per step", file=sys.stderr, flush=True)
+        row["limit"] = {**lim, "epoch_s": lim["step_ms"] * 1e-3 * steps}
+        row["share_of_limit"] = {p: row["limit"]["epoch_s"] / s for p, s in steady.items()}
+        if "plain" in steady:
+            row["plain_vs_limit"] = steady["plain"] / row["limit"]["epoch_s"]
     if "plain" in steady and "pyvae" in steady:
         row["pyvae_vs_plain"] = steady["plain"] / steady["pyvae"]
     if "torch-compile" in steady and "pyvae" in steady:
@@ -148,19 +215,30 @@ def run(args) -> list:
 
 
 def markdown(rows) -> str:
-    lines = ["| dataset | B | provider | median epoch s | first epoch s | samples/s | test loss / datapoint |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | B | provider | median epoch s | first epoch s | samples/s | test loss / datapoint "
+             "| faults / step | limit / epoch |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for p in r["median_epoch_s"]:
+            fl = r.get("faults_per_step", {}).get(p)
+            share = r.get("share_of_limit", {}).get(p)
             lines.append(f"| {r['dataset']} | {r['B']} | {p} | {r['median_epoch_s'][p]:.2f} | "
-                         f"{r['first_epoch_s'][p]:.2f} | {r['samples_per_s'][p]:,.0f} | {r['test_loss'][p]:.2f} |")
+                         f"{r['first_epoch_s'][p]:.2f} | {r['samples_per_s'][p]:,.0f} | {r['test_loss'][p]:.2f} | "
+                         f"{'-' if fl is None else f'{fl:.0f}'} | {'-' if share is None else f'{share:.0%}'} |")
+        if "limit" in r:
+            lim = r["limit"]
+            lines.append(f"| {r['dataset']} | {r['B']} | limit | {lim['epoch_s']:.2f} | | "
+                         f"{r['train_samples'] / lim['epoch_s']:,.0f} | | | 100% |")
         extra = []
         if "pyvae_vs_plain" in r:
             extra.append(f"pyvae vs plain {r['pyvae_vs_plain']:.2f}x")
         if "pyvae_vs_compile" in r:
             extra.append(f"vs torch.compile {r['pyvae_vs_compile']:.2f}x")
+        if "plain_vs_limit" in r:
+            lim = r["limit"]
+            extra.append(f"plain / limit {r['plain_vs_limit']:.2f}x (limit per step: GEMM-only {lim['gemm_ms']:.3g} ms"
+                         f" + optimizer {lim['optimizer_ms']:.3g} + gather {lim['gather_ms']:.3g})")
         if extra:
-            lines.append(f"| | | {', '.join(extra)} | | | | |")
+            lines.append(f"| | | {', '.join(extra)} | | | | | | |")
     return "\n".join(lines)
 
 
@@ -177,6 +255,7 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu"])
     p.add_argument("--malloc", default="default", choices=["default", "reuse", "both"])
     p.add_argument("--omp-wait", default="unset", choices=["spin", "active", "passive", "unset"])
+    p.add_argument("--no-swap-limit", action="store_true", help="skip the limit of the swap (GEMM-only + optimizer + gather)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     rows, m, out = C.run_family(args, "dropin", run)
