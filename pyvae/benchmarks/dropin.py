@@ -25,11 +25,12 @@ leaves three things of each step as they are, so no swapped loop can take less p
     optimizer       the user's ``torch.optim.Adam(lr=1e-3).step()`` on the swapped model's parameters
     gather          the loop's ``data.train[perm[i:i + B]]``
 
-``limit epoch s`` is their sum times the steps of an epoch; ``plain / limit`` is the most any such swap
-could speed up this loop on this machine, and ``limit / pyvae`` the share of it pyvae's swap reaches. The
-limit is timed alone, with its operands warm in the caches, so it is a bound, not a forecast. Minor page
-faults per step (``getrusage``) are reported per provider: on this loop glibc can return freed heap to
-the kernel every step and fault it in again, a process-wide cost that moves epoch times by 10-15%.
+The limit row's epoch time is their sum times the steps of an epoch; ``plain / limit`` is the most any such
+swap could speed up this loop on this machine, and each provider's ``limit / epoch`` its share of that
+bound. The parts are timed alone, with their operands warm in the caches, so the limit is a bound, not a
+forecast. Minor page faults per step (``getrusage``) are reported per provider: glibc can hand freed heap
+back to the kernel every step and fault it in again (in one run of this loop ~450 faults and ~1 ms of system
+time per 7 ms step, in another none), a process-wide cost that moves epoch times.
 """
 from __future__ import annotations
 
@@ -255,7 +256,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu"])
     p.add_argument("--malloc", default="default", choices=["default", "reuse", "both"])
     p.add_argument("--omp-wait", default="unset", choices=["spin", "active", "passive", "unset"])
-    p.add_argument("--no-swap-limit", action="store_true", help="skip the limit of the swap (GEMM-only + optimizer + gather)")
+    p.add_argument("--no-swap-limit", action="store_true",
+                   help="skip the limit of the swap (GEMM-only + optimizer + gather, timed after the epochs)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     rows, m, out = C.run_family(args, "dropin", run)
