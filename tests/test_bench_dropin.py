@@ -55,3 +55,28 @@ def test_bench_dropin_smoke_reports_the_limit_and_faults():
     faults = row["faults_per_step"]
     assert set(faults) == {"plain", "pyvae"} and all(f >= 0 for f in faults.values())
     assert "| limit |" in r.stdout and "plain / limit" in r.stdout
+    e = row["epoch_s"]
+    assert row["paired_pyvae_vs_plain"][0] == pytest.approx(e["plain"][1] / e["pyvae"][1])
+    assert "paired per epoch" in r.stdout
+
+
+def test_paired_ratio_is_the_median_of_the_epochs_ratios():
+    # the machine slows down over the run; the pyvae loop is 1.25x faster in every epoch
+    drift = [1.0, 1.3, 0.9, 1.6, 1.1, 1.45]
+    plain = [2.5 * d for d in drift]
+    pyvae = [2.0 * d for d in drift]
+    assert D.paired_ratio(plain, pyvae) == pytest.approx([1.25, 1.25, 1.25])
+    # one disturbed epoch: the median keeps 1.25 (the mean of the ratios would be 1.18)
+    pyvae[3] *= 1.5
+    point, lo, hi = D.paired_ratio(plain, pyvae)
+    assert point == pytest.approx(1.25) and hi == pytest.approx(1.25) and 1.25 / 1.5 <= lo < 1.25
+
+
+def test_paired_ratio_interval_is_wide_when_epochs_disagree():
+    point, lo, hi = D.paired_ratio([1.0, 1.0, 1.0, 1.0, 1.0], [0.8, 1.25, 0.9, 1.1, 1.0])
+    assert point == pytest.approx(1.0) and lo < 0.95 and hi > 1.05
+
+
+def test_paired_ratio_needs_epochs():
+    with pytest.raises(ValueError, match="no epochs"):
+        D.paired_ratio([], [])

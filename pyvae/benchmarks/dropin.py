@@ -13,7 +13,11 @@ on the same batches:
 Each epoch runs the three one after the other in a fresh random order; the table gives the median epoch
 time (first epoch, which includes compilation and pyvae's route measurements, reported apart), samples/s,
 the ratios, and the test loss per datapoint after the last epoch (same within noise: the three optimize
-the same objective from the same start, with different random draws).
+the same objective from the same start, with different random draws). The ratios are given twice: of the
+median epoch times, and paired (the median over epochs of the two providers' ratio in the same epoch, with
+a 95% bootstrap interval). On a shared machine epoch times drift during a run (2.5 to 3.7 s within one run
+on this project's VM, every provider alike); the providers of one epoch run within seconds of each other,
+so in the paired ratio the drift cancels and the interval says how far the run can be trusted.
 
 The limit of the swap, measured in the same process after the epochs: a swap of the layers and the loss
 leaves three things of each step as they are, so no swapped loop can take less per step than their sum:
@@ -114,6 +118,19 @@ def _data(name: str, data_dir, limit):
     return load_dataset(name, data_dir, "none", limit)
 
 
+def paired_ratio(num, den, draws: int = 2000, seed: int = 0) -> list:
+    """``[point, lo, hi]``: the median over epochs of ``num[e] / den[e]`` and its 95% bootstrap interval
+    (epochs resampled with replacement)."""
+    import numpy as np
+
+    r = np.asarray(num, dtype=np.float64) / np.asarray(den, dtype=np.float64)
+    if r.size == 0:
+        raise ValueError("paired_ratio: no epochs")
+    idx = np.random.default_rng(seed).integers(0, r.size, size=(draws, r.size))
+    lo, hi = np.percentile(np.median(r[idx], axis=1), [2.5, 97.5])
+    return [float(np.median(r)), float(lo), float(hi)]
+
+
 def layer_sizes(module) -> list:
     """(in, out) of the linear layers of ``module`` (``nn.Linear`` and pyvae's ``FusedLinear``), in the order
     they were registered, which for these models is the forward order."""
@@ -208,10 +225,13 @@ def run(args) -> list:
         row["share_of_limit"] = {p: row["limit"]["epoch_s"] / s for p, s in steady.items()}
         if "plain" in steady:
             row["plain_vs_limit"] = steady["plain"] / row["limit"]["epoch_s"]
+    timed = {p: (v[1:] if len(v) > 1 else v) for p, v in epoch_s.items()}  # the epochs of the medians
     if "plain" in steady and "pyvae" in steady:
         row["pyvae_vs_plain"] = steady["plain"] / steady["pyvae"]
+        row["paired_pyvae_vs_plain"] = paired_ratio(timed["plain"], timed["pyvae"])
     if "torch-compile" in steady and "pyvae" in steady:
         row["pyvae_vs_compile"] = steady["torch-compile"] / steady["pyvae"]
+        row["paired_pyvae_vs_compile"] = paired_ratio(timed["torch-compile"], timed["pyvae"])
     return [row]
 
 
@@ -230,10 +250,11 @@ def markdown(rows) -> str:
             lines.append(f"| {r['dataset']} | {r['B']} | limit | {lim['epoch_s']:.2f} | | "
                          f"{r['train_samples'] / lim['epoch_s']:,.0f} | | | 100% |")
         extra = []
-        if "pyvae_vs_plain" in r:
-            extra.append(f"pyvae vs plain {r['pyvae_vs_plain']:.2f}x")
-        if "pyvae_vs_compile" in r:
-            extra.append(f"vs torch.compile {r['pyvae_vs_compile']:.2f}x")
+        for key, name in (("pyvae_vs_plain", "pyvae vs plain"), ("pyvae_vs_compile", "vs torch.compile")):
+            if key in r:
+                paired = r.get("paired_" + key)
+                extra.append(f"{name} {r[key]:.2f}x" + ("" if paired is None else
+                             f" (paired per epoch {paired[0]:.2f}x [{paired[1]:.2f}, {paired[2]:.2f}])"))
         if "plain_vs_limit" in r:
             lim = r["limit"]
             extra.append(f"plain / limit {r['plain_vs_limit']:.2f}x (limit per step: GEMM-only {lim['gemm_ms']:.3g} ms"
