@@ -190,6 +190,14 @@ void def_binarize(py::module_& m) {
       py::call_guard<py::gil_scoped_release>());
 }
 
+// The CPU kernels' huge-page advice (NOTE: [Huge pages for fresh outputs] in csrc/cpu/pages.h) on a buffer
+// of the caller's: the benchmarks time their memory floor on memory advised as pyvae's own outputs are.
+void def_advise_huge_pages(py::module_& m) {
+  m.def(
+      "advise_huge_pages", [](uintptr_t p, int64_t bytes) { cpu::kernels().advise_huge_pages(ptr<void>(p), bytes); },
+      py::arg("p"), py::arg("bytes"));
+}
+
 using LinearFn = void (*)(const LinearParams&);
 
 void def_linear(py::module_& m, const char* name, LinearFn cpu::KernelTable::*cpu_fn, LinearFn cuda_fn) {
@@ -375,6 +383,7 @@ PYBIND11_MODULE(_C, m) {
   def_reparam(m, "reparameterize_fwd", &cpu::KernelTable::reparameterize_fwd, PYVAE_CUDA_FN(reparameterize_fwd));
   def_reparam(m, "reparameterize_bwd", &cpu::KernelTable::reparameterize_bwd, PYVAE_CUDA_FN(reparameterize_bwd));
   def_binarize(m);
+  def_advise_huge_pages(m);
 
   def_linear(m, "bias_act_fwd", &cpu::KernelTable::bias_act_fwd, PYVAE_CUDA_FN(bias_act_fwd));
   def_linear(m, "act_bwd", &cpu::KernelTable::act_bwd, PYVAE_CUDA_FN(act_bwd));

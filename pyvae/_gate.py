@@ -25,7 +25,7 @@ from . import _C
 
 __all__ = [
     "ACTIVATIONS", "DTYPE_CODES", "NORMALS_PER_COUNTER", "cuda_built", "cublaslt_built", "kernel_dtype", "check_device",
-    "stream", "rowwise", "prepare_rowwise", "prepare_reparameterize", "KernelCall", "gather_binarize",
+    "stream", "rowwise", "prepare_rowwise", "prepare_reparameterize", "KernelCall", "gather_binarize", "advise_huge_pages",
     "reparameterize_fwd", "reparameterize_bwd", "bias_act_fwd", "act_bwd", "act_bwd_workspace",
     "act_bwd_workspace_bytes", "device_index", "cublaslt_linear", "CUDA_KERNEL_DTYPES",
 ]
@@ -392,6 +392,16 @@ def gather_binarize(*, src: torch.Tensor, index: Optional[torch.Tensor], out: to
         index=0 if index is None else index.data_ptr(),
         out=_ptr(kernel, "out", out, torch.float32, device, rows * cols), rows=rows, cols=cols, first_row=first_row,
         seed=seed & 0xFFFFFFFFFFFFFFFF, stream=stream(device), device_index=device_index(device))
+
+
+def advise_huge_pages(t: torch.Tensor) -> None:
+    """The CPU kernels' advice for their large fresh outputs (NOTE: [Huge pages for fresh outputs] in
+    csrc/cpu/pages.h: the whole 2 MiB pages of a buffer of 4 MB or more, unless PYVAE_HUGE_PAGES=off) on
+    ``t``, a contiguous CPU tensor. Changes no data."""
+    kernel = "advise_huge_pages"
+    if not isinstance(t, torch.Tensor) or not t.is_cpu or not t.is_contiguous():
+        _fail(kernel, "t", t, "a contiguous CPU tensor")
+    _C.advise_huge_pages(t.data_ptr(), t.numel() * t.element_size())
 
 
 # ------------------------------------------------------------------------ linear-layer epilogues

@@ -89,6 +89,10 @@ def test_the_gate_refuses_a_tensor_the_kernel_would_misread():
         _gate.bias_act_fwd(y=y, bias=torch.zeros(5), act=_gate.ACTIVATIONS["tanh"])
     with pytest.raises(RuntimeError, match="grad_y must be"):
         _gate.act_bwd(act=0, grad_y=torch.zeros(6, 4).t())
+    with pytest.raises(RuntimeError, match="advise_huge_pages: t must be a contiguous CPU tensor"):
+        _gate.advise_huge_pages(torch.empty(64, 64).t())
+    with pytest.raises(RuntimeError, match="advise_huge_pages: t must be a contiguous CPU tensor"):
+        _gate.advise_huge_pages(None)
 
 
 # ------------------------------------------------------------------------------- settings

@@ -22,7 +22,8 @@ namespace {
         ARCH::gaussian_kl_fwd, ARCH::gaussian_kl_bwd, ARCH::gaussian_log_prob_fwd,               \
         ARCH::gaussian_log_prob_bwd,                                                            \
         ARCH::bernoulli_elbo_fwd, ARCH::bernoulli_elbo_bwd, ARCH::reparameterize_fwd,           \
-        ARCH::reparameterize_bwd, ARCH::bias_act_fwd, ARCH::act_bwd, ARCH::gather_binarize      \
+        ARCH::reparameterize_bwd, ARCH::bias_act_fwd, ARCH::act_bwd, ARCH::gather_binarize,     \
+        ARCH::advise_huge_pages_bytes                                                           \
   }
 
 #if defined(PYVAE_CPU_MULTIARCH)

@@ -24,6 +24,7 @@ struct KernelTable {
   ReparamFn reparameterize_fwd, reparameterize_bwd;
   LinearFn bias_act_fwd, act_bwd;
   BinarizeFn gather_binarize;
+  void (*advise_huge_pages)(void* p, int64_t bytes);
 };
 
 const KernelTable& kernels();

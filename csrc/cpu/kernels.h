@@ -27,6 +27,8 @@
   void reparameterize_fwd(const ReparamParams& p);                                            \
   void reparameterize_bwd(const ReparamParams& p);                                            \
   void gather_binarize(const BinarizeParams& p);                                              \
+  /* NOTE: [Huge pages for fresh outputs] on a caller's buffer (the benchmarks' memory floor) */ \
+  void advise_huge_pages_bytes(void* p, int64_t bytes);                                       \
   /* linear-layer epilogues: y = act(y + bias) in place; grad_pre, grad_bias from grad_y, y */ \
   void bias_act_fwd(const LinearParams& p);                                                   \
   void act_bwd(const LinearParams& p);                                                        \

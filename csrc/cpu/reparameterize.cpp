@@ -181,6 +181,8 @@ void gather_binarize(const BinarizeParams& p) {
   }
 }
 
+void advise_huge_pages_bytes(void* p, int64_t bytes) { advise_huge_pages(static_cast<char*>(p), bytes); }
+
 }  // namespace PYVAE_CPU_ARCH
 }  // namespace cpu
 }  // namespace pyvae

@@ -325,34 +325,17 @@ def in_mode(steps: dict, mode: str) -> dict:
 
 
 def empty_on_huge_pages(shape, dtype):
-    """``torch.empty(shape, dtype=dtype)`` on the CPU with its whole 2 MiB pages advised onto transparent huge
-    pages before any store (madvise MADV_HUGEPAGE, as pyvae's kernels advise their large fresh outputs: NOTE:
-    [Huge pages for fresh outputs] in csrc/cpu/pages.h), for a memory floor measured the same way. Plain
-    ``torch.empty`` where madvise cannot be called (not Linux)."""
-    import ctypes
-    import ctypes.util
-
+    """``torch.empty(shape, dtype=dtype)`` on the CPU, advised before any store exactly as pyvae's kernels
+    advise their large fresh outputs (the kernels' own code: NOTE: [Huge pages for fresh outputs] in
+    csrc/cpu/pages.h; the same 4 MB threshold and PYVAE_HUGE_PAGES switch), for a memory floor measured on
+    the same pages as pyvae's output."""
     import torch
 
+    from pyvae import _gate
+
     t = torch.empty(shape, dtype=dtype)
-    libc = _LIBC.get("libc")
-    if libc is None:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        except (OSError, AttributeError):
-            libc = False
-        _LIBC["libc"] = libc
-    if libc and sys.platform.startswith("linux"):
-        huge = 2 << 20
-        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        lo2, hi2 = (lo + huge - 1) // huge * huge, hi // huge * huge
-        if hi2 > lo2:
-            libc.madvise(lo2, hi2 - lo2, 14)  # MADV_HUGEPAGE (Linux)
+    _gate.advise_huge_pages(t)
     return t
-
-
-_LIBC: dict = {}
 
 
 def _sync(device: str) -> None:
