@@ -27,6 +27,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module  # its global forward hooks: VAE._elbo_into_logits
 
 from . import ops
 from .nn import FusedLinear, GaussianHead
@@ -157,10 +158,8 @@ class VAE(nn.Module):
     (or the class) for those."""
 
     def _elbo_into_logits(self) -> bool:
-        from torch.nn.modules import module as _module
-
         # torch keeps the global forward hooks in a private dict: where a torch has none, assume some
-        global_hooks = getattr(_module, "_global_forward_hooks", True)
+        global_hooks = getattr(_torch_module, "_global_forward_hooks", True)
         return self.elbo_into_logits and not self.dec_logits._forward_hooks and not global_hooks
 
     def config(self) -> dict:

@@ -209,13 +209,17 @@ def run(args) -> list:
             torch.manual_seed(args.seed)
             tot = sum(float(fn(data.test[i:i + 1000])) for i in range(0, data.test.shape[0], 1000))
             test_loss[p] = tot / data.test.shape[0]
-    # the median of the epochs after the first (for an even count, the mean of the two middle ones)
-    steady = {p: (statistics.median(v[1:]) if len(v) > 1 else v[0]) for p, v in epoch_s.items()}
+    # the epochs after the first (all of one), and their median (for an even count, the mean of the two middle ones)
+    def after_first(v):
+        return v[1:] if len(v) > 1 else v
+
+    timed = {p: after_first(v) for p, v in epoch_s.items()}
+    steady = {p: statistics.median(v) for p, v in timed.items()}
     samples = (n // B) * B
     row = {"bench": "dropin", "dataset": data.name, "B": B, "epochs": args.epochs, "train_samples": samples,
            "epoch_s": epoch_s, "median_epoch_s": steady, "first_epoch_s": {p: v[0] for p, v in epoch_s.items()},
            "samples_per_s": {p: samples / s for p, s in steady.items()}, "test_loss": test_loss,
-           "faults_per_step": {p: statistics.median(v[1:]) if len(v) > 1 else v[0] for p, v in faults.items()},
+           "faults_per_step": {p: statistics.median(after_first(v)) for p, v in faults.items()},
            "loadavg": os.getloadavg(), "machine": machine}
     if not args.no_swap_limit:
         lim = measure_limit(models["pyvae"][0], data, B, args.seed)
@@ -225,7 +229,6 @@ def run(args) -> list:
         row["share_of_limit"] = {p: row["limit"]["epoch_s"] / s for p, s in steady.items()}
         if "plain" in steady:
             row["plain_vs_limit"] = steady["plain"] / row["limit"]["epoch_s"]
-    timed = {p: (v[1:] if len(v) > 1 else v) for p, v in epoch_s.items()}  # the epochs of the medians
     if "plain" in steady and "pyvae" in steady:
         row["pyvae_vs_plain"] = steady["plain"] / steady["pyvae"]
         row["paired_pyvae_vs_plain"] = paired_ratio(timed["plain"], timed["pyvae"])
