@@ -106,6 +106,33 @@ def test_generalized_steps_run_at_other_sizes():
     assert pt["gemm_only_ms"] > 0 and pt["results"]["torch-eager"]["median_ms"] > 0
 
 
+def test_fwd_bwd_step_leaves_the_weights_and_full_step_updates_them():
+    import torch
+
+    # The same seed before each call gives the same draws, so two calls' losses differ only if the
+    # weights moved in between: never with --step fwd-bwd, always with the default full step.
+    for step, moves in (("fwd-bwd", False), ("full", True)):
+        steps = T.build_steps(6, "fp32", ["torch-eager", "pyvae"], D=12, H=7, Z=3, step=step)
+        for p, fn in steps.items():
+            losses = []
+            for _ in range(2):
+                torch.manual_seed(3)
+                losses.append(fn().item())
+            assert (losses[0] != losses[1]) == moves, (step, p, losses)
+    with pytest.raises(ValueError, match="step must be one of"):
+        T.build_steps(6, "fp32", ["torch-eager"], D=12, H=7, Z=3, step="forward")
+
+
+def test_train_rows_and_table_name_their_step():
+    import argparse
+
+    args = argparse.Namespace(providers=["torch-eager"], reps=2, target_s=0.01, no_memory=True, retries=0)
+    pt = T.measure_point(4, "fp32", args, D=6, H=5, Z=2, step="fwd-bwd")
+    assert pt["step"] == "fwd-bwd"
+    table = T.markdown([pt])
+    assert table.splitlines()[0].startswith("| step |") and "| fwd-bwd | fp32 | 4 | torch-eager |" in table
+
+
 def test_memory_estimate_is_linear_in_batch_and_twice_the_measured_peak():
     params = S.estimated_bytes(0, 784, 500, 20)
     assert S.estimated_bytes(2048, 784, 500, 20) - params == 2 * (S.estimated_bytes(1024, 784, 500, 20) - params)

@@ -1,7 +1,9 @@
 """``pyvae bench train``: the whole AEVB training step against the machine's limits.
 
 One step of the paper's MNIST model (784-500-20 tanh, Bernoulli decoder, SGVB B with L = 1): forward,
-backward and a fused Adam update, for three providers trained side by side on the same batch:
+backward and a fused Adam update (``--step full``, the default), or forward and backward alone (``--step
+fwd-bwd``: the gradients set to None before each backward, no update; what the GEMM-only limit bounds most
+closely, since it holds no optimizer), for three providers trained side by side on the same batch:
 
     torch-eager     a plain PyTorch VAE (nn.Linear + tanh, randn eps, BCE-with-logits + the KL formula)
     torch-compile   the same step's loss under torch.compile
@@ -69,21 +71,31 @@ def plain_model(D: int = 784, H: int = 500, Z: int = 20):
     return Plain()
 
 
-def _step(model, loss_fn, opt, x, precision):
+STEPS = ("full", "fwd-bwd")  # what a timed step holds: forward + backward + Adam, or forward + backward
+
+
+def _step(model, loss_fn, opt, x, precision, step="full"):
     import torch
 
-    def step():
+    update = step == "full"
+
+    def run():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = loss_fn(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        if update:
+            opt.step()
         return loss
-    return step
+    return run
 
 
-def build_steps(B, precision, providers, D=784, H=500, Z=20):
-    """One training-step callable per provider, all on the same batch x [B, D] and the same initial weights."""
+def build_steps(B, precision, providers, D=784, H=500, Z=20, step="full"):
+    """One training-step callable per provider, all on the same batch x [B, D] and the same initial weights.
+    ``step``: "full" (forward, backward, fused Adam) or "fwd-bwd" (no update: every call computes the same
+    gradients, which replace the previous ones)."""
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {list(STEPS)}, got {step!r}")
     import copy
 
     import torch
@@ -110,7 +122,7 @@ def build_steps(B, precision, providers, D=784, H=500, Z=20):
             model.load_state_dict(sd)
             fn = torch.compile(model) if p == "torch-compile" else model
         opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
-        out[p] = _step(model, fn, opt, x, precision)
+        out[p] = _step(model, fn, opt, x, precision, step)
     return out
 
 
@@ -183,14 +195,15 @@ def memory_floor(B, reps, target_s, D=784, retries=2):
     return res["add"]["median_ms"] * 1e-3
 
 
-def measure_point(B, precision, args, D=784, H=500, Z=20) -> dict:
-    """One (B, precision, model) point: every provider's step timed interleaved, beside the GEMM-only
-    time and the memory floor of the same sizes. Returns the fields of a result row (no machine info).
-    ``args.retries`` (default 2): how often a case is measured again when other processes were busy."""
+def measure_point(B, precision, args, D=784, H=500, Z=20, step="full") -> dict:
+    """One (B, precision, model) point: every provider's step (``step``: see :func:`build_steps`) timed
+    interleaved, beside the GEMM-only time and the memory floor of the same sizes. Returns the fields of a
+    result row (no machine info). ``args.retries`` (default 2): how often a case is measured again when
+    other processes were busy."""
     import time
 
     retries = getattr(args, "retries", 2)
-    steps = build_steps(B, precision, args.providers, D, H, Z)
+    steps = build_steps(B, precision, args.providers, D, H, Z, step)
     first = {}
     for p, fn in steps.items():  # compilation, route measurements, allocator warm-up
         t = time.perf_counter()
@@ -202,7 +215,7 @@ def measure_point(B, precision, args, D=784, H=500, Z=20) -> dict:
     del steps, fn  # the models and their batch: not alive while the limits are measured
     gemm_s, flops = gemm_only(B, precision, args.reps, args.target_s / 4, layer_sizes(D, H, Z), retries)
     floor_s = memory_floor(B, args.reps, args.target_s / 4, D, retries)
-    return {"precision": precision, "B": B, "results": res, "first_call_s": first,
+    return {"precision": precision, "B": B, "step": step, "results": res, "first_call_s": first,
             "gemm_only_ms": gemm_s * 1e3, "gemm_flops": flops, "memory_floor_ms": floor_s * 1e3,
             "samples_per_s": {p: B / (r["median_ms"] * 1e-3) for p, r in res.items()},
             "gemm_efficiency": {p: gemm_s * 1e3 / r["median_ms"] for p, r in res.items()},
@@ -213,27 +226,32 @@ def measure_point(B, precision, args, D=784, H=500, Z=20) -> dict:
 def run(args) -> list:
     machine = C.machine_info(args)
     rows = []
-    for precision in args.precision:
-        for B in args.batch:
-            row = {"bench": "train", **measure_point(B, precision, args), "loadavg": os.getloadavg(),
-                   "machine": machine}
-            rows.append(row)
-            res = row["results"]
-            print(f"[train {precision} B={B}] " + "  ".join(f"{p}={r['median_ms']:.3g}ms" for p, r in res.items())
-                  + f"  gemm-only={row['gemm_only_ms']:.3g}ms floor={row['memory_floor_ms']:.3g}ms",
-                  file=sys.stderr, flush=True)
+    for step in args.step:
+        for precision in args.precision:
+            for B in args.batch:
+                rows.append(_point_row(B, precision, args, step, machine))
     return rows
 
 
+def _point_row(B, precision, args, step, machine) -> dict:
+    row = {"bench": "train", **measure_point(B, precision, args, step=step), "loadavg": os.getloadavg(),
+           "machine": machine}
+    res = row["results"]
+    print(f"[train {step} {precision} B={B}] " + "  ".join(f"{p}={r['median_ms']:.3g}ms" for p, r in res.items())
+          + f"  gemm-only={row['gemm_only_ms']:.3g}ms floor={row['memory_floor_ms']:.3g}ms",
+          file=sys.stderr, flush=True)
+    return row
+
+
 def markdown(rows) -> str:
-    lines = ["| precision | B | provider | step ms | samples/s | GEMM-only ms | GEMM / step | (GEMM + floor) / step "
-             "| vs eager | vs compile |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| step | precision | B | provider | step ms | samples/s | GEMM-only ms | GEMM / step | (GEMM + floor) / step "
+             "| vs eager | vs compile |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         eager = r["results"].get("torch-eager", {}).get("median_ms")
         comp = r["results"].get("torch-compile", {}).get("median_ms")
         for p, v in r["results"].items():
             ms = v["median_ms"]
-            lines.append(f"| {r['precision']} | {r['B']} | {p} | {ms:.3g} | {r['samples_per_s'][p]:,.0f} | "
+            lines.append(f"| {r.get('step', 'full')} | {r['precision']} | {r['B']} | {p} | {ms:.3g} | {r['samples_per_s'][p]:,.0f} | "
                          f"{r['gemm_only_ms']:.3g} | {r['gemm_efficiency'][p]:.0%} | {r['limit_efficiency'][p]:.0%} | "
                          f"{(eager / ms) if eager else float('nan'):.2f}x | {(comp / ms) if comp else float('nan'):.2f}x |")
     return "\n".join(lines)
@@ -243,12 +261,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="pyvae bench train", description=__doc__.split("\n")[0])
     p.add_argument("--batch", nargs="+", type=int, default=[100, 1024, 8192])
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    p.add_argument("--step", nargs="+", choices=STEPS, default=["full"],
+                   help="full: forward, backward and fused Adam (default); fwd-bwd: forward and backward alone")
     C.add_common_args(p, extra_providers=("pyvae-fresh-grad",))
     args = p.parse_args(argv)
     rows, m, out = C.run_family(args, "train", run)
     print(f"\n{m['cpu_model']}, {m['threads']} threads, torch {m['torch']}, pyvae {m['pyvae']} ({m['pyvae_cpu_arch']}), "
-          f"malloc={args.malloc}, omp-wait={args.omp_wait}; one training step (forward, backward, fused Adam), "
-          "median ms\n")
+          f"malloc={args.malloc}, omp-wait={args.omp_wait}; one training step (full: forward, backward, fused Adam; "
+          "fwd-bwd: forward and backward), median ms\n")
     print(markdown(rows))
     print(f"\n{len(rows)} rows appended to {os.path.relpath(out)}")
 
