@@ -133,6 +133,27 @@ def test_train_rows_and_table_name_their_step():
     assert table.splitlines()[0].startswith("| step |") and "| fwd-bwd | fp32 | 4 | torch-eager |" in table
 
 
+def _train_row(step, precision, B, ms, gemm, floor):
+    return {"step": step, "precision": precision, "B": B, "gemm_only_ms": gemm, "memory_floor_ms": floor,
+            "results": {p: {"median_ms": v} for p, v in ms.items()}}
+
+
+def test_train_plot_panels_hold_each_step_precision_and_limit(tmp_path):
+    rows = [_train_row("fwd-bwd", "fp32", 1024, {"torch-eager": 30.0, "pyvae": 26.0}, 24.0, 1.0),
+            _train_row("fwd-bwd", "fp32", 100, {"torch-eager": 4.0, "pyvae": 4.5}, 2.0, 0.1),
+            _train_row("full", "bf16", 100, {"torch-eager": 3.0}, 1.2, 0.1),
+            _train_row("fwd-bwd", "fp32", 100, {"torch-eager": 4.2, "pyvae": 4.4}, 2.1, 0.1)]  # replaces row 2
+    grid = T.panels(rows)
+    assert [[p["title"] for p in r] for r in grid] == [
+        ["bf16: forward + backward + fused Adam"], ["fp32: forward + backward"]]  # full first, as STEPS
+    p = grid[1][0]
+    assert p["x"] == [100, 1024]
+    assert p["series"] == {"torch-eager": [4.2, 30.0], "pyvae": [4.4, 26.0]}
+    assert p["limits"] == {"GEMM-only": [2.1, 24.0], "GEMM-only + memory floor": [2.2, 25.0]}
+    out = T.plot(rows, tmp_path / "train.png", "title")
+    assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_memory_estimate_is_linear_in_batch_and_twice_the_measured_peak():
     params = S.estimated_bytes(0, 784, 500, 20)
     assert S.estimated_bytes(2048, 784, 500, 20) - params == 2 * (S.estimated_bytes(1024, 784, 500, 20) - params)

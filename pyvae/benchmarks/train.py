@@ -21,7 +21,10 @@ measured in the same process:
     memory floor    one read of the logits and x and one write of a fresh [B, 784] gradient (torch.add into
                     a new tensor): what the ELBO's non-GEMM work must move at least
 
-and the report gives each step's efficiency against GEMM-only, and against GEMM-only + floor.
+and the report gives each step's efficiency against GEMM-only, and against GEMM-only + floor. Rows go to
+bench/results/train.jsonl (``--out``), and a plot of the run's points to the same path with .png (``--plot``,
+``--no-plot``): per step kind and precision, each provider's median step ms against the batch size, log-log,
+with both limits dashed.
 
 The model's sizes are parameters (``layer_sizes``, ``plain_model``, ``build_steps``, ``measure_point``
 take D, H, Z; the defaults are the paper's 784-500-20): ``pyvae bench scaling`` sweeps them.
@@ -257,12 +260,49 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
+def panels(rows) -> list:
+    """The plot's grid (``pyvae.plots.scaling_plot``'s panels): one row of panels per step kind, a panel per
+    precision; median step ms of each provider against the batch size, with the GEMM-only limit and the
+    GEMM-only + memory-floor limit measured at each point (dashed). The last row of a (step, precision, B)
+    wins."""
+    keep = {}
+    for r in rows:
+        keep[(r.get("step", "full"), r["precision"], r["B"])] = r
+    grid = []
+    for step in [s for s in STEPS if any(k[0] == s for k in keep)]:
+        row = []
+        for precision in dict.fromkeys(k[1] for k in keep if k[0] == step):
+            sel = [keep[k] for k in sorted(k for k in keep if k[:2] == (step, precision))]
+            provs = list(dict.fromkeys(p for r in sel for p in r["results"]))
+            series = {p: [r["results"][p]["median_ms"] if p in r["results"] else None for r in sel] for p in provs}
+            limits = {"GEMM-only": [r["gemm_only_ms"] for r in sel],
+                      "GEMM-only + memory floor": [r["gemm_only_ms"] + r["memory_floor_ms"] for r in sel]}
+            what = "forward + backward + fused Adam" if step == "full" else "forward + backward"
+            row.append({"x": [r["B"] for r in sel], "series": series, "limits": limits, "colors": PLOT_COLORS,
+                        "title": f"{precision}: {what}", "xlabel": "batch size B", "ylabel": "median step ms"})
+        grid.append(row)
+    return grid
+
+
+PLOT_COLORS = {"torch-eager": "tab:blue", "torch-compile": "tab:orange", "pyvae": "tab:green",
+               "pyvae-fresh-grad": "tab:olive", "GEMM-only": "0.2", "GEMM-only + memory floor": "0.6"}
+
+
+def plot(rows, path, title: str = ""):
+    """Writes :func:`panels` of ``rows`` as a PNG (log-log); returns its path."""
+    from pyvae.plots import scaling_plot
+
+    return scaling_plot(panels(rows), path, title)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="pyvae bench train", description=__doc__.split("\n")[0])
     p.add_argument("--batch", nargs="+", type=int, default=[100, 1024, 8192])
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     p.add_argument("--step", nargs="+", choices=STEPS, default=["full"],
                    help="full: forward, backward and fused Adam (default); fwd-bwd: forward and backward alone")
+    p.add_argument("--plot", default=None, help="PNG to write (default: the JSONL's path with .png)")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
     C.add_common_args(p, extra_providers=("pyvae-fresh-grad",))
     args = p.parse_args(argv)
     rows, m, out = C.run_family(args, "train", run)
@@ -271,6 +311,11 @@ def main(argv=None):
           "fwd-bwd: forward and backward), median ms\n")
     print(markdown(rows))
     print(f"\n{len(rows)} rows appended to {os.path.relpath(out)}")
+    if rows and not args.no_plot:
+        path = plot(rows, args.plot or os.path.splitext(out)[0] + ".png",
+                    f"{m['cpu_model']}, {m['threads']} threads, torch {m['torch']}, pyvae {m['pyvae']}: "
+                    "one AEVB training step against its limits")
+        print(f"plot: {os.path.relpath(path)}")
 
 
 if __name__ == "__main__":
