@@ -275,8 +275,9 @@ def panels(rows) -> list:
             sel = [keep[k] for k in sorted(k for k in keep if k[:2] == (step, precision))]
             provs = list(dict.fromkeys(p for r in sel for p in r["results"]))
             series = {p: [r["results"][p]["median_ms"] if p in r["results"] else None for r in sel] for p in provs}
-            limits = {"GEMM-only": [r["gemm_only_ms"] for r in sel],
-                      "GEMM-only + memory floor": [r["gemm_only_ms"] + r["memory_floor_ms"] for r in sel]}
+            # (GEMM-only drawn last: the floor line is often just above it and would hide it)
+            limits = {"GEMM-only + memory floor": [r["gemm_only_ms"] + r["memory_floor_ms"] for r in sel],
+                      "GEMM-only": [r["gemm_only_ms"] for r in sel]}
             what = "forward + backward + fused Adam" if step == "full" else "forward + backward"
             row.append({"x": [r["B"] for r in sel], "series": series, "limits": limits, "colors": PLOT_COLORS,
                         "title": f"{precision}: {what}", "xlabel": "batch size B", "ylabel": "median step ms"})
