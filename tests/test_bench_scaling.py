@@ -133,6 +133,32 @@ def test_train_rows_and_table_name_their_step():
     assert table.splitlines()[0].startswith("| step |") and "| fwd-bwd | fp32 | 4 | torch-eager |" in table
 
 
+def test_gemm_only_winners_compute_their_own_products():
+    # Each winner keeps its own layer's operands (a closure over the loop's variables would run every
+    # product on the last layer's tensors).
+    layers = ((6, 5), (5, 4), (2, 5), (5, 6))
+    winners = {}
+    T.gemm_only(3, "fp32", 2, 0.01, layers, retries=0, winners=winners)
+    expect = {}
+    for i, (fin, fout) in enumerate(layers):
+        expect[f"gemm {i} forward"] = (3, fout)
+        expect[f"gemm {i} grad_weight"] = (fout, fin)
+        if i > 0:
+            expect[f"gemm {i} grad_input"] = (3, fin)
+    assert {k: tuple(st.fwd().shape) for k, st in winners.items()} == expect
+
+
+def test_measure_point_times_the_gemm_winners_beside_the_steps():
+    import argparse
+
+    args = argparse.Namespace(providers=["torch-eager"], reps=2, target_s=0.01, no_memory=True, retries=0)
+    pt = T.measure_point(4, "fp32", args, D=6, H=5, Z=2)
+    assert list(pt["results"]) == ["torch-eager"]  # the products are not providers
+    assert len(pt["gemm_products_ms"]) == 11
+    assert pt["gemm_only_ms"] == pytest.approx(sum(pt["gemm_products_ms"].values()))
+    assert pt["gemm_only_select_ms"] > 0
+
+
 def _train_row(step, precision, B, ms, gemm, floor):
     return {"step": step, "precision": precision, "B": B, "gemm_only_ms": gemm, "memory_floor_ms": floor,
             "results": {p: {"median_ms": v} for p, v in ms.items()}}
