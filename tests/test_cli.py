@@ -193,3 +193,17 @@ def test_bench_mlp_fused_provider_and_shared_parameters(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 1 and set(rows[0]["results"]) == {"torch-eager", "pyvae", "pyvae-fused"}
     assert "pyvae-fused ms" in r.stdout
+
+
+def test_bench_mlp_stack_times_its_gemm_limit_beside_the_providers(tmp_path):
+    out = tmp_path / "mlp.jsonl"
+    r = _run("bench", "mlp", "--ops", "stack", "--batch", "3", "--precision", "fp32", "--reps", "2", "--modes",
+             "full", "--providers", "torch-eager", "pyvae", "--no-memory", "--quiet-wait", "0", "--out", str(out),
+             timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert set(row["results"]) == {"torch-eager", "pyvae"}  # the products are no providers
+    assert len(row["gemm_products_ms"]) == 11
+    assert row["gemm_only_ms"] == pytest.approx(sum(row["gemm_products_ms"].values()))
+    for p, res in row["results"].items():
+        assert row["gemm_efficiency"][p] == pytest.approx(row["gemm_only_ms"] / res["median_ms"])

@@ -143,17 +143,18 @@ def run(args) -> list:
                         fns[p] = torch.compile(fns[p], dynamic=False)
                 steps_full, first_call = C.first_calls(fns, case["args"], leaves, case["grad_out"])
                 for mode in args.modes:
-                    res = C.measure_case(C.in_mode(steps_full, mode), device=args.device, reps=args.reps, target_s=args.target_s,
-                                         memory=not args.no_memory)
                     extra = {}
                     if op == "stack" and mode == "full" and args.device == "cpu":
-                        # The limit, in the same run: the stack's 11 products alone, each on its fastest library
-                        # and layout (x needs no gradient, so enc1 has no input-gradient product).
-                        from .train import gemm_only
+                        # The limit, in the same rounds as the steps: the stack's 11 products alone, each on its
+                        # fastest library and layout (x needs no gradient, so enc1 has no input-gradient
+                        # product); NOTE: [GEMM-only beside the steps] in train.py.
+                        from .train import timed_beside_gemm_only
 
-                        gemm_s, _ = gemm_only(B, precision, args.reps, args.target_s / 4)
-                        extra = {"gemm_only_ms": gemm_s * 1e3,
-                                 "gemm_efficiency": {p: gemm_s * 1e3 / r["median_ms"] for p, r in res.items()}}
+                        res, extra = timed_beside_gemm_only(C.in_mode(steps_full, mode), B, precision, args)
+                        extra["gemm_efficiency"] = {p: extra["gemm_only_ms"] / r["median_ms"] for p, r in res.items()}
+                    else:
+                        res = C.measure_case(C.in_mode(steps_full, mode), device=args.device, reps=args.reps,
+                                             target_s=args.target_s, memory=not args.no_memory)
                     rows.append({**extra,
                         "bench": "mlp", "run_id": run_id, "op": f"{op} {precision}", "layer": op,
                         "precision": precision, "mode": mode, "B": B, "device": args.device,

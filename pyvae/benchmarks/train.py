@@ -207,6 +207,30 @@ def memory_floor(B, reps, target_s, D=784, retries=2):
     return res["add"]["median_ms"] * 1e-3
 
 
+# NOTE: [GEMM-only beside the steps]
+# A first pass picks each product's fastest candidate (gemm_only); the winners are then timed again in the
+# same rounds as the providers' steps, each in its own blocks of calls, and their medians summed: the same
+# limit (products alone, operands hot), now measured in the same minutes as the steps it divides. On this
+# project's shared VM the first pass alone, timed after the steps, moved the fp32 B=1024 efficiency between
+# 82% and 94% over two runs of one build. The first pass's own sum is kept as gemm_only_select_ms.
+def timed_beside_gemm_only(provs: dict, B: int, precision: str, args, layers=LAYERS):
+    """Times the providers' steps ``provs`` (name -> ``C.Step``) and the step's GEMM-only products in the same
+    rounds. Returns (the providers' results, as ``C.measure_case`` gives them, peak memory included unless
+    ``args.no_memory``; the limit's fields for a row: gemm_only_ms, gemm_only_select_ms, gemm_products_ms,
+    gemm_flops)."""
+    retries = getattr(args, "retries", 2)
+    winners = {}
+    select_s, flops = gemm_only(B, precision, args.reps, args.target_s / 4, layers, retries, winners)
+    res = C.measure_case({**provs, **winners}, device="cpu", reps=args.reps, target_s=args.target_s, memory=False,
+                         retries=retries)
+    products = {k: res.pop(k)["median_ms"] for k in winners}
+    if not args.no_memory:
+        for p, st in provs.items():
+            res[p]["peak_mem_bytes"] = C.peak_memory_bytes(st, "cpu")
+    return res, {"gemm_only_ms": sum(products.values()), "gemm_only_select_ms": select_s * 1e3,
+                 "gemm_products_ms": products, "gemm_flops": flops}
+
+
 def measure_point(B, precision, args, D=784, H=500, Z=20, step="full") -> dict:
     """One (B, precision, model) point: every provider's step (``step``: see :func:`build_steps`) timed
     interleaved, beside the GEMM-only time and the memory floor of the same sizes. Returns the fields of a
@@ -222,32 +246,15 @@ def measure_point(B, precision, args, D=784, H=500, Z=20, step="full") -> dict:
         fn()
         first[p] = time.perf_counter() - t
         fn()
-    # NOTE: [GEMM-only beside the steps]
-    # A first pass picks each product's fastest candidate (gemm_only); the winners are then timed again in
-    # the same rounds as the providers' steps, each in its own blocks of calls, and their medians summed:
-    # the same limit (products alone, operands hot), now measured in the same minutes as the steps it
-    # divides. On this project's shared VM the first pass alone, timed after the steps, moved the fp32
-    # B=1024 efficiency between 82% and 94% over two runs of one build; the pass's own sum is kept as
-    # gemm_only_select_ms.
-    winners = {}
-    select_s, flops = gemm_only(B, precision, args.reps, args.target_s / 4, layer_sizes(D, H, Z), retries, winners)
     provs = {p: C.Step(fn, [], None, "forward") for p, fn in steps.items()}
-    res = C.measure_case({**provs, **winners}, device="cpu", reps=args.reps, target_s=args.target_s, memory=False,
-                         retries=retries)
-    products = {k: res.pop(k) for k in winners}
-    gemm_s = sum(v["median_ms"] for v in products.values()) * 1e-3
-    if not args.no_memory:
-        for p, st in provs.items():
-            res[p]["peak_mem_bytes"] = C.peak_memory_bytes(st, "cpu")
-    del steps, provs, fn, winners  # the models, their batch and the products' operands
+    res, lim = timed_beside_gemm_only(provs, B, precision, args, layer_sizes(D, H, Z))
+    del steps, provs, fn  # the models and their batch
     floor_s = memory_floor(B, args.reps, args.target_s / 4, D, retries)
     return {"precision": precision, "B": B, "step": step, "results": res, "first_call_s": first,
-            "gemm_only_ms": gemm_s * 1e3, "gemm_only_select_ms": select_s * 1e3,
-            "gemm_products_ms": {k: v["median_ms"] for k, v in products.items()},
-            "gemm_flops": flops, "memory_floor_ms": floor_s * 1e3,
+            **lim, "memory_floor_ms": floor_s * 1e3,
             "samples_per_s": {p: B / (r["median_ms"] * 1e-3) for p, r in res.items()},
-            "gemm_efficiency": {p: gemm_s * 1e3 / r["median_ms"] for p, r in res.items()},
-            "limit_efficiency": {p: (gemm_s + floor_s) * 1e3 / r["median_ms"] for p, r in res.items()},
+            "gemm_efficiency": {p: lim["gemm_only_ms"] / r["median_ms"] for p, r in res.items()},
+            "limit_efficiency": {p: (lim["gemm_only_ms"] + floor_s * 1e3) / r["median_ms"] for p, r in res.items()},
             "ratios": C.ratios(res)}
 
 
