@@ -148,6 +148,37 @@ def test_gemm_only_winners_compute_their_own_products():
     assert {k: tuple(st.fwd().shape) for k, st in winners.items()} == expect
 
 
+def _tensors_of(fn, seen):
+    """Every tensor a winner's callable holds (its defaults, and the callable a one-thread wrapper closes over)."""
+    import torch
+
+    for v in list(fn.__defaults__ or ()) + [c.cell_contents for c in (fn.__closure__ or ())]:
+        if isinstance(v, torch.Tensor):
+            seen[id(v)] = v
+        elif callable(v):
+            _tensors_of(v, seen)
+    return seen
+
+
+def test_memory_estimate_covers_the_gemm_operands_live_beside_the_steps():
+    D, H, Z = 12, 7, 3
+    layers = T.layer_sizes(D, H, Z)
+    held = {}
+    for B in (4, 8):
+        winners = {}
+        T.gemm_only(B, "fp32", 2, 0.01, layers, retries=0, winners=winners)
+        seen = {}
+        for st in winners.values():
+            _tensors_of(st.fwd, seen)
+        held[B] = sum(t.numel() * t.element_size() for t in seen.values())
+    per_sample = (held[8] - held[4]) / 4
+    # at most x, g and g.T of every layer (a winner holds only the operands its candidate reads)
+    assert 0 < per_sample <= 4 * (3 * D + 6 * H + 5 * Z)
+    eager_peak = 4 * (3 * D + 2 * H + 5 * Z)  # per sample, NOTE: [Memory estimate]
+    slope = (S.estimated_bytes(1024, D, H, Z) - S.estimated_bytes(0, D, H, Z)) / 1024
+    assert slope >= 2 * eager_peak + 4 * 3 * D + per_sample
+
+
 def test_measure_point_times_the_gemm_winners_beside_the_steps():
     import argparse
 

@@ -52,11 +52,14 @@ QUICK = {"batch": [8, 16], "dims": [8, 16], "latents": [2, 4], "sweep_batch": 8,
 # 4352 at (784, 500, 200): exactly 3D + 2H + 5Z; and 1974 at (196, 500, 20), 17% above it. pyvae's peak
 # was lower at each size but D = 196 (1.5% above eager's). The estimate doubles 3D + 2H + 5Z (the D = 196
 # excess, allocator slack, bf16 autocast's extra copies, a third provider) and adds three [B, D] tensors
-# that stay live (the batch, the memory floor's two operands) and 8 copies of the parameters (weights,
-# gradients and Adam's two moments of two providers).
+# that stay live (the batch, the memory floor's two operands), 8 copies of the parameters (weights,
+# gradients and Adam's two moments of two providers), and the GEMM-only products' operands, live beside the
+# steps (NOTE: [GEMM-only beside the steps] in train.py): per layer x [B, in], g [B, out], g.T and a weight,
+# 3D + 6H + 5Z floats per sample over the four layers.
 def estimated_bytes(B: int, D: int, H: int, Z: int) -> int:
     """Estimated peak memory of measuring one point, in bytes (NOTE: [Memory estimate])."""
-    return 4 * B * (2 * (3 * D + 2 * H + 5 * Z) + 3 * D) + 4 * 8 * (D * H + H * 2 * Z + Z * H + H * D)
+    params = D * H + H * 2 * Z + Z * H + H * D
+    return 4 * B * (2 * (3 * D + 2 * H + 5 * Z) + 3 * D + (3 * D + 6 * H + 5 * Z)) + 4 * 9 * params
 
 
 def available_bytes() -> int | None:
