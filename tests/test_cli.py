@@ -207,3 +207,15 @@ def test_bench_mlp_stack_times_its_gemm_limit_beside_the_providers(tmp_path):
     assert row["gemm_only_ms"] == pytest.approx(sum(row["gemm_products_ms"].values()))
     for p, res in row["results"].items():
         assert row["gemm_efficiency"][p] == pytest.approx(row["gemm_only_ms"] / res["median_ms"])
+
+
+def test_bench_train_fwd_bwd_rows_and_plot(tmp_path):
+    out, png = tmp_path / "train.jsonl", tmp_path / "train.png"
+    r = _run("bench", "train", "--batch", "4", "--precision", "fp32", "--step", "fwd-bwd", "--reps", "2",
+             "--providers", "torch-eager", "pyvae", "--no-memory", "--quiet-wait", "0", "--out", str(out),
+             "--plot", str(png), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["step"] == "fwd-bwd" and set(row["results"]) == {"torch-eager", "pyvae"}
+    assert "| fwd-bwd | fp32 | 4 | pyvae |" in r.stdout
+    assert png.read_bytes()[:4] == b"\x89PNG"
