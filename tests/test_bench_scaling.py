@@ -131,6 +131,11 @@ def test_train_rows_and_table_name_their_step():
     assert pt["step"] == "fwd-bwd"
     table = T.markdown([pt])
     assert table.splitlines()[0].startswith("| step |") and "| fwd-bwd | fp32 | 4 | torch-eager |" in table
+    assert "| peak MB |" in table.splitlines()[0]
+    pt["results"]["torch-eager"]["peak_mem_bytes"] = 12_345_678  # shown in MB; "-" where not measured
+    assert f"{pt['samples_per_s']['torch-eager']:,.0f} | 12.3 |" in T.markdown([pt])
+    pt["results"]["torch-eager"]["peak_mem_bytes"] = None
+    assert f"{pt['samples_per_s']['torch-eager']:,.0f} | - |" in T.markdown([pt])
 
 
 def test_gemm_only_winners_compute_their_own_products():

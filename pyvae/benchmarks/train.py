@@ -279,15 +279,16 @@ def _point_row(B, precision, args, step, machine) -> dict:
 
 
 def markdown(rows) -> str:
-    lines = ["| step | precision | B | provider | step ms | samples/s | GEMM-only ms | GEMM / step | (GEMM + floor) / step "
-             "| vs eager | vs compile |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| step | precision | B | provider | step ms | samples/s | peak MB | GEMM-only ms | GEMM / step "
+             "| (GEMM + floor) / step | vs eager | vs compile |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         eager = r["results"].get("torch-eager", {}).get("median_ms")
         comp = r["results"].get("torch-compile", {}).get("median_ms")
         for p, v in r["results"].items():
             ms = v["median_ms"]
+            peak = v.get("peak_mem_bytes")
             lines.append(f"| {r.get('step', 'full')} | {r['precision']} | {r['B']} | {p} | {ms:.3g} | {r['samples_per_s'][p]:,.0f} | "
-                         f"{r['gemm_only_ms']:.3g} | {r['gemm_efficiency'][p]:.0%} | {r['limit_efficiency'][p]:.0%} | "
+                         f"{'-' if peak is None else f'{peak / 1e6:.3g}'} | {r['gemm_only_ms']:.3g} | {r['gemm_efficiency'][p]:.0%} | {r['limit_efficiency'][p]:.0%} | "
                          f"{(eager / ms) if eager else float('nan'):.2f}x | {(comp / ms) if comp else float('nan'):.2f}x |")
     return "\n".join(lines)
 
