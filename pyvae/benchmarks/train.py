@@ -125,6 +125,12 @@ def build_steps(B, precision, providers, D=784, H=500, Z=20, step="full"):
         else:
             model = plain_model(D, H, Z)
             model.load_state_dict(sd)
+            if p == "torch-compile":
+                # Every point compiles a new model whose forward is the same code object; dynamo keeps at most
+                # recompile_limit (8) graphs per code object and then runs it eagerly, without an error: the
+                # 9th point of a run timed eager as "torch-compile". A fresh start per point, as bench elbo and
+                # bench mlp do.
+                torch._dynamo.reset()
             fn = torch.compile(model) if p == "torch-compile" else model
         opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
         out[p] = _step(model, fn, opt, x, precision, step)
