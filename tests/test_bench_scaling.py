@@ -106,19 +106,22 @@ def test_generalized_steps_run_at_other_sizes():
     assert pt["gemm_only_ms"] > 0 and pt["results"]["torch-eager"]["median_ms"] > 0
 
 
-def test_every_point_compiles_its_torch_compile_step(monkeypatch):
+def test_every_point_compiles_its_torch_compile_step():
     # dynamo keeps a bounded number of graphs per code object and then runs it eagerly, silently; with the
-    # bound at 1 the second point would time eager under the name torch-compile
+    # bound at 1 the second point would time eager under the name torch-compile. (config.patch, not
+    # monkeypatch: cache_size_limit is an alias of recompile_limit, and undoing both by setattr broke later
+    # tests' dynamo config.)
     import torch
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 1)
-    for _ in range(2):
-        step = T.build_steps(4, "fp32", ["torch-compile"], D=12, H=7, Z=3)["torch-compile"]
-        ok = counters["frames"]["ok"]
-        step()
-        assert counters["frames"]["ok"] > ok, "the step ran without compiling"
+    limit = torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for _ in range(2):
+            step = T.build_steps(4, "fp32", ["torch-compile"], D=12, H=7, Z=3)["torch-compile"]
+            ok = counters["frames"]["ok"]
+            step()
+            assert counters["frames"]["ok"] > ok, "the step ran without compiling"
+    assert torch._dynamo.config.recompile_limit == limit
 
 
 def test_fwd_bwd_step_leaves_the_weights_and_full_step_updates_them():
