@@ -8,9 +8,10 @@ differ"). No threshold tuned on one machine holds on the other. So where pyvae c
 implementations, it times the candidates the first time a shape class is seen, on this machine, with
 this torch, this many threads, and keeps the winner:
 
-- in memory for the process, and on disk in ``cache_path()`` (one JSON file per machine key: CPU model,
-  pyvae's CPU kernel build, thread count, torch and pyvae versions, and the ISA limits of oneDNN and MKL
-  set in the environment), so the next process reuses it;
+- in memory for the process, and on disk in ``cache_path()`` (one JSON file per machine key: the CPU's
+  name, vendor, family, model, stepping, ISA extensions and cache sizes (NOTE: [Which CPU]), pyvae's CPU
+  kernel build, thread count, torch and pyvae versions, and the ISA limits of oneDNN and MKL set in the
+  environment), so the next process reuses it;
 - ``PYVAE_TUNE=off``: no measuring, no cache: the cold-start rule of each decision; ``PYVAE_TUNE=force``:
   measure again, whatever the cache says; default ``auto``. ``PYVAE_CACHE_DIR`` moves the cache.
 - ``pyvae tune`` measures the paper's model ahead of time; ``pyvae tune --show`` prints the cache.
@@ -41,7 +42,7 @@ import torch
 from . import _gate
 from ._version import __version__
 
-__all__ = ["cpu_model", "mode", "enabled", "lookup", "decide", "cache_path", "machine_key", "entries", "clear", "measure",
+__all__ = ["cpu_model", "cpu_identity", "mode", "enabled", "lookup", "decide", "cache_path", "machine_key", "entries", "clear", "measure",
            "race", "choose", "TIE", "STAT", "STATS"]
 
 _LOG = logging.getLogger("pyvae.tune")
@@ -66,23 +67,88 @@ def enabled() -> bool:
     return mode() != "off"
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), as results and caches name the machine."""
+# NOTE: [Which CPU]
+# The model name in /proc/cpuinfo does not identify the microarchitecture under a VM: this project's VMs
+# report "AMD EPYC" on a Zen 4 host (family 25) and on a Zen 5 host (family 26), whose fastest routes differ
+# (bf16 GEMMs ran at 720-750 GFLOP/s on the one and 370-410 on the other). A route measured on one must not
+# be reused on the other, so the machine key of the route cache holds the vendor, family, model and stepping,
+# the ISA extensions the GEMM libraries and pyvae's kernels dispatch on, and the L2 and L3 sizes, and results
+# name the CPU by ``cpu_model()``, which appends the family, model and stepping to the name.
+_ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+              "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
+              "asimd", "sve", "sve2", "bf16", "i8mm")
+
+
+def _cpuinfo(path: str = "/proc/cpuinfo") -> Dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    fields: Dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    if fields:
+                        break
+                    continue
+                k, sep, v = line.partition(":")
+                if sep:
+                    fields.setdefault(k.strip(), v.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def _cache_sizes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> Dict[str, str]:
+    """CPU 0's data and unified cache sizes by level ("L2": "1024K", ...); {} where sysfs has none."""
+    sizes: Dict[str, str] = {}
+    try:
+        for d in sorted(os.listdir(base)):
+            if not d.startswith("index"):
+                continue
+            with open(os.path.join(base, d, "type")) as f:
+                kind = f.read().strip()
+            if kind == "Instruction":
+                continue
+            with open(os.path.join(base, d, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(base, d, "size")) as f:
+                sizes[f"L{level}"] = f.read().strip()
+    except OSError:
+        pass
+    return sizes
+
+
+def cpu_identity(cpuinfo: str = "/proc/cpuinfo", caches: str = "/sys/devices/system/cpu/cpu0/cache") -> Dict[str, object]:
+    """What identifies this CPU for the route cache (NOTE: [Which CPU]): name, vendor, family, model,
+    stepping (x86; "CPU implementer" / "CPU part" on Arm), the ISA extensions of ``_ISA_FLAGS`` it has, and
+    its cache sizes."""
+    info = _cpuinfo(cpuinfo)
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    ident: Dict[str, object] = {
+        "name": info.get("model name") or platform.processor() or platform.machine(),
+        "isa": sorted(flags.intersection(_ISA_FLAGS)),
+        "caches": _cache_sizes(caches),
+    }
+    for key, field in (("vendor", "vendor_id"), ("family", "cpu family"), ("model", "model"),
+                       ("stepping", "stepping"), ("implementer", "CPU implementer"), ("part", "CPU part")):
+        if field in info:
+            ident[key] = info[field]
+    return ident
+
+
+def cpu_model() -> str:
+    """The CPU as results name it: the model name, then the family, model and stepping where /proc/cpuinfo
+    gives them ("AMD EPYC (family 25, model 17, stepping 1)"): NOTE: [Which CPU]."""
+    ident = cpu_identity()
+    name = str(ident["name"])
+    ids = [f"{k} {ident[k]}" for k in ("family", "model", "stepping", "implementer", "part") if k in ident]
+    return f"{name} ({', '.join(ids)})" if ids else name
 
 
 def machine_key() -> Dict[str, object]:
     """What a measured route depends on besides the shape."""
     if _state["key"] is None:
         _state["key"] = {
-            "cpu": cpu_model(),
+            "cpu": cpu_identity(),
             "pyvae_cpu_arch": _gate.cpu_arch(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,

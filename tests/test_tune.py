@@ -136,6 +136,62 @@ def test_the_cache_is_reused_by_the_next_process(tmp_path):
     assert off.returncode == 0 and off.stdout.strip() == "0" and not (tmp_path / "off").exists()
 
 
+def _fake_cpu(root, family, l3="32768K", flags="fpu avx avx2 fma avx512f avx512_bf16 sse2"):
+    """A /proc/cpuinfo and a CPU-0 cache tree under ``root``: an "AMD EPYC" of the given family."""
+    root.mkdir(parents=True, exist_ok=True)
+    proc = root / "cpuinfo"
+    one = (f"processor\t: {{n}}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: 17\n"
+           f"model name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: {flags}\n\n")
+    proc.write_text(one.format(n=0) + one.format(n=1))
+    for i, (kind, level, size) in enumerate((("Data", 1, "32K"), ("Instruction", 1, "32K"), ("Unified", 2, "1024K"),
+                                             ("Unified", 3, l3))):
+        d = root / "cache" / f"index{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "type").write_text(kind + "\n")
+        (d / "level").write_text(f"{level}\n")
+        (d / "size").write_text(size + "\n")
+    return str(proc), str(root / "cache")
+
+
+def test_cpu_identity_names_family_model_isa_and_caches(tmp_path, monkeypatch):
+    proc, caches = _fake_cpu(tmp_path, 26, flags="fpu avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile sse2")
+    read = _tune.cpu_identity
+    ident = read(proc, caches)
+    assert ident == {"name": "AMD EPYC", "vendor": "AuthenticAMD", "family": "26", "model": "17", "stepping": "1",
+                     "isa": ["amx_bf16", "amx_tile", "avx2", "avx512_bf16", "avx512f", "fma"],
+                     "caches": {"L1": "32K", "L2": "1024K", "L3": "32768K"}}
+    monkeypatch.setattr(_tune, "cpu_identity", lambda *a, **k: ident)
+    assert _tune.cpu_model() == "AMD EPYC (family 26, model 17, stepping 1)"
+    # no /proc/cpuinfo, no sysfs: the platform's name, nothing invented
+    bare = read(str(tmp_path / "none"), str(tmp_path / "none"))
+    assert bare["isa"] == [] and bare["caches"] == {} and "family" not in bare
+
+
+def test_routes_of_one_microarchitecture_are_not_reused_on_another_of_the_same_name(tuning, monkeypatch):
+    """A VM names a Zen 4 and a Zen 5 host both "AMD EPYC" (NOTE: [Which CPU] in pyvae/_tune.py): a route
+    cached on the one is measured again on the other, and reused on the same CPU."""
+    read = _tune.cpu_identity
+    zen5 = read(*_fake_cpu(tuning / "zen5", 26))
+    zen4 = read(*_fake_cpu(tuning / "zen4", 25))
+    calls = []
+
+    def on(ident, winner):
+        monkeypatch.setattr(_tune, "cpu_identity", lambda *a, **k: ident)
+        monkeypatch.setattr(_tune, "measure", _fake_measure(winner))
+        _tune.reset_for_tests()
+        calls.append(_tune.cache_path())
+        key = "linear_act test key"
+        return _tune.lookup(key) or _tune.decide(key, {"torch": lambda: None, "pyvae": lambda: None})
+
+    assert on(zen5, "pyvae") == "pyvae"
+    assert on(zen4, "torch") == "torch"  # measured again: zen5's "pyvae" is not reused
+    assert calls[0] != calls[1]
+    assert on(zen5, "torch") == "pyvae"  # zen5's own cache is still read back
+    assert on(zen4, "pyvae") == "torch"
+    # the cache size counts too: the same family and model with another L3 is another machine
+    assert on(read(*_fake_cpu(tuning / "smallL3", 25, l3="16384K")), "pyvae") == "pyvae"
+
+
 def test_tune_command_and_show(tmp_path):
     env = {"PYVAE_CACHE_DIR": str(tmp_path), "PYVAE_TUNE": "auto"}
     r = subprocess.run([sys.executable, "-m", "pyvae", "tune", "--batch-size", "16", "--hidden", "32",

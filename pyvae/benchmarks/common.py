@@ -226,10 +226,11 @@ def machine_info(args: argparse.Namespace) -> dict:
     import torch
 
     import pyvae
-    from pyvae._tune import cpu_model
+    from pyvae._tune import cpu_identity, cpu_model
 
     info = {
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu_model(),  # the name with family, model and stepping (NOTE: [Which CPU] in pyvae/_tune.py)
+        "cpu": cpu_identity(),
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "threads": torch.get_num_threads(),
