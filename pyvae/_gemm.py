@@ -2,10 +2,13 @@
 
 NOTE: [CPU GEMM backend]
 torch's CPU ``mm``/``addmm`` in float32 call MKL's sgemm. On CPUs that MKL does not take the AVX-512
-path for (the AMD EPYC this project is developed on, with 2 x 512-bit FMA per cycle) that sgemm runs
-at ~200 GFLOP/s, 38% of the measured FMA peak of ~525 GFLOP/s (2 cores). The same torch wheel carries
-oneDNN, whose JIT picks its kernels from the CPU's feature flags: its float32 matmul reaches
-~330-490 GFLOP/s on the VAE's layer shapes (bench/RESULTS.md, "CPU GEMM backend"). torch reaches it
+path for (the Zen 5 AMD EPYC, family 26, this project was developed on first, with 2 x 512-bit FMA per
+cycle) that sgemm runs at ~200 GFLOP/s, 38% of the measured FMA peak of ~525 GFLOP/s (2 cores). The same
+torch wheel carries oneDNN, whose JIT picks its kernels from the CPU's feature flags: its float32 matmul
+reaches ~330-490 GFLOP/s on the VAE's layer shapes (bench/RESULTS.md, "CPU GEMM backend"). On a Zen 4
+EPYC (family 25: 512-bit ops on 256-bit units, FMA peak 234 GFLOP/s on 2 cores) the gap is small: MKL
+136-195, oneDNN 167-218 (bench/RESULTS.md, stop 16); which library a layer uses is measured per machine
+(NOTE: [Layer routes] in pyvae/ops/linear_act.py). torch reaches it
 through ``torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")`` = ``x @ w.T + b``; it takes
 strided (transposed) views without copying, so the three products of a linear layer map onto it:
 

@@ -1,9 +1,10 @@
 """Routes chosen by measurement on the machine that runs them.
 
 NOTE: [Measured routes]
-The fastest way to run a layer differs by CPU: on an AMD EPYC torch's float32 ``mm`` (MKL) takes its
-AVX2 path at ~200 GFLOP/s and oneDNN reaches 330-490, so pyvae's layer on oneDNN is 2x eager; on an
-Intel Xeon MKL takes AVX-512 and the same route is 0.85-0.92x eager (shared/DESIGN.md, "Machines
+The fastest way to run a layer differs by CPU: on a Zen 5 AMD EPYC torch's float32 ``mm`` (MKL) takes
+its AVX2 path at ~200 GFLOP/s and oneDNN reaches 330-490, so pyvae's layer on oneDNN is 2x eager; on a
+Zen 4 EPYC both run near a peak less than half as high and the same route is 1.05-1.3x eager from
+B=1024; on an Intel Xeon MKL takes AVX-512 and the same route is 0.85-0.92x eager (shared/DESIGN.md, "Machines
 differ"). No threshold tuned on one machine holds on the other. So where pyvae chooses between
 implementations, it times the candidates the first time a shape class is seen, on this machine, with
 this torch, this many threads, and keeps the winner:

@@ -415,8 +415,9 @@ class _LinearActAutocastFunction(torch.autograd.Function):
 #               machines where it wins. The count is torch's process-wide setting, lowered for the node's
 #               forward and backward calls and restored after; torch's own route cannot take it (its
 #               backward runs in torch's engine).
-# Which is fastest depends on the CPU (on an AMD EPYC "pyvae" is 2x eager in float32, on an Intel Xeon
-# with AVX-512 MKL it loses 8-15%), the shape, the dtype and autocast. So the route of each shape class
+# Which is fastest depends on the CPU (on a Zen 5 AMD EPYC "pyvae" is 2x eager in float32, on a Zen 4 one
+# 1.05-1.3x from B=1024, on an Intel Xeon with AVX-512 MKL it loses 8-15%), the shape, the dtype and
+# autocast. So the route of each shape class
 # (dtype, autocast dtype, in/out features, activation, bias, rows rounded up to a power of two, training
 # or inference) is measured the first time it is seen (NOTE: [Measured routes] in pyvae/_tune.py) and
 # kept; "torch" is always a candidate, so a layer is never slower than eager beyond measurement noise.
