@@ -8,7 +8,7 @@ torch wheel carries oneDNN, whose JIT picks its kernels from the CPU's feature f
 reaches ~330-490 GFLOP/s on the VAE's layer shapes (bench/RESULTS.md, "CPU GEMM backend"). On a Zen 4
 EPYC (family 25: 512-bit ops on 256-bit units, FMA peak 234 GFLOP/s on 2 cores) the gap is small: MKL
 136-195, oneDNN 167-218 (bench/RESULTS.md, stop 16); which library a layer uses is measured per machine
-(NOTE: [Layer routes] in pyvae/ops/linear_act.py). torch reaches it
+(NOTE: [Layer routes] in pyvae/ops/linear_act.py). torch reaches oneDNN's linear
 through ``torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")`` = ``x @ w.T + b``; it takes
 strided (transposed) views without copying, so the three products of a linear layer map onto it:
 

@@ -4,8 +4,8 @@ NOTE: [Measured routes]
 The fastest way to run a layer differs by CPU: on a Zen 5 AMD EPYC torch's float32 ``mm`` (MKL) takes
 its AVX2 path at ~200 GFLOP/s and oneDNN reaches 330-490, so pyvae's layer on oneDNN is 2x eager; on a
 Zen 4 EPYC both run near a peak less than half as high and the same route is 1.05-1.3x eager from
-B=1024; on an Intel Xeon MKL takes AVX-512 and the same route is 0.85-0.92x eager (shared/DESIGN.md, "Machines
-differ"). No threshold tuned on one machine holds on the other. So where pyvae chooses between
+B=1024; on an Intel Xeon MKL takes AVX-512 and the same route is 0.85-0.92x eager (shared/DESIGN.md,
+"Machines differ"). No threshold tuned on one machine holds on the other. So where pyvae chooses between
 implementations, it times the candidates the first time a shape class is seen, on this machine, with
 this torch, this many threads, and keeps the winner:
 
@@ -43,8 +43,8 @@ import torch
 from . import _gate
 from ._version import __version__
 
-__all__ = ["cpu_model", "cpu_identity", "mode", "enabled", "lookup", "decide", "cache_path", "machine_key", "entries", "clear", "measure",
-           "race", "choose", "TIE", "STAT", "STATS"]
+__all__ = ["cpu_model", "cpu_identity", "mode", "enabled", "lookup", "decide", "cache_path", "machine_key", "entries",
+           "clear", "measure", "race", "choose", "TIE", "STAT", "STATS"]
 
 _LOG = logging.getLogger("pyvae.tune")
 _VERSION = 4  # 2: row-op routes, early-stopped races; 3: the one-thread layer route and the planned (lean) row-op
@@ -70,11 +70,12 @@ def enabled() -> bool:
 
 # NOTE: [Which CPU]
 # The model name in /proc/cpuinfo does not identify the microarchitecture under a VM: this project's VMs
-# report "AMD EPYC" on a Zen 4 host (family 25) and on a Zen 5 host (family 26), whose fastest routes differ
-# (bf16 GEMMs ran at 720-750 GFLOP/s on the one and 370-410 on the other). A route measured on one must not
-# be reused on the other, so the machine key of the route cache holds the vendor, family, model and stepping,
-# the ISA extensions the GEMM libraries and pyvae's kernels dispatch on, and the L2 and L3 sizes, and results
-# name the CPU by ``cpu_model()``, which appends the family, model and stepping to the name.
+# report "AMD EPYC" on a Zen 5 host (family 26) and on a Zen 4 host (family 25), whose fastest routes differ
+# (fp32 GEMMs on oneDNN ran 1.4-2.9x MKL's on the Zen 5 and 1.06-1.47x on the Zen 4; bf16 GEMMs 720-750
+# GFLOP/s against 320-420). A route measured on one must not be reused on the other, so the machine key of
+# the route cache holds the vendor, family, model and stepping, the ISA extensions the GEMM libraries and
+# pyvae's kernels dispatch on, and the cache sizes, and results name the CPU by ``cpu_model()``, which
+# appends the family, model and stepping to the name.
 _ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
               "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
               "asimd", "sve", "sve2", "bf16", "i8mm")
@@ -118,7 +119,8 @@ def _cache_sizes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> Dict[str, 
     return sizes
 
 
-def cpu_identity(cpuinfo: str = "/proc/cpuinfo", caches: str = "/sys/devices/system/cpu/cpu0/cache") -> Dict[str, object]:
+def cpu_identity(cpuinfo: str = "/proc/cpuinfo",
+                 caches: str = "/sys/devices/system/cpu/cpu0/cache") -> Dict[str, object]:
     """What identifies this CPU for the route cache (NOTE: [Which CPU]): name, vendor, family, model,
     stepping (x86; "CPU implementer" / "CPU part" on Arm), the ISA extensions of ``_ISA_FLAGS`` it has, and
     its cache sizes."""

@@ -48,12 +48,12 @@ def tune_model(x_dim: int = 784, z_dim: int = 20, hidden: int = 500, activation:
 
 def show() -> List[str]:
     """The cache file, its machine key and one line per route (for ``pyvae tune --show``)."""
-    key = _tune.machine_key()
+    machine = _tune.machine_key()
     lines = [f"cache: {_tune.cache_path()} ({'present' if _tune.cache_path().is_file() else 'absent'}); "
              f"PYVAE_TUNE={_tune.mode()}",
-             "cpu: " + _tune.cpu_model() + "; ISA " + " ".join(key["cpu"]["isa"]) + "; caches "
-             + " ".join(f"{lvl} {size}" for lvl, size in key["cpu"]["caches"].items()),
-             "machine: " + ", ".join(f"{k}={v}" for k, v in key.items() if k != "cpu")]
+             "cpu: " + _tune.cpu_model() + "; ISA " + " ".join(machine["cpu"]["isa"]) + "; caches "
+             + " ".join(f"{lvl} {size}" for lvl, size in machine["cpu"]["caches"].items()),
+             "machine: " + ", ".join(f"{k}={v}" for k, v in machine.items() if k != "cpu")]
     for key, e in sorted(_tune.entries().items()):
         ms = ", ".join(f"{n} {v:.3f} ms" for n, v in e["ms"].items())
         votes = f"; undecided, races picked {', '.join(e['votes'])}" if e.get("votes") else ""
