@@ -112,6 +112,17 @@ def test_errors_are_one_line(args, match):
     assert last.startswith("pyvae") and "error:" in last and match in last
 
 
+def test_a_closed_stdout_ends_quietly(tmp_path):
+    """``pyvae tune --show | head`` where head has gone: exit status 141 (as SIGPIPE), no traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "pyvae", "tune", "--show"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYVAE_CACHE_DIR": str(tmp_path)})
+    p.stdout.close()  # the reader goes away before the command writes its first line
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
 def test_console_script_installed():
     exe = shutil.which("pyvae")
     if exe is None:
