@@ -57,26 +57,38 @@ def _mode() -> str:
     return mode
 
 
+def _probe_context_clean() -> bool:
+    """Whether the probe below would run plain float32 tensor ops here: no torch.compile tracing, no dispatch
+    mode (fake tensors, a logging mode) and no torch function mode. CPU autocast the probe turns off itself."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+                or torch._C._is_torch_function_mode_enabled())
+
+
 def _probe() -> bool:
-    """True when oneDNN's linear is present and computes the three products right on this machine."""
+    """True when oneDNN's linear is present and computes the three products right on this machine.
+
+    The comparison is of float32 products, so it runs with CPU autocast off: the first GEMM of a process
+    often runs under it (every ``pyvae train --precision bf16-mixed``), where torch's reference products
+    came out in bfloat16, failed the float32 tolerance, and turned oneDNN off for the whole process."""
     if not torch.backends.mkldnn.is_available():
         return False
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if op is None:
         return False
     try:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(7, 5, generator=gen)
-        w = torch.randn(3, 5, generator=gen)
-        b = torch.randn(3, generator=gen)
-        g = torch.randn(7, 3, generator=gen)
-        checks = [
-            (op(x, w, b, "none", [], ""), torch.addmm(b, x, w.t())),
-            (op(g, w.t(), None, "none", [], ""), g @ w),
-            (op(g.t(), x.t(), None, "none", [], ""), g.t() @ x),
-            (op(x.t(), g.t(), None, "none", [], "").t(), g.t() @ x),
-        ]
-        return all(a.shape == r.shape and torch.allclose(a, r, rtol=1e-5, atol=1e-5) for a, r in checks)
+        with torch.autocast("cpu", enabled=False):
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(7, 5, generator=gen)
+            w = torch.randn(3, 5, generator=gen)
+            b = torch.randn(3, generator=gen)
+            g = torch.randn(7, 3, generator=gen)
+            checks = [
+                (op(x, w, b, "none", [], ""), torch.addmm(b, x, w.t())),
+                (op(g, w.t(), None, "none", [], ""), g @ w),
+                (op(g.t(), x.t(), None, "none", [], ""), g.t() @ x),
+                (op(x.t(), g.t(), None, "none", [], "").t(), g.t() @ x),
+            ]
+            return all(a.shape == r.shape and torch.allclose(a, r, rtol=1e-5, atol=1e-5) for a, r in checks)
     except Exception:  # any failure means: do not use it
         return False
 
@@ -87,6 +99,10 @@ def onednn_enabled() -> bool:
     if ok is None:
         mode = _mode()
         if mode != "torch" and _state["onednn"] is None:
+            if not _probe_context_clean():
+                # Fake tensors or a mode would answer for the probe: torch's GEMMs for this call, and the
+                # decision waits for a call outside them.
+                return False
             _state["onednn"] = _probe()
         if mode == "onednn" and not _state["onednn"]:
             raise RuntimeError("PYVAE_CPU_GEMM=onednn, but torch.ops.mkldnn._linear_pointwise is missing or wrong here")

@@ -11,8 +11,8 @@ this torch, this many threads, and keeps the winner:
 
 - in memory for the process, and on disk in ``cache_path()`` (one JSON file per machine key: the CPU's
   name, vendor, family, model, stepping, ISA extensions and cache sizes (NOTE: [Which CPU]), pyvae's CPU
-  kernel build, thread count, torch and pyvae versions, and the ISA limits of oneDNN and MKL set in the
-  environment), so the next process reuses it;
+  kernel build, thread count, torch and pyvae versions, the ISA limits of oneDNN and MKL set in the
+  environment, ``PYVAE_CPU_GEMM`` and whether oneDNN's linear is usable), so the next process reuses it;
 - ``PYVAE_TUNE=off``: no measuring, no cache: the cold-start rule of each decision; ``PYVAE_TUNE=force``:
   measure again, whatever the cache says; default ``auto``. ``PYVAE_CACHE_DIR`` moves the cache.
 - ``pyvae tune`` measures the paper's model ahead of time; ``pyvae tune --show`` prints the cache.
@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _gate
+from . import _gate, _gemm
 from ._version import __version__
 
 __all__ = ["cpu_model", "cpu_identity", "mode", "enabled", "lookup", "decide", "cache_path", "machine_key", "entries",
@@ -159,6 +159,9 @@ def machine_key() -> Dict[str, object]:
             "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")),
             "mkl_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
             "gemm_mode": os.environ.get("PYVAE_CPU_GEMM", "auto"),
+            # Whether oneDNN's linear is usable in this process (pyvae/_gemm.py): every "pyvae" route's
+            # GEMMs change with it, so routes timed without it are not reused with it, and back.
+            "onednn": _gemm.onednn_enabled(),
         }
     return dict(_state["key"])  # type: ignore[arg-type]
 

@@ -68,3 +68,36 @@ def test_env_var_is_validated(tmp_path):
     env["PYVAE_CPU_GEMM"] = "torch"
     code = "import torch, pyvae._gemm as G; assert G.backend(torch.randn(2, 2)) == 'torch'"
     assert subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path).returncode == 0
+
+
+_FIRST_GEMM_CHILD = r"""
+import sys
+import torch
+import pyvae._gemm as G
+from pyvae.nn import FusedLinear
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+where = sys.argv[1]
+if where == "autocast":  # the first GEMM of a bf16-mixed training run: a fused layer under CPU autocast
+    layer = FusedLinear(784, 500, "tanh")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(torch.rand(100, 784)).float().sum().backward()
+elif where == "fake":  # a first GEMM decision taken while a dispatch mode (fake tensors) is active
+    with FakeTensorMode():
+        G.onednn_enabled()
+after = G.onednn_enabled()
+G._state.update(onednn=None, enabled=None)  # probe again, outside any mode or autocast
+print(after, G.onednn_enabled())
+"""
+
+
+@needs_onednn
+@pytest.mark.parametrize("where", ["autocast", "fake"])
+def test_first_gemm_context_does_not_turn_onednn_off(tmp_path, where):
+    # The probe compares oneDNN's products with torch's; run under CPU autocast, torch's came out in bfloat16
+    # and the comparison failed, so a process whose first GEMM ran under autocast (every `pyvae train
+    # --precision bf16-mixed`) ran all its layers without oneDNN. A fresh process each: the decision is
+    # taken once per process.
+    r = subprocess.run([sys.executable, "-c", _FIRST_GEMM_CHILD, where], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "True"], r.stdout

@@ -192,6 +192,24 @@ def test_routes_of_one_microarchitecture_are_not_reused_on_another_of_the_same_n
     assert on(read(*_fake_cpu(tuning / "smallL3", 25, l3="16384K")), "pyvae") == "pyvae"
 
 
+def test_routes_timed_without_onednn_are_not_reused_with_it(tuning, monkeypatch):
+    """Whether oneDNN's linear is usable is part of the machine key: a route raced while it was off (as it
+    was for a whole process whose first GEMM ran under CPU autocast) is not what a process with it reads."""
+    import pyvae._gemm as G
+
+    def on(onednn, winner):
+        monkeypatch.setattr(G, "onednn_enabled", lambda: onednn)
+        monkeypatch.setattr(_tune, "measure", _fake_measure(winner))
+        _tune.reset_for_tests()
+        key = "linear_act test key"
+        return _tune.lookup(key) or _tune.decide(key, {"torch": lambda: None, "pyvae": lambda: None})
+
+    assert on(False, "torch") == "torch"
+    assert on(True, "pyvae") == "pyvae"  # measured again, not read from the oneDNN-off cache
+    assert on(False, "pyvae") == "torch"  # each keeps its own
+    assert on(True, "torch") == "pyvae"
+
+
 def test_tune_command_and_show(tmp_path):
     env = {"PYVAE_CACHE_DIR": str(tmp_path), "PYVAE_TUNE": "auto"}
     r = subprocess.run([sys.executable, "-m", "pyvae", "tune", "--batch-size", "16", "--hidden", "32",
