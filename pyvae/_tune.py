@@ -13,6 +13,7 @@ this torch, this many threads, and keeps the winner:
   name, vendor, family, model, stepping, ISA extensions and cache sizes (NOTE: [Which CPU]), pyvae's CPU
   kernel build, thread count, torch and pyvae versions, the ISA limits of oneDNN and MKL set in the
   environment, ``PYVAE_CPU_GEMM`` and whether oneDNN's linear is usable), so the next process reuses it;
+  after ``torch.set_num_threads`` the process reads (and races into) the new count's file;
 - ``PYVAE_TUNE=off``: no measuring, no cache: the cold-start rule of each decision; ``PYVAE_TUNE=force``:
   measure again, whatever the cache says; default ``auto``. ``PYVAE_CACHE_DIR`` moves the cache.
 - ``pyvae tune`` measures the paper's model ahead of time; ``pyvae tune --show`` prints the cache.
@@ -147,8 +148,17 @@ def cpu_model() -> str:
     return f"{name} ({', '.join(ids)})" if ids else name
 
 
+def _follow_threads() -> None:
+    """Forgets the machine key, its file and its routes when torch's thread count has changed since they
+    were read: a route raced on one thread count is neither reused nor saved under another."""
+    key = _state["key"]
+    if key is not None and key["threads"] != torch.get_num_threads():  # type: ignore[index]
+        _state.update(routes=None, path=None, key=None)
+
+
 def machine_key() -> Dict[str, object]:
     """What a measured route depends on besides the shape."""
+    _follow_threads()
     if _state["key"] is None:
         _state["key"] = {
             "cpu": cpu_identity(),
@@ -168,6 +178,7 @@ def machine_key() -> Dict[str, object]:
 
 def cache_path() -> Path:
     """The cache file of this machine key."""
+    _follow_threads()
     if _state["path"] is None:
         base = os.environ.get("PYVAE_CACHE_DIR") or os.path.join(
             os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pyvae")
@@ -177,6 +188,7 @@ def cache_path() -> Path:
 
 
 def _routes() -> Dict[str, dict]:
+    _follow_threads()
     if _state["routes"] is None:
         routes: Dict[str, dict] = {}
         if mode() == "auto":

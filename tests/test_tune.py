@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pyvae
 from pyvae import _tune
 from pyvae.ops import linear_act
 from pyvae.ops.linear_act import ROUTES
@@ -208,6 +209,45 @@ def test_routes_timed_without_onednn_are_not_reused_with_it(tuning, monkeypatch)
     assert on(True, "pyvae") == "pyvae"  # measured again, not read from the oneDNN-off cache
     assert on(False, "pyvae") == "torch"  # each keeps its own
     assert on(True, "torch") == "pyvae"
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs torch on two threads or more")
+def test_a_changed_thread_count_measures_and_caches_apart(tuning, monkeypatch):
+    """torch.set_num_threads after the first layer call: the layer's route is raced again for the new count
+    and saved in that count's file, not in the file (or the in-process table) of the count it started with."""
+    from pyvae.nn import FusedLinear
+
+    threads = torch.get_num_threads()
+    raced = []
+
+    def measure(candidates, **kw):
+        raced.append((torch.get_num_threads(), sorted(candidates)))
+        return _fake_measure("pyvae")(candidates, **kw)
+
+    monkeypatch.setattr(_tune, "measure", measure)
+    layer = FusedLinear(40, 24, "tanh")
+    x = torch.randn(16, 40)
+    mu, logvar = torch.randn(16, 3, requires_grad=True), torch.randn(16, 3, requires_grad=True)
+
+    def step():
+        layer(x).sum().backward()
+        pyvae.gaussian_kl(mu, logvar).sum().backward()  # a row op's route too
+
+    step()
+    first = _tune.cache_path()
+    try:
+        torch.set_num_threads(1)
+        step()  # the same shape classes: raced again, on one thread (no one-thread layer candidate)
+        assert [n for n, _ in raced] == [threads, threads, 1, 1] and "pyvae-1t" not in raced[2][1]
+        second = _tune.cache_path()
+        assert second != first
+        assert json.loads(second.read_text())["machine"]["threads"] == 1
+        assert json.loads(first.read_text())["machine"]["threads"] == threads
+        assert len(json.loads(first.read_text())["routes"]) == 2  # nothing of the one-thread races in it
+    finally:
+        torch.set_num_threads(threads)
+    step()  # back on the first count: its own routes, no new race
+    assert len(raced) == 4
 
 
 def test_tune_command_and_show(tmp_path):

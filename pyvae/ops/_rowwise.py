@@ -250,7 +250,7 @@ def _routed(name: str, direct, ref, n_tensors: int, validate, fill):
         train = torch.is_grad_enabled() and any(t.requires_grad for t in tensors if isinstance(t, torch.Tensor))
         fused_only = ROUTING["fused_only"]
         # Everything pyvae's checks look at is in the key, so a call whose key was seen passed them.
-        k = (name, train, fused_only) + tuple(
+        k = (name, train, fused_only, torch.get_num_threads()) + tuple(
             (t.dtype, t.shape, t.requires_grad, t.device, t.is_contiguous()) if isinstance(t, torch.Tensor)
             else type(t) for t in tensors)
         r = _ROW_ROUTES.get(k)

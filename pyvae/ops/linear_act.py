@@ -452,7 +452,8 @@ def _route_for(x, weight, bias, activation, dtype, amp) -> str:
     train = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                          or (bias is not None and bias.requires_grad))
     bucket = 1 << max(rows - 1, 0).bit_length()
-    k = (dtype, amp, fin, fout, activation, bias is not None, bucket, train)
+    # (the thread count too: a route raced on two threads is not the answer on one, NOTE: [Measured routes])
+    k = (dtype, amp, fin, fout, activation, bias is not None, bucket, train, torch.get_num_threads())
     r = _ROUTES.get(k)
     if r is None:
         if rows == 0 or not _tune.enabled():
