@@ -69,7 +69,8 @@ def _probe() -> bool:
 
     The comparison is of float32 products, so it runs with CPU autocast off: the first GEMM of a process
     often runs under it (every ``pyvae train --precision bf16-mixed``), where torch's reference products
-    came out in bfloat16, failed the float32 tolerance, and turned oneDNN off for the whole process."""
+    came out in bfloat16, failed the float32 tolerance, and turned oneDNN off for the whole process. Its
+    operands are float32 CPU tensors whatever ``torch.set_default_dtype``/``set_default_device`` say."""
     if not torch.backends.mkldnn.is_available():
         return False
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
@@ -78,10 +79,11 @@ def _probe() -> bool:
     try:
         with torch.autocast("cpu", enabled=False):
             gen = torch.Generator().manual_seed(0)
-            x = torch.randn(7, 5, generator=gen)
-            w = torch.randn(3, 5, generator=gen)
-            b = torch.randn(3, generator=gen)
-            g = torch.randn(7, 3, generator=gen)
+            f32 = dict(generator=gen, dtype=torch.float32, device="cpu")  # whatever the defaults are
+            x = torch.randn(7, 5, **f32)
+            w = torch.randn(3, 5, **f32)
+            b = torch.randn(3, **f32)
+            g = torch.randn(7, 3, **f32)
             checks = [
                 (op(x, w, b, "none", [], ""), torch.addmm(b, x, w.t())),
                 (op(g, w.t(), None, "none", [], ""), g @ w),

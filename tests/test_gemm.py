@@ -85,6 +85,9 @@ if where == "autocast":  # the first GEMM of a bf16-mixed training run: a fused 
 elif where == "fake":  # a first GEMM decision taken while a dispatch mode (fake tensors) is active
     with FakeTensorMode():
         G.onednn_enabled()
+elif where == "float64-default":  # float32 layers in a program whose default dtype is float64
+    torch.set_default_dtype(torch.float64)
+    FusedLinear(784, 500, "tanh", dtype=torch.float32)(torch.rand(100, 784, dtype=torch.float32)).sum().backward()
 after = G.onednn_enabled()
 G._state.update(onednn=None, enabled=None)  # probe again, outside any mode or autocast
 print(after, G.onednn_enabled())
@@ -92,12 +95,13 @@ print(after, G.onednn_enabled())
 
 
 @needs_onednn
-@pytest.mark.parametrize("where", ["autocast", "fake"])
+@pytest.mark.parametrize("where", ["autocast", "fake", "float64-default"])
 def test_first_gemm_context_does_not_turn_onednn_off(tmp_path, where):
     # The probe compares oneDNN's products with torch's; run under CPU autocast, torch's came out in bfloat16
     # and the comparison failed, so a process whose first GEMM ran under autocast (every `pyvae train
-    # --precision bf16-mixed`) ran all its layers without oneDNN. A fresh process each: the decision is
-    # taken once per process.
+    # --precision bf16-mixed`) ran all its layers without oneDNN; under fake tensors, or with float64 as the
+    # default dtype (the probe's operands were made in it), it failed too. A fresh process each: the decision
+    # is taken once per process.
     r = subprocess.run([sys.executable, "-c", _FIRST_GEMM_CHILD, where], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "True"], r.stdout
