@@ -215,6 +215,52 @@ def _save() -> None:
         _LOG.warning("pyvae: cannot write the route cache %s (%s); routes are kept for this process only", path, e)
 
 
+# NOTE: [Routes of a run]
+# Routes compute the same function but round differently (NOTE: [Layer routes] in pyvae/ops/linear_act.py),
+# so a training run is reproducible to the bit only if it runs the same route in every shape class. A
+# resumed run does not by itself: its process races afresh any class the route cache lacks (a race judged
+# disturbed is not cached; another cache directory; PYVAE_TUNE=force), and the continuation would drift from
+# the uninterrupted run by rounding. So every route a process takes (cold rule, cache, race or pin) is noted
+# by its key (``note``/``used``), ``pyvae.train`` writes them into each checkpoint with the machine key, and
+# resuming on the same machine key runs under ``pinned(routes)``: those routes first, for the run only.
+_used: Dict[str, str] = {}
+_pins: Dict[str, str] = {}
+
+
+def note(key: str, route: str) -> None:
+    """Records that this process runs ``route`` for the shape class ``key`` (NOTE: [Routes of a run])."""
+    _used[key] = route
+
+
+def used() -> Dict[str, str]:
+    """Every route this process has taken, by key."""
+    return dict(_used)
+
+
+def pin(key: str) -> Optional[str]:
+    """The pinned route of ``key`` (NOTE: [Routes of a run]), or None."""
+    return _pins.get(key) if _pins else None
+
+
+class pinned:
+    """Context manager: ``routes`` (key -> route) are taken before any cached, measured or cold-rule route
+    while it is active; the caller also clears the in-process route tables (``pyvae.ops.forget_routes``) on
+    entry and exit, so that the pins apply and do not outlive the block."""
+
+    def __init__(self, routes: Dict[str, str]):
+        self.routes = {str(k): str(v) for k, v in dict(routes).items()}
+
+    def __enter__(self):
+        self._saved = dict(_pins)
+        _pins.update(self.routes)
+        return self
+
+    def __exit__(self, *exc):
+        _pins.clear()
+        _pins.update(self._saved)
+        return False
+
+
 def lookup(key: str) -> Optional[str]:
     """The measured route of ``key``, or None when it has not been measured (or tuning is off)."""
     r = _routes().get(key)

@@ -17,6 +17,7 @@ process takes its slice of every global batch, and rank 0 alone logs, checkpoint
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -34,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import _tune, checkpoint
 from .data import BINARIZE, DATASETS, DataSplits, ShardedBatches, load_dataset, mix_seed, resolve_binarize
 from .evaluation import PRECISIONS, autocast, evaluate
 from .models import ESTIMATORS, LIKELIHOODS, VAE
@@ -425,6 +426,7 @@ class _Loop:
         self.st = dict(epoch=0, batch=0, step=0, samples_seen=0, wall_s=0.0, acc_elbo=0.0, acc_kl=0.0, acc_n=0.0,
                        acc_time=0.0, skipped=0)
         self.history: List[Dict[str, float]] = []
+        self.resume_routes: Optional[Dict[str, str]] = None  # NOTE: [Routes of a run] in pyvae/_tune.py
         self.run_dir = Path(cfg.out) if cfg.out else _default_out(cfg)
         self.ckpt_path = self.run_dir / checkpoint.CHECKPOINT_NAME
         if cfg.resume:
@@ -457,6 +459,14 @@ class _Loop:
         if self.dd.rank != 0:  # the partial-epoch sums in a checkpoint are global: counted once, by rank 0
             self.st.update(acc_elbo=0.0, acc_kl=0.0, acc_n=0.0)
         self.history = list(ck["history"])
+        saved = ck.get("routes")  # (checkpoints written before routes were saved have none)
+        if isinstance(saved, dict) and isinstance(saved.get("used"), dict):
+            if saved.get("machine") == json.loads(json.dumps(_tune.machine_key())):
+                self.resume_routes = saved["used"]
+            elif self.main:
+                self.log(f"{where}: written on another machine key (CPU, thread count, library settings: `pyvae tune "
+                         "--show`), so this run takes its own layer routes: it continues the same training, but not "
+                         "bit-identically to an uninterrupted run")
 
     def _open_run_dir(self) -> None:
         """Rank 0: the run directory, its config.json, no temporaries left by a killed checkpoint write, and
@@ -487,6 +497,8 @@ class _Loop:
             "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "state": dict(self.st), "history": self.history, "config": dataclasses.asdict(self.cfg),
             "rng": {"torch": torch.get_rng_state(), "cuda": rng_cuda},
+            # NOTE: [Routes of a run]; plain JSON types (torch.__version__ is a str subclass weights_only refuses)
+            "routes": json.loads(json.dumps({"machine": _tune.machine_key(), "used": _tune.used()})),
         })
 
     def _sum(self, values: List[float]) -> List[float]:
@@ -611,7 +623,27 @@ class _Loop:
                  f"  KL {row['kl']:.2f}  {row['samples_per_s']:,.0f} samples/s  {row['wall_s']:.1f} s{skipped}")
 
     # --------------------------------------------------------------------------------- run
+    @contextlib.contextmanager
+    def _routes(self):
+        """A resumed run on the machine key it was written on takes the routes it took before (NOTE: [Routes
+        of a run] in pyvae/_tune.py), for this run only."""
+        if not self.resume_routes:
+            yield
+            return
+        from .ops import forget_routes
+
+        forget_routes()
+        try:
+            with _tune.pinned(self.resume_routes):
+                yield
+        finally:
+            forget_routes()
+
     def run(self) -> TrainResult:
+        with self._routes():
+            return self._run()
+
+    def _run(self) -> TrainResult:
         cfg, st = self.cfg, self.st
         self._open_run_dir()
         try:

@@ -110,6 +110,50 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, digits):
     assert [h["train_elbo"] for h in res.history] == [h["train_elbo"] for h in full.history]
 
 
+def test_resume_runs_the_routes_of_the_interrupted_run(tmp_path, digits, tuning, monkeypatch):
+    """Layer and row-op routes round differently (NOTE: [Layer routes]), and a resumed process races afresh
+    any shape class its route cache lacks (another cache, a race that was not cached): the checkpoint holds
+    the routes the run used and the resume runs those, so it still ends bit-identical."""
+    from pyvae import _tune
+    from pyvae.ops import forget_routes
+
+    def racing(winner, cache):
+        monkeypatch.setenv("PYVAE_CACHE_DIR", str(tmp_path / cache))
+        _tune.reset_for_tests()
+        forget_routes()
+
+        def measure(candidates, **kw):
+            for fn in candidates.values():
+                fn()
+            return {n: (0.001 if n == winner else 0.002) for n in candidates}
+        monkeypatch.setattr(_tune, "measure", measure)
+
+    racing("torch", "a")
+    full = train(_cfg(tmp_path, "full", epochs=2), data=digits, log=_quiet)
+    racing("torch", "b")
+    part = train(_cfg(tmp_path, "part", epochs=1), data=digits, log=_quiet)
+    racing("pyvae", "c")  # a fresh cache whose races would pick pyvae's node and kernels everywhere
+    res = train(build_config({"resume": str(part.run_dir), "epochs": 2}), data=digits, log=_quiet)
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(res.model.state_dict()[k], v), k
+    assert [h["train_elbo"] for h in res.history] == [h["train_elbo"] for h in full.history]
+    # and the routes of the resumed run were pinned for that run only: the next run races again
+    racing("pyvae", "d")
+    train(_cfg(tmp_path, "other", epochs=1), data=digits, log=_quiet)
+    assert _tune.used()["linear_act 64->32 tanh float32 rows<=64 train"] == "pyvae"
+
+
+def test_resume_on_another_machine_key_says_it_is_not_bit_identical(tmp_path, digits):
+    part = train(_cfg(tmp_path, "part", epochs=1), data=digits, log=_quiet)
+    ck = torch.load(part.checkpoint, weights_only=True)
+    assert ck["routes"]["used"] and ck["routes"]["machine"]["threads"] == TINY["threads"]
+    ck["routes"]["machine"]["threads"] = 99  # as if written by a process on 99 threads
+    torch.save(ck, part.checkpoint)
+    said = []
+    train(build_config({"resume": str(part.run_dir), "epochs": 2}), data=digits, log=said.append)
+    assert any("another machine key" in m and "not bit-identically" in m for m in said), said
+
+
 def test_ctrl_c_saves_and_resumes_exactly(tmp_path, digits):
     full = train(_cfg(tmp_path, "full", epochs=2, optimizer="adagrad", lr=0.02), data=digits, log=_quiet)
     seen = []

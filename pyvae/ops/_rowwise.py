@@ -262,18 +262,21 @@ def _routed(name: str, direct, ref, n_tensors: int, validate, fill):
                 lean = _LeanRow(name, tensors, train)
             kernel = direct if lean is None else (lambda *a, _l=lean, _t=train: _l.run(a, _t))
             big = max((t.numel() for t in tensors if isinstance(t, torch.Tensor)), default=0)
-            if ref is None or fused_only or not _tune.enabled() or big > _MEASURE_MAX or big == 0:
+            if ref is None or fused_only or big > _MEASURE_MAX or big == 0:
                 r = "pyvae"
             else:
                 shapes = " ".join("-" if t is None else "x".join(map(str, t.shape)) + ("*" if t.requires_grad else "")
                                   for t in tensors)
                 key = f"{name} {str(a.dtype).replace('torch.', '')} {shapes} {'train' if train else 'infer'}"
-                r = _tune.lookup(key)
+                r = _tune.pin(key)  # a resumed run's own routes first (NOTE: [Routes of a run] in pyvae/_tune.py)
+                if r not in ("torch", "pyvae"):
+                    r = _tune.lookup(key) if _tune.enabled() else "pyvae"
                 if r is None:
                     try:
                         r = _measure_row_route(name, key, kernel, ref, args, n_tensors, train)
                     except Exception:  # a candidate that cannot run these inputs: the kernel, which checked them
                         r = "pyvae"
+                _tune.note(key, r)
             if r != "torch" and lean is not None:
                 r = lean
             remember(_ROW_ROUTES, k, r, _KEYS_MAX)

@@ -427,7 +427,8 @@ class _LinearActAutocastFunction(torch.autograd.Function):
 # CUDA calls and the registered op (torch.ops.pyvae.linear_act, torch.compile, opcheck) always run
 # pyvae's kernels. One visible difference: the "torch" route supports double backward, pyvae's node
 # refuses it (NOTE: [No double backward] in pyvae/ops/_registry.py). ``fused_only()`` turns the routing
-# off ("pyvae" always: the kernel tests, benchmarks of the kernels themselves).
+# off ("pyvae" always: the kernel tests, benchmarks of the kernels themselves). A pinned route (a resumed
+# training run's own, NOTE: [Routes of a run] in pyvae/_tune.py) comes before all of these.
 _route = ROUTING  # shared with the row ops (NOTE: [Row op routes] in _rowwise.py)
 _ROUTES: dict = {}  # shape class -> route, this process (pyvae/_tune.py holds the measured ones)
 ROUTES = ("torch", "pyvae", "pyvae-mm", "pyvae-1t")
@@ -456,13 +457,16 @@ def _route_for(x, weight, bias, activation, dtype, amp) -> str:
     k = (dtype, amp, fin, fout, activation, bias is not None, bucket, train, torch.get_num_threads())
     r = _ROUTES.get(k)
     if r is None:
-        if rows == 0 or not _tune.enabled():
-            r = _cold_route(rows, fin, fout, activation, dtype)
-        else:
-            key = (f"linear_act {fin}->{fout} {activation}{'' if bias is not None else ' nobias'} "
-                   f"{str(dtype).replace('torch.', '')}{' autocast' if amp is not None else ''} "
-                   f"rows<={bucket} {'train' if train else 'infer'}")
-            r = _tune.lookup(key) or _measure_route(key, x, weight, bias, activation, dtype, amp, rows, train)
+        key = (f"linear_act {fin}->{fout} {activation}{'' if bias is not None else ' nobias'} "
+               f"{str(dtype).replace('torch.', '')}{' autocast' if amp is not None else ''} "
+               f"rows<={bucket} {'train' if train else 'infer'}")
+        r = _tune.pin(key)  # a resumed run's own routes first (NOTE: [Routes of a run] in pyvae/_tune.py)
+        if r not in ROUTES:
+            if rows == 0 or not _tune.enabled():
+                r = _cold_route(rows, fin, fout, activation, dtype)
+            else:
+                r = _tune.lookup(key) or _measure_route(key, x, weight, bias, activation, dtype, amp, rows, train)
+        _tune.note(key, r)
         remember(_ROUTES, k, r, 1024)  # (the measured routes stay cached in pyvae/_tune.py)
     return r
 
