@@ -187,28 +187,34 @@ def cache_path() -> Path:
     return _state["path"]  # type: ignore[return-value]
 
 
+def _on_disk() -> Dict[str, dict]:
+    """The routes in this machine key's cache file now ({} when there is none, or it is unreadable, of
+    another version or of another machine)."""
+    try:
+        data = json.loads(cache_path().read_text())
+        if data.get("version") == _VERSION and data.get("machine") == machine_key():
+            return dict(data.get("routes", {}))
+    except (OSError, ValueError, AttributeError):
+        pass  # no cache yet, or an unreadable one: measure again
+    return {}
+
+
 def _routes() -> Dict[str, dict]:
     _follow_threads()
     if _state["routes"] is None:
-        routes: Dict[str, dict] = {}
-        if mode() == "auto":
-            try:
-                data = json.loads(cache_path().read_text())
-                if data.get("version") == _VERSION and data.get("machine") == machine_key():
-                    routes = dict(data.get("routes", {}))
-            except (OSError, ValueError, AttributeError):
-                routes = {}  # no cache yet, or an unreadable one: measure again
-        _state["routes"] = routes
+        _state["routes"] = _on_disk() if mode() == "auto" else {}
     return _state["routes"]  # type: ignore[return-value]
 
 
 def _save() -> None:
+    """Writes this process's routes into the cache file, over the file's own as it is now: routes another
+    process (a DDP rank, a second run) saved since this one read the file are kept, not overwritten."""
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        kept = {**_on_disk(), **{k: v for k, v in _routes().items() if not v.get("busy")}}
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w") as f:
-            kept = {k: v for k, v in _routes().items() if not v.get("busy")}
             json.dump({"version": _VERSION, "machine": machine_key(), "routes": kept}, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
     except OSError as e:  # a read-only home: keep the routes in memory only

@@ -250,6 +250,20 @@ def test_a_changed_thread_count_measures_and_caches_apart(tuning, monkeypatch):
     assert len(raced) == 4
 
 
+def test_a_save_keeps_the_routes_another_process_saved_meanwhile(tuning, monkeypatch):
+    """Two processes (two DDP ranks, two runs) read the cache, then each races a shape class the other did not:
+    the second save keeps the first one's route instead of writing its own view over the file."""
+    monkeypatch.setattr(_tune, "measure", _fake_measure("pyvae"))
+    assert _tune.lookup("other process's key") is None  # this process has read the (empty) cache
+    path = _tune.cache_path()
+    path.write_text(json.dumps({"version": _tune._VERSION, "machine": _tune.machine_key(),  # the other one saves
+                                "routes": {"other process's key": {"choice": "torch", "ms": {}}}}))
+    assert _tune.decide("this process's key", {"torch": lambda: None, "pyvae": lambda: None}) == "pyvae"
+    routes = json.loads(path.read_text())["routes"]
+    assert routes["this process's key"]["choice"] == "pyvae"
+    assert routes["other process's key"]["choice"] == "torch"
+
+
 def test_tune_command_and_show(tmp_path):
     env = {"PYVAE_CACHE_DIR": str(tmp_path), "PYVAE_TUNE": "auto"}
     r = subprocess.run([sys.executable, "-m", "pyvae", "tune", "--batch-size", "16", "--hidden", "32",
