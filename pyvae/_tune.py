@@ -227,8 +227,9 @@ def _save() -> None:
 # resumed run does not by itself: its process races afresh any class the route cache lacks (a race judged
 # disturbed is not cached; another cache directory; PYVAE_TUNE=force), and the continuation would drift from
 # the uninterrupted run by rounding. So every route a process takes (cold rule, cache, race or pin) is noted
-# by its key (``note``/``used``), ``pyvae.train`` writes them into each checkpoint with the machine key, and
-# resuming on the same machine key runs under ``pinned(routes)``: those routes first, for the run only.
+# by its key (``note``/``used``), ``pyvae.train`` writes them into each checkpoint with the machine key (under
+# DDP on the CPU every rank's: each races its own), and resuming on the same machine key runs under
+# ``pinned(routes)``: those routes first, for the run only.
 _used: Dict[str, str] = {}
 _pins: Dict[str, str] = {}
 

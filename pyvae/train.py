@@ -460,6 +460,9 @@ class _Loop:
             self.st.update(acc_elbo=0.0, acc_kl=0.0, acc_n=0.0)
         self.history = list(ck["history"])
         saved = ck.get("routes")  # (checkpoints written before routes were saved have none)
+        ranks = saved.get("ranks") if isinstance(saved, dict) else None
+        if isinstance(ranks, list) and len(ranks) == self.dd.world and self.dd.on:
+            saved = ranks[self.dd.rank]  # this rank's own routes, as each rank raced its own
         if isinstance(saved, dict) and isinstance(saved.get("used"), dict):
             if saved.get("machine") == json.loads(json.dumps(_tune.machine_key())):
                 self.resume_routes = saved["used"]
@@ -488,17 +491,30 @@ class _Loop:
                 raise ValueError("tensorboard=True needs the tensorboard package: pip install tensorboard") from None
             self.tb = SummaryWriter(str(self.run_dir / "tb"))
 
-    def save(self) -> None:
+    def _run_routes(self) -> Dict[str, Any]:
+        """This run's routes for a checkpoint (NOTE: [Routes of a run] in pyvae/_tune.py): rank 0's machine key
+        and routes, and under DDP on the CPU every rank's (a collective: all ranks call it), since each rank
+        races its own. Plain JSON types (torch.__version__ is a str subclass weights_only refuses)."""
+        mine = json.loads(json.dumps({"machine": _tune.machine_key(), "used": _tune.used()}))
+        if not self.dd.on or self.device.type != "cpu":  # (CUDA layers take no routes)
+            return mine
+        ranks: List[Any] = [None] * self.dd.world
+        dist.all_gather_object(ranks, mine)
+        return {**ranks[0], "ranks": ranks}
+
+    def save(self, routes: Optional[Dict[str, Any]] = None) -> None:
+        """Rank 0 writes the checkpoint; ``routes``: ``_run_routes()``, when every rank has taken part in it."""
         if not self.main:
             return
+        if routes is None:  # this process's own (no collective: rank 0 alone is here)
+            routes = json.loads(json.dumps({"machine": _tune.machine_key(), "used": _tune.used()}))
         m, rng_cuda = self.model, list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []
         checkpoint.save_checkpoint(self.ckpt_path, {
             "format": checkpoint.FORMAT, "model": m.state_dict(), "model_config": m.config(),
             "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "state": dict(self.st), "history": self.history, "config": dataclasses.asdict(self.cfg),
             "rng": {"torch": torch.get_rng_state(), "cuda": rng_cuda},
-            # NOTE: [Routes of a run]; plain JSON types (torch.__version__ is a str subclass weights_only refuses)
-            "routes": json.loads(json.dumps({"machine": _tune.machine_key(), "used": _tune.used()})),
+            "routes": routes,  # NOTE: [Routes of a run]
         })
 
     def _sum(self, values: List[float]) -> List[float]:
@@ -589,7 +605,7 @@ class _Loop:
         if self.dd.on:  # the checkpoint holds the partial-epoch sums of all ranks (rank 0 resumes them)
             self.st["acc_elbo"], self.st["acc_kl"], self.st["acc_n"] = self._sum(
                 [self.st["acc_elbo"], self.st["acc_kl"], self.st["acc_n"]])
-        self.save()
+        self.save(self._run_routes())
         if self.dd.on:
             dist.barrier()  # every rank returns only once the checkpoint is on disk
         if self.main:
@@ -611,9 +627,10 @@ class _Loop:
                    samples_per_s=n / max(st["acc_time"], 1e-9), wall_s=st["wall_s"])
         self.history.append(row)
         st.update(epoch=e + 1, batch=0, acc_elbo=0.0, acc_kl=0.0, acc_n=0.0, acc_time=0.0)
+        routes = self._run_routes()  # (every rank: a collective under DDP)
         if not self.main:
             return
-        self.save()
+        self.save(routes)
         _write_metrics(self.run_dir, self.history)
         if self.tb is not None:
             for k in ("train_elbo", "test_elbo", "kl", "recon", "samples_per_s"):

@@ -327,6 +327,70 @@ def _ddp_worker(rank, world, port, cfg_dict, out):
     os._exit(0)
 
 
+def _ddp_routes_worker(rank, world, port, cfg_dict, out):
+    """A DDP run whose ranks race different routes (rank 0 torch's, rank 1 pyvae's), interrupted at step 5
+    and resumed from fresh route caches whose races would pick the other way round on each rank."""
+    import torch.distributed as dist
+
+    from pyvae import _tune
+    from pyvae.ops import forget_routes
+
+    def racing(winner, cache):
+        os.environ.update(PYVAE_TUNE="auto", PYVAE_CACHE_DIR=os.path.join(cfg_dict["out"] + "-cache", f"{cache}{rank}"))
+        _tune.reset_for_tests()
+        forget_routes()
+        _tune._busy = lambda: False  # both ranks race at once on this machine: not a disturbance here
+
+        def measure(candidates, **kw):
+            for fn in candidates.values():
+                fn()
+            return {n: (0.001 if n == winner else 0.002) for n in candidates}
+        _tune.measure = measure
+        _tune._measure_undisturbed = lambda c, outcome=None: (measure(c), False)
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        mine, other = ("torch", "pyvae") if rank == 0 else ("pyvae", "torch")
+        racing(mine, "full")
+        r = train(TrainConfig(**cfg_dict), log=lambda *a: None)
+        cut = dict(cfg_dict, out=cfg_dict["out"] + "-cut")
+
+        def interrupt(p):
+            if rank == 0 and p["step"] == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        racing(mine, "part")
+        assert train(TrainConfig(**cut), on_step=interrupt, log=lambda *a: None).interrupted
+        racing(other, "resume")
+        r2 = train(build_config({"resume": cut["out"]}), log=lambda *a: None)
+        if rank == 0:
+            torch.save({"full": r.model.state_dict(), "resumed": r2.model.state_dict()}, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_ddp_resume_runs_each_ranks_own_routes(tmp_path):
+    """Under DDP each rank races its own routes; the checkpoint holds every rank's, and each rank takes its own
+    back on resume, so the resumed run ends bit-identical to the uninterrupted one (with rank 0's routes on
+    every rank it does not)."""
+    import torch.multiprocessing as mp
+
+    cfg = _cfg(tmp_path, "ddp", epochs=2, limit=600)
+    out = tmp_path / "routes.pt"
+    mp.spawn(_ddp_routes_worker, args=(2, _free_port(), dataclasses.asdict(cfg), str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    ck = torch.load(tmp_path / "ddp-cut" / "checkpoint.pt", weights_only=True)
+    key = "linear_act 64->32 tanh float32 rows<=32 train"  # a rank's slice of the batch of 50: 25 rows
+    assert [r["used"][key] for r in ck["routes"]["ranks"]] == ["torch", "pyvae"]
+    for k, v in got["full"].items():
+        assert torch.equal(got["resumed"][k], v), k
+
+
 def test_ddp_two_processes_match_one(tmp_path):
     import torch.multiprocessing as mp
 
