@@ -33,7 +33,7 @@ from torch import nn
 
 from pyvae import reference as R
 from pyvae._tune import cpu_model
-from pyvae.benchmarks.common import _git_rev
+from pyvae.benchmarks.common import git_rev
 from pyvae.data import load_dataset
 
 
@@ -130,7 +130,7 @@ def main() -> None:
                   cpus=os.cpu_count(), final_test_elbo=history[-1]["test_elbo"], wall_s=history[-1]["wall_s"],
                   history=history, time=time.strftime("%Y-%m-%dT%H:%M:%S"),
                   # which CPU (family, model: NOTE: [Which CPU] in pyvae/_tune.py) and which code
-                  cpu_model=cpu_model(), git=_git_rev())
+                  cpu_model=cpu_model(), git=git_rev())
     if args.compare_pyvae:
         result["pyvae"] = dict(final_test_elbo=pyvae_history[-1]["test_elbo"], wall_s=pyvae_history[-1]["wall_s"],
                                history=pyvae_history, run_dir=args.compare_pyvae,

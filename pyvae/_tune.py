@@ -45,7 +45,7 @@ from . import _gate, _gemm
 from ._version import __version__
 
 __all__ = ["cpu_model", "cpu_identity", "mode", "enabled", "lookup", "decide", "cache_path", "machine_key", "entries",
-           "clear", "measure", "race", "choose", "TIE", "STAT", "STATS"]
+           "clear", "measure", "race", "choose", "note", "used", "run_routes", "pin", "pinned", "TIE", "STAT", "STATS"]
 
 _LOG = logging.getLogger("pyvae.tune")
 _VERSION = 4  # 2: row-op routes, early-stopped races; 3: the one-thread layer route and the planned (lean) row-op
@@ -242,6 +242,13 @@ def note(key: str, route: str) -> None:
 def used() -> Dict[str, str]:
     """Every route this process has taken, by key."""
     return dict(_used)
+
+
+def run_routes() -> Dict[str, object]:
+    """This process's machine key and routes (``used``) in plain JSON types, as a checkpoint holds them
+    (NOTE: [Routes of a run]; ``torch.__version__`` is a str subclass that ``torch.load(weights_only=True)``
+    refuses)."""
+    return json.loads(json.dumps({"machine": machine_key(), "used": used()}))
 
 
 def pin(key: str) -> Optional[str]:

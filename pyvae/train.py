@@ -464,7 +464,7 @@ class _Loop:
         if isinstance(ranks, list) and len(ranks) == self.dd.world and self.dd.on:
             saved = ranks[self.dd.rank]  # this rank's own routes, as each rank raced its own
         if isinstance(saved, dict) and isinstance(saved.get("used"), dict):
-            if saved.get("machine") == json.loads(json.dumps(_tune.machine_key())):
+            if saved.get("machine") == _tune.run_routes()["machine"]:
                 self.resume_routes = saved["used"]
             elif self.main:
                 self.log(f"{where}: written on another machine key (CPU, thread count, library settings: `pyvae tune "
@@ -494,8 +494,8 @@ class _Loop:
     def _run_routes(self) -> Dict[str, Any]:
         """This run's routes for a checkpoint (NOTE: [Routes of a run] in pyvae/_tune.py): rank 0's machine key
         and routes, and under DDP on the CPU every rank's (a collective: all ranks call it), since each rank
-        races its own. Plain JSON types (torch.__version__ is a str subclass weights_only refuses)."""
-        mine = json.loads(json.dumps({"machine": _tune.machine_key(), "used": _tune.used()}))
+        races its own."""
+        mine = _tune.run_routes()
         if not self.dd.on or self.device.type != "cpu":  # (CUDA layers take no routes)
             return mine
         ranks: List[Any] = [None] * self.dd.world
@@ -507,7 +507,7 @@ class _Loop:
         if not self.main:
             return
         if routes is None:  # this process's own (no collective: rank 0 alone is here)
-            routes = json.loads(json.dumps({"machine": _tune.machine_key(), "used": _tune.used()}))
+            routes = _tune.run_routes()
         m, rng_cuda = self.model, list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []
         checkpoint.save_checkpoint(self.ckpt_path, {
             "format": checkpoint.FORMAT, "model": m.state_dict(), "model_config": m.config(),

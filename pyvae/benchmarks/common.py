@@ -200,7 +200,8 @@ def run_family(args: argparse.Namespace, family: str, run) -> tuple[list, dict, 
     return rows, (rows[0]["machine"] if rows else machine_info(args)), out
 
 
-def _git_rev() -> str | None:
+def git_rev() -> str | None:
+    """The checkout's short commit, with "-dirty" when tracked files differ from it (None outside git)."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
@@ -242,7 +243,7 @@ def machine_info(args: argparse.Namespace) -> dict:
         # which build ran: the tree's commit says little while pyvae is reinstalled from a dirty tree
         "pyvae_C_mtime": _dt.datetime.fromtimestamp(os.path.getmtime(pyvae._C.__file__), _dt.timezone.utc)
         .isoformat(timespec="seconds"),
-        "git": _git_rev(),
+        "git": git_rev(),
         "malloc": args.malloc,
         "glibc": platform.libc_ver()[1] or None,
         "malloc_env": {k: v for k, v in os.environ.items()
