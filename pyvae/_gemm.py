@@ -142,7 +142,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
 
 # Activations oneDNN's linear applies as a post-op in the GEMM's write-back (its attr names are pyvae's).
-POST_OPS = ("relu", "tanh", "sigmoid")
+# Not relu: oneDNN's relu post-op is max(y, 0), which turns a NaN into 0, where torch's relu and pyvae's
+# epilogue keep it (pyvae.ops: a NaN input gives NaN in the rows it reaches, on every route). relu layers
+# take the library GEMM and pyvae's bias + relu epilogue (one more pass over the output: ~20-30 us of a
+# 784->400 layer at B=128 on the Zen 4 host).
+POST_OPS = ("tanh", "sigmoid")
 _POST_OP_DTYPES = (torch.float32, torch.bfloat16)
 
 

@@ -48,9 +48,10 @@ __all__ = ["cpu_model", "cpu_identity", "mode", "enabled", "lookup", "decide", "
            "clear", "measure", "race", "choose", "note", "used", "run_routes", "pin", "pinned", "TIE", "STAT", "STATS"]
 
 _LOG = logging.getLogger("pyvae.tune")
-_VERSION = 4  # 2: row-op routes, early-stopped races; 3: the one-thread layer route and the planned (lean) row-op
-# kernel path as the kernel candidate; 4: undecided races confirmed by a vote (NOTE: [Undecided races]). Caches
-# of an older version are measured again.
+_VERSION = 5  # 2: row-op routes, early-stopped races; 3: the one-thread layer route and the planned (lean) row-op
+# kernel path as the kernel candidate; 4: undecided races confirmed by a vote (NOTE: [Undecided races]); 5: relu
+# layers no longer fuse relu into oneDNN's GEMM (NOTE: [CPU GEMM backend]), so their "pyvae" route costs what it
+# did not. Caches of an older version are measured again.
 _state: Dict[str, object] = {"mode": None, "routes": None, "path": None, "key": None}
 
 

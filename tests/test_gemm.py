@@ -105,3 +105,22 @@ def test_first_gemm_context_does_not_turn_onednn_off(tmp_path, where):
     r = subprocess.run([sys.executable, "-c", _FIRST_GEMM_CHILD, where], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "True"], r.stdout
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["relu", "tanh", "sigmoid"])
+def test_nan_stays_nan_on_every_route(dtype, act):
+    # oneDNN's relu post-op is max(y, 0), which turns NaN into 0; torch's relu and pyvae's epilogue keep it.
+    # pyvae.ops documents that a NaN input gives NaN in the rows it reaches, whatever route a layer takes.
+    from pyvae.ops.linear_act import ROUTES, run_route
+
+    w, b = _rand(300, 300, dtype=dtype) / 17, _rand(300, dtype=dtype)
+    x = _rand(100, 300, dtype=dtype)  # 18 MFLOP: the oneDNN product (and its post-op where one exists)
+    x[0, 0] = float("nan")
+    for route in ROUTES:
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                y = run_route(route, x.requires_grad_(grad), w, b, act)
+            assert torch.isnan(y[0]).all(), (route, grad)
+            assert not torch.isnan(y[1:]).any(), (route, grad)
