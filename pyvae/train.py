@@ -91,7 +91,9 @@ class TrainConfig:
         threads: torch CPU threads (None: torch's default).
         on_nonfinite: what a step with a non-finite loss does: "stop" (raise ``NonFiniteLossError`` naming
             the step; the last checkpoint, written at the end of the last good epoch, stays intact) or
-            "skip" (no update for that step; the count is logged).
+            "skip" (no update for that step; the count is logged). Either way an epoch none of whose steps
+            was finite, or whose test ELBO is not finite, raises ``NonFiniteLossError`` before its checkpoint
+            is written, so the last checkpoint always holds weights that gave a finite test ELBO.
     """
 
     dataset: str = "mnist-5k"
@@ -363,6 +365,26 @@ def _default_out(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+# What makes a directory a run's: a fresh run does not write into one (it would replace that run's checkpoint
+# and metrics); ``--resume`` continues it. (A config.json alone is a run that stopped before its first
+# checkpoint: nothing to lose, so a new run may take the directory.)
+RUN_FILES = (checkpoint.CHECKPOINT_NAME, "metrics.csv", "metrics.jsonl")
+
+
+def _claim_default_dir(base: Path) -> Path:
+    """A new directory named ``base``, or ``base-2``, ``base-3``, ... where that is taken: created here
+    (``mkdir`` without exist_ok), so two runs started in the same second never share one."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 10_000):
+        d = base if k == 1 else base.with_name(f"{base.name}-{k}")
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"out: no free run directory name beside {base}; give --out")
+
+
 # ---------------------------------------------------------------------------------- train
 def train(cfg: TrainConfig, *, on_step: Optional[Callable[[Dict[str, Any]], None]] = None,
           data: Optional[DataSplits] = None, log: Callable[[str], None] = print) -> TrainResult:
@@ -478,6 +500,15 @@ class _Loop:
             return
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise ValueError(f"out: {self.run_dir} exists and is not a directory")
+        if not self.cfg.resume:
+            if not self.cfg.out:
+                self.run_dir = _claim_default_dir(self.run_dir)
+                self.ckpt_path = self.run_dir / checkpoint.CHECKPOINT_NAME
+            held = [n for n in RUN_FILES if (self.run_dir / n).exists()]
+            if held:
+                raise FileExistsError(
+                    f"out: {self.run_dir} already holds a run ({', '.join(held)}); a new run would replace it. "
+                    f"Continue it with --resume {self.run_dir}, or give another --out")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_stale_temporaries(self.ckpt_path)
         with open(self.run_dir / "config.json", "w") as f:
@@ -536,11 +567,9 @@ class _Loop:
                 self.opt.zero_grad(set_to_none=True)
                 self.st["skipped"] += 1
                 return None
-            last = (f"the last good checkpoint is {self.ckpt_path} (epoch {self.st['epoch']})"
-                    if self.ckpt_path.is_file() else "no checkpoint was written yet")
             raise NonFiniteLossError(
                 f"step {self.st['step'] + 1} (epoch {self.st['epoch'] + 1}, batch {self.st['batch'] + 1}) gave a "
-                f"non-finite loss ({loss.item()}); {last}. Lower --lr, set --grad-clip, or pass "
+                f"non-finite loss ({loss.item()}); {self._last_good()}. Lower --lr, set --grad-clip, or pass "
                 "--on-nonfinite skip to skip such steps")
         self.opt.zero_grad(set_to_none=True)
         params = self.model.parameters()
@@ -600,6 +629,12 @@ class _Loop:
             bar.close()
         return interrupted
 
+    def _last_good(self) -> str:
+        """Where the last good checkpoint is, for a NonFiniteLossError's message."""
+        if self.ckpt_path.is_file():
+            return f"the last good checkpoint is {self.ckpt_path} (epoch {self.st['epoch']})"
+        return "no checkpoint was written yet"
+
     def _save_interrupted(self, t_start: float) -> None:
         self.st["wall_s"] = time.perf_counter() - t_start
         if self.dd.on:  # the checkpoint holds the partial-epoch sums of all ranks (rank 0 resumes them)
@@ -617,10 +652,20 @@ class _Loop:
         cfg, st, dd = self.cfg, self.st, self.dd
         e = st["epoch"]
         sums = self._sum([st["acc_elbo"], st["acc_kl"], st["acc_n"]])
+        if sums[2] == 0 and st["skipped"]:
+            # (--on-nonfinite skip) no step of this epoch was finite: the weights are past saving, and a
+            # checkpoint of them would replace the last good one
+            raise NonFiniteLossError(
+                f"every step of epoch {e + 1} gave a non-finite loss ({st['skipped']} steps skipped so far): nothing "
+                f"trains any more; {self._last_good()}. Check the data, lower --lr or set --grad-clip")
         n = max(sums[2], 1.0)
         ev = evaluate(self.model, self.data.test, batch_size=cfg.eval_batch, samples=cfg.test_samples,
                       seed=mix_seed(cfg.seed, 5), device=self.device, precision=cfg.precision, rank=dd.rank,
                       world=dd.world)
+        if not math.isfinite(ev["elbo"]):
+            raise NonFiniteLossError(
+                f"the test ELBO after epoch {e + 1} is not finite ({ev['elbo']}), so this epoch's weights are not "
+                f"saved; {self._last_good()}. Lower --lr or set --grad-clip")
         st["wall_s"] = time.perf_counter() - t_start
         row = dict(epoch=e + 1, step=st["step"], samples_seen=st["samples_seen"], train_elbo=sums[0] / n,
                    test_elbo=ev["elbo"], kl=sums[1] / n, recon=(sums[0] + sums[1]) / n,

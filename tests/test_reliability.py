@@ -2,6 +2,7 @@
 line is promised, or a run left inconsistent) before its fix."""
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -120,11 +121,57 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint_intact(tmp_path, di
     with pytest.raises(NonFiniteLossError, match=r"step \d+ .*non-finite loss.*last good checkpoint"):
         train(build_config({"resume": str(out), "epochs": 2}), data=poisoned, log=lambda *a: None)
     assert (out / "checkpoint.pt").read_bytes() == before
-    r = train(build_config({"resume": str(out), "epochs": 2, "on_nonfinite": "skip"}), data=poisoned,
+    # skip: an epoch none of whose steps was finite trains nothing; it is not saved (its metrics would be made up)
+    with pytest.raises(NonFiniteLossError, match=r"every step of epoch 2 gave a non-finite loss \(%d steps skipped"
+                       % (digits.train.shape[0] // 50)):
+        train(build_config({"resume": str(out), "epochs": 2, "on_nonfinite": "skip"}), data=poisoned,
+              log=lambda *a: None)
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_skip_trains_on_past_a_few_non_finite_steps(tmp_path, digits):
+    poisoned = dataclasses.replace(digits, train=digits.train.clone(), binarize="none")
+    poisoned.train[:2] = float("nan")  # two rows: at most two batches of an epoch
+    out = tmp_path / "skip"
+    r = train(build_config({**TINY, "out": str(out), "epochs": 2, "on_nonfinite": "skip"}), data=poisoned,
               log=lambda *a: None)
     ck = checkpoint.load_checkpoint(out)
-    assert ck["state"]["skipped"] == digits.train.shape[0] // 50 and r.history[-1]["epoch"] == 2
+    assert 2 <= ck["state"]["skipped"] <= 4 and [h["epoch"] for h in r.history] == [1, 2]
+    assert all(math.isfinite(h[k]) for h in r.history for k in ("train_elbo", "test_elbo", "kl"))
     assert all(bool(torch.isfinite(v).all()) for v in ck["model"].values())  # no update from a NaN step
+
+
+def test_diverged_weights_are_never_checkpointed(tmp_path, digits):
+    # lr=30 makes the weights non-finite from a step whose loss was still finite; skip cannot catch that, so
+    # the end of the epoch does: its test ELBO is not finite and its checkpoint is not written.
+    out = tmp_path / "diverged"
+    with pytest.raises(NonFiniteLossError, match=r"test ELBO after epoch 1 is not finite.*no checkpoint was written"):
+        train(build_config({**TINY, "out": str(out), "lr": 30.0, "on_nonfinite": "skip"}), data=digits,
+              log=lambda *a: None)
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.csv").exists()
+    # the directory holds no run yet, so a new one may take it
+    train(build_config({**TINY, "out": str(out), "epochs": 1}), data=digits, log=lambda *a: None)
+    assert (out / "checkpoint.pt").is_file()
+
+
+def test_a_fresh_run_never_replaces_another_run(tmp_path, digits):
+    out = tmp_path / "taken"
+    train(build_config({**TINY, "out": str(out), "epochs": 1}), data=digits, log=lambda *a: None)
+    before = {n: (out / n).read_bytes() for n in ("checkpoint.pt", "metrics.csv", "config.json")}
+    with pytest.raises(FileExistsError, match=r"out: .*taken already holds a run \(checkpoint.pt, metrics.csv, "
+                                              r"metrics.jsonl\).*--resume"):
+        train(build_config({**TINY, "out": str(out), "latent": 3}), data=digits, log=lambda *a: None)
+    assert {n: (out / n).read_bytes() for n in before} == before
+
+
+def test_default_run_directories_are_never_shared(tmp_path, digits, monkeypatch):
+    # Without --out the directory is named by the second the run starts: two runs in one second get two.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda fmt, *a: "20261130-000000")
+    dirs = [train(build_config({**TINY, "epochs": 1, "latent": k}), data=digits, log=lambda *a: None).run_dir
+            for k in (2, 3, 4)]
+    assert [d.name for d in dirs] == ["digits-20261130-000000", "digits-20261130-000000-2", "digits-20261130-000000-3"]
+    assert [checkpoint.load_checkpoint(d)["config"]["latent"] for d in dirs] == [2, 3, 4]
 
 
 # ------------------------------------------------------------------------ one-line errors
