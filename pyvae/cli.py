@@ -411,18 +411,27 @@ def main(argv: Optional[List[str]] = None) -> int:
            "denoise": _cmd_denoise, "tune": _cmd_tune, "bench": _cmd_bench}[args.command]
     try:
         return cmd(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-            PermissionError, ImportError) as e:
-        print(f"pyvae {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("pyvae: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # (an OSError: before the clause below)
         # The reader of stdout went away (``pyvae tune --show | head``): stop quietly, as a shell tool does,
         # with stdout pointed at /dev/null so that the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE
+    except (ValueError, TypeError, OSError, ImportError) as e:
+        # OSError: every file-system refusal (missing, exists, permissions, a name too long, a read-only or
+        # full disk) is the user's to fix, not a bug to trace
+        print(f"pyvae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        # torch's CPU allocator raises a plain RuntimeError (a model too large for this machine, --hidden 2e9)
+        oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", ())
+        if not isinstance(e, (MemoryError, oom)) and "can't allocate memory" not in str(e):
+            raise
+        print(f"pyvae {args.command}: error: out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pyvae: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -217,6 +217,16 @@ def test_out_and_device_faults_are_one_line_errors(tmp_path, run, capsys):
         assert e.value.code == 2 and "cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
+def test_file_system_and_memory_faults_are_one_line_errors(tmp_path, run, capsys):
+    long = "a" * 300  # a path component over the file system's 255 bytes: OSError ENAMETOOLONG
+    _one_line_error(capsys, ["train", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / long),
+                             "--no-progress"], "File name too long")
+    _one_line_error(capsys, ["eval", str(tmp_path / long)], "File name too long")
+    # a model too large for the machine: torch's CPU allocator raises a plain RuntimeError
+    _one_line_error(capsys, ["train", "--dataset", "digits", "--epochs", "1", "--hidden", "2000000000",
+                             "--out", str(tmp_path / "huge"), "--no-progress"], "out of memory")
+
+
 def test_zero_epochs_claims_no_files(tmp_path, capsys):
     assert main(["train", "--dataset", "digits", "--epochs", "0", "--out", str(tmp_path / "z"), "--no-progress"]) == 0
     printed = capsys.readouterr().out
