@@ -155,6 +155,11 @@ class TrainConfig:
         pos_int("limit", allow_none=True)
         pos_int("threads", allow_none=True)
         pos_int("seed", lo=0)
+        if self.seed >= 2 ** 64:  # (seeds are 64-bit: torch's generators, mix_seed)
+            raise ValueError(f"seed must be an int in [0, 2**64), got {self.seed!r}")
+        for n in ("progress", "plots", "tensorboard"):
+            if not isinstance(getattr(self, n), bool):
+                raise ValueError(f"{n} must be true or false, got {getattr(self, n)!r}")
         if not (_finite_number(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite positive number, got {self.lr!r}")
         if self.weight_decay != "prior" and not (_finite_number(self.weight_decay) and self.weight_decay >= 0):
@@ -197,7 +202,13 @@ def load_toml(path: Union[str, os.PathLike]) -> Dict[str, Any]:
             d = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{p}: invalid TOML: {e}") from None
-    if "train" in d and isinstance(d["train"], dict):
+    if "train" in d:
+        # the keys under [train] are the configuration; anything beside them (top-level keys, another table,
+        # a misspelt [trian]) would be dropped without a word
+        beside = sorted(k for k in d if k != "train")
+        if not isinstance(d["train"], dict) or beside:
+            raise ValueError(f"{p}: with a [train] table every key must be under it; found {beside or ['train']} "
+                             "outside it")
         d = d["train"]
     d = {k.replace("-", "_"): v for k, v in d.items()}
     known = {f.name for f in dataclasses.fields(TrainConfig)}

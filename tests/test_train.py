@@ -268,13 +268,22 @@ def test_toml_config(tmp_path):
     p.write_text('latent = \n')
     with pytest.raises(ValueError, match="invalid TOML"):
         build_config(config_file=str(p))
+    # with a [train] table, nothing may sit beside it: such keys used to be dropped without a word
+    for text, beside in (('epochs = 1\n[train]\nhidden = 7\n', "epochs"), ('[train]\nhidden = 7\n[trian]\nepochs = 1\n', "trian")):
+        p.write_text(text)
+        with pytest.raises(ValueError, match=f"every key must be under it; found \\['{beside}'\\]"):
+            build_config(config_file=str(p))
+    p.write_text('plots = "false"\n')  # a string is not a bool (and "false" is truthy)
+    with pytest.raises(ValueError, match="plots must be true or false, got 'false'"):
+        build_config(config_file=str(p))
 
 
 @pytest.mark.parametrize("kw,match", [
     (dict(dataset="cifar"), "dataset"), (dict(lr=-1.0), "lr"), (dict(epochs=-1), "epochs"),
     (dict(optimizer="sgd"), "optimizer"), (dict(precision="fp16-mixed"), "fp16-mixed"),
     (dict(likelihood="gaussian", binarize="dynamic"), "binarize"), (dict(weight_decay="big"), "weight_decay"),
-    (dict(device="tpu"), "device"), (dict(batch_size=0), "batch_size"),
+    (dict(device="tpu"), "device"), (dict(batch_size=0), "batch_size"), (dict(seed=2 ** 64), "seed"),
+    (dict(progress=1), "progress must be true or false"),
 ])
 def test_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):
