@@ -318,6 +318,31 @@ def test_double_backward_raises_under_autocast():
 
 
 @pytest.mark.parametrize("path", ["eager", "dispatcher"])
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("act", ["tanh", "identity"])
+@pytest.mark.parametrize("trained", ["x", "weight", "bias"])
+def test_double_backward_raises_for_each_input_alone(path, autocast, act, trained):
+    # With only one input trainable, differentiating its gradient again must raise (NOTE: [No double
+    # backward] in pyvae/ops/_registry.py), not drop a term: once a trainable bias alone (x and weight
+    # frozen) gave a gradient penalty without its second-order part, and under autocast the guard hung
+    # from a leaf of its own, so torch.autograd.grad(penalty, x) gave None.
+    torch.manual_seed(6)
+    inputs = {"x": torch.randn(4, 6), "weight": torch.randn(5, 6), "bias": torch.randn(5)}
+    inputs[trained].requires_grad_()
+    fn = linear_act if path == "eager" else torch.ops.pyvae.linear_act
+
+    def loss():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = fn(inputs["x"], inputs["weight"], inputs["bias"], act)
+        return (y.float() ** 2).sum()
+
+    (first,) = torch.autograd.grad(loss(), inputs[trained], create_graph=True)
+    assert torch.equal(first, torch.autograd.grad(loss(), inputs[trained])[0])
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad((first ** 2).sum(), inputs[trained])
+
+
+@pytest.mark.parametrize("path", ["eager", "dispatcher"])
 def test_autocast_leaves_float64_alone(path):
     # Like nn.Linear under autocast: float64 inputs are not cast (autocast only lowers float32/16).
     lin = pnn.FusedLinear(5, 3, "tanh").double()

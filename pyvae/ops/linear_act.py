@@ -26,7 +26,7 @@ import torch
 from .. import _cublaslt, _gate, _gemm, _tune, reference
 from . import _checks as V
 from ._rowwise import forget_row_routes
-from ._registry import ROUTING, FirstOrderOnly, LIB, check_no_transform, eager_ok, first_order_only, register, remember
+from ._registry import ROUTING, LIB, check_no_transform, eager_ok, first_order_only, register, remember
 
 __all__ = ["linear_act", "ACTIVATIONS", "fused_only", "forget_routes", "ROUTES", "run_route", "release_workspace"]
 
@@ -105,7 +105,7 @@ def _forward(x, weight, bias, act, onednn=None):
         if r is not None:
             return r[0] if flat else r[0].view(*x.shape[:-1], weight.shape[0])
     if act != _IDENTITY and cpu:
-        # oneDNN fuses bias and activation into the GEMM where it can (relu, tanh, sigmoid).
+        # oneDNN fuses bias and activation into the GEMM where it can (tanh, sigmoid; not relu: POST_OPS in _gemm.py).
         y = _gemm.linear_post_op(x2, weight, bias, _ACT_NAMES[act], onednn)
         if y is not None:
             return y if flat else y.view(*x.shape[:-1], weight.shape[0])
@@ -272,12 +272,17 @@ def _linear_act_backward_fake(grad, x, weight, out, has_bias, activation, output
     )
 
 
-def _save(ctx, x, weight, bias, activation, output, onednn=None):
-    """What every backward of linear_act reads (the dispatcher's and both direct functions')."""
+def _save(ctx, x, weight, bias, activation, output, onednn=None, uncast=()):
+    """What every backward of linear_act reads (the dispatcher's and both direct functions'): x, weight,
+    the output, then for the double-backward guard only the bias and ``uncast`` (the autocast function's
+    own x and weight)."""
     ctx.activation, ctx.act, ctx.has_bias = activation, ACTIVATIONS[activation], bias is not None
     ctx.onednn = onednn
-    # The output is needed only for the activation's derivative (identity needs nothing of it).
-    ctx.save_for_backward(x, weight, output if ctx.act != _IDENTITY else None)
+    # The output is needed only for the activation's derivative (identity needs nothing of it). The
+    # gradients never read the bias, but FirstOrderOnly must take it (NOTE: [No double backward] in
+    # pyvae/ops/_registry.py): autograd runs a node only where it leads to a tensor being differentiated,
+    # so a guard on x and weight alone is skipped (or not made, both frozen) when only the bias is.
+    ctx.save_for_backward(x, weight, output if ctx.act != _IDENTITY else None, bias, *uncast)
 
 
 def _setup_context(ctx, inputs, output):
@@ -285,14 +290,14 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, direct: bool = False):
-    x, weight, out = ctx.saved_tensors
+    x, weight, out, bias = ctx.saved_tensors
     mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
     if out is None:
         out = x.new_zeros(1)
     bwd = _linear_act_backward_impl if direct else torch.ops.pyvae.linear_act_backward
     # NOTE: [No double backward] in pyvae/ops/_registry.py
     gx, gw, gb = first_order_only(
-        _OP, bwd(grad, x, weight, out, ctx.has_bias, ctx.activation, mask), (x, weight)
+        _OP, bwd(grad, x, weight, out, ctx.has_bias, ctx.activation, mask), (x, weight, bias)
     )
     return (gx if mask[0] else None, gw if mask[1] else None, gb if (mask[2] and ctx.has_bias) else None, None)
 
@@ -362,7 +367,7 @@ class _LinearActFunction(torch.autograd.Function):
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True: the checked path, which refuses double backward
             return (*_backward(ctx, grad, direct=True), None, None)
-        x, weight, out = ctx.saved_tensors
+        x, weight, out, _ = ctx.saved_tensors
         gx, gw, gb = _on_threads(ctx.threads, _backward_core, grad, x, weight, out, ctx.has_bias, ctx.act,
                                  ctx.needs_input_grad, ctx.onednn)
         return gx, gw, gb, None, None, None
@@ -381,21 +386,22 @@ class _LinearActAutocastFunction(torch.autograd.Function):
             _check(xc, wc, bc, activation)
         out = _on_threads(threads, _forward, xc, wc, bc, ACTIVATIONS[activation], onednn)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        _save(ctx, xc, wc, bc, activation, out, onednn)
+        # The casts carry no autograd history: the guard of backward needs the inputs themselves (the uncast
+        # bias is saved; x and weight only if they need grad, so a float32 batch is not kept alive for it).
+        _save(ctx, xc, wc, bias, activation, out, onednn,
+              (x if x.requires_grad else None, weight if weight.requires_grad else None))
         ctx.threads = threads
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, out = ctx.saved_tensors
+        x, weight, out, *guard = ctx.saved_tensors  # guard: the uncast bias, x and weight
         grads = _on_threads(ctx.threads, _backward_core, grad, x, weight, out, ctx.has_bias, ctx.act,
                             ctx.needs_input_grad[:3], ctx.onednn)
         grads = [g if g is None or g.dtype == dt else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         if torch.is_grad_enabled():  # create_graph=True: NOTE: [No double backward] in pyvae/ops/_registry.py
             idx = [i for i, g in enumerate(grads) if g is not None]
-            # The casted inputs saved here carry no history, so a fresh leaf gives the node its edge.
-            anchor = torch.zeros((), device=grad.device, requires_grad=True)
-            wrapped = FirstOrderOnly.apply(_OP, len(idx), *(grads[i] for i in idx), anchor)
+            wrapped = first_order_only(_OP, [grads[i] for i in idx], guard)
             for i, g in zip(idx, wrapped):
                 grads[i] = g
         return (*grads, None, None, None, None, None)
