@@ -441,7 +441,7 @@ def test_mean(device, dtype):
 
 
 def test_mean_against_decimal_and_edges():
-    pts = [0.0, 1e-8, -1e-8, 1e-3, 0.999999, 1.0, 1.000001, -1.0, 7.3, -40.0, 1e4, -1e4]
+    pts = [0.0, 1e-8, -1e-8, 1e-3, 0.999999, 1.0, 1.000001, -1.0, 7.3, -40.0, 88.8, -800.0, 1e4, -1e4]
     got = pyvae.continuous_bernoulli_mean(torch.tensor(pts, dtype=torch.float64))
     want = torch.tensor([decimal_value_grad_mean(p, 0.0)[2] for p in pts], dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-16)
@@ -452,7 +452,30 @@ def test_mean_against_decimal_and_edges():
 
 
 def test_mean_gradcheck():
-    """Both branches (|l| < 1 and beyond) and l = 0 itself give finite, correct gradients."""
-    logits = torch.tensor([0.0, 1e-3, -0.7, 0.999, 1.0, -2.5, 30.0], dtype=torch.float64, requires_grad=True)
+    """Both branches (|l| < 1 and beyond), l = 0 itself and |l| past e^|l|'s overflow (~709.8) give finite,
+    correct gradients."""
+    logits = torch.tensor([0.0, 1e-3, -0.7, 0.999, 1.0, -2.5, 30.0, 800.0, -1e4], dtype=torch.float64,
+                          requires_grad=True)
     assert torch.autograd.gradcheck(pyvae.continuous_bernoulli_mean, (logits,))
+
+
+# Logits around and past where e^|l| overflows: ~88.7 in float32 (half types are computed in it), ~709.8
+# in float64 (a gradient of 1 / expm1(|l|) was inf * 0 = NaN there).
+_LARGE = {torch.float64: [50.0, -100.0, 709.5, 710.0, -711.0, 1e3, 1e4, -1e4],
+          torch.float32: [50.0, 88.5, 88.8, 89.0, -89.0, 100.0, -1e3, 1e4],
+          torch.bfloat16: [88.5, 89.0, -100.0, 1e4],
+          torch.float16: [88.5, 89.0, -100.0, 120.0]}
+
+
+@pytest.mark.parametrize("dtype", list(_LARGE))
+def test_mean_gradient_for_large_logits(dtype):
+    """d E[x] / dl = 1/l^2 - 1/(4 sinh^2(l/2)) (about 1/l^2 here), relative to its size."""
+    logits = torch.tensor(_LARGE[dtype], dtype=dtype, requires_grad=True)
+    (g,) = torch.autograd.grad(pyvae.continuous_bernoulli_mean(logits).sum(), logits)
+    l64 = logits.detach().double()
+    want = 1 / l64**2 - 1 / (4 * torch.sinh(l64 / 2) ** 2)
+    assert g.dtype == dtype
+    # (half types: their rounding of the float32 gradient, at most 2^-8 (bfloat16) or 2^-11 (float16) of it)
+    rtol = {torch.float64: 1e-13, torch.float32: 1e-5, torch.bfloat16: 4e-3, torch.float16: 5e-4}[dtype]
+    torch.testing.assert_close(g.double(), want, rtol=rtol, atol=0)
 

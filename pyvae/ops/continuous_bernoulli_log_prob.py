@@ -54,8 +54,9 @@ def continuous_bernoulli_mean(logits: torch.Tensor) -> torch.Tensor:
     """E[x] of CB(sigmoid(logits)), elementwise: ``1/2 + (coth(l/2) - 2/l) / 2`` (not ``sigmoid(l)``).
 
     Plain torch (it is not on the training path). Near ``l = 0`` the Taylor series ``1/2 + l/12 -
-    l^3/720 + ...``; elsewhere ``(l > 0) - 1/l + sign(l) / (e^|l| - 1)``, which neither cancels nor
-    overflows. Differentiable (each branch sees only the logits it is used for).
+    l^3/720 + ...``; elsewhere ``(l > 0) - 1/l + sign(l) e^-|l| / (1 - e^-|l|)``, which neither cancels nor
+    overflows (``e^-|l|`` underflows to 0, in the gradient too: ``1 / (e^|l| - 1)``'s is inf * 0 = NaN
+    once ``e^|l|`` overflows). Differentiable (each branch sees only the logits it is used for).
 
     Args:
         logits: float tensor, any shape.
@@ -76,5 +77,6 @@ def continuous_bernoulli_mean(logits: torch.Tensor) -> torch.Tensor:
         k = k * u + c
     series = 0.5 + 0.5 * h * k
     ls = torch.where(small, torch.ones_like(l), l)  # the closed form away from 0 only
-    closed = (ls > 0).to(l.dtype) - 1.0 / ls + torch.sign(ls) / torch.expm1(ls.abs())
+    na = -ls.abs()
+    closed = (ls > 0).to(l.dtype) - 1.0 / ls + torch.sign(ls) * torch.exp(na) / -torch.expm1(na)
     return torch.where(small, series, closed).to(logits.dtype)
