@@ -104,12 +104,23 @@ def reconstructions(model, x: torch.Tensor, image_shape: Tuple[int, int], path: 
     """``n`` originals spread evenly over ``x`` (odd rows) above their reconstructions E[x | z = mu(x)]."""
     idx = torch.linspace(0, x.shape[0] - 1, min(n, x.shape[0])).round().long()  # spread over the set
     x = x[idx].to(next(model.parameters()).device, next(model.parameters()).dtype)
-    r = model.reconstruct(x)
+    images, nrow = _over_under(x.cpu(), model.reconstruct(x).cpu())
+    return image_grid(images, image_shape, path, nrow=nrow, title="originals / reconstructions")
+
+
+def _over_under(x: torch.Tensor, r: torch.Tensor, per: int = 10) -> Tuple[torch.Tensor, int]:
+    """Rows of up to ``per`` originals ``x`` each above the row of their reconstructions ``r``: the images in
+    grid order and the number of rows. A short last pair of rows is filled up with white images, so that
+    every row has the same width and no image slides into the next row."""
+    per = min(per, x.shape[0])
     rows = []
-    per = min(10, x.shape[0])
     for i in range(0, x.shape[0], per):
-        rows += [x[i:i + per].cpu(), r[i:i + per].cpu()]
-    return image_grid(torch.cat(rows), image_shape, path, nrow=len(rows), title="originals / reconstructions")
+        xo, ro = x[i:i + per], r[i:i + per]
+        if xo.shape[0] < per:
+            blank = torch.ones(per - xo.shape[0], x.shape[1], dtype=x.dtype)
+            xo, ro = torch.cat([xo, blank]), torch.cat([ro, blank.to(r.dtype)])
+        rows += [xo, ro]
+    return torch.cat(rows), len(rows)
 
 
 def manifold(model, image_shape: Tuple[int, int], path: PathLike, n: int = 20) -> Path:
