@@ -145,9 +145,10 @@ def _train_parser(sub) -> None:
     a("--eval-batch", type=_pos_int, help="test evaluation batch size [1000]")
     a("--test-samples", type=_pos_int, help="L for the test ELBO [1]")
     a("--threads", type=_pos_int, help="torch CPU threads [torch's default]")
-    a("--tensorboard", action="store_true", default=None, help="also log to <out>/tb")
-    a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
-    a("--no-plots", dest="plots", action="store_false", default=None, help="no PNGs after training")
+    # (--x / --no-x both ways: a resumed run may switch them back on)
+    a("--tensorboard", action=argparse.BooleanOptionalAction, default=None, help="also log to <out>/tb [off]")
+    a("--progress", action=argparse.BooleanOptionalAction, default=None, help="a progress bar per epoch [on]")
+    a("--plots", action=argparse.BooleanOptionalAction, default=None, help="PNGs after training [on]")
     a("--on-nonfinite", choices=("stop", "skip"),
       help="a step with a non-finite loss: stop with an error (the last checkpoint stays good) or skip it [stop]")
 

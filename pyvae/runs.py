@@ -6,7 +6,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -114,13 +114,27 @@ def sample_run(run_or_ckpt: PathLike, *, n: int = 100, manifold: bool = False, r
         data, test = run_data(ckpt, data_dir, None)
         shape = data.image_shape
     else:
-        shape = {"digits": (8, 8), "frey": (28, 20)}.get(ckpt["config"]["dataset"], (28, 28))
+        shape = _image_shape(ckpt, model.x_dim)
     res = {"samples": plots.sample_grid(model, shape, out / "samples.png", n=n, seed=seed)}
     if manifold:
         res["manifold"] = plots.manifold(model, shape, out / "manifold.png")
     if reconstructions:
         res["reconstructions"] = plots.reconstructions(model, test, shape, out / "reconstructions.png", n=20)
     return res
+
+
+def _image_shape(ckpt: dict, x_dim: int) -> Tuple[int, int]:
+    """(H, W) of a run's images without loading its data: the checkpoint's own (written since it has one),
+    else the dataset's usual shape where it fits x_dim (an IDX file of another size can stand behind a
+    dataset name), else the most square H x W = x_dim."""
+    shape = ckpt.get("image_shape")
+    if shape is not None and len(shape) == 2 and shape[0] * shape[1] == x_dim:
+        return int(shape[0]), int(shape[1])
+    h, w = {"digits": (8, 8), "frey": (28, 20)}.get(ckpt["config"]["dataset"], (28, 28))
+    if h * w == x_dim:
+        return h, w
+    h = max(d for d in range(1, math.isqrt(x_dim) + 1) if x_dim % d == 0)
+    return h, x_dim // h
 
 
 def _load_run(run_or_ckpt: PathLike, device: str, data_dir: Optional[str]):

@@ -557,6 +557,7 @@ class _Loop:
             "state": dict(self.st), "history": self.history, "config": dataclasses.asdict(self.cfg),
             "rng": {"torch": torch.get_rng_state(), "cuda": rng_cuda},
             "routes": routes,  # NOTE: [Routes of a run]
+            "image_shape": list(self.data.image_shape),  # for pictures without the data (pyvae sample)
         })
 
     def _sum(self, values: List[float]) -> List[float]:

@@ -8,6 +8,7 @@ import sys
 import tempfile
 
 import pytest
+import torch
 
 from pyvae.cli import main
 
@@ -54,6 +55,40 @@ def test_resume_more_epochs(tmp_path, capsys):
     assert main(["train", *TINY, "--latent", "3", "--epochs", "1", "--no-plots", "--out", str(out)]) == 0
     assert main(["train", "--resume", str(out), "--epochs", "2", "--no-plots"]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert not list(out.glob("*.png"))
+    # plots, progress and tensorboard may change on resume, both ways: --plots switches the PNGs back on
+    assert main(["train", "--resume", str(out), "--epochs", "3", "--plots", "--progress"]) == 0
+    assert (out / "samples.png").is_file() and (out / "learning_curve.png").is_file()
+
+
+def test_sample_without_data_draws_the_runs_own_image_shape(tmp_path, capsys):
+    # --no-reconstructions draws without the data, from the image shape the checkpoint holds; a checkpoint
+    # without one (older runs) gets its dataset's usual shape only where it fits, else the most square one.
+    from PIL import Image
+
+    out = tmp_path / "r"
+    assert main(["train", *TINY, "--latent", "3", "--epochs", "1", "--no-plots", "--out", str(out)]) == 0
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["image_shape"] == [8, 8]
+
+    def drawn(image_shape, dataset="digits"):
+        c = dict(ck, config=dict(ck["config"], dataset=dataset))
+        if image_shape is None:
+            del c["image_shape"]
+        else:
+            c["image_shape"] = image_shape
+        torch.save(c, out / "checkpoint.pt")
+        assert main(["sample", str(out), "--no-reconstructions", "--n", "100"]) == 0
+        return Image.open(out / "samples.png").size  # (width, height)
+
+    def size(h, w):  # a 10 x 10 grid, 1-pixel borders, scaled by whole pixels to about 400
+        gh, gw = 10 * (h + 1) + 1, 10 * (w + 1) + 1
+        k = max(1, round(400 / max(gh, gw)))
+        return gw * k, gh * k
+
+    assert drawn([4, 16]) == size(4, 16)
+    assert drawn(None) == size(8, 8)  # digits' own shape
+    assert drawn(None, dataset="mnist") == size(8, 8)  # 28 x 28 does not fit 64 pixels: the most square
 
 
 def test_config_file(tmp_path, capsys):
