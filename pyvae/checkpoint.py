@@ -46,6 +46,10 @@ def save_checkpoint(path: PathLike, ckpt: Dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file owner-only (0600); a checkpoint gets the mode of any file the user writes
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             torch.save(ckpt, f)
             f.flush()

@@ -9,7 +9,7 @@ name             source                                                   image 
 ``digits``       scikit-learn's 8x8 digits (values 0..16)                 8 x 8        1618 / 179
 ``mnist``        IDX files (``train-images-idx3-ubyte[.gz]`` ...)         28 x 28      60000/10000
 ``fashion-mnist`` IDX files; Debian's ``/usr/share/datasets/fashion-mnist``  28 x 28   60000/10000
-``frey``         ``frey_rawface.mat`` (variable ``ff``, 560 x 1965 uint8)  28 x 20     1765 / 200
+``frey``         ``frey_rawface.mat`` (variable ``ff``, 560 x 1965 uint8)  28 x 20     1769 / 196
 ===============  =======================================================  ===========  ==========
 
 Files are looked up in ``data_dir``, then ``$PYVAE_DATA`` (and its ``<name>/`` subfolder), then the

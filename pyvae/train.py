@@ -238,6 +238,10 @@ def build_config(overrides: Optional[Dict[str, Any]] = None, config_file: Option
         bad = sorted(k for k, v in values.items() if k not in RESUME_OVERRIDABLE and base.get(k) != v)
         if bad:
             raise ValueError(f"cannot change {bad} when resuming (only {list(RESUME_OVERRIDABLE)})")
+        done = len(ckpt.get("history", ()))
+        if "epochs" in values and isinstance(values["epochs"], int) and values["epochs"] < done:
+            raise ValueError(f"epochs ({values['epochs']}) is fewer than the {done} this run has already trained; "
+                             f"give --epochs {done} or more")
         base.update(values)
         if not values.get("out"):
             base["out"] = str(checkpoint.resolve_checkpoint(values["resume"]).parent)

@@ -82,6 +82,9 @@ def test_checkpoint_is_weights_only_and_complete(tmp_path, digits):
     assert ck["format"] == C.FORMAT
     assert set(ck) >= {"model", "optimizer", "state", "config", "rng", "history", "model_config"}
     assert ck["state"]["epoch"] == 1 and ck["state"]["step"] == digits.train.shape[0] // 50
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(r.checkpoint).st_mode & 0o777 == 0o666 & ~umask  # like the run's other files, not 0600
     model, _ = C.load_model(r.run_dir)
     for k, v in r.model.state_dict().items():
         assert torch.equal(model.state_dict()[k], v)
@@ -295,6 +298,9 @@ def test_resume_refuses_model_changes(tmp_path, digits):
     with pytest.raises(ValueError, match="cannot change.*latent"):
         build_config({"resume": str(r.run_dir), "latent": 9})
     assert build_config({"resume": str(r.run_dir), "epochs": 5}).epochs == 5
+    assert build_config({"resume": str(r.run_dir), "epochs": 1}).epochs == 1  # as many as done: nothing to do
+    with pytest.raises(ValueError, match=r"epochs \(0\) is fewer than the 1 this run has already trained"):
+        build_config({"resume": str(r.run_dir), "epochs": 0})
 
 
 # ------------------------------------------------------------------------------------ DDP
