@@ -271,3 +271,66 @@ def test_bench_scaling_smoke(tmp_path):
     assert "- D sweep, fp32, GEMM-only: time per GEMM FLOP: fewer than two points" in r.stdout
     assert f"B={huge} D=16 H=8 Z=2: skipped, estimated" in r.stdout
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_no_gemm_step_replays_every_product_and_computes_none(monkeypatch):
+    # NOTE: [The step without its GEMMs]: after the first (recording) step, a pyvae-no-gemm step gets each of
+    # pyvae._gemm's products back from the first step without computing it; pyvae-fused computes them all.
+    import pyvae._gemm as G
+
+    calls = []
+    for name in T.GemmReplay.FUNCS:
+        fn = getattr(G, name)
+        monkeypatch.setattr(G, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
+    steps = T.build_steps(6, "fp32", ["pyvae-fused", "pyvae-no-gemm"], D=12, H=7, Z=3, step="full")
+    steps["pyvae-fused"]()
+    per_step = len(calls)
+    assert per_step >= 11 and set(calls) >= {"grad_input", "grad_weight"}  # every layer on pyvae's node
+    steps["pyvae-no-gemm"]()  # records
+    assert len(calls) == 2 * per_step
+    for _ in range(2):
+        steps["pyvae-no-gemm"]()  # replays: no product reaches pyvae._gemm's functions
+    assert len(calls) == 2 * per_step
+    steps["pyvae-fused"]()
+    assert len(calls) == 3 * per_step
+    assert all(getattr(G, n).__name__ == "<lambda>" for n in T.GemmReplay.FUNCS)  # restored after each step
+
+
+def test_gemm_replay_refuses_a_step_of_other_products():
+    import torch
+
+    import pyvae._gemm as G
+
+    replay = T.GemmReplay()
+    a, w = torch.randn(4, 3), torch.randn(5, 3)
+    with replay:
+        kept = G.linear(a, w)
+    with replay:
+        again = G.linear(a, w)  # the recorded result's storage, not a new product
+        assert again is not kept and again.data_ptr() == kept.data_ptr() and again.shape == kept.shape
+    with pytest.raises(RuntimeError, match=r"product 0 of this step is .*\(4, 6\).*the recorded step had"):
+        with replay:
+            G.linear(torch.randn(4, 6), torch.randn(5, 6))
+    with pytest.raises(RuntimeError, match="made 0 of the recorded step's 1 products"):
+        with replay:
+            pass
+    assert G.linear.__module__ == "pyvae._gemm"  # restored after a failed step too
+
+
+def test_train_rows_split_pyvae_into_gemms_and_the_rest():
+    import argparse
+
+    args = argparse.Namespace(providers=["pyvae", "pyvae-fused", "pyvae-no-gemm"], reps=2, target_s=0.01,
+                              no_memory=True, retries=0)
+    pt = T.measure_point(4, "fp32", args, D=6, H=5, Z=2, step="fwd-bwd")
+    q = pt["parts"]
+    assert q["no_gemm_ms"] == pt["results"]["pyvae-no-gemm"]["median_ms"]
+    assert q["fused_ms"] == pt["results"]["pyvae-fused"]["median_ms"]
+    assert q["parts_ms"] == pytest.approx(pt["gemm_only_ms"] + q["no_gemm_ms"])
+    assert q["excess_ms"] == pytest.approx(q["fused_ms"] - q["parts_ms"])
+    table = T.markdown([pt])
+    assert "| step | precision | B | GEMM-only ms | no-GEMM ms | parts ms |" in table
+    assert f"| fwd-bwd | fp32 | 4 | {pt['gemm_only_ms']:.3g} | {q['no_gemm_ms']:.3g} |" in table
+    args.providers = ["pyvae", "pyvae-fused"]  # the split needs both
+    pt = T.measure_point(4, "fp32", args, D=6, H=5, Z=2)
+    assert "parts" not in pt and "parts ms" not in T.markdown([pt])

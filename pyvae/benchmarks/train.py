@@ -10,6 +10,11 @@ closely, since it holds no optimizer), for three providers trained side by side 
     pyvae           pyvae.VAE (fused layers with measured routes, in-kernel eps, the fused ELBO)
     pyvae-fresh-grad  (opt-in) the same with ``elbo_into_logits = False``: the ELBO's logits gradient in a
                     fresh tensor instead of the logits' storage (NOTE: [ELBO gradient into the logits])
+    pyvae-fused     (opt-in) pyvae's step with every layer on pyvae's own node and every row op on pyvae's
+                    kernel (``fused_only``), whatever the measured routes say: every matrix product of the
+                    step then goes through pyvae._gemm
+    pyvae-no-gemm   (opt-in) pyvae-fused with its matrix products replayed, not computed (NOTE: [The step
+                    without its GEMMs]): the time of everything else the step does
 
 fp32 and bf16-mixed (torch.autocast on CPU), at each batch size. Beside the step times, two limits are
 measured in the same process:
@@ -23,7 +28,10 @@ measured in the same process:
     memory floor    one read of the logits and x and one write of a fresh [B, 784] gradient (torch.add into
                     a new tensor): what the ELBO's non-GEMM work must move at least
 
-and the report gives each step's efficiency against GEMM-only, and against GEMM-only + floor. Rows go to
+and the report gives each step's efficiency against GEMM-only, and against GEMM-only + floor. With both
+pyvae-fused and pyvae-no-gemm (``--providers ... pyvae-fused pyvae-no-gemm``) it also splits pyvae's step:
+GEMM-only + the step without its GEMMs = the parts, and the fused step's excess over them (its products
+running slower inside the step than alone, on operands the rest of the step has pushed out of cache). Rows go to
 bench/results/train.jsonl (``--out``), and a plot of the run's points to the same path with .png (``--plot``,
 ``--no-plot``): per step kind and precision, each provider's median step ms against the batch size, log-log,
 with both limits dashed.
@@ -134,7 +142,89 @@ def build_steps(B, precision, providers, D=784, H=500, Z=20, step="full"):
             fn = torch.compile(model) if p == "torch-compile" else model
         opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
         out[p] = _step(model, fn, opt, x, precision, step)
+        if p in ("pyvae-fused", "pyvae-no-gemm"):
+            out[p] = _all_fused(out[p], GemmReplay() if p == "pyvae-no-gemm" else None)
     return out
+
+
+def _all_fused(run, replay=None):
+    """``run`` with every layer on pyvae's node and every row op on pyvae's kernel (``fused_only``), its
+    matrix products replayed by ``replay`` (a :class:`GemmReplay`) when given."""
+    import contextlib
+
+    from pyvae.ops.linear_act import fused_only
+
+    def call():
+        with fused_only(), (replay if replay is not None else contextlib.nullcontext()):
+            return run()
+    return call
+
+
+# NOTE: [The step without its GEMMs]
+# What pyvae's step costs besides its matrix products, measured rather than inferred: the first step under a
+# GemmReplay runs as usual and keeps the result of each of pyvae._gemm's products (forward with or without a
+# fused post-op, input gradient, weight gradient) in call order; every later step gets those results back
+# (as new tensors on the same storage) at the same calls, with no arithmetic, and runs everything else
+# (casts, epilogue kernels, the ELBO, reparameterize, KL, autograd, the optimizer) as it would. Only the
+# time of such a step means something:
+# its values do not (a kept result is written over in place by the step that receives it: the ELBO puts its
+# gradient into the logits' storage, an epilogue applies an activation in place). Only pyvae-fused can be
+# replayed so: under measured routes some layers run torch's F.linear, whose products pyvae does not see.
+# A step whose products differ from the first one's in order, shape or dtype raises.
+class GemmReplay:
+    """Context manager: the first ``with`` block records pyvae._gemm's products, later blocks replay them
+    (NOTE: [The step without its GEMMs]). Not thread-safe; restores pyvae._gemm on exit."""
+
+    FUNCS = ("linear", "linear_post_op", "grad_input", "grad_weight")
+
+    def __init__(self):
+        self.kept = None  # [(signature, result)] of the recorded block, in call order
+        self._saved = None
+        self._recording = False
+        self._next = 0
+
+    def __enter__(self):
+        import pyvae._gemm as G
+
+        if self._saved is not None:
+            raise RuntimeError("GemmReplay: already entered")
+        recording = self._recording = self.kept is None
+        if recording:
+            self.kept = []
+        self._next = 0
+        self._saved = {n: getattr(G, n) for n in self.FUNCS}
+
+        def wrap(name, fn):
+            def call(*args, **kwargs):
+                sig = (name,) + tuple((tuple(a.shape), a.dtype) for a in (*args, *kwargs.values())
+                                      if hasattr(a, "shape"))
+                if recording:
+                    r = fn(*args, **kwargs)
+                    self.kept.append((sig, r))
+                    return r
+                k = self._next
+                if k >= len(self.kept) or self.kept[k][0] != sig:
+                    want = self.kept[k][0] if k < len(self.kept) else "no more products"
+                    raise RuntimeError(f"GemmReplay: product {k} of this step is {sig}, the recorded step had {want}")
+                self._next += 1
+                r = self.kept[k][1]
+                # a new tensor on the kept storage: autograd sees a result no one else holds, as in the real step
+                # (AccumulateGrad takes a weight gradient nobody else references as it is, and copies one that is)
+                return None if r is None else r.detach()
+            return call
+        for n, fn in self._saved.items():
+            setattr(G, n, wrap(n, fn))
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        import pyvae._gemm as G
+
+        for n, fn in self._saved.items():
+            setattr(G, n, fn)
+        self._saved = None
+        if exc_type is None and not self._recording and self._next != len(self.kept):
+            raise RuntimeError(f"GemmReplay: this step made {self._next} of the recorded step's {len(self.kept)} products")
+        return False
 
 
 def gemm_flops(B: int, layers=LAYERS) -> float:
@@ -261,7 +351,18 @@ def measure_point(B, precision, args, D=784, H=500, Z=20, step="full") -> dict:
             "samples_per_s": {p: B / (r["median_ms"] * 1e-3) for p, r in res.items()},
             "gemm_efficiency": {p: lim["gemm_only_ms"] / r["median_ms"] for p, r in res.items()},
             "limit_efficiency": {p: (lim["gemm_only_ms"] + floor_s * 1e3) / r["median_ms"] for p, r in res.items()},
-            "ratios": C.ratios(res)}
+            "ratios": C.ratios(res), **parts(res, lim["gemm_only_ms"])}
+
+
+def parts(res: dict, gemm_only_ms: float) -> dict:
+    """The split of pyvae's step (NOTE: [The step without its GEMMs]) where ``res`` holds both pyvae-fused and
+    pyvae-no-gemm: {"parts": {no_gemm_ms, fused_ms, parts_ms = GEMM-only + no-GEMM, excess_ms = fused -
+    parts}}; else {}."""
+    if "pyvae-fused" not in res or "pyvae-no-gemm" not in res:
+        return {}
+    fused, rest = res["pyvae-fused"]["median_ms"], res["pyvae-no-gemm"]["median_ms"]
+    return {"parts": {"no_gemm_ms": rest, "fused_ms": fused, "parts_ms": gemm_only_ms + rest,
+                      "excess_ms": fused - gemm_only_ms - rest}}
 
 
 def run(args) -> list:
@@ -296,6 +397,18 @@ def markdown(rows) -> str:
             lines.append(f"| {r.get('step', 'full')} | {r['precision']} | {r['B']} | {p} | {ms:.3g} | {r['samples_per_s'][p]:,.0f} | "
                          f"{'-' if peak is None else f'{peak / 1e6:.3g}'} | {r['gemm_only_ms']:.3g} | {r['gemm_efficiency'][p]:.0%} | {r['limit_efficiency'][p]:.0%} | "
                          f"{(eager / ms) if eager else float('nan'):.2f}x | {(comp / ms) if comp else float('nan'):.2f}x |")
+    split = [r for r in rows if "parts" in r]
+    if split:
+        lines += ["", "pyvae's step in parts (NOTE: [The step without its GEMMs]): the GEMMs alone, the step without "
+                  "its GEMMs, their sum, and how much longer the fused step takes than that sum:", "",
+                  "| step | precision | B | GEMM-only ms | no-GEMM ms | parts ms | pyvae-fused ms | excess ms "
+                  "| excess / fused | pyvae ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in split:
+            q = r["parts"]
+            mine = r["results"].get("pyvae", {}).get("median_ms")
+            lines.append(f"| {r.get('step', 'full')} | {r['precision']} | {r['B']} | {r['gemm_only_ms']:.3g} | "
+                         f"{q['no_gemm_ms']:.3g} | {q['parts_ms']:.3g} | {q['fused_ms']:.3g} | {q['excess_ms']:.3g} | "
+                         f"{q['excess_ms'] / q['fused_ms']:.0%} | {'-' if mine is None else f'{mine:.3g}'} |")
     return "\n".join(lines)
 
 
@@ -325,7 +438,8 @@ def panels(rows) -> list:
 
 
 PLOT_COLORS = {"torch-eager": "tab:blue", "torch-compile": "tab:orange", "pyvae": "tab:green",
-               "pyvae-fresh-grad": "tab:olive", "GEMM-only": "0.2", "GEMM-only + memory floor": "0.6"}
+               "pyvae-fresh-grad": "tab:olive", "pyvae-fused": "tab:cyan", "pyvae-no-gemm": "tab:purple",
+               "GEMM-only": "0.2", "GEMM-only + memory floor": "0.6"}
 
 
 def plot(rows, path, title: str = ""):
@@ -343,7 +457,7 @@ def main(argv=None):
                    help="full: forward, backward and fused Adam (default); fwd-bwd: forward and backward alone")
     p.add_argument("--plot", default=None, help="PNG to write (default: the JSONL's path with .png)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
-    C.add_common_args(p, extra_providers=("pyvae-fresh-grad",))
+    C.add_common_args(p, extra_providers=("pyvae-fresh-grad", "pyvae-fused", "pyvae-no-gemm"))
     args = p.parse_args(argv)
     rows, m, out = C.run_family(args, "train", run)
     print(f"\n{m['cpu_model']}, {m['threads']} threads, torch {m['torch']}, pyvae {m['pyvae']} ({m['pyvae_cpu_arch']}), "
