@@ -69,6 +69,23 @@ METHODS = ("importance", "gibbs", "metropolis")
 _EPS = 1e-6  # probabilities are clamped to [eps, 1 - eps] for log-likelihoods of completions
 
 
+def check_unit_interval(likelihood: str, x: torch.Tensor, name: str = "x", where: Optional[torch.Tensor] = None
+                        ) -> None:
+    """ValueError unless ``x`` (its ``where`` elements, when given) lies in [0, 1] for a likelihood on [0, 1]
+    (Bernoulli, continuous Bernoulli): outside it their log-densities are silently wrong, even positive.
+    One pass over x: for the evaluation entry points (here, pyvae.models, pyvae.evaluation), not the
+    training step (``VAE.forward``)."""
+    if likelihood not in ("bernoulli", "continuous-bernoulli"):
+        return
+    bad = ~((x >= 0) & (x <= 1))  # NaN too
+    if where is not None:
+        bad &= where
+    if bool(bad.any()):
+        vals = x[bad].detach()[:5].cpu().tolist()
+        raise ValueError(f"{name} must hold values in [0, 1] for the {likelihood} likelihood; found values such "
+                         f"as {vals}")
+
+
 def mask_kinds() -> Tuple[str, ...]:
     """The mask kinds ``make_mask`` knows (besides a ``.npy``/``.png`` file)."""
     return MASK_KINDS
@@ -222,8 +239,8 @@ def _select(acc: torch.Tensor, new, old):
 # (bernoulli_log_prob, gaussian_log_prob) sum over every pixel and take no mask, so the missing pixels are
 # made to contribute exactly 0 and the fused op does the rest: Bernoulli, logit -1e4 with target 0
 # (0 * l - softplus(-1e4) = 0, softplus underflows to 0 in float32 and float64, and the ops are exact at
-# logits of +-1e4, README "Extremes"); continuous Bernoulli, logit 0 with x = 1/2 (log 2 each, subtracted);
-# Gaussian, mean = x with logvar = -log(2 pi)
+# logits of +-1e4, README "Extremes"); continuous Bernoulli, logit 0 with x = 1/2 (at logit 0 it is the
+# uniform density on [0, 1], log-density exactly 0); Gaussian, mean = x with logvar = -log(2 pi)
 # (-0.5 (log 2 pi + lv + 0) = 0 up to rounding, ~1e-7 per pixel). The cost is one masked_fill (where) pass
 # over the decoder output per evaluation; a masked op would save it, not worth a kernel at these sizes
 # (the decoder GEMMs dominate).
@@ -254,7 +271,7 @@ _MASKED_LOGVAR = -math.log(2.0 * math.pi)
 _FIT_DRAWS = 4
 _FIT_LR = 0.1
 _SPREAD = 1.2
-_CHUNK_ELEMENTS = 1 << 25  # images per chunk: K * chunk * D decoder outputs of this many elements at most
+_CHUNK_ELEMENTS = 1 << 25  # images per chunk: n * chunk * D decoder outputs of this many elements at most
 
 
 class _Missing:
@@ -276,10 +293,10 @@ class _Missing:
                 decoded.masked_fill(self.missing, _MASKED_LOGIT)
             return self.model.log_px(self.x0, masked)
         if self.model.likelihood == "continuous-bernoulli":
-            # A missing pixel as logit 0, x = 1/2: exactly log C(0) = log 2 each, subtracted after the sum.
+            # A missing pixel as logit 0, x = 1/2: the uniform density on [0, 1], log-density exactly 0.
+            # (Not in place: the draws of output="sample" read the decoder's logits afterwards.)
             masked = decoded.masked_fill(self.missing, 0.0)
-            return self.model.log_px(self.x.masked_fill(self.missing, 0.5), masked) \
-                - self.missing.sum(-1).to(masked.dtype) * math.log(2.0)
+            return self.model.log_px(self.x.masked_fill(self.missing, 0.5), masked)
         mean, logvar = decoded
         return self.model.log_px(self.x, (torch.where(self.obs, mean, self.x),
                                           logvar.masked_fill(self.missing, _MASKED_LOGVAR)))
@@ -289,7 +306,8 @@ class _Missing:
         return self.model.mean_from(decoded)
 
     def draw(self, pred: torch.Tensor, decoded, generator) -> torch.Tensor:
-        """A draw of x from p(x | z) given ``pred = predict(decoded)`` (Bernoulli) or ``decoded`` (Gaussian)."""
+        """A draw of x from p(x | z) given ``pred = predict(decoded)`` (Bernoulli) or ``decoded`` (Gaussian,
+        continuous Bernoulli)."""
         if self.model.likelihood == "bernoulli":
             return (_rand(pred.shape, generator, pred) < pred).to(pred.dtype)
         return _draw_x(self.model, decoded, generator)
@@ -416,7 +434,9 @@ def _importance(model, evidence, starts: torch.Tensor, screen: int, draws: int, 
     log_r = torch.logsumexp(ops.gaussian_log_prob(z.unsqueeze(1), mu, logvar) + log_alpha, 1)  # [K, b]
     decoded = model.decode(z)
     pred = evidence.predict(decoded)  # before log_lik, which may overwrite decoded
-    gaussian = isinstance(decoded, tuple)
+    # the draws of output="sample" read decoded where pred is not enough (Gaussian, continuous Bernoulli;
+    # their log_lik leaves it as it is), pred where log_lik overwrites the logits (Bernoulli)
+    keep = model.likelihood != "bernoulli"
     log_w = evidence.log_lik(decoded, inplace=True) + ops.gaussian_log_prob(z, zero, zero) - log_r
     log_w = log_w.nan_to_num(float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     w = torch.softmax(log_w, 0)  # [K, b]
@@ -426,12 +446,17 @@ def _importance(model, evidence, starts: torch.Tensor, screen: int, draws: int, 
     g_dev = generator.device if generator is not None else w.device
     idx = torch.multinomial(w.T.to(g_dev), samples, replacement=True, generator=generator).T.to(w.device)
     picked = _take(pred, idx)
-    comp = picked if output == "mean" else evidence.draw(picked, _take(decoded, idx) if gaussian else None, generator)
+    comp = picked if output == "mean" else evidence.draw(picked, _take(decoded, idx) if keep else None, generator)
     return mean, comp, ess, log_evidence
 
 
-def _chunks(b: int, draws: int, d: int) -> Iterator[Tuple[int, int]]:
-    step = max(1, _CHUNK_ELEMENTS // max(1, draws * d))
+def _chunks(b: int, d: int, draws: int, screen: int, components: int, candidates: int
+            ) -> Iterator[Tuple[int, int]]:
+    """Row ranges of the b images for ``_importance``: it holds ``[n, chunk, D]`` tensors for n = the K
+    draws, the ``screen`` prior draws scored on every image, the fit's draws and the candidates, so a chunk
+    is ``_CHUNK_ELEMENTS / (n D)`` images with n the largest of those."""
+    n = max(draws, screen, _FIT_DRAWS * components, candidates + min(components, screen))
+    step = max(1, _CHUNK_ELEMENTS // max(1, n * d))
     for i in range(0, b, step):
         yield i, min(b, i + step)
 
@@ -466,7 +491,7 @@ def _inpaint_importance(model, x, m, samples, generator, output, draws, fit_step
     comp = torch.empty(samples, B, D, dtype=dt, device=x.device)
     ess = torch.empty(B, dtype=dt, device=x.device)
     log_ev = torch.empty(B, dtype=torch.float64, device=x.device)
-    for i, j in _chunks(B, draws, D):
+    for i, j in _chunks(B, D, draws, screen, components, len(fills)):
         mean[i:j], comp[:, i:j], ess[i:j], log_ev[i:j] = _importance(
             model, _Missing(model, xd[i:j], m[i:j]), filled[:, i:j], screen, draws, fit_steps, components,
             samples, output, generator)
@@ -523,6 +548,7 @@ def inpaint(model, x: torch.Tensor, mask: torch.Tensor, steps: int = 20, samples
     _check_model(model)
     _check_x(model, x)
     m = _check_mask(mask, x)
+    check_unit_interval(model.likelihood, x, "x (at its observed pixels)", where=m)
     _check_int("steps", steps, 0)
     S = _check_int("samples", samples, 1)
     _check_generator(generator)
@@ -678,7 +704,7 @@ def denoise_importance(model, x_noisy: torch.Tensor, flip: float, *, draws: int 
     mean = torch.empty(B, D, dtype=dt, device=x_noisy.device)
     ess = torch.empty(B, dtype=dt, device=x_noisy.device)
     log_ev = torch.empty(B, dtype=torch.float64, device=x_noisy.device)
-    for i, j in _chunks(B, draws, D):
+    for i, j in _chunks(B, D, draws, screen, components, len(starts)):
         mean[i:j], _, ess[i:j], log_ev[i:j] = _importance(
             model, _Flipped(model, noisy[i:j], flip), stack[:, i:j], screen, draws, fit_steps, components,
             1, "mean", generator)
@@ -718,6 +744,7 @@ def denoise(model, x_noisy: torch.Tensor, steps: int = 1, samples: int = 0,
     """
     _check_model(model)
     _check_x(model, x_noisy, "x_noisy")
+    check_unit_interval(model.likelihood, x_noisy, "x_noisy")
     _check_int("steps", steps, 1)
     _check_int("samples", samples, 0)
     _check_generator(generator)

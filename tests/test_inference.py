@@ -560,3 +560,87 @@ def test_inpaint_continuous_bernoulli_grey_levels():
         miss = comp[~obs]
         assert ((miss > 0) & (miss < 1)).all()  # grey levels, not binary draws
         assert len(miss.unique()) > 10
+
+
+def test_continuous_bernoulli_log_px_obs_against_quadrature():
+    """log p(x_obs) of a continuous-Bernoulli model: a missing pixel contributes log CB(1/2 | logit 0) = 0
+    (CB(0) is the uniform density), not -log 2. With every pixel missing log p(x_obs | z) is 0 for every z,
+    so the estimate is ~0; with half of them missing it matches quadrature over a 1-D latent space."""
+    from pyvae import continuous_bernoulli_log_prob
+    from pyvae.inference import _Missing
+
+    torch.manual_seed(0)
+    model = VAE(6, z_dim=1, hidden=6, likelihood="continuous-bernoulli").double().eval()
+    x = torch.rand(2, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    logits = torch.randn(5, 2, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 3
+    none = torch.zeros(2, 6, dtype=torch.bool)
+    assert _Missing(model, x, none).log_lik(logits).abs().max() < 1e-12  # [5, 2] zeros (was -6 log 2)
+    res = inpaint(model, x, torch.zeros(6), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(res.log_px_obs, torch.zeros(2, dtype=torch.float64), atol=0.05, rtol=0)
+
+    obs = torch.tensor([1.0, 1, 1, 0, 0, 0], dtype=torch.float64)
+    z = torch.linspace(-12, 12, 100001, dtype=torch.float64)
+    with torch.no_grad():
+        lp = continuous_bernoulli_log_prob(model.decode(z.view(-1, 1, 1).expand(-1, 2, 1))[..., :3], x[:, :3])
+    exact = torch.logsumexp(lp - 0.5 * z.view(-1, 1) ** 2, 0) - 0.5 * math.log(2 * math.pi) + math.log(z[1] - z[0])
+    res = inpaint(model, x, obs, draws=4000, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(res.log_px_obs, exact, atol=0.02, rtol=0)  # (3 log 2 = 2.08 low before)
+
+
+def test_inpaint_continuous_bernoulli_importance_output_sample_draws_from_the_logits():
+    """output="sample" with the importance method draws x_mis ~ CB(logits) of the resampled z (it raised an
+    AttributeError): a decoder with constant logits l (zero weights) gives draws in [0, 1] whose mean is
+    CB(l)'s mean, and different logits give different draws."""
+    from pyvae import continuous_bernoulli_mean
+
+    model = tiny("continuous-bernoulli", x_dim=16)
+    x = torch.rand(50, 16, generator=torch.Generator().manual_seed(0))
+    mask = make_mask("top-half", (4, 4))
+    miss = (mask == 0).expand(4, 50, 16)
+    with torch.no_grad():
+        model.dec_logits.weight.zero_()
+    means = []
+    for l in (-3.0, 2.0):
+        with torch.no_grad():
+            model.dec_logits.bias.fill_(l)
+        res = inpaint(model, x, mask, samples=4, draws=20, output="sample", generator=torch.Generator().manual_seed(1))
+        d = res.completions[miss].double()  # 4 * 50 * 8 = 1600 draws
+        assert ((d >= 0) & (d <= 1)).all() and len(d.unique()) == d.numel()  # draws, not the mean
+        want = continuous_bernoulli_mean(torch.tensor([l], dtype=torch.float64)).item()
+        assert abs(d.mean().item() - want) < 5 * d.std().item() / math.sqrt(d.numel()), (l, d.mean(), want)
+        means.append(d.mean().item())
+    assert means[1] - means[0] > 0.3
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous-bernoulli"])
+def test_inpaint_and_denoise_refuse_x_outside_the_unit_interval(likelihood):
+    """Observed pixels outside [0, 1] (or NaN) gave silently wrong completions and log p(x_obs); missing
+    pixels are still ignored (NaN there is fine), and Gaussian models take any x."""
+    model = tiny(likelihood)
+    x = torch.rand(4, 12, generator=torch.Generator().manual_seed(0))
+    mask = make_mask("top-half", (3, 4))
+    for bad in (x * 3, x - 1, torch.where(mask.bool(), torch.tensor(float("nan")), x)):
+        for method in METHODS:
+            with pytest.raises(ValueError, match=r"x \(at its observed pixels\) must hold values in \[0, 1\]"):
+                inpaint(model, bad, mask, method=method, draws=5)
+        with pytest.raises(ValueError, match=r"x_noisy must hold values in \[0, 1\]"):
+            denoise(model, bad)
+    nan_missing = torch.where(mask.bool(), x, torch.tensor(float("nan")))
+    assert torch.isfinite(inpaint(model, nan_missing, mask, draws=5).mean).all()
+    assert torch.isfinite(inpaint(tiny("gaussian"), x * 3 - 1, mask, draws=5).mean).all()
+
+
+def test_importance_chunks_bound_the_screen_tensors_too(monkeypatch):
+    """The images per chunk count every [n, chunk, D] tensor of the sampler, the screen's [screen, chunk, D]
+    scores too: with few draws, the chunk was sized by K alone and the screen made it 32x the budget."""
+    from pyvae import inference
+
+    model, x = tiny(), binary(10, 12)
+    monkeypatch.setattr(inference, "_CHUNK_ELEMENTS", 64 * 3 * 12)  # 3 images at screen=64
+    sizes = []
+    log_px = model.log_px
+    monkeypatch.setattr(model, "log_px", lambda xx, dec: sizes.append(dec.numel()) or log_px(xx, dec))
+    res = inpaint(model, x, make_mask("top-half", (3, 4)), draws=2, screen=64, fit_steps=1,
+                  generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(res.log_px_obs).all()
+    assert max(sizes) <= inference._CHUNK_ELEMENTS, max(sizes)
