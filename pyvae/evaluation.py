@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .data import ShardedBatches, mix_seed
+from .inference import check_unit_interval
 from .models import VAE
 
 __all__ = ["PRECISIONS", "autocast", "evaluate"]
@@ -21,6 +22,8 @@ PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
 
 def autocast(precision: str, device: torch.device):
     """The autocast context of a precision: fp32 (off), bf16-mixed, fp16-mixed."""
+    if precision not in PRECISIONS:  # (anything else would silently run fp16-mixed)
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
@@ -40,16 +43,24 @@ def evaluate(model: VAE, x: torch.Tensor, *, batch_size: int = 1000, samples: in
 
     Args:
         model: the VAE.
-        x: ``[N, D]`` data (already binarized for Bernoulli models).
-        batch_size: rows per forward pass.
+        x: ``[N, D]`` data (already binarized for Bernoulli models; in [0, 1] for the Bernoulli and
+            continuous-Bernoulli likelihoods).
+        batch_size: rows per forward pass, an int >= 1.
         samples: L draws per datapoint (SGVB B).
         seed: the eps seed; batch s uses ``(seed, s)``.
+        precision: one of ``PRECISIONS``.
         rank, world: data-parallel evaluation (each rank does its slice; sums are all-reduced).
 
     Returns:
         ``{"elbo", "kl", "recon"}`` floats (per-datapoint means).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     model = _unwrap(model)
+    if isinstance(x, torch.Tensor) and x.is_floating_point():  # (else the model says what x must be)
+        check_unit_interval(model.likelihood, x)
     was = model.training
     model.eval()
     device = torch.device(device)

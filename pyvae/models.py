@@ -23,6 +23,8 @@ checkpoint loads in both.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Optional, Tuple, Union
 
 import torch
@@ -30,6 +32,7 @@ from torch import nn
 from torch.nn.modules import module as _torch_module  # its global forward hooks: VAE._elbo_into_logits
 
 from . import ops
+from .inference import check_unit_interval
 from .nn import FusedLinear, GaussianHead
 from .reference import ACTIVATIONS as TORCH_ACTIVATIONS
 
@@ -82,6 +85,22 @@ def _check_int(name: str, v, lo: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     return v
+
+
+def _check_shard(shard, rows: int) -> Shard:
+    """``shard`` as ``(row0, global_rows)`` of ints holding this batch's ``rows`` rows: a shard that ran past
+    the global batch would give its last rows the eps of the next sample's first rows (NOTE: [Sharded
+    draws] in pyvae/ops/reparameterize.py)."""
+    try:
+        if len(shard) != 2 or any(isinstance(v, bool) for v in shard):
+            raise TypeError
+        row0, total = operator.index(shard[0]), operator.index(shard[1])
+    except TypeError:
+        raise ValueError(f"shard must be a pair of ints (row0, global_rows), got {shard!r}") from None
+    if row0 < 0 or row0 + rows > total:
+        raise ValueError(f"shard=(row0, global_rows) must satisfy 0 <= row0 and row0 + B <= global_rows for this "
+                         f"batch of B={rows} rows, got {shard!r}")
+    return row0, total
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -168,13 +187,17 @@ class VAE(nn.Module):
                     activation=self.activation, layers=self.layers)
 
     # ------------------------------------------------------------------------- the networks
-    def _check_x(self, x, name: str = "x") -> torch.Tensor:
+    def _check_x(self, x, name: str = "x", batch: bool = False) -> torch.Tensor:
+        """Type and shape of ``x [..., D]``; ``batch``: at least ``[B, D]`` (the estimators draw z per row)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() < 1 or x.shape[-1] != self.x_dim:
             raise ValueError(f"{name} must have shape [..., {self.x_dim}] (x_dim), got {tuple(x.shape)}")
+        if batch and x.dim() < 2:
+            raise ValueError(f"{name} must have shape [B, {self.x_dim}] (a batch of rows; x[None] for one), "
+                             f"got {tuple(x.shape)}")
         return x
 
     def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -251,20 +274,27 @@ class VAE(nn.Module):
                 Bernoulli).
             samples: L, draws of z per datapoint.
             estimator: "analytic" (SGVB B) or "mc" (SGVB A).
-            kl_weight: beta in ``recon - beta * KL`` (KL warm-up); 1 is the ELBO.
+            kl_weight: beta in ``recon - beta * KL`` (KL warm-up), a finite number; 1 is the ELBO.
             generator: torch generator the eps seed is drawn from (default: torch's global one; for CUDA
                 inputs the device's default CUDA generator, NOTE: [Graph-safe seed]).
-            shard: ``(row0, global_rows)`` for data-parallel training (see ``_reparameterize``).
+            shard: ``(row0, global_rows)`` for data-parallel training (see ``_reparameterize``): ints with
+                ``0 <= row0`` and ``row0 + B <= global_rows``.
 
         Returns:
             ``(objective [B], elbo [B], kl [B])``: the objective to maximize (differentiable; equals
             the ELBO when ``kl_weight == 1``), and the detached ELBO and KL (analytic KL for "analytic";
             the MC estimate of E_q[log q(z|x) - log p(z)] for "mc").
+
+        x's values are not checked here (a pass over x each training step): ``elbo`` checks them.
         """
-        self._check_x(x)
+        self._check_x(x, batch=True)
         _check_int("samples", samples)
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
+        if isinstance(kl_weight, bool) or not isinstance(kl_weight, numbers.Real) or not math.isfinite(kl_weight):
+            raise ValueError(f"kl_weight must be a finite real number, got {kl_weight!r}")
+        if shard is not None:
+            shard = _check_shard(shard, x.shape[-2])
         mu, logvar = self.encode(x)
         z = _reparameterize(mu, logvar, samples, generator, shard)
         if estimator == "analytic":
@@ -298,7 +328,7 @@ class VAE(nn.Module):
         """The SGVB estimate of the ELBO per datapoint (differentiable).
 
         Args:
-            x: ``[B, D]``.
+            x: ``[B, D]`` (in [0, 1] for the Bernoulli and continuous-Bernoulli likelihoods).
             samples: L >= 1 draws of z per datapoint.
             estimator: "analytic" (SGVB B: E_q[log p(x|z)] by L draws minus the analytic KL) or "mc"
                 (SGVB A: mean over L draws of log p(x|z) + log p(z) - log q(z|x)).
@@ -307,6 +337,8 @@ class VAE(nn.Module):
         Returns:
             ``[B]`` tensor.
         """
+        self._check_x(x, batch=True)
+        check_unit_interval(self.likelihood, x)
         return self.forward(x, samples, estimator, 1.0, generator)[0]
 
     def iwae_bound(self, x: torch.Tensor, k: int = 50, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -314,16 +346,21 @@ class VAE(nn.Module):
 
         ``k == 1`` is the ELBO (SGVB A with L = 1); the bound is non-decreasing in k in expectation.
 
+        Memory: ``O(k * B * D)`` (the k draws are one batch through the decoder, with its graph when a
+        gradient is wanted). For a large k without a gradient, ``log_likelihood`` computes the same
+        estimator in chunks of draws.
+
         Args:
-            x: ``[B, D]``.
+            x: ``[B, D]`` (in [0, 1] for the Bernoulli and continuous-Bernoulli likelihoods).
             k: number of importance samples.
             generator: torch generator for the eps seed.
 
         Returns:
             ``[B]`` tensor (differentiable), computed with a stable log-mean-exp.
         """
-        self._check_x(x)
+        self._check_x(x, batch=True)
         _check_int("k", k)
+        check_unit_interval(self.likelihood, x)
         mu, logvar = self.encode(x)
         z = _reparameterize(mu, logvar, k, generator, None)
         return torch.logsumexp(self.log_weight(x, z, mu, logvar), 0) - math.log(k)
@@ -337,7 +374,7 @@ class VAE(nn.Module):
         combined by a running log-sum-exp, so memory is ``O(batch * B * D)`` whatever S is.
 
         Args:
-            x: ``[B, D]``.
+            x: ``[B, D]`` (in [0, 1] for the Bernoulli and continuous-Bernoulli likelihoods).
             samples: S, total importance samples per datapoint.
             batch: draws per chunk.
             generator: torch generator for the eps seeds.
@@ -345,9 +382,10 @@ class VAE(nn.Module):
         Returns:
             ``[B]`` tensor (no gradient).
         """
-        self._check_x(x)
+        self._check_x(x, batch=True)
         _check_int("samples", samples)
         _check_int("batch", batch)
+        check_unit_interval(self.likelihood, x)
         mu, logvar = self.encode(x)
         acc = None
         done = 0

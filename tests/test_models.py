@@ -354,3 +354,69 @@ def test_gradients_match_plain_torch(samples):
     (R.bernoulli_log_prob(logits, x).mean(0) - R.gaussian_kl(mu_r, lv_r)).sum().backward()
     for (name, p), q in zip(m.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ------------------------------------------------------------------------------- argument checks
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous-bernoulli"])
+def test_x_outside_the_unit_interval_is_refused_by_the_evaluation_entry_points(likelihood):
+    """Bernoulli and continuous-Bernoulli log-densities are only defined on [0, 1]: elsewhere they were
+    silently wrong (a positive "log p(x)" for x - 1). The estimators and evaluate() name x instead; the
+    Gaussian likelihood takes any x, and values exactly 0 and 1 are fine."""
+    from pyvae.evaluation import evaluate
+
+    m = _model(likelihood)
+    ok = _grey()
+    for bad in (ok * 3, ok - 1, torch.where(ok > 0.5, torch.tensor(float("nan")), ok)):
+        for call in (m.elbo, lambda v: m.elbo(v, estimator="mc"), lambda v: m.iwae_bound(v, 3),
+                     lambda v: m.log_likelihood(v, samples=4), lambda v: evaluate(m, v, batch_size=4)):
+            with pytest.raises(ValueError, match=rf"x must hold values in \[0, 1\] for the {likelihood} likelihood"):
+                call(bad)
+    assert torch.isfinite(m.elbo(ok)).all() and torch.isfinite(m.log_likelihood(ok, samples=4)).all()
+    g = _model("gaussian")
+    assert torch.isfinite(g.elbo(ok * 3 - 1)).all() and torch.isfinite(g.iwae_bound(ok * 3 - 1, 3)).all()
+
+
+def test_one_row_without_a_batch_dim_is_a_shape_error():
+    """A [D] x gave an IndexError from inside the draw; the estimators draw z per row of a [B, D] batch."""
+    m, x = _model(), _x()
+    for call in (lambda v: m(v)[0], lambda v: m.elbo(v), lambda v: m.elbo(v, estimator="mc"),
+                 lambda v: m.iwae_bound(v, 3), lambda v: m.log_likelihood(v, samples=4)):
+        with pytest.raises(ValueError, match=r"x must have shape \[B, 12\] \(a batch of rows"):
+            call(x[0])
+        assert call(x[:1]).shape == (1,)
+
+
+def test_forward_checks_shard_and_kl_weight():
+    """A shard running past its global batch gave its last rows the eps of the next sample's first rows,
+    a negative row0 a pybind TypeError, kl_weight=nan a NaN objective: each is now a ValueError."""
+    m, x = _model(), _x()  # B = 6
+    for shard in ((3, 8), (0, 5), (100, 0), (-2, 4)):
+        with pytest.raises(ValueError, match=r"shard=\(row0, global_rows\) must satisfy 0 <= row0 and row0 \+ B "
+                                             r"<= global_rows for this batch of B=6 rows"):
+            m(x, shard=shard)
+    for shard in (5, (1, 2, 3), (0.0, 6), (True, 6), "ab"):
+        with pytest.raises(ValueError, match=r"shard must be a pair of ints \(row0, global_rows\)"):
+            m(x, shard=shard)
+    for w in (float("nan"), float("inf"), "a", True, torch.tensor(0.5)):
+        with pytest.raises(ValueError, match="kl_weight must be a finite real number"):
+            m(x, kl_weight=w)
+    torch.testing.assert_close(m(x, shard=(0, 6), generator=torch.Generator().manual_seed(3))[0],
+                               m(x, generator=torch.Generator().manual_seed(3))[0])  # the whole batch
+    assert m(x, shard=(2, 8), kl_weight=0)[0].shape == (6,)
+
+
+def test_evaluate_checks_precision_and_batch_size():
+    """Any unknown precision ran fp16 autocast and batch_size=0 ran as 1, silently."""
+    from pyvae.evaluation import autocast, evaluate
+
+    m, x = _model(), _x(b=10)
+    for p in ("fp16", "bf16", "fp64", "FP32"):
+        with pytest.raises(ValueError, match=r"precision must be one of \['fp32', 'bf16-mixed', 'fp16-mixed'\]"):
+            evaluate(m, x, batch_size=4, precision=p)
+        with pytest.raises(ValueError, match="precision must be one of"):
+            autocast(p, torch.device("cpu"))
+    for b in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+            evaluate(m, x, batch_size=b)
+    assert m.training  # refused before evaluate switched the model to eval mode
+    assert evaluate(m, x, batch_size=4, precision="bf16-mixed")["elbo"] < 0
