@@ -81,5 +81,8 @@ def test_bad_input_is_named():
         gather_binarize(src, seed=1.5)
     with pytest.raises(ValueError, match="first_row"):
         gather_binarize(src, seed=1, first_row=-1)
+    for huge in (2 ** 63, 2 ** 63 // src.shape[1]):  # past the kernel's 64-bit element index: not a pybind error
+        with pytest.raises(ValueError, match=r"first_row must be >= 0 with \(first_row \+ rows\) \* columns < 2\*\*63"):
+            gather_binarize(src, seed=1, first_row=huge)
     assert gather_binarize(src, torch.zeros(0, dtype=torch.int64), seed=1).shape == (0, 3)
     assert pyvae.ops.gather_binarize is gather_binarize

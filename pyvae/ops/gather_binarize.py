@@ -53,11 +53,13 @@ def gather_binarize(src: torch.Tensor, index: Optional[torch.Tensor] = None, *, 
         seed, first_row = operator.index(seed), operator.index(first_row)
     except TypeError:
         raise TypeError("pyvae.gather_binarize: seed and first_row must be integers") from None
-    if first_row < 0:
-        raise ValueError(f"pyvae.gather_binarize: first_row must be >= 0, got {first_row}")
+    rows = src.shape[0] if index is None else index.shape[0]
+    # (the draw's element index (first_row + r) * C + c is a 64-bit signed integer in the kernel)
+    if first_row < 0 or (first_row + rows) * max(src.shape[1], 1) >= 2 ** 63:
+        raise ValueError(f"pyvae.gather_binarize: first_row must be >= 0 with (first_row + rows) * columns < 2**63, "
+                         f"got {first_row}")
     _gate.check_device("gather_binarize", src.device)
     src = src.contiguous()
-    rows = src.shape[0] if index is None else index.shape[0]
     out = torch.empty(rows, src.shape[1], dtype=torch.float32, device=src.device)
     _gate.gather_binarize(src=src, index=index, out=out, first_row=first_row, seed=seed)
     return out
