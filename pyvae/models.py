@@ -206,13 +206,21 @@ class VAE(nn.Module):
         mu, logvar = self.enc_head(self.encoder(x))
         return _wide(mu), _wide(logvar)  # the ELBO terms are computed in float32 under autocast
 
+    def _decoder_input(self, z: torch.Tensor) -> torch.Tensor:
+        """z in the dtype of a half-precision model's decoder (one cast with ``.to(torch.bfloat16)``, not under
+        autocast): z is drawn in float32, from the widened mu and logvar, and the layers take one dtype."""
+        w = self.decoder[0].weight.dtype
+        if z.dtype != w and w in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(z.device.type):
+            return z.to(w)
+        return z
+
     def decode(self, z: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """p(x|z)'s parameters: (continuous) Bernoulli ``logits [..., D]``; Gaussian ``(mean [..., D],
         logvar [..., D])``."""
         if not isinstance(z, torch.Tensor) or z.dim() < 1 or z.shape[-1] != self.z_dim:
             raise ValueError(f"z must be a tensor of shape [..., {self.z_dim}] (z_dim), got "
                              f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
-        h = self.decoder(z)
+        h = self.decoder(self._decoder_input(z))
         if self.likelihood in _LOGIT_DECODERS:
             return _wide(self.dec_logits(h))
         return _wide(self.dec_mean(h)), _wide(self.dec_logvar(h))
@@ -301,7 +309,7 @@ class VAE(nn.Module):
             if self.likelihood == "bernoulli":
                 # L = 1: the decoder and the ELBO on [B, *] (the same products and terms as on [1, B, *], without
                 # the batched matmul's reshapes in forward and backward)
-                logits = self.dec_logits(self.decoder(z[0] if samples == 1 else z))
+                logits = self.dec_logits(self.decoder(self._decoder_input(z[0] if samples == 1 else z)))
                 if logits.dtype not in (mu.dtype, torch.bfloat16):
                     logits = _wide(logits)
                 # bfloat16 logits (CPU autocast) go to the ELBO as they are: NOTE: [bfloat16 logits] in
