@@ -467,6 +467,8 @@ def _fill_rows(fill, B: int, D: int, like: torch.Tensor, name: str) -> torch.Ten
         if tuple(fill.shape) not in ((D,), (B, D), (1, D)) or fill.device != like.device:
             raise ValueError(f"{name} must be a number or a [{D}] / [{B}, {D}] tensor on {like.device}, got "
                              f"{tuple(fill.shape)} on {fill.device}")
+        if not bool(torch.isfinite(fill).all()):  # (NaN made NaN encodings: a multinomial error, NaN completions)
+            raise ValueError(f"{name} must hold finite values")
         return fill.to(like.dtype).expand(B, D)
     if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not math.isfinite(fill):
         raise TypeError(f"{name} must be a finite number or a tensor, got {fill!r}")
@@ -577,13 +579,7 @@ def _inpaint_chain(model, x, m, steps, S, generator, metropolis, output, chain, 
     """Pseudo-Gibbs (Metropolis-within-Gibbs with ``metropolis``): S chains per image as one batch."""
     B, D = x.shape
     dt = _model_param(model).dtype
-    if isinstance(init, torch.Tensor):
-        if tuple(init.shape) not in ((D,), (B, D), (1, D)) or init.device != x.device:
-            raise ValueError(f"init must be a number or a [{D}] / [{B}, {D}] tensor on {x.device}, got "
-                             f"{tuple(init.shape)} on {init.device}")
-        fill0 = init.to(dt).expand(B, D)
-    else:
-        fill0 = torch.full((B, D), float(init), dtype=dt, device=x.device)
+    fill0 = _fill_rows(init, B, D, x.new_empty(0, dtype=dt), "init")
 
     # S chains of B images as one batch: row s * B + b is chain s of image b.
     obs = m.repeat(S, 1)

@@ -644,3 +644,23 @@ def test_importance_chunks_bound_the_screen_tensors_too(monkeypatch):
                   generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(res.log_px_obs).all()
     assert max(sizes) <= inference._CHUNK_ELEMENTS, max(sizes)
+
+
+def test_non_finite_fills_and_init_are_refused_by_name():
+    """A NaN in a fill or a chain's init gave NaN encodings: torch's multinomial error (importance) or NaN
+    completions (chains), neither naming the argument."""
+    model = tiny()
+    x = binary(3, 12)
+    mask = make_mask("top-half", (3, 4))
+    bad = torch.full((12,), 0.5)
+    bad[7] = float("nan")
+    with pytest.raises(ValueError, match=r"fills\[1\] must hold finite values"):
+        inpaint(model, x, mask, fills=[0.0, bad], draws=5)
+    for method in ("gibbs", "metropolis"):
+        with pytest.raises(TypeError, match="init must be a finite number or a tensor, got nan"):
+            inpaint(model, x, mask, method=method, steps=2, init=float("nan"))
+        with pytest.raises(ValueError, match="init must hold finite values"):
+            inpaint(model, x, mask, method=method, steps=2, init=bad)
+        with pytest.raises(ValueError, match=r"init must be a number or a \[12\] / \[3, 12\] tensor"):
+            inpaint(model, x, mask, method=method, steps=2, init=torch.zeros(5))
+        assert torch.isfinite(inpaint(model, x, mask, method=method, steps=2, init=torch.full((12,), 0.5)).mean).all()
