@@ -37,6 +37,21 @@ CHECKPOINT_NAME = "checkpoint.pt"
 PathLike = Union[str, os.PathLike]
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only be read by
+    setting it, which would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(path: PathLike, ckpt: Dict[str, Any]) -> Path:
     """Writes ``ckpt`` to ``path`` atomically: a temporary file in the same directory, fsync, rename.
 
@@ -47,9 +62,7 @@ def save_checkpoint(path: PathLike, ckpt: Dict[str, Any]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp makes the file owner-only (0600); a checkpoint gets the mode of any file the user writes
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(ckpt, f)
             f.flush()
