@@ -86,6 +86,12 @@ def main() -> None:
     ap.add_argument("--pyvae-precision", default="fp32", choices=("fp32", "bf16-mixed"),
                     help="precision of the pyvae run (the baseline is always fp32)")
     args = ap.parse_args()
+    if args.compare_pyvae:
+        from pyvae.train import RUN_FILES
+
+        held = [f for f in RUN_FILES if os.path.exists(os.path.join(args.compare_pyvae, f))]
+        if held:  # (a fresh pyvae run refuses a directory that holds a run: fail now, not after epoch 1's baseline)
+            ap.error(f"--compare-pyvae {args.compare_pyvae} already holds a run ({', '.join(held)}); give a new directory")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # the initialization (same layer order and shapes as pyvae's VAE)
