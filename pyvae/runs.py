@@ -13,8 +13,8 @@ import torch
 from .checkpoint import load_model, resolve_checkpoint
 from .data import load_dataset, resolve_binarize
 from .evaluation import evaluate
-from .inference import (completion_metrics, denoise, denoise_importance, flip_noise, inpaint, make_mask,
-                        nearest_neighbours, reliability)
+from .inference import (completion_metrics, denoise, denoise_importance, flip_noise, image_shape_for, inpaint,
+                        make_mask, nearest_neighbours, reliability)
 from . import plots
 
 __all__ = ["eval_run", "sample_run", "inpaint_run", "denoise_run", "run_data"]
@@ -125,16 +125,11 @@ def sample_run(run_or_ckpt: PathLike, *, n: int = 100, manifold: bool = False, r
 
 def _image_shape(ckpt: dict, x_dim: int) -> Tuple[int, int]:
     """(H, W) of a run's images without loading its data: the checkpoint's own (written since it has one),
-    else the dataset's usual shape where it fits x_dim (an IDX file of another size can stand behind a
-    dataset name), else the most square H x W = x_dim."""
+    else ``image_shape_for``'s guess from the dataset's name and x_dim."""
     shape = ckpt.get("image_shape")
     if shape is not None and len(shape) == 2 and shape[0] * shape[1] == x_dim:
         return int(shape[0]), int(shape[1])
-    h, w = {"digits": (8, 8), "frey": (28, 20)}.get(ckpt["config"]["dataset"], (28, 28))
-    if h * w == x_dim:
-        return h, w
-    h = max(d for d in range(1, math.isqrt(x_dim) + 1) if x_dim % d == 0)
-    return h, x_dim // h
+    return image_shape_for(x_dim, ckpt["config"]["dataset"])
 
 
 def _load_run(run_or_ckpt: PathLike, device: str, data_dir: Optional[str]):

@@ -63,7 +63,7 @@ def test_resume_more_epochs(tmp_path, capsys):
 
 def test_sample_without_data_draws_the_runs_own_image_shape(tmp_path, capsys):
     # --no-reconstructions draws without the data, from the image shape the checkpoint holds; a checkpoint
-    # without one (older runs) gets its dataset's usual shape only where it fits, else the most square one.
+    # without one (older runs) gets its dataset's usual shape only where it fits, else a square one.
     from PIL import Image
 
     out = tmp_path / "r"
@@ -88,7 +88,7 @@ def test_sample_without_data_draws_the_runs_own_image_shape(tmp_path, capsys):
 
     assert drawn([4, 16]) == size(4, 16)
     assert drawn(None) == size(8, 8)  # digits' own shape
-    assert drawn(None, dataset="mnist") == size(8, 8)  # 28 x 28 does not fit 64 pixels: the most square
+    assert drawn(None, dataset="mnist") == size(8, 8)  # 28 x 28 does not fit 64 pixels: a square
 
 
 def test_config_file(tmp_path, capsys):
