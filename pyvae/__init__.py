@@ -8,13 +8,28 @@ from .ops import (bernoulli_elbo, bernoulli_log_prob, continuous_bernoulli_log_p
 from ._version import __version__
 
 
+# The public submodules, loaded on first use like VAE (so ``pyvae.nn.FusedLinear`` works after a bare
+# ``import pyvae``, which stays as cheap as the op library). They all sit below this package in the layers
+# of tests/test_layers.py, so loading one from here cannot close an import cycle.
+_SUBMODULES = frozenset({"nn", "models", "inference", "data", "checkpoint", "evaluation", "plots", "tuning",
+                         "train", "runs", "reference", "ops"})
+
+
 def __getattr__(name):
     # VAE lives in pyvae.models, which imports pyvae.nn: load it on first use, not at import.
     if name == "VAE":
         from .models import VAE
 
         return VAE
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'pyvae' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | {"VAE"} | _SUBMODULES)
 
 
 def cuda_available() -> bool:

@@ -206,3 +206,29 @@ def test_checker_finds_each_fault(tmp_path):
     found = {tuple(sorted(set(c))) for c in cycles(edges)}
     assert ("pkg.high", "pkg.low") in found and ("pkg.sub.a", "pkg.sub.b") in found
     assert upward(edges, layers) == ["pkg.low (low) imports pkg.high (high)"]
+
+
+def test_public_submodules_reachable_from_a_bare_import():
+    # ``import pyvae; pyvae.nn.FusedLinear(...)`` is how the docs spell the modules; before, every submodule
+    # but the op library raised AttributeError until imported by name. The bare import must stay cheap:
+    # it loads none of them (checked in a fresh interpreter, where nothing else has imported them).
+    import subprocess
+    import sys
+
+    code = ("import sys, pyvae\n"
+            "heavy = sorted(m for m in ('pyvae.nn', 'pyvae.models', 'pyvae.train', 'pyvae.data', 'pyvae.runs') "
+            "if m in sys.modules)\n"
+            "assert not heavy, heavy\n"
+            "assert pyvae.nn.FusedLinear.__module__ == 'pyvae.nn'\n"
+            "assert pyvae.train.train.__module__ == 'pyvae.train'\n"
+            "assert pyvae.VAE is pyvae.models.VAE\n"
+            "assert {'nn', 'train', 'VAE', 'inference'} <= set(dir(pyvae))\n"
+            "try:\n"
+            "    pyvae.benchmarks_typo\n"
+            "except AttributeError as e:\n"
+            "    assert 'benchmarks_typo' in str(e)\n"
+            "else:\n"
+            "    raise AssertionError('no AttributeError')\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
