@@ -33,8 +33,8 @@ from torch import nn
 
 from pyvae import reference as R
 from pyvae._tune import cpu_model
-from pyvae.benchmarks.common import git_rev
-from pyvae.data import load_dataset
+from pyvae.benchmarks.common import git_rev, pos_float, pos_int, seed_int
+from pyvae.data import DATASETS, load_dataset
 
 
 class EagerVAE(nn.Module):
@@ -57,41 +57,50 @@ def _pyvae_epoch(args, data, epoch: int):
     """Trains pyvae up to ``epoch`` (resuming its run directory); returns its metrics history."""
     from pyvae.train import build_config, train
 
-    flags = dict(dataset=args.dataset, data_dir=args.data_dir, epochs=epoch, batch_size=args.batch_size,
-                 latent=args.latent, hidden=args.hidden, optimizer="adam", lr=args.lr, binarize="dynamic",
-                 seed=args.seed, threads=args.threads, progress=False, plots=epoch == args.epochs,
-                 out=args.compare_pyvae, precision=args.pyvae_precision)
-    if epoch > 1:
-        flags = dict(resume=args.compare_pyvae, epochs=epoch, threads=args.threads, progress=False,
-                     plots=epoch == args.epochs)
-    res = train(build_config(flags), data=data, log=lambda line: print("pyvae       " + line, flush=True))
+    res = train(build_config(_pyvae_flags(args, epoch)), data=data,
+                log=lambda line: print("pyvae       " + line, flush=True))
     return res.history
 
 
-def main() -> None:
+def _pyvae_flags(args, epoch: int) -> dict:
+    """The configuration of pyvae's run up to ``epoch``: a fresh run for the first, a resumed one after."""
+    if epoch > 1:
+        return dict(resume=args.compare_pyvae, epochs=epoch, threads=args.threads, progress=False,
+                    plots=epoch == args.epochs)
+    return dict(dataset=args.dataset, data_dir=args.data_dir, epochs=epoch, batch_size=args.batch_size,
+                latent=args.latent, hidden=args.hidden, optimizer="adam", lr=args.lr, binarize="dynamic",
+                seed=args.seed, threads=args.threads, progress=False, plots=epoch == args.epochs,
+                out=args.compare_pyvae, precision=args.pyvae_precision)
+
+
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=100)
-    ap.add_argument("--latent", type=int, default=20)
-    ap.add_argument("--hidden", type=int, default=500)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--epochs", type=pos_int, default=10)
+    ap.add_argument("--batch-size", type=pos_int, default=100)
+    ap.add_argument("--latent", type=pos_int, default=20)
+    ap.add_argument("--hidden", type=pos_int, default=500)
+    ap.add_argument("--lr", type=pos_float, default=1e-3)
+    ap.add_argument("--seed", type=seed_int, default=0)
+    ap.add_argument("--threads", type=pos_int, default=None)
     ap.add_argument("--out", default=None, help="append a JSON result line here")
     ap.add_argument("--compare-pyvae", metavar="RUN_DIR", default=None,
                     help="also train pyvae, interleaved epoch by epoch, into this run directory")
     ap.add_argument("--save", metavar="PATH", default=None, help="save the trained baseline's state dict here")
     ap.add_argument("--pyvae-precision", default="fp32", choices=("fp32", "bf16-mixed"),
                     help="precision of the pyvae run (the baseline is always fp32)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.compare_pyvae:
-        from pyvae.train import RUN_FILES
+        from pyvae.train import RUN_FILES, build_config
 
         held = [f for f in RUN_FILES if os.path.exists(os.path.join(args.compare_pyvae, f))]
         if held:  # (a fresh pyvae run refuses a directory that holds a run: fail now, not after epoch 1's baseline)
             ap.error(f"--compare-pyvae {args.compare_pyvae} already holds a run ({', '.join(held)}); give a new directory")
+        try:  # pyvae's first epoch would refuse what its config refuses (e.g. a negative --seed): fail now too
+            build_config(_pyvae_flags(args, 1))
+        except ValueError as e:
+            ap.error(f"--compare-pyvae: pyvae would refuse this run: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # the initialization (same layer order and shapes as pyvae's VAE)
@@ -104,6 +113,8 @@ def main() -> None:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     n = train_x.shape[0]
     steps = n // args.batch_size
+    if steps == 0:  # (the dataset's size is known only now) epochs of no steps: nothing to train or time
+        ap.error(f"argument --batch-size: {args.batch_size} is more than the {n} train examples of {args.dataset}")
     history = []
     t0 = time.perf_counter()
     for epoch in range(1, args.epochs + 1):

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import List, Optional
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "pos_int", "nonneg_int", "pos_float", "nonneg_float"]
 
 
 def _weight_decay(s: str):
@@ -31,7 +31,7 @@ def _weight_decay(s: str):
     return v
 
 
-def _nonneg_float(s: str) -> float:
+def nonneg_float(s: str) -> float:
     try:
         v = float(s)
     except ValueError:
@@ -49,7 +49,7 @@ def _device(s: str) -> str:
     raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {s!r}")
 
 
-def _pos_int(s: str) -> int:
+def pos_int(s: str) -> int:
     try:
         v = int(s)
     except ValueError:
@@ -59,7 +59,7 @@ def _pos_int(s: str) -> int:
     return v
 
 
-def _nonneg_int(s: str) -> int:
+def nonneg_int(s: str) -> int:
     try:
         v = int(s)
     except ValueError:
@@ -69,7 +69,7 @@ def _nonneg_int(s: str) -> int:
     return v
 
 
-def _pos_float(s: str) -> float:
+def pos_float(s: str) -> float:
     try:
         v = float(s)
     except ValueError:
@@ -120,31 +120,31 @@ def _train_parser(sub) -> None:
     a("--data-dir", metavar="DIR", help="directory with the data files [$PYVAE_DATA]")
     a("--binarize", choices=("auto", "dynamic", "static", "none"),
       help="binarization of the images [auto: dynamic for bernoulli, none for continuous-bernoulli and gaussian]")
-    a("--limit", type=_pos_int, help="use only the first N train/test examples")
-    a("--epochs", type=_nonneg_int, help="passes over the training set [30]")
-    a("--batch-size", type=_pos_int, help="global minibatch size M [100]")
-    a("--latent", type=_pos_int, help="latent dimension z_dim [20]")
-    a("--hidden", type=_pos_int, help="hidden units per layer [500]")
-    a("--layers", type=_pos_int, help="hidden layers in encoder and decoder [1]")
+    a("--limit", type=pos_int, help="use only the first N train/test examples")
+    a("--epochs", type=nonneg_int, help="passes over the training set [30]")
+    a("--batch-size", type=pos_int, help="global minibatch size M [100]")
+    a("--latent", type=pos_int, help="latent dimension z_dim [20]")
+    a("--hidden", type=pos_int, help="hidden units per layer [500]")
+    a("--layers", type=pos_int, help="hidden layers in encoder and decoder [1]")
     a("--activation", choices=("tanh", "relu", "sigmoid", "softplus"), help="hidden activation [tanh]")
     a("--likelihood", choices=("bernoulli", "continuous-bernoulli", "gaussian"),
       help="decoder p(x|z): bernoulli, continuous-bernoulli (grey levels in [0, 1]) or gaussian [bernoulli]")
     a("--estimator", choices=("analytic", "mc"), help="SGVB estimator B (analytic KL) or A (mc) [analytic]")
-    a("--samples", type=_pos_int, help="L, draws of z per datapoint [1]")
+    a("--samples", type=pos_int, help="L, draws of z per datapoint [1]")
     a("--init", choices=("default", "paper"), help="weight init: PyTorch's or the paper's N(0, 0.01^2) [default]")
     a("--optimizer", choices=("adam", "adagrad"), help="optimizer [adam]; the paper used adagrad")
-    a("--lr", type=_pos_float, help="learning rate [1e-3]")
+    a("--lr", type=pos_float, help="learning rate [1e-3]")
     a("--weight-decay", type=_weight_decay, help="L2 coefficient, or 'prior' for the paper's N(0, I) prior [0]")
-    a("--kl-warmup", type=_nonneg_float, help="epochs of linear KL warm-up from 0 to 1 [0: off]")
-    a("--grad-clip", type=_pos_float, help="max gradient norm [off]")
+    a("--kl-warmup", type=nonneg_float, help="epochs of linear KL warm-up from 0 to 1 [0: off]")
+    a("--grad-clip", type=pos_float, help="max gradient norm [off]")
     a("--device", type=_device, help="cpu or cuda[:N] [cpu]")
     a("--precision", choices=("fp32", "bf16-mixed", "fp16-mixed"), help="numeric precision [fp32]")
-    a("--seed", type=_nonneg_int, help="random seed [0]")
+    a("--seed", type=nonneg_int, help="random seed [0]")
     a("--out", metavar="DIR", help="run directory [runs/<dataset>-<date>-<time>]")
     a("--resume", metavar="RUN_OR_CKPT", help="continue a run (exactly); --epochs may be raised")
-    a("--eval-batch", type=_pos_int, help="test evaluation batch size [1000]")
-    a("--test-samples", type=_pos_int, help="L for the test ELBO [1]")
-    a("--threads", type=_pos_int, help="torch CPU threads [torch's default]")
+    a("--eval-batch", type=pos_int, help="test evaluation batch size [1000]")
+    a("--test-samples", type=pos_int, help="L for the test ELBO [1]")
+    a("--threads", type=pos_int, help="torch CPU threads [torch's default]")
     # (--x / --no-x both ways: a resumed run may switch them back on)
     a("--tensorboard", action=argparse.BooleanOptionalAction, default=None, help="also log to <out>/tb [off]")
     a("--progress", action=argparse.BooleanOptionalAction, default=None, help="a progress bar per epoch [on]")
@@ -155,7 +155,7 @@ def _train_parser(sub) -> None:
 
 def _inference_parsers(subparsers) -> None:
     """``pyvae inpaint`` and ``pyvae denoise``."""
-    pos, nonneg = _pos_int, _nonneg_int
+    pos, nonneg = pos_int, nonneg_int
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = subparsers.add_parser("inpaint", help="fill missing pixels of test images (importance sampling, Gibbs, Metropolis)",
                               description="Fill the missing pixels of N test images (spread over the test set) of a "
@@ -220,24 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="test ELBO, IWAE bound and importance-sampled log p(x) of a run",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("run", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
-    e.add_argument("--k", type=_nonneg_int, default=50, help="importance samples of the IWAE bound (0: skip)")
-    e.add_argument("--ll-samples", type=_nonneg_int, default=1000,
+    e.add_argument("--k", type=nonneg_int, default=50, help="importance samples of the IWAE bound (0: skip)")
+    e.add_argument("--ll-samples", type=nonneg_int, default=1000,
                    help="importance samples for log p(x) (paper: 5000; 0: skip)")
-    e.add_argument("--ll-batch", type=_pos_int, default=250, help="draws per chunk for log p(x) (memory bound)")
-    e.add_argument("--batch-size", type=_pos_int, default=100, help="datapoints per pass")
-    e.add_argument("--limit", type=_pos_int, default=None, help="only the first N test points")
-    e.add_argument("--seed", type=_nonneg_int, default=0)
+    e.add_argument("--ll-batch", type=pos_int, default=250, help="draws per chunk for log p(x) (memory bound)")
+    e.add_argument("--batch-size", type=pos_int, default=100, help="datapoints per pass")
+    e.add_argument("--limit", type=pos_int, default=None, help="only the first N test points")
+    e.add_argument("--seed", type=nonneg_int, default=0)
     e.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]")
     e.add_argument("--data-dir", default=None, help="where the data files are now")
     s = sub.add_parser("sample", help="PNG grid of samples, reconstructions, and the 2-D manifold",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("run", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
-    s.add_argument("--n", type=_pos_int, default=100, help="number of samples")
+    s.add_argument("--n", type=pos_int, default=100, help="number of samples")
     s.add_argument("--manifold", action="store_true", help="draw the paper's Figure 4 (needs --latent 2)")
     s.add_argument("--no-reconstructions", dest="reconstructions", action="store_false",
                    help="skip reconstructions (they need the dataset)")
     s.add_argument("--out", default=None, help="output directory [the run directory]")
-    s.add_argument("--seed", type=_nonneg_int, default=0)
+    s.add_argument("--seed", type=nonneg_int, default=0)
     s.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]")
     s.add_argument("--data-dir", default=None)
     _inference_parsers(sub)
@@ -246,12 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(a training step at each batch size and precision) and caches the winners "
                                    "for this machine (PYVAE_TUNE=off turns routing by measurement off).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--batch-size", type=_pos_int, nargs="+", default=[100], help="batch sizes to tune for")
+    t.add_argument("--batch-size", type=pos_int, nargs="+", default=[100], help="batch sizes to tune for")
     t.add_argument("--precision", nargs="+", choices=("fp32", "bf16-mixed"), default=["fp32"])
-    t.add_argument("--x-dim", type=_pos_int, default=784)
-    t.add_argument("--latent", type=_pos_int, default=20)
-    t.add_argument("--hidden", type=_pos_int, default=500)
-    t.add_argument("--layers", type=_pos_int, default=1)
+    t.add_argument("--x-dim", type=pos_int, default=784)
+    t.add_argument("--latent", type=pos_int, default=20)
+    t.add_argument("--hidden", type=pos_int, default=500)
+    t.add_argument("--layers", type=pos_int, default=1)
     t.add_argument("--activation", choices=("tanh", "relu", "sigmoid", "softplus"), default="tanh")
     t.add_argument("--force", action="store_true", help="measure again even where the cache has a route")
     t.add_argument("--show", action="store_true", help="only print the cache (path, machine key, routes)")

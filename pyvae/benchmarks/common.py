@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from ..cli import nonneg_float, nonneg_int, pos_float, pos_int  # noqa: F401  (argument types, used as C.pos_int)
+
 if TYPE_CHECKING:  # torch is imported lazily: --malloc may re-exec the process before it is needed
     import torch
 
@@ -37,16 +39,33 @@ REUSE_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4000000000
 _MALLOC_MARK = "PYVAE_BENCH_MALLOC"
 
 
+# ----------------------------------------------------------------------------- argument types
+# argparse ``type=`` checks for the benchmarks' numbers, the same as every pyvae command's (pyvae/cli.py): a
+# bad value stops at parse time with argparse's "error: argument --batch: expected ..." (exit status 2),
+# before any re-exec, timing or output file. The positive/non-negative ones are pyvae/cli.py's (imported
+# above); the seed is the benchmarks' own.
+def seed_int(s: str) -> int:
+    """An integer torch's generators take as a seed: in [-2**63, 2**64) (outside, manual_seed fails with
+    "Overflow when unpacking long long")."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {s!r}") from None
+    if not -2 ** 63 <= v < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in [-2**63, 2**64), got {s}")
+    return v
+
+
 # ----------------------------------------------------------------------------- process setup
 def add_common_args(p: argparse.ArgumentParser, extra_providers: Sequence[str] = ()) -> None:
     """The arguments every benchmark family takes; ``extra_providers`` are opt-in (not in the default)."""
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--providers", nargs="+", choices=PROVIDERS + tuple(extra_providers), default=list(PROVIDERS))
-    p.add_argument("--reps", type=int, default=None,
+    p.add_argument("--reps", type=pos_int, default=None,
                    help="fixed repetitions per case (default: adaptive, 15..200 by case cost)")
-    p.add_argument("--target-s", type=float, default=1.5,
+    p.add_argument("--target-s", type=pos_float, default=1.5,
                    help="adaptive reps: aim at about this many seconds for the slowest provider")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--threads", type=pos_int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--malloc", default="default", choices=["default", "reuse", "both"],
@@ -56,10 +75,10 @@ def add_common_args(p: argparse.ArgumentParser, extra_providers: Sequence[str] =
                    help="idle OpenMP threads: 'unset' (default: what a user gets) leaves the runtime's "
                         "default; 'spin' sets GOMP_SPINCOUNT=30000000, i.e. spin for up to ~0.1 s before "
                         "sleeping (a tuned environment); 'active'/'passive' set OMP_WAIT_POLICY (see apply_env)")
-    p.add_argument("--quiet-wait", type=float, default=20.0,
+    p.add_argument("--quiet-wait", type=nonneg_float, default=20.0,
                    help="before each case, wait up to this many seconds for other processes to use "
                         "< 10%% of the CPUs (0: don't wait); their share while timing is recorded")
-    p.add_argument("--block", type=int, default=BLOCK,
+    p.add_argument("--block", type=pos_int, default=BLOCK,
                    help="calls a provider runs back to back per round: the first untimed (it brings the "
                         "provider's own weights and buffers back into cache, as in a training loop), the rest "
                         "timed; 1: one timed call per provider per round (NOTE: [Blocks of calls]) "
@@ -180,7 +199,7 @@ def setup_torch(args: argparse.Namespace) -> None:
     global _QUIET_WAIT_S, _BLOCK
     _QUIET_WAIT_S = getattr(args, "quiet_wait", 0.0)
     _BLOCK = getattr(args, "block", BLOCK)
-    if _BLOCK < 1:
+    if _BLOCK < 1:  # (the parser checks --block too; this covers namespaces built in code)
         sys.exit(f"--block must be >= 1, got {_BLOCK}")
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():

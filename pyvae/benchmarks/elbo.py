@@ -248,11 +248,11 @@ def run(args, out: str) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="pyvae bench elbo", description=__doc__.split("\n")[0])
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
-    p.add_argument("--batch", nargs="+", type=int, default=list(BATCHES))
-    p.add_argument("--dim", type=int, default=784, help="D, data dims (default 784)")
-    p.add_argument("--latent", type=int, default=20, help="Z, latent dims (default 20)")
+    p.add_argument("--batch", nargs="+", type=C.pos_int, default=list(BATCHES))
+    p.add_argument("--dim", type=C.pos_int, default=784, help="D, data dims (default 784)")
+    p.add_argument("--latent", type=C.pos_int, default=20, help="Z, latent dims (default 20)")
     C.add_common_args(p)
     args = p.parse_args(argv)
     C.apply_malloc(args)  # sets OMP_WAIT_POLICY etc.; may re-exec with GLIBC_TUNABLES set or removed

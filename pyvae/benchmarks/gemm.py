@@ -91,9 +91,9 @@ def markdown(rows) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="pyvae bench gemm", description=__doc__.split("\n")[0])
     p.add_argument("--layers", nargs="+", choices=list(LAYERS), default=list(LAYERS))
-    p.add_argument("--batch", nargs="+", type=int, default=[100, 1024, 8192])
+    p.add_argument("--batch", nargs="+", type=C.pos_int, default=[100, 1024, 8192])
     p.add_argument("--products", nargs="+", choices=PRODUCTS, default=list(PRODUCTS))
     C.add_common_args(p)
     args = p.parse_args(argv)

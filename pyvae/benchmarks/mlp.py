@@ -168,9 +168,9 @@ def run(args) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="pyvae bench mlp", description=__doc__.split("\n")[0])
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
-    p.add_argument("--batch", nargs="+", type=int, default=list(BATCHES))
+    p.add_argument("--batch", nargs="+", type=C.pos_int, default=list(BATCHES))
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     C.add_common_args(p, extra_providers=("pyvae-fused",))
     args = p.parse_args(argv)

@@ -451,7 +451,7 @@ def plot(rows, path, title: str = ""):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="pyvae bench train", description=__doc__.split("\n")[0])
-    p.add_argument("--batch", nargs="+", type=int, default=[100, 1024, 8192])
+    p.add_argument("--batch", nargs="+", type=C.pos_int, default=[100, 1024, 8192])
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     p.add_argument("--step", nargs="+", choices=STEPS, default=["full"],
                    help="full: forward, backward and fused Adam (default); fwd-bwd: forward and backward alone")
@@ -459,6 +459,8 @@ def main(argv=None):
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
     C.add_common_args(p, extra_providers=("pyvae-fresh-grad", "pyvae-fused", "pyvae-no-gemm"))
     args = p.parse_args(argv)
+    if args.device != "cpu":  # the steps, GEMM-only and the floor are built on the CPU: cuda would only mislabel them
+        p.error("argument --device: the train benchmark runs on the CPU only")
     rows, m, out = C.run_family(args, "train", run)
     print(f"\n{m['cpu_model']}, {m['threads']} threads, torch {m['torch']}, pyvae {m['pyvae']} ({m['pyvae_cpu_arch']}), "
           f"malloc={args.malloc}, omp-wait={args.omp_wait}; one training step (full: forward, backward, fused Adam; "
