@@ -72,6 +72,39 @@ def test_allocation_scan_sees_a_call():
     assert not _RAW_ALLOC.search(_COMMENT.sub("", "// a cudaMalloc here would be invisible\n"))
 
 
+# ------------------------------------------------------------------------- cuBLASLt plan key
+def _body(code, signature):
+    """The body of the C++ function whose definition starts with ``signature`` (braces matched)."""
+    start = code.index("{", code.index(signature))
+    depth = 0
+    for i in range(start, len(code)):
+        depth += {"{": 1, "}": -1}.get(code[i], 0)
+        if depth == 0:
+            return code[start + 1:i]
+    raise AssertionError(f"unbalanced braces after {signature}")
+
+
+def test_cublaslt_plan_key_holds_the_alignment_of_every_pointer_the_heuristic_saw():
+    """NOTE: [cuBLASLt plan cache]: cublasLtMatmulAlgoGetHeuristic reads the alignment of A, B, D and, per
+    cublasLt.h, of the bias and aux pointers set on the descriptor before it runs (build_plan sets the
+    first call's). A plan keyed without one of them is reused for a later call whose pointer is less
+    aligned (a bias view 16 bytes off a 256-byte boundary, a ReLU mask at an odd offset): an algorithm
+    chosen for 256-byte-aligned vectors then reads misaligned ones. The code is compiled in CI and never
+    run here, so this reads it: every pointer set per call has its alignment in the key."""
+    code = _code(ROOT / "csrc" / "cuda" / "linear_lt.cu")
+    per_call = re.findall(r"CUBLASLT_MATMUL_DESC_\w+_POINTER,\s*g\.(\w+)", _body(code, "void set_pointers("))
+    assert sorted(per_call) == ["aux", "bias"], per_call
+    key = _body(code, "PlanKey key_for(")
+    missing = [f for f in ["a", "b", "d"] + per_call if not re.search(rf"alignment_of\(g\.{f}\)", key)]
+    assert not missing, f"the plan key lacks the alignment of {missing}"
+
+
+def test_body_finds_a_whole_function():
+    # The scan above is not vacuous: it reads a function to its closing brace, nested braces included.
+    code = "int f(int a) { if (a) { return 1; } return 2; }\nint g() { return 3; }"
+    assert _body(code, "int f(") == " if (a) { return 1; } return 2; "
+
+
 # ----------------------------------------------------------------------------- act_bwd workspace
 def test_act_bwd_needs_no_workspace_on_cpu():
     assert _gate.act_bwd_workspace_bytes(torch.float32, torch.device("cpu"), 1000, 500) == 0

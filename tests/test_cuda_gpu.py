@@ -289,3 +289,45 @@ def test_cublaslt_cached_plan_takes_each_calls_pointers():
         t.join()
     for got, exp in zip(results, want):
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not (GPU and pyvae._cublaslt.available()), reason="needs the cuBLASLt path")
+def test_cublaslt_cached_plan_takes_a_less_aligned_bias_and_mask():
+    """The heuristic chose the first call's algorithm for its bias and mask pointers' alignment
+    (cublasLt.h); the plan key holds those alignments (NOTE: [cuBLASLt plan cache]), so the same problem
+    with a bias 16 bytes off a 256-byte boundary, or a ReLU mask at an odd byte offset, gets an algorithm
+    that can read it (or the DEFAULT fallback) and the same numbers."""
+    from pyvae import _cublaslt
+
+    relu = _gate.ACTIVATIONS["relu"]
+    x = make(64, 96, device="cuda", seed=1)
+    w1 = make(48, 96, device="cuda", seed=2, scale=0.1)
+    b1 = make(48, device="cuda", seed=3)
+    w2 = make(40, 48, device="cuda", seed=4, scale=0.1)
+    gz = make(64, 40, device="cuda", seed=5)
+    # The bias again, 16 bytes past the start of a fresh (>= 256-byte-aligned) buffer: _aligned keeps it.
+    bias_buf = torch.empty(4 + 48, device="cuda")
+    b_view = bias_buf[4:]
+    b_view.copy_(b1)
+    assert b_view.data_ptr() % 256 == 16
+
+    want_y = torch.relu(x @ w1.t() + b1)
+    y_fresh, _ = _cublaslt.linear_fwd(x, w1, b1, relu)
+    y_view, _ = _cublaslt.linear_fwd(x, w1, b_view, relu)
+    torch.cuda.synchronize()  # a misaligned access is reported here, not at the launch
+    torch.testing.assert_close(y_fresh, want_y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y_view, want_y, rtol=1e-4, atol=1e-4)
+
+    x2, aux = _cublaslt.linear_fwd(x, w1, b1, relu, want_aux=True)
+    assert aux is not None, "cuBLASLt wrote no ReLU mask for a float32 problem"
+    # The same mask one byte into a larger buffer: contiguous, of the shape linear_dgrad_relu checks.
+    aux_buf = torch.empty(aux.numel() + 1, dtype=torch.uint8, device="cuda")
+    aux_view = aux_buf[1:].view(aux.shape)
+    aux_view.copy_(aux)
+    want_h = (gz @ w2) * (x2 > 0)
+    for mask in (aux, aux_view):
+        got = _cublaslt.linear_dgrad_relu(gz, w2, x2, mask, True)
+        assert got is not None, "linear_dgrad_relu declined a float32 problem"
+        torch.cuda.synchronize()
+        torch.testing.assert_close(got[0], want_h, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[1], want_h.sum(0), rtol=1e-4, atol=1e-4)

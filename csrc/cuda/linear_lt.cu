@@ -79,8 +79,9 @@
 // three GEMMs per layer with the same shapes every step. So a Plan (descriptors + the heuristic's
 // algorithm, or the answer "no algorithm") is built once per PlanKey: device, types, transposes,
 // m/n/k, leading dimensions, epilogue, whether the bias and mask pointers are set, the mask's leading
-// dimension, the workspace size, the reduction scheme and the alignment of A, B and D (the heuristic
-// was told those; an algorithm chosen for 256-byte-aligned operands may not read 4-byte-aligned ones).
+// dimension, the workspace size, the reduction scheme and the alignment of A, B, D, the bias and the
+// mask (the heuristic was told those: cublasLt.h says it reads the bias and aux pointers' values for
+// their alignment; an algorithm chosen for 256-byte-aligned operands may not read 4-byte-aligned ones).
 // The bias and mask pointers change every call: they are set on the cached matmul descriptor under
 // the plan's own mutex, held until cublasLtMatmul has been enqueued (it reads the descriptor then, not
 // when the GEMM runs), so two threads running the same problem do not race on the descriptor. The
@@ -308,6 +309,9 @@ struct PlanKey {
   int64_t aux_ld;
   uint64_t workspace_bytes;
   uint32_t align_a, align_b, align_d;
+  // The heuristic saw the first call's bias and mask pointers (set before it runs, build_plan): a
+  // later call's may be less aligned (a bias view, a mask at an offset in a larger buffer).
+  uint32_t align_bias, align_aux;
 
   bool operator==(const PlanKey& o) const { return std::memcmp(this, &o, sizeof(PlanKey)) == 0; }
 };
@@ -379,6 +383,8 @@ PlanKey key_for(const Gemm& g, const LinearLtParams& p) {
   k.align_a = alignment_of(g.a);
   k.align_b = alignment_of(g.b);
   k.align_d = alignment_of(g.d);
+  k.align_bias = g.bias ? alignment_of(g.bias) : 0;
+  k.align_aux = g.aux ? alignment_of(g.aux) : 0;
   return k;
 }
 
