@@ -1,4 +1,4 @@
-"""The ``pyvae`` command line: ``pyvae train | eval | sample | inpaint | denoise | bench``. Every parser of
+"""The ``pyvae`` command line: ``pyvae train | eval | sample | inpaint | denoise | tune | bench``. Every parser of
 pyvae lives here; each command calls the library (``pyvae.train``, ``pyvae.runs``, ``pyvae.benchmarks``)
 and prints what it returns.
 
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=pos_int, default=100, help="number of samples")
     s.add_argument("--manifold", action="store_true", help="draw the paper's Figure 4 (needs --latent 2)")
     s.add_argument("--no-reconstructions", dest="reconstructions", action="store_false",
-                   help="skip reconstructions (they need the dataset)")
+                   help="skip reconstructions (they need the dataset; drawn unless given: %(default)s)")
     s.add_argument("--out", default=None, help="output directory [the run directory]")
     s.add_argument("--seed", type=nonneg_int, default=0)
     s.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]")
@@ -401,7 +401,7 @@ def _cmd_bench(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``pyvae`` console script; returns the exit status.
 
-    Bad flags and bad input end with one ``pyvae: error: ...`` line (exit status 2), not a traceback.
+    Bad flags and bad input end with one ``pyvae <command>: error: ...`` line (exit status 2), not a traceback.
     """
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,4 +1,5 @@
-"""Property-based tests (hypothesis) of every pyvae op on random shapes, layouts and values.
+"""Property-based tests (hypothesis) of six pyvae ops on random shapes, layouts and values (the continuous
+Bernoulli and gather_binarize have their own files).
 
 Each example draws shapes (sizes 0 and 1 included, up to 3 leading dims, operands broadcast as the
 README documents), a memory layout per operand (storage offsets, permuted strides, slices with steps,

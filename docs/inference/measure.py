@@ -19,12 +19,12 @@ for kind in ("top-half", "random:0.5"):
         for steps in (0, 1, 5, 20, 50):
             if met and steps == 0: continue
             t = time.time()
-            res = inpaint(model, x, m, steps=steps, samples=S, generator=torch.Generator().manual_seed(1), metropolis=met)
+            res = inpaint(model, x, m, steps=steps, samples=S, generator=torch.Generator().manual_seed(1), method="metropolis" if met else "gibbs")
             r = completion_metrics(res.mean, x, m)
             acc = "-" if res.accept_rate is None else f"{res.accept_rate.mean().item():.3f}"
             print(f"| {kind} | {'Metropolis-within-Gibbs' if met else 'pseudo-Gibbs'} | {steps} | {r['ll']:.4f} | {r['mae']:.4f} | {r['err']:.4f} | {acc} |  ({time.time()-t:.1f} s)", flush=True)
     for steps in (5, 20, 50):
-        res = inpaint(model, x, m, steps=steps, samples=S, generator=torch.Generator().manual_seed(1), chain="mean")
+        res = inpaint(model, x, m, steps=steps, samples=S, generator=torch.Generator().manual_seed(1), method="gibbs", chain="mean")
         r = completion_metrics(res.mean, x, m)
         print(f"| {kind} | pseudo-Gibbs, chain='mean' | {steps} | {r['ll']:.4f} | {r['mae']:.4f} | {r['err']:.4f} | - |", flush=True)
 g = torch.Generator().manual_seed(2)
