@@ -16,6 +16,7 @@ defined once in C++ (NOTE: [Codes are defined here] in csrc/bindings.cpp) and re
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Optional, Sequence, Tuple
 
@@ -46,6 +47,15 @@ NORMALS_PER_COUNTER = int(_C.normals_per_counter)
 # csrc/cuda/common.cuh); None in a build without CUDA.
 CUDA_KERNEL_DTYPES = (None if _C.cuda_kernel_dtypes is None else
                       {fam: tuple(_BY_NAME[n] for n in names) for fam, names in _C.cuda_kernel_dtypes.items()})
+
+# PYVAE_CPU_ARCH picks the CPU kernel build when _C loads (csrc/cpu/dispatch.cpp), capped at what the
+# processor runs. A name no build has (a typo: "avx-512", "AVX2") was silently the best build, so a run
+# meant to measure avx2 kernels measured avx512 ones: refused here, as PYVAE_TUNE and PYVAE_CPU_GEMM are.
+CPU_ARCH_NAMES = ("avx512", "avx2", "base")
+_ARCH_ENV = os.environ.get("PYVAE_CPU_ARCH")
+if _ARCH_ENV and _ARCH_ENV not in CPU_ARCH_NAMES:  # (empty: unset, as for the C++ side)
+    raise ValueError(f"PYVAE_CPU_ARCH must be one of {', '.join(CPU_ARCH_NAMES)} (or unset: the best this CPU "
+                     f"runs), got {_ARCH_ENV!r}")
 
 cuda_built = bool(_C.cuda_built)
 cublaslt_built = bool(_C.cublaslt_built)

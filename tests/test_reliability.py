@@ -3,6 +3,7 @@ line is promised, or a run left inconsistent) before its fix."""
 import dataclasses
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -260,3 +261,21 @@ def test_torch_func_is_refused_with_a_clear_message(fn):
     # message names the op and the way out instead of torch's setup_context error.
     with pytest.raises(RuntimeError, match=r"pyvae\.\w+: torch.func transforms .* torch.autograd.grad"):
         torch.func.grad(fn)(torch.randn(3, 4))
+
+
+def test_cpu_arch_env_var_is_validated(tmp_path):
+    # PYVAE_CPU_ARCH with a name no kernel build has ("avx-512") silently ran the best build, so a run meant
+    # to time the avx2 kernels timed the avx512 ones; now the import refuses it, naming the variable. A known
+    # name still selects its build (capped at what the CPU runs), and an empty value means unset.
+    import subprocess
+    import sys
+
+    def run(value, code="import pyvae; print(pyvae._gate.cpu_arch())"):
+        env = dict(os.environ, PYVAE_CPU_ARCH=value)  # (outside the checkout: its pyvae/ has no built _C)
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+
+    r = run("avx-512")
+    assert r.returncode != 0 and "PYVAE_CPU_ARCH must be one of avx512, avx2, base" in r.stderr, r.stderr[-2000:]
+    best = pyvae._gate.cpu_archs()[0]
+    assert run("").stdout.strip() == best
+    assert run("base").stdout.strip() == "base"
