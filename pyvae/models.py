@@ -114,8 +114,10 @@ def _reparameterize(mu: torch.Tensor, logvar: torch.Tensor, samples: int, genera
     the device for CUDA inputs, so a captured training step draws anew on each replay: NOTE: [Graph-safe
     seed]). With ``shard``, the draws of those rows of the global batch (NOTE: [Sharded draws] in
     pyvae/ops/reparameterize.py)."""
-    # (CPU inputs: the seed as an int, the value seed_for would hold in its host tensor)
-    seed = ops.draw_seed(generator) if mu.device.type == "cpu" else ops.seed_for(mu.device, generator)
+    # (CPU inputs: the seed as an int, the value seed_for would hold in its host tensor; a tensor while
+    # torch.compile traces, NOTE: [Seeds under torch.compile] in pyvae/ops/reparameterize.py)
+    seed = ops.draw_seed(generator) if mu.device.type == "cpu" and not torch.compiler.is_compiling() \
+        else ops.seed_for(mu.device, generator)
     return ops.reparameterize_shard(mu, logvar, samples, seed, shard)
 
 
@@ -299,7 +301,9 @@ class VAE(nn.Module):
         _check_int("samples", samples)
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
-        if isinstance(kl_weight, bool) or not isinstance(kl_weight, numbers.Real) or not math.isfinite(kl_weight):
+        # (abs < inf, not math.isfinite: torch.compile traces a changing float, a KL warm-up's, as a symbolic
+        # float, which math.isfinite does not take: a graph break, an error under fullgraph=True)
+        if isinstance(kl_weight, bool) or not isinstance(kl_weight, numbers.Real) or not abs(kl_weight) < math.inf:
             raise ValueError(f"kl_weight must be a finite real number, got {kl_weight!r}")
         if shard is not None:
             shard = _check_shard(shard, x.shape[-2])
@@ -317,7 +321,10 @@ class VAE(nn.Module):
                 # the logits are this model's own intermediate: their storage may take their gradient
                 elbo = (ops.bernoulli_elbo_into_logits if self._elbo_into_logits() else ops.bernoulli_elbo)(
                     logits, x.to(mu.dtype), mu, logvar)
-                if kl_weight == 1.0:
+                # (traced by torch.compile, the general form below for every kl_weight, elbo + 0.0 * kl at 1.0: a
+                # test of a symbolic float for == 1.0 specializes it, and a KL warm-up's every new value then
+                # recompiles. The same numbers while the KL is finite.)
+                if not torch.compiler.is_compiling() and kl_weight == 1.0:
                     with torch.no_grad():
                         kl = ops.gaussian_kl(mu, logvar)
                     return elbo, elbo.detach(), kl

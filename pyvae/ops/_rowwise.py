@@ -15,7 +15,7 @@ from .. import _gate, _tune
 from . import _checks as V
 from ._registry import ROUTING, eager_function, first_order_only, placeholder, register, remember
 
-__all__ = ["plan", "as_rows", "reduce_grad", "register_rowwise", "forget_row_routes"]
+__all__ = ["plan", "checked_plan", "as_rows", "reduce_grad", "register_rowwise", "forget_row_routes"]
 
 _PLAN_FAST = (torch.float32, torch.float64)
 
@@ -30,6 +30,18 @@ def plan(op: str, named: Sequence[tuple]):
         if (type(a) is type(b) and isinstance(a, torch.Tensor) and a.dtype in _PLAN_FAST and b.dtype == a.dtype
                 and a.is_cpu and b.is_cpu and a.dim() >= 1 and a.shape == b.shape):
             return tuple(a.shape), a.dtype, a.device
+    return checked_plan(op, named)
+
+
+# NOTE: [Fake kernels plan without the fast path]
+# ``plan``'s fast path compares the two shapes with ``==``, and Python compares tuples (torch.Size too) item by
+# item before it compares their lengths: traced with symbolic shapes (torch.compile, torch.export), logits
+# [L, B, D] against x [B, D] evaluates ``L == B``, mu [B, Z] against logvar [Z] ``B == Z``, and each such test
+# is a guard on the batch size (for torch.export a violated constraint: "Not all values of B satisfy B != 2").
+# The fake kernels, the only ones that see symbolic shapes, therefore plan with the named checks alone, which
+# compare shapes by broadcasting from the last dim; the real kernels keep the fast path.
+def checked_plan(op: str, named: Sequence[tuple]):
+    """``plan`` without its fast path (NOTE: [Fake kernels plan without the fast path])."""
     for name, t in named:
         V.tensor(name, t, op=op)
     dtype, device = V.same_dtype_device(named, op=op)
@@ -103,12 +115,12 @@ def _backward(op: str, grad: torch.Tensor, named: Sequence[tuple], mask: Sequenc
 
 
 def _fake_forward(op: str, named: Sequence[tuple]) -> torch.Tensor:
-    full, dtype, device = plan(op, [(n, t) for n, t in named if t is not None])
+    full, dtype, device = checked_plan(op, [(n, t) for n, t in named if t is not None])
     return named[0][1].new_empty(full[:-1])
 
 
 def _fake_backward(op: str, grad: torch.Tensor, named: Sequence[tuple], mask: Sequence[bool]):
-    full, _, device = plan(op, [(n, t) for n, t in named if t is not None])
+    full, _, device = checked_plan(op, [(n, t) for n, t in named if t is not None])
     V.grad_of(op + "_backward", grad, full[:-1], device)
     return tuple(t.new_empty(t.shape) if (m and t is not None) else placeholder(t, grad)
                  for (_, t), m in zip(named, mask))

@@ -16,15 +16,16 @@ import torch
 from .. import _gate
 from . import _checks as V
 from ._registry import call, eager_ok, first_order_only, register, remember
-from ._rowwise import plan, reduce_grad
+from ._rowwise import checked_plan, plan, reduce_grad
 
 __all__ = ["reparameterize", "draw_seed", "seed_for", "reparameterize_shard"]
 
 _OP = "reparameterize"
 
 
-def _plan(mu, logvar, samples, seed):
-    shape, dtype, device = plan(_OP, [("mu", mu), ("logvar", logvar)])  # (its fast path: same shape)
+def _plan(mu, logvar, samples, seed, fake: bool = False):
+    # (the fake kernels without plan's fast path: NOTE: [Fake kernels plan without the fast path] in _rowwise.py)
+    shape, dtype, device = (checked_plan if fake else plan)(_OP, [("mu", mu), ("logvar", logvar)])
     if not isinstance(samples, int) or samples < 0:
         raise ValueError(f"pyvae.{_OP}: samples must be a non-negative int (0: no sample dim), got {samples!r}")
     if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.shape != (2,):
@@ -118,11 +119,11 @@ def _bwd_impl(grad, mu, logvar, samples, seed, mask):
 
 
 def _fake(mu, logvar, samples, seed):
-    return mu.new_empty(_plan(mu, logvar, samples, seed)[1])
+    return mu.new_empty(_plan(mu, logvar, samples, seed, fake=True)[1])
 
 
 def _bwd_fake(grad, mu, logvar, samples, seed, mask):
-    _, out_shape, _, device = _plan(mu, logvar, samples, seed)
+    _, out_shape, _, device = _plan(mu, logvar, samples, seed, fake=True)
     _check_backward(grad, mask, out_shape, device)
     return tuple(t.new_empty(t.shape) if m else t.new_zeros(1) for t, m in zip((mu, logvar), mask))
 
@@ -173,6 +174,25 @@ def seed_source(device: torch.device, generator: Optional[torch.Generator], capt
     return "host"
 
 
+# NOTE: [Seeds under torch.compile]
+# Eager CPU draws read their seed on the host (``draw_seed``: randint, then ``.item()``). Traced by
+# torch.compile, that ``.item()`` is a graph break (a data-dependent error under fullgraph=True when the int goes
+# on into Python arithmetic, as pyvae.VAE's does; torch.export fails on it too), and the int it returns enters the
+# next graph as a constant that is guarded on: each call's new seed recompiles until torch's limit, then the frame
+# runs eagerly. So while tracing the seed stays a tensor: ``seed_for`` makes the op's ``[seed, 0]`` from the same
+# randint draw (the same value, the generator advanced as in eager) by tensor ops, and ``reparameterize_shard``
+# treats a CPU seed tensor as it does a device one (NOTE: [Graph-safe seed]). Its unsharded draw mixes the seed
+# where B * Z is off a counter boundary (NOTE: [Sharded draws]); a Python test of B * Z % k would guard on the
+# batch size (a recompile when B * Z % k changes, a violated constraint for torch.export), so while tracing
+# the mixed or the plain seed is chosen by tensor ops (``_mix_seed_where``). Same z as eager for the same seed;
+# eager calls never take these paths.
+def _traced_host_seed(generator: Optional[torch.Generator]) -> torch.Tensor:
+    """``seed_for``'s host seed ``[seed, 0]`` with no host read (NOTE: [Seeds under torch.compile])."""
+    device = generator.device if generator is not None else "cpu"
+    s = torch.randint(0, _SEED_BOUND, (1,), dtype=torch.int64, device=device, generator=generator)
+    return torch.cat([s, torch.zeros_like(s)])
+
+
 def seed_for(device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """The op's int64 ``[2]`` seed tensor ``(seed, 0)``, seed in [0, 2**62), for a draw on ``device``.
 
@@ -182,6 +202,8 @@ def seed_for(device, generator: Optional[torch.Generator] = None) -> torch.Tenso
     """
     device = torch.device(device)
     if seed_source(device, generator, device.type == "cuda" and _capturing()) == "host":
+        if torch.compiler.is_compiling():
+            return _traced_host_seed(generator)
         return _seed_tensor(draw_seed(generator))
     gen_device = generator.device if generator is not None else device
     seed = torch.randint(0, _SEED_BOUND, (2,), dtype=torch.int64, device=gen_device, generator=generator)
@@ -247,20 +269,20 @@ def _lean(mu, logvar, samples: int, generator) -> Optional["_LeanDraw"]:
         return None
     if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != "cpu"):
         return None
+    # Before the key: under torch.compile, hashing the shapes into it would specialize them to constants
+    # (a recompile per batch size, an error under mark_dynamic); the registered op runs there.
+    if not eager_ok(mu, logvar):
+        return None
     train = torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)
     k = (samples, train, mu.dtype, mu.shape, mu.requires_grad, mu.is_contiguous(), logvar.dtype, logvar.shape,
          logvar.requires_grad, logvar.is_contiguous(), logvar.device)
     lean = _LEAN.get(k)
     if lean is None:
-        if not eager_ok(mu, logvar):
-            return None
         _plan(mu, logvar, samples, _seed_tensor(0))  # the op's checks, once per key
         ok = (mu.dtype in (torch.float32, torch.float64) and logvar.dtype == mu.dtype and logvar.is_cpu
               and mu.shape == logvar.shape and mu.numel() > 0)
         lean = remember(_LEAN, k, _LeanDraw(mu, logvar, samples, train) if ok else False, _LEAN_MAX)
-    if lean is False or not eager_ok(mu, logvar):
-        return None
-    return lean
+    return lean or None
 
 
 class _LeanDraw:
@@ -357,6 +379,15 @@ def _mix_seed(seed: torch.Tensor, row0: int) -> torch.Tensor:
     return torch.cat([s, torch.zeros_like(s)])
 
 
+def _mix_seed_where(seed: torch.Tensor, misaligned) -> torch.Tensor:
+    """The op's ``[seed, 0]`` of an unsharded draw: ``_mix_seed(seed, 0)``'s where ``misaligned`` (an int, or
+    a symbolic one under torch.compile) is nonzero, else ``seed``'s own, chosen by tensor ops (no guard on
+    ``misaligned``)."""
+    m = torch.full((1,), misaligned, dtype=torch.int64, device=seed.device)
+    s = torch.where(m != 0, _mix_seed(seed, 0)[:1], seed[:1])
+    return torch.cat([s, torch.zeros_like(s)])
+
+
 def reparameterize_shard(mu: torch.Tensor, logvar: torch.Tensor, samples: int, seed,
                          shard: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """``[samples, B, Z]`` z for ``mu, logvar [B, Z]`` from ``seed``; with ``shard = (row0, rows)`` the
@@ -370,7 +401,13 @@ def reparameterize_shard(mu: torch.Tensor, logvar: torch.Tensor, samples: int, s
     k = _gate.NORMALS_PER_COUNTER
     on_device = isinstance(seed, torch.Tensor) and seed.device.type != "cpu"
     if isinstance(seed, torch.Tensor) and not on_device:
-        seed = int(seed[0])
+        if torch.compiler.is_compiling():  # kept a tensor: NOTE: [Seeds under torch.compile]
+            on_device = True
+        else:
+            seed = int(seed[0])
+    if shard is None and on_device and torch.compiler.is_compiling():
+        # the seed mixed as below, chosen by tensor ops (NOTE: [Seeds under torch.compile])
+        return call(_OP, mu, logvar, samples, _mix_seed_where(seed, (B * Z) % k))
     if (row0 * Z) % k or (rows * Z) % k:
         if on_device:
             seed = _mix_seed(seed, row0)
