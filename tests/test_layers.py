@@ -208,7 +208,7 @@ def test_checker_finds_each_fault(tmp_path):
     assert upward(edges, layers) == ["pkg.low (low) imports pkg.high (high)"]
 
 
-def test_public_submodules_reachable_from_a_bare_import():
+def test_public_submodules_reachable_from_a_bare_import(tmp_path):
     # ``import pyvae; pyvae.nn.FusedLinear(...)`` is how the docs spell the modules; before, every submodule
     # but the op library raised AttributeError until imported by name. The bare import must stay cheap:
     # it loads none of them (checked in a fresh interpreter, where nothing else has imported them).
@@ -230,5 +230,6 @@ def test_public_submodules_reachable_from_a_bare_import():
             "else:\n"
             "    raise AssertionError('no AttributeError')\n"
             "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # (run outside the checkout: there the source tree's pyvae/, with no compiled _C, would shadow the install)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
