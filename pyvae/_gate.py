@@ -51,7 +51,7 @@ CUDA_KERNEL_DTYPES = (None if _C.cuda_kernel_dtypes is None else
 # PYVAE_CPU_ARCH picks the CPU kernel build when _C loads (csrc/cpu/dispatch.cpp), capped at what the
 # processor runs. A name no build has (a typo: "avx-512", "AVX2") was silently the best build, so a run
 # meant to measure avx2 kernels measured avx512 ones: refused here, as PYVAE_TUNE and PYVAE_CPU_GEMM are.
-CPU_ARCH_NAMES = ("avx512", "avx2", "base")
+CPU_ARCH_NAMES = ("avx512", "avx2", "base")  # the builds of kTables in csrc/cpu/dispatch.cpp
 _ARCH_ENV = os.environ.get("PYVAE_CPU_ARCH")
 if _ARCH_ENV and _ARCH_ENV not in CPU_ARCH_NAMES:  # (empty: unset, as for the C++ side)
     raise ValueError(f"PYVAE_CPU_ARCH must be one of {', '.join(CPU_ARCH_NAMES)} (or unset: the best this CPU "

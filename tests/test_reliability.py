@@ -279,3 +279,14 @@ def test_cpu_arch_env_var_is_validated(tmp_path):
     best = pyvae._gate.cpu_archs()[0]
     assert run("").stdout.strip() == best
     assert run("base").stdout.strip() == "base"
+
+
+def test_cpu_arch_names_are_the_compiled_tables():
+    # The import check above names the builds by hand; a build added to csrc/cpu/dispatch.cpp and not here
+    # would be refused by name.
+    import re
+    from pathlib import Path
+
+    src = (Path(__file__).resolve().parents[1] / "csrc" / "cpu" / "dispatch.cpp").read_text()
+    multi = re.search(r"const KernelTable kTables\[\] = \{([^}]*)\};", src).group(1)
+    assert tuple(re.findall(r"PYVAE_TABLE\((\w+)\)", multi)) == pyvae._gate.CPU_ARCH_NAMES

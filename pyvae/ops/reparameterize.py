@@ -147,8 +147,13 @@ def draw_seed(generator: Optional[torch.Generator] = None) -> int:
     """One Philox seed in [0, 2**62) drawn from ``generator`` (default: torch's global CPU generator), read
     on the host. For a draw on a GPU, ``seed_for`` keeps the seed on the device (NOTE: [Graph-safe seed])."""
     _check_generator(generator)
+    return int(_host_draw(generator).item())
+
+
+def _host_draw(generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The ``[1]`` int64 tensor ``draw_seed`` reads (on the generator's device; torch's CPU one by default)."""
     device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, _SEED_BOUND, (1,), dtype=torch.int64, device=device, generator=generator).item())
+    return torch.randint(0, _SEED_BOUND, (1,), dtype=torch.int64, device=device, generator=generator)
 
 
 def _seed_tensor(seed: int, offset: int = 0) -> torch.Tensor:
@@ -188,8 +193,7 @@ def seed_source(device: torch.device, generator: Optional[torch.Generator], capt
 # eager calls never take these paths.
 def _traced_host_seed(generator: Optional[torch.Generator]) -> torch.Tensor:
     """``seed_for``'s host seed ``[seed, 0]`` with no host read (NOTE: [Seeds under torch.compile])."""
-    device = generator.device if generator is not None else "cpu"
-    s = torch.randint(0, _SEED_BOUND, (1,), dtype=torch.int64, device=device, generator=generator)
+    s = _host_draw(generator)
     return torch.cat([s, torch.zeros_like(s)])
 
 
