@@ -105,6 +105,41 @@ def test_extreme_inputs(device, dtype):
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in got)
 
 
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_infinite_logits_give_the_limits(device, dtype):
+    """Logits of +-inf in the fused ELBO (NOTE: [Infinite inputs] in csrc/ops/bernoulli.h): where x sits at
+    the end the logit points to, the term's limit is 0, so the ELBO equals the oracle's at logits of +-1e4
+    (whose terms are 0 in float64), gradients included; anywhere else the row's ELBO is -inf."""
+    g = torch.Generator().manual_seed(0)
+    D = 37  # a row through the SIMD body and its tail
+    x = (torch.rand(2, D, generator=g) < 0.5).double()
+    logits = torch.randn(2, D, generator=g, dtype=torch.float64) * 3
+    ends = torch.rand(2, D, generator=g) < 0.4  # these take x's end: +inf where x = 1, -inf where x = 0
+    logits_inf = torch.where(ends, torch.where(x == 1, math.inf, -math.inf), logits)
+    logits_big = torch.where(ends, torch.where(x == 1, 1e4, -1e4), logits)
+    mu, logvar = torch.randn(2, 5, generator=g, dtype=torch.float64), torch.randn(2, 5, generator=g, dtype=torch.float64)
+    inputs = [t.to(dtype=dtype, device=device).requires_grad_() for t in (logits_inf, x, mu, logvar)]
+    out = pyvae.bernoulli_elbo(*inputs)
+    g_l, g_mu, g_lv = torch.autograd.grad(out.sum(), [inputs[0], inputs[2], inputs[3]])
+    big = [t.clone().requires_grad_() for t in (logits_big, x, mu, logvar)]
+    want = oracle(*big)
+    w_l, w_mu, w_lv = torch.autograd.grad(want.sum(), [big[0], big[2], big[3]])
+    assert torch.isfinite(out).all()
+    assert_close(out, want, dtype)
+    for a, b in ((g_l, w_l), (g_mu, w_mu), (g_lv, w_lv)):
+        assert_close(a, b, dtype)
+    # one logit at the wrong end (+inf against x = 0): that row's ELBO is -inf, its logit gradient -1
+    wrong = inputs[0].detach().clone()
+    wrong[1, 3] = math.inf
+    x_wrong = inputs[1].detach().clone()
+    x_wrong[1, 3] = 0.0
+    wrong.requires_grad_()
+    out = pyvae.bernoulli_elbo(wrong, x_wrong, inputs[2].detach(), inputs[3].detach())
+    assert torch.isfinite(out[0]) and out[1].item() == -math.inf
+    (gw,) = torch.autograd.grad(out.sum(), wrong)
+    assert gw[1, 3].item() == -1.0 and torch.isfinite(gw).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_builds_agree(dtype):
     inputs = _inputs(((3, 4, 784), (4, 784), (4, 20)), dtype)

@@ -8,7 +8,7 @@ from torch.distributions import Bernoulli, Independent
 import pyvae
 from pyvae import reference
 from conftest import (LOGITS_X_BROADCASTS, DEVICES, DEVICE_DTYPES, HALF_DTYPES, PATHS, SHAPES, assert_archs_agree, assert_close,
-                      assert_double_backward_raises, check_op, grads, make, op_path, per_arch, ref)
+                      assert_double_backward_raises, check_op, check_path, grads, make, op_path, per_arch, ref)
 
 
 def oracle(logits, x):
@@ -88,6 +88,33 @@ def test_extreme_logits(device, dtype):
     row = logits.repeat(1, reps).requires_grad_()
     out, _, (g, _), _ = check_op(pyvae.bernoulli_log_prob, oracle, [row, x.repeat(1, reps)], dtype)
     assert torch.isfinite(out).all() and torch.isfinite(g).all()
+
+
+# (logit, x, log Bern(x | sigmoid(logit)), x - sigmoid(logit)): the limits at infinite logits
+INFINITE = [(math.inf, 1.0, 0.0, 0.0), (math.inf, 0.0, -math.inf, -1.0), (math.inf, 0.5, -math.inf, -0.5),
+            (-math.inf, 0.0, 0.0, 0.0), (-math.inf, 1.0, -math.inf, 1.0), (-math.inf, 0.5, -math.inf, 0.5)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_infinite_logits_give_the_limits(device, dtype, path):
+    """Logits of +-inf (float16 logits past 65504, a diverging model's): the density's limit, 0 where x
+    sits at the end the logit points to and -inf elsewhere, not the NaN of inf - inf or 0 * inf
+    (NOTE: [Infinite inputs] in csrc/ops/bernoulli.h)."""
+    for l, xv, want, want_g in INFINITE:
+        for d in (1, 37):  # one element (the loop's tail), and a row through the SIMD body
+            logits = torch.full((2, d), l, dtype=dtype, device=device, requires_grad=True)
+            x = torch.full((2, d), xv, dtype=dtype, device=device)
+            with op_path(path):
+                out = pyvae.bernoulli_log_prob(logits, x)
+            check_path(out, path)
+            (g,) = torch.autograd.grad(out.sum(), logits)
+            assert torch.equal(out, torch.full_like(out, want)), (l, xv, d, out)
+            assert torch.equal(g, torch.full_like(g, want_g)), (l, xv, d, g)
+    # a NaN still gives NaN, beside an infinite logit of the same row
+    out = pyvae.bernoulli_log_prob(torch.tensor([[math.inf, math.nan]], dtype=dtype, device=device),
+                                   torch.tensor([[1.0, 1.0]], dtype=dtype, device=device))
+    assert torch.isnan(out).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

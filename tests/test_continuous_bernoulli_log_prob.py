@@ -233,6 +233,28 @@ def test_extreme_logits_and_x_at_the_ends(device, dtype):
     assert torch.isfinite(out).all() and torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_infinite_logits_give_the_limits(device, dtype, path):
+    """Logits of +-inf: the density concentrates at x = 1 (+inf) or x = 0 (-inf), so log p is +inf at
+    that end and -inf at every other x, and d/dl = x - E[x] tends to x - 1 or x (NOTE: [Infinite inputs]
+    in csrc/ops/bernoulli.h); not NaN."""
+    inf = math.inf
+    cases = [(inf, 1.0, inf, 0.0), (inf, 0.0, -inf, -1.0), (inf, 0.5, -inf, -0.5),
+             (-inf, 0.0, inf, 0.0), (-inf, 1.0, -inf, 1.0), (-inf, 0.5, -inf, 0.5)]
+    for l, xv, want, want_g in cases:
+        for d in (1, 37):  # the loop's tail, and a row through the SIMD body
+            logits = torch.full((2, d), l, dtype=dtype, device=device, requires_grad=True)
+            with op_path(path):
+                out = pyvae.continuous_bernoulli_log_prob(logits, torch.full((2, d), xv, dtype=dtype, device=device))
+            (g,) = torch.autograd.grad(out.sum(), logits)
+            assert torch.equal(out, torch.full_like(out, want)), (l, xv, d, out)
+            assert torch.equal(g, torch.full_like(g, want_g)), (l, xv, d, g)
+    out = pyvae.continuous_bernoulli_log_prob(torch.tensor([[inf, math.nan]], dtype=dtype, device=device),
+                                              torch.tensor([[1.0, 1.0]], dtype=dtype, device=device))
+    assert torch.isnan(out).all()
+
+
 def _check_accuracy(dtype, logits, want_fn, ulps):
     """The kernel's value and gradient per element (D = 1) at float64 ``logits`` (representable in
     ``dtype``) against ``want_fn(x) = (log p(x | logits), x - E[x])`` in float64, known to better than

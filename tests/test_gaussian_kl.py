@@ -105,6 +105,30 @@ def test_extreme_logvar(device, dtype):
     check_op(pyvae.gaussian_kl, oracle, inputs[:2], dtype)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_infinite_logvar_gives_infinite_kl(device, dtype, path):
+    """logvar = +inf (an overflowed variance): KL = +inf, the limit of e^lv - lv, not the NaN of inf - inf
+    (NOTE: [Infinite inputs] in csrc/ops/bernoulli.h), against N(0, I) and a finite prior; mu's gradient
+    stays mu / prior variance. logvar = -inf was already +inf."""
+    for d in (1, 37):  # the loop's tail, and a row through the SIMD body
+        mu = torch.linspace(-1, 1, 2 * d, dtype=dtype, device=device).view(2, d).requires_grad_()
+        lv = torch.full((2, d), math.inf, dtype=dtype, device=device, requires_grad=True)
+        pm = torch.full((d,), 0.5, dtype=dtype, device=device)
+        plv = torch.full((2, d), 2.0, dtype=dtype, device=device)
+        for prior in ((), (pm, plv)):
+            with op_path(path):
+                out = pyvae.gaussian_kl(mu, lv, *prior)
+            assert torch.equal(out, torch.full_like(out, math.inf)), (d, prior, out)
+            g_mu, g_lv = torch.autograd.grad(out.sum(), [mu, lv])
+            want_mu = mu.detach() if not prior else (mu.detach() - pm) * math.exp(-2.0)
+            assert_close(g_mu, want_mu, dtype)
+            assert torch.equal(g_lv, torch.full_like(g_lv, math.inf))
+    out = pyvae.gaussian_kl(torch.zeros(1, 2, dtype=dtype, device=device),
+                            torch.tensor([[math.inf, math.nan]], dtype=dtype, device=device))
+    assert torch.isnan(out).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_exp_accuracy_over_full_range(dtype):
     """The kernels' polynomial exp, through KL terms, over log-variances of [-87, 87] (float32 range)."""

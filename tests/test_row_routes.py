@@ -2,6 +2,7 @@
 runs, torch's route computes the op to rounding (extreme inputs included) and raises pyvae's errors,
 large calls and ``fused_only`` always run the kernel, and PYVAE_TUNE=off measures nothing."""
 import importlib
+import math
 
 import pytest
 import torch
@@ -72,6 +73,36 @@ def test_torch_route_computes_the_op(tuning, monkeypatch, dtype, case):
     torch.testing.assert_close(o_t, o_p, **TOL[dtype])
     for a, b in zip(g_t, g_p):
         torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["bernoulli", "kl"])
+def test_both_routes_give_the_limits_at_infinite_inputs(tuning, monkeypatch, dtype, case):
+    """Where torch's formulas give NaN at an infinite input whose limit exists (logits of +-inf; logvar =
+    +inf), the torch route hands the call to the kernel, so both routes give the limit (NOTE: [Infinite
+    inputs] in csrc/ops/bernoulli.h): routes differ in speed, never in results."""
+    inf = math.inf
+    if case == "bernoulli":
+        fn, args = pyvae.bernoulli_log_prob, [torch.tensor([[inf, 2.0], [-inf, 1.0], [inf, 0.0]], dtype=dtype),
+                                              torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 1.0]], dtype=dtype)]
+        want = [reference.bernoulli_log_prob(torch.tensor([[2.0]]), torch.tensor([[1.0]])).item(),
+                reference.bernoulli_log_prob(torch.tensor([[1.0]]), torch.tensor([[0.0]])).item(), -inf]
+    else:
+        fn, args = pyvae.gaussian_kl, [torch.tensor([[0.5, 1.0], [0.0, 0.0]], dtype=dtype),
+                                       torch.tensor([[inf, 0.0], [-inf, 0.0]], dtype=dtype)]
+        want = [inf, inf]
+    assert torch.isnan(reference.__dict__[fn.__name__](*args)).any()  # what torch's ops alone give
+    for winner in ("torch", "pyvae"):
+        forget_routes()
+        _tune.reset_for_tests()
+        monkeypatch.setenv("PYVAE_CACHE_DIR", str(tuning / winner))
+        calls = _winner(monkeypatch, winner)
+        out = fn(*[a.clone().requires_grad_() for a in args])
+        assert calls == [["pyvae", "torch"]], calls
+        torch.testing.assert_close(out.detach(), torch.tensor(want, dtype=dtype), rtol=1e-6, atol=0)
+        # the same call finite runs the winner (torch's ops on the torch route)
+        out = fn(*[torch.ones_like(a).requires_grad_() for a in args])
+        assert _kernel_ran(out) == (winner == "pyvae")
 
 
 def test_torch_route_raises_pyvae_errors(tuning, monkeypatch):

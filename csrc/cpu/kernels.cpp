@@ -133,8 +133,10 @@ void bool_switch2(bool a, bool b, const F& f) {
 // ---------------------------------------------------------- Bernoulli and continuous Bernoulli
 // Both take (logits a, x b) per row; TERM(l, x) is the per-element log-density and GRAD(l, x, g) its
 // gradient {l, x} scaled by g, from csrc/ops (bernoulli.h, continuous_bernoulli.h).
-template <typename T, typename Term>
-void logits_x_fwd(const RowwiseParams& p, const Term& term) {
+// ``limits``: the same term exact at infinite logits, for a row whose sum is NaN (NOTE: [Infinite inputs]
+// in csrc/ops/bernoulli.h).
+template <typename T, typename Term, typename Limits>
+void logits_x_fwd(const RowwiseParams& p, const Term& term, const Limits& limits) {
   const int64_t D = p.cols;
   T* out = static_cast<T*>(p.out);
   parallel_rows(p.rows, D, [&](int64_t r) {
@@ -143,6 +145,11 @@ void logits_x_fwd(const RowwiseParams& p, const Term& term) {
     T acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (int64_t c = 0; c < D; ++c) acc += term(l[c], x[c]);
+    if (acc != acc) {
+      acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < D; ++c) acc += limits(l[c], x[c]);
+    }
     out[r] = acc;
   });
 }
@@ -172,7 +179,8 @@ void logits_x_bwd(const RowwiseParams& p, const Grad& grad) {
 
 template <typename T>
 void bernoulli_log_prob_fwd_t(const RowwiseParams& p) {
-  logits_x_fwd<T>(p, [](T l, T x) { return ops::bernoulli_log_prob(l, x); });
+  logits_x_fwd<T>(p, [](T l, T x) { return ops::bernoulli_log_prob(l, x); },
+                  [](T l, T x) { return ops::bernoulli_log_prob_limits(l, x); });
 }
 
 template <typename T>
@@ -182,7 +190,8 @@ void bernoulli_log_prob_bwd_t(const RowwiseParams& p) {
 
 template <typename T>
 void continuous_bernoulli_log_prob_fwd_t(const RowwiseParams& p) {
-  logits_x_fwd<T>(p, [](T l, T x) { return ops::continuous_bernoulli_log_prob(l, x); });
+  logits_x_fwd<T>(p, [](T l, T x) { return ops::continuous_bernoulli_log_prob(l, x); },
+                  [](T l, T x) { return ops::continuous_bernoulli_log_prob_limits(l, x); });
 }
 
 template <typename T>
@@ -397,6 +406,10 @@ void bernoulli_elbo_fwd_t(const RowwiseParams& p) {
         } else {
 #pragma omp simd reduction(+ : acc)
           for (int64_t c = 0; c < D; ++c) acc += ops::bernoulli_log_prob(load_as<T>(l[c]), x[c]);
+        }
+        if (acc != acc) {  // an infinite logit, or a NaN: NOTE: [Infinite inputs] in csrc/ops/bernoulli.h
+          acc = 0;
+          for (int64_t c = 0; c < D; ++c) acc += ops::bernoulli_log_prob_limits(load_as<T>(l[c]), x[c]);
         }
         recon += acc;
       }

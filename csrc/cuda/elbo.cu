@@ -137,8 +137,8 @@ __global__ void __launch_bounds__(kThreads) rowwise_fwd_kernel(const RowwisePara
       if constexpr (operands<OP>() >= 4) load_vec<N>(d, u, vd);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        if (OP == Fwd::kBernoulli) acc += ops::bernoulli_log_prob(va[k], vb[k]);
-        if (OP == Fwd::kContinuousBernoulli) acc += ops::continuous_bernoulli_log_prob(va[k], vb[k]);
+        if (OP == Fwd::kBernoulli) acc += ops::bernoulli_log_prob_limits(va[k], vb[k]);
+        if (OP == Fwd::kContinuousBernoulli) acc += ops::continuous_bernoulli_log_prob_limits(va[k], vb[k]);
         if (OP == Fwd::kKLStd) acc += ops::kl_std_normal(va[k], vb[k]);
         if (OP == Fwd::kKL) acc += ops::kl_normal(va[k], vb[k], vc[k], vd[k]);
         if (OP == Fwd::kGaussian) acc += ops::gaussian_log_prob(va[k], vb[k], vc[k]);
@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kThreads) elbo_fwd_kernel(const RowwiseParams 
         load_vec<N>(l, u, vl);
         load_vec<N>(x, u, vx);
 #pragma unroll
-        for (int k = 0; k < N; ++k) recon += ops::bernoulli_log_prob(vl[k], vx[k]);
+        for (int k = 0; k < N; ++k) recon += ops::bernoulli_log_prob_limits(vl[k], vx[k]);
       }
     }
     const T* __restrict__ mu = row_of<T>(p.c, r, Z);

@@ -15,6 +15,7 @@
 #pragma once
 
 #include "common/hd.h"
+#include "ops/bernoulli.h"
 #include "ops/fastmath.h"
 
 namespace pyvae {
@@ -35,6 +36,9 @@ namespace ops {
 // x l - max(l, 0) ~ -|l|/2 nearly cancels the positive terms (by up to ~12x at |l| = 1), so the error
 // is a few ulps of |l|, not of the result; so is any row sum of such terms.
 // Both regimes are computed and one is selected, so the loop stays branch-free and vectorizes.
+// At l = +-inf (NOTE: [Infinite inputs] in bernoulli.h) the density concentrates at x = 1 (+inf) or
+// x = 0 (-inf): log p is +inf there (log a wins over a Bernoulli term of 0) and -inf at any other x (the
+// linear term wins over log a); the gradient's limit, x - 1 or x, needs nothing extra.
 
 // G(h) / u and K(h) / h as polynomials in u = h^2, Horner from the highest term (Taylor, above).
 PYVAE_HD PYVAE_FORCEINLINE float cb_log_sinhc_over_u(float u) {
@@ -88,16 +92,31 @@ PYVAE_HD PYVAE_FORCEINLINE double cb_langevin_over_h(double u) {
 }
 
 // log CB(x | sigmoid(l)) = (x - 1/2) l - log(sinh(l/2) / (l/2)); see
-// NOTE: [Continuous Bernoulli in two regimes]. x in [0, 1] (0 and 1 included); finite for finite l.
-template <typename T>
-PYVAE_HD PYVAE_FORCEINLINE T continuous_bernoulli_log_prob(T l, T x) {
+// NOTE: [Continuous Bernoulli in two regimes]. x in [0, 1] (0 and 1 included); finite for finite l,
+// NaN at l = +-inf, where ``kLimits`` gives the limit (NOTE: [Infinite inputs] in bernoulli.h).
+template <bool kLimits, typename T>
+PYVAE_HD PYVAE_FORCEINLINE T cb_log_prob(T l, T x) {
   const T a = math::abs_(l);
   const T h = T(0.5) * l;
   const T u = h * h;
   const T small = (x - T(0.5)) * l - u * cb_log_sinhc_over_u(u);
   const T t = math::exp(-a);
-  const T large = (x * l - math::relu_(l)) + (math::log_positive(a) + math::log1p_unit(t / (T(1) - t)));
-  return a < T(1) ? small : large;  // NaN: the comparison fails and NaN comes from `large`
+  const T lin = kLimits ? bernoulli_linear_limits(l, x) : bernoulli_linear(l, x);
+  const T large = lin + (math::log_positive(a) + math::log1p_unit(t / (T(1) - t)));
+  if (!kLimits) return a < T(1) ? small : large;  // NaN: the comparison fails and NaN comes from `large`
+  // |l| = inf: +inf where the Bernoulli term is 0, else that term (-inf; NaN from x stays NaN)
+  const T limit = lin == T(0) ? a : lin;
+  return a < T(1) ? small : (a == math::inf_<T>() ? limit : large);  // NaN: both comparisons fail -> `large`
+}
+
+template <typename T>
+PYVAE_HD PYVAE_FORCEINLINE T continuous_bernoulli_log_prob(T l, T x) {
+  return cb_log_prob<false>(l, x);
+}
+
+template <typename T>
+PYVAE_HD PYVAE_FORCEINLINE T continuous_bernoulli_log_prob_limits(T l, T x) {
+  return cb_log_prob<true>(l, x);
 }
 
 template <typename T>

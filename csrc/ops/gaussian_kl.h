@@ -10,7 +10,9 @@ namespace ops {
 // KL(N(mu, e^lv) || N(0, 1)) = 0.5 * (mu^2 + e^lv - 1 - lv)
 template <typename T>
 PYVAE_HD PYVAE_FORCEINLINE T kl_std_normal(T mu, T lv) {
-  return T(0.5) * (mu * mu + math::exp(lv) - T(1) - lv);
+  // lv = +inf: exp(lv) - lv is inf - inf; its limit is +inf (NOTE: [Infinite inputs] in bernoulli.h)
+  const T lin = lv == math::inf_<T>() ? T(0) : lv;
+  return T(0.5) * (mu * mu + math::exp(lv) - T(1) - lin);
 }
 
 template <typename T>
@@ -31,7 +33,8 @@ PYVAE_HD PYVAE_FORCEINLINE KLStdGrad<T> kl_std_normal_grad(T mu, T lv, T g) {
 template <typename T>
 PYVAE_HD PYVAE_FORCEINLINE T kl_normal(T mu, T lv, T pm, T plv) {
   const T d = mu - pm;
-  return T(0.5) * (plv - lv + math::exp(lv - plv) + d * d * math::exp(-plv) - T(1));
+  const T lin = lv == math::inf_<T>() ? T(0) : lv;  // lv = +inf, finite plv: +inf, as kl_std_normal
+  return T(0.5) * (plv - lin + math::exp(lv - plv) + d * d * math::exp(-plv) - T(1));
 }
 
 template <typename T>

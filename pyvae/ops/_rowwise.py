@@ -254,6 +254,15 @@ def _routed(name: str, direct, ref, n_tensors: int, validate, fill):
     routing; ``validate(*args)`` (pyvae's checks) runs on the first call of each key. The lean path takes
     only calls whose tensors go to the kernel as given (``fill`` completes none of them)."""
 
+    def torch_route(*args):
+        # NOTE: [Infinite inputs] in csrc/ops/bernoulli.h: torch's formulas give NaN at some infinite inputs
+        # whose limit the kernel gives (logits of +-inf, logvar = +inf); a NaN in the (reduced, small)
+        # result sends the call to the kernel, so both routes give the same value.
+        out = ref(*args)
+        if torch.isnan(out).any():
+            return direct(*args)
+        return out
+
     def run(*args):
         a = args[0]
         if not isinstance(a, torch.Tensor) or not a.is_cpu or a.dtype not in _PLAN_FAST:
@@ -285,7 +294,7 @@ def _routed(name: str, direct, ref, n_tensors: int, validate, fill):
                     r = _tune.lookup(key) if _tune.enabled() else "pyvae"
                 if r is None:
                     try:
-                        r = _measure_row_route(name, key, kernel, ref, args, n_tensors, train)
+                        r = _measure_row_route(name, key, kernel, torch_route, args, n_tensors, train)
                     except Exception:  # a candidate that cannot run these inputs: the kernel, which checked them
                         r = "pyvae"
                 _tune.note(key, r)
@@ -293,7 +302,7 @@ def _routed(name: str, direct, ref, n_tensors: int, validate, fill):
                 r = lean
             remember(_ROW_ROUTES, k, r, _KEYS_MAX)
         if r == "torch":
-            return ref(*args)
+            return torch_route(*args)
         if r == "pyvae":
             return direct(*args)
         return r.run(args, train)

@@ -31,6 +31,7 @@ def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             binary, or in [0, 1] (then minus the summed BCE-with-logits).
 
     Returns:
-        ``[...]`` tensor, the broadcast leading shape. Finite for all finite logits (stable softplus).
+        ``[...]`` tensor, the broadcast leading shape. Finite for all finite logits (stable softplus);
+        at logits of +-inf the limit: 0 where x is 1 (+inf) or 0 (-inf), else -inf.
     """
     return call("bernoulli_log_prob", logits, x)

@@ -38,7 +38,8 @@ def continuous_bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torc
     Returns:
         ``[...]`` tensor, the broadcast leading shape. Finite for all finite logits, accurate near
         ``logits = 0`` (where torch.distributions switches to a Taylor patch) and for large ``|logits|``
-        (where it overflows).
+        (where it overflows). At logits of +-inf the limit: +inf where x is 1 (+inf) or 0 (-inf), else
+        -inf.
     """
     return call("continuous_bernoulli_log_prob", logits, x)
 

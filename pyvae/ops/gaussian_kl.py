@@ -51,6 +51,7 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: Optional[torch
 
     Returns:
         ``[...]`` tensor: the broadcast leading shape. Equal to ``torch.distributions.kl_divergence``
-        of the two ``Independent(Normal(m, exp(lv / 2)), 1)`` distributions.
+        of the two ``Independent(Normal(m, exp(lv / 2)), 1)`` distributions; ``+inf`` at ``logvar = +inf``
+        (a finite prior), where torch's formula gives NaN.
     """
     return call("gaussian_kl", mu, logvar, prior_mu, prior_logvar)
