@@ -82,16 +82,23 @@ def remember(table: dict, key, value, limit: int):
 # than calling the same implementation from a plain autograd.Function (measured at B=1: 82 vs 62
 # us; eager PyTorch's unfused ELBO takes ~61 us). At the paper's batch of 100 that is a visible
 # share of a step, so the public functions call the implementations directly when nothing needs
-# the dispatcher: plain tensors, no torch.compile tracing, no functorch transform, no dispatch or
-# function mode. Otherwise (and always for torch.ops.pyvae.*) the registered op runs. Both paths
-# run the same implementation functions, so they give identical results.
+# the dispatcher: plain tensors, no torch.compile or torch.jit.trace tracing, no functorch transform,
+# no dispatch or function mode. Otherwise (and always for torch.ops.pyvae.*) the registered op runs
+# (a torch.jit.trace graph records it as pyvae::<op>, which runs wherever pyvae is imported). Both
+# paths run the same implementation functions, so they give identical results.
 _EAGER: Dict[str, Callable] = {}
 _Parameter = torch.nn.Parameter
 
 
+def tracing() -> bool:
+    """Whether torch.compile or torch.jit.trace is recording this call: a value read on the host would
+    enter the graph as a constant (NOTE: [Seeds under torch.compile] in reparameterize.py)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def eager_ok(*tensors) -> bool:
     """True when the direct path of NOTE: [Eager fast path] is safe for these inputs."""
-    if torch.compiler.is_compiling():
+    if tracing():
         return False
     for t in tensors:
         # nn.Parameter is a subclass without a __torch_function__ of its own: it takes this path too.

@@ -15,7 +15,7 @@ import torch
 
 from .. import _gate
 from . import _checks as V
-from ._registry import call, eager_ok, first_order_only, register, remember
+from ._registry import call, eager_ok, first_order_only, register, remember, tracing
 from ._rowwise import checked_plan, plan, reduce_grad
 
 __all__ = ["reparameterize", "draw_seed", "seed_for", "reparameterize_shard"]
@@ -190,7 +190,8 @@ def seed_source(device: torch.device, generator: Optional[torch.Generator], capt
 # where B * Z is off a counter boundary (NOTE: [Sharded draws]); a Python test of B * Z % k would guard on the
 # batch size (a recompile when B * Z % k changes, a violated constraint for torch.export), so while tracing
 # the mixed or the plain seed is chosen by tensor ops (``_mix_seed_where``). Same z as eager for the same seed;
-# eager calls never take these paths.
+# eager calls never take these paths. torch.jit.trace (``tracing()``) takes them too: a host seed would be frozen
+# into its graph, every call of the traced module drawing the same eps.
 def _traced_host_seed(generator: Optional[torch.Generator]) -> torch.Tensor:
     """``seed_for``'s host seed ``[seed, 0]`` with no host read (NOTE: [Seeds under torch.compile])."""
     s = _host_draw(generator)
@@ -206,7 +207,7 @@ def seed_for(device, generator: Optional[torch.Generator] = None) -> torch.Tenso
     """
     device = torch.device(device)
     if seed_source(device, generator, device.type == "cuda" and _capturing()) == "host":
-        if torch.compiler.is_compiling():
+        if tracing():
             return _traced_host_seed(generator)
         return _seed_tensor(draw_seed(generator))
     gen_device = generator.device if generator is not None else device
@@ -405,11 +406,11 @@ def reparameterize_shard(mu: torch.Tensor, logvar: torch.Tensor, samples: int, s
     k = _gate.NORMALS_PER_COUNTER
     on_device = isinstance(seed, torch.Tensor) and seed.device.type != "cpu"
     if isinstance(seed, torch.Tensor) and not on_device:
-        if torch.compiler.is_compiling():  # kept a tensor: NOTE: [Seeds under torch.compile]
+        if tracing():  # kept a tensor: NOTE: [Seeds under torch.compile]
             on_device = True
         else:
             seed = int(seed[0])
-    if shard is None and on_device and torch.compiler.is_compiling():
+    if shard is None and on_device and tracing():
         # the seed mixed as below, chosen by tensor ops (NOTE: [Seeds under torch.compile])
         return call(_OP, mu, logvar, samples, _mix_seed_where(seed, (B * Z) % k))
     if (row0 * Z) % k or (rows * Z) % k:
