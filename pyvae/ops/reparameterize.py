@@ -190,8 +190,15 @@ def seed_source(device: torch.device, generator: Optional[torch.Generator], capt
 # where B * Z is off a counter boundary (NOTE: [Sharded draws]); a Python test of B * Z % k would guard on the
 # batch size (a recompile when B * Z % k changes, a violated constraint for torch.export), so while tracing
 # the mixed or the plain seed is chosen by tensor ops (``_mix_seed_where``). Same z as eager for the same seed;
-# eager calls never take these paths. torch.jit.trace (``tracing()``) takes them too: a host seed would be frozen
-# into its graph, every call of the traced module drawing the same eps.
+# eager calls never take these paths. torch.jit.trace takes them too (a host seed would be frozen into its
+# graph, every call of the traced module drawing the same eps), and so does a call under a torch dispatch mode
+# (FakeTensorMode's tensors have no value to read; a real-tensor mode, a FLOP counter, sees the same draw):
+# ``seed_stays_tensor()``.
+def seed_stays_tensor() -> bool:
+    """Whether a CPU draw keeps its seed a tensor (NOTE: [Seeds under torch.compile])."""
+    return tracing() or torch._C._len_torch_dispatch_stack() > 0
+
+
 def _traced_host_seed(generator: Optional[torch.Generator]) -> torch.Tensor:
     """``seed_for``'s host seed ``[seed, 0]`` with no host read (NOTE: [Seeds under torch.compile])."""
     s = _host_draw(generator)
@@ -207,7 +214,7 @@ def seed_for(device, generator: Optional[torch.Generator] = None) -> torch.Tenso
     """
     device = torch.device(device)
     if seed_source(device, generator, device.type == "cuda" and _capturing()) == "host":
-        if tracing():
+        if seed_stays_tensor():
             return _traced_host_seed(generator)
         return _seed_tensor(draw_seed(generator))
     gen_device = generator.device if generator is not None else device
@@ -406,11 +413,11 @@ def reparameterize_shard(mu: torch.Tensor, logvar: torch.Tensor, samples: int, s
     k = _gate.NORMALS_PER_COUNTER
     on_device = isinstance(seed, torch.Tensor) and seed.device.type != "cpu"
     if isinstance(seed, torch.Tensor) and not on_device:
-        if tracing():  # kept a tensor: NOTE: [Seeds under torch.compile]
+        if seed_stays_tensor():  # kept a tensor: NOTE: [Seeds under torch.compile]
             on_device = True
         else:
             seed = int(seed[0])
-    if shard is None and on_device and tracing():
+    if shard is None and on_device and seed_stays_tensor():
         # the seed mixed as below, chosen by tensor ops (NOTE: [Seeds under torch.compile])
         return call(_OP, mu, logvar, samples, _mix_seed_where(seed, (B * Z) % k))
     if (row0 * Z) % k or (rows * Z) % k:

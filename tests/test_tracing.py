@@ -1,7 +1,9 @@
-"""torch.jit.trace through pyvae's ops, layers and VAE: the trace records the registered ops (pyvae::<op>),
-computes what eager computes, survives torch.jit.save/load, and a traced draw takes a fresh seed on every
-call (NOTE: [Eager fast path] in pyvae/ops/_registry.py, NOTE: [Seeds under torch.compile] in
-pyvae/ops/reparameterize.py)."""
+"""pyvae under torch.jit.trace and torch's dispatch modes (torch.compile and torch.export: test_compile.py).
+
+torch.jit.trace records the registered ops (pyvae::<op>), computes what eager computes, survives
+torch.jit.save/load, and a traced draw takes a fresh seed on every call (NOTE: [Eager fast path] in
+pyvae/ops/_registry.py, NOTE: [Seeds under torch.compile] in pyvae/ops/reparameterize.py). Under
+FakeTensorMode a VAE step runs on shapes alone; under a real-tensor mode it draws what eager draws."""
 import io
 import warnings
 
@@ -89,3 +91,29 @@ def test_traced_vae_draws_a_fresh_seed_per_call():
         torch.manual_seed(5)
         torch.testing.assert_close(fn(x), want, rtol=1e-5, atol=1e-3)
     assert traced(x[:7]).shape == (7,)
+
+
+def test_vae_step_runs_under_fake_tensors_and_modes():
+    """FakeTensorMode (shape and memory planning) has no value to read: the draw's seed stays a tensor under
+    any dispatch mode, where it used to be read on the host (DataDependentOutputException). Under a
+    real-tensor mode the draw is eager's for the same torch.manual_seed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = pyvae.VAE(784, 20, 64)
+    x = (torch.rand(8, 784) < 0.5).float()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        elbo, _, kl = model(mode.from_tensor(x))
+        elbo.sum().backward()
+        assert elbo.shape == kl.shape == (8,)
+    torch.manual_seed(3)
+    want = model(x)[0]
+    torch.manual_seed(3)
+    with Passthrough():
+        got = model(x)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
