@@ -546,3 +546,28 @@ def test_backward_workspace_is_bounded_per_thread(monkeypatch):
     assert seen["bufs"] is None  # another thread has its own (empty) workspace
     pyvae.ops.release_workspace()
     assert _la_mod._WORKSPACE.bufs == {}
+
+
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("activation", ["tanh", "identity"])
+def test_flop_counter_counts_the_layers_products(activation, x_grad):
+    """torch.utils.flop_counter counts a FusedLinear as an nn.Linear of the same shape, forward and backward
+    (x's gradient or not), and a pyvae VAE's step its products: it counted 0 for pyvae's ops (NOTE: [FLOP
+    counts] in pyvae/ops/linear_act.py)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 784, requires_grad=x_grad)
+    counts = []
+    for layer in (torch.nn.Linear(784, 50), pyvae.nn.FusedLinear(784, 50, activation)):
+        with FlopCounterMode(display=False) as fwd:
+            y = layer(x)
+        with FlopCounterMode(display=False) as bwd:
+            y.sum().backward()
+        counts.append((fwd.get_total_flops(), bwd.get_total_flops()))
+    assert counts[0] == counts[1] == (2 * 48 * 784 * 50, 2 * 48 * 784 * 50 * (2 if x_grad else 1)), counts
+    model = pyvae.VAE(784, 20, 500)
+    with FlopCounterMode(display=False) as step:
+        model((torch.rand(8, 784) < 0.5).float())[0].sum().backward()
+    products = 2 * 8 * (784 * 500 + 500 * 40 + 20 * 500 + 500 * 784)  # one pass over the four layers' products
+    assert step.get_total_flops() == 3 * products - 2 * 8 * 784 * 500  # backward: no gradient for x

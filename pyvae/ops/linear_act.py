@@ -312,6 +312,36 @@ register(
 )
 
 
+# NOTE: [FLOP counts]
+# torch.utils.flop_counter.FlopCounterMode counts the matrix products of torch's own ops and 0 for a custom op
+# without a formula: a pyvae model counted 0 FLOPs. (Under the mode, a dispatch mode, the layers run the
+# registered ops.) Forward is one [rows, in] x [in, out] product; backward one for each of x's and weight's
+# gradients it computes. Like torch's formula for addmm, the bias and activation count nothing.
+def _shape_rows(x_shape) -> int:
+    n = 1
+    for d in x_shape[:-1]:
+        n *= d
+    return n
+
+
+def _linear_act_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _shape_rows(x_shape) * w_shape[0] * w_shape[1]
+
+
+def _linear_act_backward_flops(grad_shape, x_shape, w_shape, out_like, has_bias, activation, output_mask, *args,
+                               out_shape=None, **kwargs) -> int:
+    return 2 * _shape_rows(x_shape) * w_shape[0] * w_shape[1] * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+try:
+    from torch.utils.flop_counter import register_flop_formula as _register_flop_formula
+except ImportError:  # an older torch: nothing to register with
+    _register_flop_formula = None
+if _register_flop_formula is not None:
+    _register_flop_formula(torch.ops.pyvae.linear_act)(_linear_act_flops)
+    _register_flop_formula(torch.ops.pyvae.linear_act_backward)(_linear_act_backward_flops)
+
+
 def _autocast_cast(t, dtype):
     """What autocast does to one input of a lower-precision op: floating tensors other than float64
     are cast to the autocast dtype; float64 (and None) pass through, as for nn.Linear."""
