@@ -129,6 +129,35 @@ def test_infinite_logvar_gives_infinite_kl(device, dtype, path):
     assert torch.isnan(out).all()
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_tiny_prior_variance(device, dtype, path):
+    """A learned prior's logvar far below -88 (e^-plv overflows float32): finite KL and gradients wherever
+    they are finite; (mu - prior_mu)^2 e^-plv gave 0 * inf = NaN at mu = prior_mu (NOTE: [Tiny variances] in
+    csrc/ops/gaussian_log_prob.h)."""
+    if dtype in HALF_DTYPES:
+        pytest.skip("half types overflow long before")
+    for plv, lv, d in [(-100.0, -100.0, 0.0), (-100.0, -99.0, 0.0), (-95.0, -95.0, 1e-10)]:
+        q = d * d * math.exp(-plv)
+        want = 0.5 * (plv - lv + math.exp(lv - plv) + q - 1.0)
+        want_g = dict(mu=d * math.exp(-plv), lv=0.5 * (math.exp(lv - plv) - 1.0),
+                      plv=0.5 * (1.0 - math.exp(lv - plv) - q))
+        for n in (1, 37):  # the loop's tail, and a row through the SIMD body
+            mu = torch.full((2, n), d, dtype=dtype, device=device, requires_grad=True)
+            logvar = torch.full((2, n), lv, dtype=dtype, device=device, requires_grad=True)
+            pm = torch.zeros(2, n, dtype=dtype, device=device, requires_grad=True)
+            plv_t = torch.full((2, n), plv, dtype=dtype, device=device, requires_grad=True)
+            with op_path(path):
+                out = pyvae.gaussian_kl(mu, logvar, pm, plv_t)
+            g_mu, g_lv, g_pm, g_plv = torch.autograd.grad(out.sum(), [mu, logvar, pm, plv_t])
+            torch.testing.assert_close(out.double(), torch.full((2,), n * want, dtype=torch.float64), rtol=1e-5,
+                                       atol=1e-5)
+            for got, key in ((g_mu, "mu"), (g_lv, "lv"), (g_plv, "plv")):
+                torch.testing.assert_close(got.double(), torch.full((2, n), want_g[key], dtype=torch.float64),
+                                           rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(g_pm, -g_mu)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_exp_accuracy_over_full_range(dtype):
     """The kernels' polynomial exp, through KL terms, over log-variances of [-87, 87] (float32 range)."""

@@ -84,6 +84,39 @@ def test_extreme_logvar(device, dtype):
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in got)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_tiny_variances(device, dtype, path):
+    """logvar far below -88 (a learned variance collapsing onto a constant pixel; e^-lv overflows float32
+    there): finite values and gradients wherever they are finite, where (x - m)^2 e^-lv gave NaN at x = m
+    and -inf at x - m = 1e-3; and the limits at logvar = -inf, +inf at x = m and -inf elsewhere (NOTE:
+    [Tiny variances] in csrc/ops/gaussian_log_prob.h)."""
+    if dtype in HALF_DTYPES:
+        pytest.skip("half types overflow long before")
+    log2pi = math.log(2 * math.pi)
+    cases = [(-89.0, 0.0), (-100.0, 0.0), (-150.0, 0.0), (-1e4, 0.0), (-89.0, 1e-3), (-100.0, 1e-16)]
+    for lv, d in cases:
+        q = d * d * math.exp(-lv) if d else 0.0
+        want, want_glv, want_gm = -0.5 * (log2pi + lv + q), 0.5 * (q - 1.0), (d * math.exp(-lv) if d else 0.0)
+        for n in (1, 37):  # the loop's tail, and a row through the SIMD body
+            x = torch.full((2, n), d, dtype=dtype, device=device, requires_grad=True)
+            mean = torch.zeros(2, n, dtype=dtype, device=device, requires_grad=True)
+            logvar = torch.full((2, n), lv, dtype=dtype, device=device, requires_grad=True)
+            with op_path(path):
+                out = pyvae.gaussian_log_prob(x, mean, logvar)
+            gx, gm, glv = torch.autograd.grad(out.sum(), [x, mean, logvar])
+            torch.testing.assert_close(out.double(), torch.full((2,), n * want, dtype=torch.float64), rtol=1e-5, atol=0)
+            torch.testing.assert_close(glv.double(), torch.full((2, n), want_glv, dtype=torch.float64), rtol=1e-5, atol=0)
+            torch.testing.assert_close(gm.double(), torch.full((2, n), want_gm, dtype=torch.float64), rtol=1e-5, atol=0)
+            torch.testing.assert_close(gx, -gm)
+    for d, want in ((0.0, math.inf), (1e-3, -math.inf), (-2.0, -math.inf)):
+        for n in (1, 37):
+            out = pyvae.gaussian_log_prob(torch.full((1, n), d, dtype=dtype, device=device),
+                                          torch.zeros(1, n, dtype=dtype, device=device),
+                                          torch.full((1, n), -math.inf, dtype=dtype, device=device))
+            assert out.item() == want, (d, n, out)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_math_accuracy_over_logvar_range(dtype):
     """Per element (D = 1), logvar in [-80, 80]: a few ulps of the largest term."""

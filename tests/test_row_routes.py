@@ -76,21 +76,26 @@ def test_torch_route_computes_the_op(tuning, monkeypatch, dtype, case):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", ["bernoulli", "kl"])
+@pytest.mark.parametrize("case", ["bernoulli", "kl", "gaussian"])
 def test_both_routes_give_the_limits_at_infinite_inputs(tuning, monkeypatch, dtype, case):
-    """Where torch's formulas give NaN at an infinite input whose limit exists (logits of +-inf; logvar =
-    +inf), the torch route hands the call to the kernel, so both routes give the limit (NOTE: [Infinite
-    inputs] in csrc/ops/bernoulli.h): routes differ in speed, never in results."""
+    """Where torch's formulas give NaN at an input whose value or limit exists (logits of +-inf; logvar =
+    +inf; x = mean at a logvar whose e^-logvar overflows), the torch route hands the call to the kernel, so
+    both routes give it (NOTE: [Infinite inputs] in csrc/ops/bernoulli.h, NOTE: [Tiny variances] in
+    csrc/ops/gaussian_log_prob.h): routes differ in speed, never in results."""
     inf = math.inf
     if case == "bernoulli":
         fn, args = pyvae.bernoulli_log_prob, [torch.tensor([[inf, 2.0], [-inf, 1.0], [inf, 0.0]], dtype=dtype),
                                               torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 1.0]], dtype=dtype)]
         want = [reference.bernoulli_log_prob(torch.tensor([[2.0]]), torch.tensor([[1.0]])).item(),
                 reference.bernoulli_log_prob(torch.tensor([[1.0]]), torch.tensor([[0.0]])).item(), -inf]
-    else:
+    elif case == "kl":
         fn, args = pyvae.gaussian_kl, [torch.tensor([[0.5, 1.0], [0.0, 0.0]], dtype=dtype),
                                        torch.tensor([[inf, 0.0], [-inf, 0.0]], dtype=dtype)]
         want = [inf, inf]
+    else:
+        fn, args = pyvae.gaussian_log_prob, [torch.zeros(2, 2, dtype=dtype), torch.zeros(2, 2, dtype=dtype),
+                                             torch.tensor([[-800.0, -800.0], [0.0, 0.0]], dtype=dtype)]
+        want = [800.0 - math.log(2 * math.pi), -math.log(2 * math.pi)]
     assert torch.isnan(reference.__dict__[fn.__name__](*args)).any()  # what torch's ops alone give
     for winner in ("torch", "pyvae"):
         forget_routes()

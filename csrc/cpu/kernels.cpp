@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #ifdef _OPENMP
@@ -257,6 +258,11 @@ void gaussian_kl_fwd_t(const RowwiseParams& p) {
       const T* plv = row_of<T>(p.d, r, D);
 #pragma omp simd reduction(+ : acc)
       for (int64_t c = 0; c < D; ++c) acc += ops::kl_normal(mu[c], lv[c], pm[c], plv[c]);
+      if (!(acc < std::numeric_limits<T>::infinity())) {  // NaN or +inf: NOTE: [Tiny variances]
+        acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t c = 0; c < D; ++c) acc += ops::kl_normal_limits(mu[c], lv[c], pm[c], plv[c]);
+      }
     }
     out[r] = acc;
   });
@@ -342,6 +348,11 @@ void gaussian_log_prob_fwd_t(const RowwiseParams& p) {
     T acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (int64_t c = 0; c < D; ++c) acc += ops::gaussian_log_prob(x[c], m[c], lv[c]);
+    if (!(acc > -std::numeric_limits<T>::infinity())) {  // NaN or -inf: NOTE: [Tiny variances] in csrc/ops/gaussian_log_prob.h
+      acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < D; ++c) acc += ops::gaussian_log_prob_limits(x[c], m[c], lv[c]);
+    }
     out[r] = acc;
   });
 }

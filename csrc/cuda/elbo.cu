@@ -140,8 +140,8 @@ __global__ void __launch_bounds__(kThreads) rowwise_fwd_kernel(const RowwisePara
         if (OP == Fwd::kBernoulli) acc += ops::bernoulli_log_prob_limits(va[k], vb[k]);
         if (OP == Fwd::kContinuousBernoulli) acc += ops::continuous_bernoulli_log_prob_limits(va[k], vb[k]);
         if (OP == Fwd::kKLStd) acc += ops::kl_std_normal(va[k], vb[k]);
-        if (OP == Fwd::kKL) acc += ops::kl_normal(va[k], vb[k], vc[k], vd[k]);
-        if (OP == Fwd::kGaussian) acc += ops::gaussian_log_prob(va[k], vb[k], vc[k]);
+        if (OP == Fwd::kKL) acc += ops::kl_normal_limits(va[k], vb[k], vc[k], vd[k]);
+        if (OP == Fwd::kGaussian) acc += ops::gaussian_log_prob_limits(va[k], vb[k], vc[k]);
       }
     }
     const C total = group_sum<G>(acc, mask);

@@ -30,11 +30,25 @@ PYVAE_HD PYVAE_FORCEINLINE KLStdGrad<T> kl_std_normal_grad(T mu, T lv, T g) {
 }
 
 // KL(N(mu, e^lv) || N(pm, e^plv)) = 0.5 * (plv - lv + e^(lv - plv) + (mu - pm)^2 e^-plv - 1)
+// NaN or +inf where e^-plv overflows (plv < -88.7 in float32), where ``_limits`` below gives the value or its
+// limit; the CPU kernels sum a row again with it when its sum is either (NOTE: [Tiny variances] in
+// gaussian_log_prob.h)
 template <typename T>
 PYVAE_HD PYVAE_FORCEINLINE T kl_normal(T mu, T lv, T pm, T plv) {
   const T d = mu - pm;
   const T lin = lv == math::inf_<T>() ? T(0) : lv;  // lv = +inf, finite plv: +inf, as kl_std_normal
   return T(0.5) * (plv - lin + math::exp(lv - plv) + d * d * math::exp(-plv) - T(1));
+}
+
+// (mu - pm)^2 e^-plv as (d e^(-plv/2))^2, 0 at d = 0: finite for a prior variance down to e^-177 in float32
+// and its limit at d = 0 for any (NOTE: [Tiny variances] in gaussian_log_prob.h)
+template <typename T>
+PYVAE_HD PYVAE_FORCEINLINE T kl_normal_limits(T mu, T lv, T pm, T plv) {
+  const T d = mu - pm;
+  const T s = d * math::exp(T(-0.5) * plv);
+  const T q = d == T(0) ? T(0) : s * s;
+  const T lin = lv == math::inf_<T>() ? T(0) : lv;
+  return T(0.5) * (plv - lin + math::exp(lv - plv) + q - T(1));
 }
 
 template <typename T>
@@ -47,13 +61,17 @@ struct KLGrad {
 template <typename T>
 PYVAE_HD PYVAE_FORCEINLINE KLGrad<T> kl_normal_grad(T mu, T lv, T pm, T plv, T g) {
   const T d = mu - pm;
-  const T inv_pv = math::exp(-plv);
+  const T e = math::exp(T(-0.5) * plv);  // d e^-plv as (d e^(-plv/2)) e^(-plv/2), as kl_normal's term
+  const T s = d * e;
+  const bool zero = d == T(0);
+  const T w = zero ? T(0) : s * e;
+  const T q = zero ? T(0) : s * s;
   const T ratio = math::exp(lv - plv);
   KLGrad<T> r;
-  r.mu = g * d * inv_pv;
+  r.mu = g * w;
   r.pm = -r.mu;
   r.lv = g * T(0.5) * (ratio - T(1));
-  r.plv = g * T(0.5) * (T(1) - ratio - d * d * inv_pv);
+  r.plv = g * T(0.5) * (T(1) - ratio - q);
   return r;
 }
 

@@ -33,6 +33,8 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor)
             feature.
 
     Returns:
-        ``[...]`` tensor: the broadcast leading shape.
+        ``[...]`` tensor: the broadcast leading shape. Finite wherever the value is, also for a logvar far
+        below -88 (where ``e^-logvar`` overflows float32: x = mean gives ``-(log 2 pi + logvar) / 2``); at
+        ``logvar = -inf`` the limit, +inf at x = mean and -inf elsewhere.
     """
     return call("gaussian_log_prob", x, mean, logvar)
