@@ -93,10 +93,14 @@ def test_both_routes_give_the_limits_at_infinite_inputs(tuning, monkeypatch, dty
                                        torch.tensor([[inf, 0.0], [-inf, 0.0]], dtype=dtype)]
         want = [inf, inf]
     else:
-        fn, args = pyvae.gaussian_log_prob, [torch.zeros(2, 2, dtype=dtype), torch.zeros(2, 2, dtype=dtype),
-                                             torch.tensor([[-800.0, -800.0], [0.0, 0.0]], dtype=dtype)]
-        want = [800.0 - math.log(2 * math.pi), -math.log(2 * math.pi)]
-    assert torch.isnan(reference.__dict__[fn.__name__](*args)).any()  # what torch's ops alone give
+        # the first row: torch's -inf, not NaN (e^-lv overflows before d^2 scales it down), against a finite value
+        d, lv = (1e-3, -89.0) if dtype == torch.float32 else (1e-160, -710.0)
+        fn, args = pyvae.gaussian_log_prob, [torch.tensor([[0.0, d], [0.0, 0.0]], dtype=dtype),
+                                             torch.zeros(2, 2, dtype=dtype),
+                                             torch.tensor([[0.0, lv], [0.0, 0.0]], dtype=dtype)]
+        quad = math.exp(2 * math.log(float(torch.tensor(d, dtype=dtype))) - lv)
+        want = [-0.5 * (2 * math.log(2 * math.pi) + lv + quad), -math.log(2 * math.pi)]
+    assert not torch.isfinite(reference.__dict__[fn.__name__](*args)).all()  # what torch's ops alone give
     for winner in ("torch", "pyvae"):
         forget_routes()
         _tune.reset_for_tests()

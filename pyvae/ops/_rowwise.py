@@ -255,11 +255,12 @@ def _routed(name: str, direct, ref, n_tensors: int, validate, fill):
     only calls whose tensors go to the kernel as given (``fill`` completes none of them)."""
 
     def torch_route(*args):
-        # NOTE: [Infinite inputs] in csrc/ops/bernoulli.h: torch's formulas give NaN at some infinite inputs
-        # whose limit the kernel gives (logits of +-inf, logvar = +inf); a NaN in the (reduced, small)
-        # result sends the call to the kernel, so both routes give the same value.
+        # NOTE: [Infinite inputs] in csrc/ops/bernoulli.h and NOTE: [Tiny variances] in
+        # csrc/ops/gaussian_log_prob.h: torch's formulas give NaN or an overflow where the kernel gives the
+        # value or its limit (logits of +-inf, logvar = +inf, logvar < -88 in float32); a NaN or inf in the
+        # (reduced, small) result sends the call to the kernel, so both routes give the same value.
         out = ref(*args)
-        if torch.isnan(out).any():
+        if not torch.isfinite(out).all():
             return direct(*args)
         return out
 
