@@ -1,4 +1,5 @@
 """pyvae.bernoulli_elbo (fused SGVB estimator B) against its composition from torch.distributions."""
+import copy
 import importlib
 import math
 
@@ -469,6 +470,33 @@ def test_gradient_into_logits_matches_a_fresh_gradient(case):
                 rtol = 1e-2 if a.dtype == torch.bfloat16 else 4 * torch.finfo(a.dtype).eps
                 torch.testing.assert_close(a, b, rtol=rtol, atol=0)
                 assert not torch.equal(a, torch.zeros_like(a))
+
+
+def test_gradient_into_logits_at_an_infinite_logit():
+    """Written over the logits (pyvae.VAE's default), a row cannot be summed again once its loop has
+    overwritten them: a decoder output of +inf (x = 1 there) gave a wrong, finite ELBO (the exact-limit
+    re-sum read the gradients as logits). The row is probed first: the ELBO and the gradients are those of
+    the fresh-buffer path, and the value is the one at a logit of 1e4, whose term is 0 as the limit's."""
+    torch.manual_seed(0)
+    x = (torch.rand(4, 784) < 0.5).float()
+    x[:, 5] = 1.0
+    base = pyvae.VAE(784, 20, 64)
+    results = {}
+    for into, bias in ((True, math.inf), (False, math.inf), (False, 1e4)):
+        vae = copy.deepcopy(base)
+        with torch.no_grad():
+            vae.dec_logits.bias[5] = bias
+        vae.elbo_into_logits = into
+        torch.manual_seed(1)
+        elbo = vae(x)[0]
+        grads = torch.autograd.grad(elbo.sum(), [vae.dec_logits.weight, vae.encoder[0].weight])
+        results[(into, bias)] = (elbo.detach(), grads)
+    (e_into, g_into), (e_fresh, g_fresh) = results[(True, math.inf)], results[(False, math.inf)]
+    assert torch.isfinite(e_into).all()
+    assert torch.equal(e_into, e_fresh)
+    for a, b in zip(g_into, g_fresh):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(e_into, results[(False, 1e4)][0], rtol=1e-6, atol=1e-4)
 
 
 def test_gradient_into_logits_leaves_a_leaf_alone():

@@ -19,7 +19,7 @@ from torch.distributions import ContinuousBernoulli, Independent
 import pyvae
 from pyvae import reference
 from conftest import (LOGITS_X_BROADCASTS, ARCHS, DEVICES, DEVICE_DTYPES, HALF_DTYPES, PATHS, SHAPES, assert_archs_agree, assert_close,
-                      assert_double_backward_raises, check_op, cpu_arch, grads, make, op_path, per_arch,
+                      assert_double_backward_raises, check_op, check_path, cpu_arch, grads, make, op_path, per_arch,
                       ref)
 
 HEADER = Path(__file__).resolve().parents[1] / "csrc" / "ops" / "continuous_bernoulli.h"
@@ -247,6 +247,7 @@ def test_infinite_logits_give_the_limits(device, dtype, path):
             logits = torch.full((2, d), l, dtype=dtype, device=device, requires_grad=True)
             with op_path(path):
                 out = pyvae.continuous_bernoulli_log_prob(logits, torch.full((2, d), xv, dtype=dtype, device=device))
+            check_path(out, path)
             (g,) = torch.autograd.grad(out.sum(), logits)
             assert torch.equal(out, torch.full_like(out, want)), (l, xv, d, out)
             assert torch.equal(g, torch.full_like(g, want_g)), (l, xv, d, g)

@@ -397,6 +397,11 @@ void bernoulli_elbo_fwd_t(const RowwiseParams& p) {
   T* gmu = static_cast<T*>(p.grad_c);
   T* glv = static_cast<T*>(p.grad_d);
   const T* G = static_cast<const T*>(p.grad_out);
+  // Written over the logits themselves (NOTE: [ELBO gradient into the logits]), a row's logits are gone once
+  // its loop has run, so its sum cannot be taken again with the exact-limit form (NOTE: [Infinite inputs] in
+  // csrc/ops/bernoulli.h) when it comes out NaN: such a row is probed first (l * 0 is NaN exactly where l is
+  // inf or NaN; one multiply-add an element, the row then in L1) and summed with that form when it holds one.
+  const bool aliased = p.grad_a != nullptr && static_cast<const void*>(p.grad_a) == p.a.data;
   bool_switch(p.grad_a != nullptr, [&](auto want_l) {
     auto row = [&](int64_t b) {
       const auto unit = ops::elbo_grad_scales(G ? G[b] : T(1), S);
@@ -408,18 +413,30 @@ void bernoulli_elbo_fwd_t(const RowwiseParams& p) {
         T acc = 0;
         if (want_l) {  // one loop: e^-|l| is computed once for the term and its gradient (the compiler
                        // shares it), and the sum is bit for bit the value-only loop's (tested)
-#pragma omp simd reduction(+ : acc)
-          for (int64_t c = 0; c < D; ++c) {
-            const T lc = load_as<T>(l[c]);
-            acc += ops::bernoulli_log_prob(lc, x[c]);
-            gl[c] = store_as<L>(ops::bernoulli_log_prob_grad(lc, x[c], unit.recon).l);
+          auto fused = [&](auto term) {
+            T sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t c = 0; c < D; ++c) {
+              const T lc = load_as<T>(l[c]);
+              sum += term(lc, x[c]);
+              gl[c] = store_as<L>(ops::bernoulli_log_prob_grad(lc, x[c], unit.recon).l);
+            }
+            return sum;
+          };
+          T probe = 0;
+          if (aliased) {
+#pragma omp simd reduction(+ : probe)
+            for (int64_t c = 0; c < D; ++c) probe += load_as<T>(l[c]) * T(0);
           }
+          acc = probe != probe ? fused([](T lc, T xc) { return ops::bernoulli_log_prob_limits(lc, xc); })
+                               : fused([](T lc, T xc) { return ops::bernoulli_log_prob(lc, xc); });
         } else {
 #pragma omp simd reduction(+ : acc)
           for (int64_t c = 0; c < D; ++c) acc += ops::bernoulli_log_prob(load_as<T>(l[c]), x[c]);
         }
-        if (acc != acc) {  // an infinite logit, or a NaN: NOTE: [Infinite inputs] in csrc/ops/bernoulli.h
+        if (acc != acc && !aliased) {  // an infinite logit, or a NaN: NOTE: [Infinite inputs]
           acc = 0;
+#pragma omp simd reduction(+ : acc)
           for (int64_t c = 0; c < D; ++c) acc += ops::bernoulli_log_prob_limits(load_as<T>(l[c]), x[c]);
         }
         recon += acc;

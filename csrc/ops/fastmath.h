@@ -143,15 +143,15 @@ PYVAE_HD PYVAE_FORCEINLINE float tanh(float x) {
 PYVAE_HD PYVAE_FORCEINLINE double tanh(double x) { return ::tanh(x); }
 
 // ---------------------------------------------------------------------------------------------
-// NOTE: [Stable softplus]
-// softplus(l) = log(1 + e^l) = max(l, 0) + log1p(e^-|l|). With t = e^-|l| in (0, 1] nothing
-// overflows for any finite l, and the same t gives sigmoid(l) = 1/(1+t) (l >= 0) or t/(1+t).
-// +inf of T (the limits of NOTE: [Infinite inputs] are selected with it)
+// +inf of T (the limits of NOTE: [Infinite inputs] in bernoulli.h are selected with it)
 template <typename T>
 PYVAE_HD PYVAE_FORCEINLINE T inf_() {
   return static_cast<T>(INFINITY);
 }
 
+// NOTE: [Stable softplus]
+// softplus(l) = log(1 + e^l) = max(l, 0) + log1p(e^-|l|). With t = e^-|l| in (0, 1] nothing
+// overflows for any finite l, and the same t gives sigmoid(l) = 1/(1+t) (l >= 0) or t/(1+t).
 template <typename T>
 PYVAE_HD PYVAE_FORCEINLINE T abs_(T x) {
   return x < T(0) ? -x : x;  // NaN falls through

@@ -30,18 +30,19 @@ PYVAE_HD PYVAE_FORCEINLINE KLStdGrad<T> kl_std_normal_grad(T mu, T lv, T g) {
 }
 
 // KL(N(mu, e^lv) || N(pm, e^plv)) = 0.5 * (plv - lv + e^(lv - plv) + (mu - pm)^2 e^-plv - 1)
-// NaN or +inf where e^-plv overflows (plv < -88.7 in float32), where ``_limits`` below gives the value or its
-// limit; the CPU kernels sum a row again with it when its sum is either (NOTE: [Tiny variances] in
-// gaussian_log_prob.h)
+// (mu - pm)^2 e^-plv as (d e^(-plv/2))^2, the gradient's form and ``_limits``': d^2 alone loses its precision
+// to underflow (|d| below 1e-19 in float32) where e^-plv makes the product count. NaN where d = 0 and
+// e^(-plv/2) overflows (plv < -177 in float32), where ``_limits`` below gives the value; the CPU kernels
+// sum a row again with it when its sum is NaN or +inf (NOTE: [Tiny variances] in gaussian_log_prob.h)
 template <typename T>
 PYVAE_HD PYVAE_FORCEINLINE T kl_normal(T mu, T lv, T pm, T plv) {
-  const T d = mu - pm;
+  const T s = (mu - pm) * math::exp(T(-0.5) * plv);
   const T lin = lv == math::inf_<T>() ? T(0) : lv;  // lv = +inf, finite plv: +inf, as kl_std_normal
-  return T(0.5) * (plv - lin + math::exp(lv - plv) + d * d * math::exp(-plv) - T(1));
+  return T(0.5) * (plv - lin + math::exp(lv - plv) + s * s - T(1));
 }
 
-// (mu - pm)^2 e^-plv as (d e^(-plv/2))^2, 0 at d = 0: finite for a prior variance down to e^-177 in float32
-// and its limit at d = 0 for any (NOTE: [Tiny variances] in gaussian_log_prob.h)
+// the same, with the quadratic term 0 at d = 0 for any finite plv (NOTE: [Tiny variances] in
+// gaussian_log_prob.h; plv = -inf, a point-mass prior, gives NaN)
 template <typename T>
 PYVAE_HD PYVAE_FORCEINLINE T kl_normal_limits(T mu, T lv, T pm, T plv) {
   const T d = mu - pm;

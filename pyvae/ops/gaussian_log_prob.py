@@ -34,7 +34,8 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor)
 
     Returns:
         ``[...]`` tensor: the broadcast leading shape. Finite wherever the value is, also for a logvar far
-        below -88 (where ``e^-logvar`` overflows float32: x = mean gives ``-(log 2 pi + logvar) / 2``); at
-        ``logvar = -inf`` the limit, +inf at x = mean and -inf elsewhere.
+        below -88 (where ``e^-logvar`` overflows float32), down to -177 in float32; x = mean gives
+        ``-(log 2 pi + logvar) / 2`` for any logvar, and at ``logvar = -inf`` the limit, +inf at x = mean and
+        -inf elsewhere.
     """
     return call("gaussian_log_prob", x, mean, logvar)
