@@ -158,6 +158,13 @@ def test_tiny_prior_variance(device, dtype, path):
                 torch.testing.assert_close(got.double(), torch.full((2, n), want_g[key], dtype=torch.float64),
                                            rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(g_pm, -g_mu)
+    # a point-mass prior (plv = -inf): KL = +inf, not the NaN of -inf + inf; a NaN mean still gives NaN
+    for n in (1, 37):
+        ones = torch.ones(1, n, dtype=dtype, device=device)
+        out = pyvae.gaussian_kl(0.5 * ones, 0 * ones, 0 * ones, -math.inf * ones)
+        assert out.item() == math.inf, (n, out)
+        nan_mu = torch.cat([torch.full((1, 1), math.nan, dtype=dtype, device=device), ones[:, 1:]], 1)
+        assert torch.isnan(pyvae.gaussian_kl(nan_mu, 0 * ones, 0 * ones, -math.inf * ones)).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

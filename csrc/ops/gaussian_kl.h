@@ -41,15 +41,16 @@ PYVAE_HD PYVAE_FORCEINLINE T kl_normal(T mu, T lv, T pm, T plv) {
   return T(0.5) * (plv - lin + math::exp(lv - plv) + s * s - T(1));
 }
 
-// the same, with the quadratic term 0 at d = 0 for any finite plv (NOTE: [Tiny variances] in
-// gaussian_log_prob.h; plv = -inf, a point-mass prior, gives NaN)
+// the same, with the quadratic term 0 at d = 0 for any plv (NOTE: [Tiny variances] in gaussian_log_prob.h),
+// and +inf for a point-mass prior (plv = -inf), where plv - lv + e^(lv - plv) is -inf + inf
 template <typename T>
 PYVAE_HD PYVAE_FORCEINLINE T kl_normal_limits(T mu, T lv, T pm, T plv) {
   const T d = mu - pm;
   const T s = d * math::exp(T(-0.5) * plv);
   const T q = d == T(0) ? T(0) : s * s;
   const T lin = lv == math::inf_<T>() ? T(0) : lv;
-  return T(0.5) * (plv - lin + math::exp(lv - plv) + q - T(1));
+  const T plin = plv == -math::inf_<T>() ? T(0) : plv;
+  return T(0.5) * (plin - lin + math::exp(lv - plv) + q - T(1));
 }
 
 template <typename T>
