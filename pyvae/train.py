@@ -524,17 +524,29 @@ class _Loop:
                 raise FileExistsError(
                     f"out: {self.run_dir} already holds a run ({', '.join(held)}); a new run would replace it. "
                     f"Continue it with --resume {self.run_dir}, or give another --out")
+        else:
+            # A resume writes into its own run's directory, or into one that holds no run: resuming another
+            # checkpoint (a copy, another run's) into a run directory would replace that run's files.
+            source = checkpoint.resolve_checkpoint(self.cfg.resume).resolve()
+            held = [n for n in RUN_FILES if (self.run_dir / n).exists()]
+            if held and source != self.ckpt_path.resolve():
+                raise FileExistsError(
+                    f"out: {self.run_dir} already holds a run ({', '.join(held)}) other than the checkpoint resumed "
+                    f"({source}); resuming into it would replace that run. Give another --out, or --resume "
+                    f"{self.run_dir} to continue that run")
+        SummaryWriter = None
+        if self.cfg.tensorboard:  # before anything is written: a run that cannot start changes no file
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("tensorboard=True needs the tensorboard package: pip install tensorboard") from None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_stale_temporaries(self.ckpt_path)
         with open(self.run_dir / "config.json", "w") as f:
             json.dump(dataclasses.asdict(self.cfg), f, indent=1)
         if self.cfg.resume:
             _write_metrics(self.run_dir, self.history)
-        if self.cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ValueError("tensorboard=True needs the tensorboard package: pip install tensorboard") from None
+        if SummaryWriter is not None:
             self.tb = SummaryWriter(str(self.run_dir / "tb"))
 
     def _run_routes(self) -> Dict[str, Any]:

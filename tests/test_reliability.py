@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -162,6 +163,48 @@ def test_a_fresh_run_never_replaces_another_run(tmp_path, digits):
     with pytest.raises(FileExistsError, match=r"out: .*taken already holds a run \(checkpoint.pt, metrics.csv, "
                                               r"metrics.jsonl\).*--resume"):
         train(build_config({**TINY, "out": str(out), "latent": 3}), data=digits, log=lambda *a: None)
+    assert {n: (out / n).read_bytes() for n in before} == before
+
+
+def test_a_resume_never_replaces_another_run(tmp_path, digits):
+    """A resume writes into its own run's directory or into one holding no run. Resuming run A into run B's
+    directory (--out), or a copy of A's checkpoint placed in B's directory, replaced B's checkpoint, metrics
+    and config without a word."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(build_config({**TINY, "out": str(a), "epochs": 1}), data=digits, log=lambda *x: None)
+    train(build_config({**TINY, "out": str(b), "epochs": 1, "latent": 3}), data=digits, log=lambda *x: None)
+    shutil.copy(a / "checkpoint.pt", b / "copy-of-a.pt")
+    before = {n: (b / n).read_bytes() for n in ("checkpoint.pt", "metrics.csv", "metrics.jsonl", "config.json")}
+    for resume, out in ((a, b), (b / "copy-of-a.pt", None)):
+        cfg = {"resume": str(resume), "epochs": 2, **({"out": str(out)} if out else {})}
+        with pytest.raises(FileExistsError, match=r"out: .*b already holds a run .*other than the checkpoint resumed"):
+            train(build_config(cfg), data=digits, log=lambda *x: None)
+        assert {n: (b / n).read_bytes() for n in before} == before
+    # its own run, and a directory that holds none, still take a resume
+    train(build_config({"resume": str(b), "epochs": 2}), data=digits, log=lambda *x: None)
+    assert len(checkpoint.load_checkpoint(b)["history"]) == 2
+    train(build_config({"resume": str(a), "epochs": 2, "out": str(tmp_path / "c")}), data=digits, log=lambda *x: None)
+    assert len(checkpoint.load_checkpoint(tmp_path / "c")["history"]) == 2
+
+
+def test_a_resume_that_cannot_start_changes_no_file(tmp_path, digits, monkeypatch):
+    """A resume refused at start (tensorboard asked for, not installed) rewrote config.json first: the run's
+    config then said 3 epochs and tensorboard on while its checkpoint stood at 1."""
+    import builtins
+
+    out = tmp_path / "r"
+    train(build_config({**TINY, "out": str(out), "epochs": 1}), data=digits, log=lambda *x: None)
+    before = {n: (out / n).read_bytes() for n in ("checkpoint.pt", "metrics.csv", "config.json")}
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("no tensorboard here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ValueError, match="tensorboard"):
+        train(build_config({"resume": str(out), "epochs": 3, "tensorboard": True}), data=digits, log=lambda *x: None)
     assert {n: (out / n).read_bytes() for n in before} == before
 
 
