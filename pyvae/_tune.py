@@ -200,6 +200,11 @@ def _on_disk() -> Dict[str, dict]:
     return {}
 
 
+def on_disk() -> Dict[str, dict]:
+    """The routes the cache file holds for this machine key, whatever ``PYVAE_TUNE`` says (``pyvae tune --show``)."""
+    return _on_disk()
+
+
 def _routes() -> Dict[str, dict]:
     _follow_threads()
     if _state["routes"] is None:
@@ -219,7 +224,13 @@ def _save() -> None:
             json.dump({"version": _VERSION, "machine": machine_key(), "routes": kept}, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
     except OSError as e:  # a read-only home: keep the routes in memory only
-        _LOG.warning("pyvae: cannot write the route cache %s (%s); routes are kept for this process only", path, e)
+        if path not in _UNWRITABLE:  # once per file: a run saves after each race
+            _UNWRITABLE.add(path)
+            _LOG.warning("pyvae: cannot write the route cache %s (%s); routes are kept for this process only",
+                         path, e)
+
+
+_UNWRITABLE: set = set()  # cache files this process could not write (warned about once)
 
 
 # NOTE: [Routes of a run]

@@ -30,6 +30,7 @@ __all__ = ["FORMAT", "CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "r
            "load_weights", "remove_stale_temporaries"]
 
 _KEYS = ("model", "model_config", "optimizer", "state", "history", "config", "rng")
+_CONFIG_KEYS = ("dataset", "binarize", "likelihood")  # what eval/sample/inpaint/denoise read to reload the data
 
 FORMAT = "pyvae-checkpoint-1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -105,6 +106,10 @@ def load_checkpoint(run_or_ckpt: PathLike, map_location: Union[str, torch.device
     missing = [k for k in _KEYS if k not in ckpt]
     if missing:
         raise ValueError(f"{p}: damaged pyvae checkpoint: missing {missing}")
+    cfg = ckpt["config"]
+    lacks = list(_CONFIG_KEYS) if not isinstance(cfg, dict) else [k for k in _CONFIG_KEYS if k not in cfg]
+    if lacks:
+        raise ValueError(f"{p}: damaged pyvae checkpoint: its config lacks {lacks}")
     return ckpt
 
 

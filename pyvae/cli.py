@@ -59,6 +59,17 @@ def pos_int(s: str) -> int:
     return v
 
 
+def seed_arg(s: str) -> int:
+    """A seed: an integer in [0, 2**64), what torch's generators take."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2**64), got {s!r}") from None
+    if not 0 <= v < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2**64), got {s}")
+    return v
+
+
 def nonneg_int(s: str) -> int:
     try:
         v = int(s)
@@ -96,13 +107,15 @@ def _mask_spec(s: str) -> str:
                                      f".npy/.png file, got {s!r}")
 
 
-def _probability(s: str) -> float:
+def _flip_probability(s: str) -> float:
+    """denoise's --flip: a probability in [0, 0.5) (at 0.5 the noisy image says nothing of the clean one,
+    above it the flips would be undone by inverting; the library refuses both)."""
     try:
         v = float(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {s!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {s}")
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 0.5), got {s!r}") from None
+    if not 0.0 <= v < 0.5:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 0.5), got {s}")
     return v
 
 
@@ -120,7 +133,7 @@ def _train_parser(sub) -> None:
     a("--data-dir", metavar="DIR", help="directory with the data files [$PYVAE_DATA]")
     a("--binarize", choices=("auto", "dynamic", "static", "none"),
       help="binarization of the images [auto: dynamic for bernoulli, none for continuous-bernoulli and gaussian]")
-    a("--limit", type=pos_int, help="use only the first N train/test examples")
+    a("--limit", type=pos_int, help="use only N train and N test examples (a fixed random subset of each)")
     a("--epochs", type=nonneg_int, help="passes over the training set [30]")
     a("--batch-size", type=pos_int, help="global minibatch size M [100]")
     a("--latent", type=pos_int, help="latent dimension z_dim [20]")
@@ -139,7 +152,7 @@ def _train_parser(sub) -> None:
     a("--grad-clip", type=pos_float, help="max gradient norm [off]")
     a("--device", type=_device, help="cpu or cuda[:N] [cpu]")
     a("--precision", choices=("fp32", "bf16-mixed", "fp16-mixed"), help="numeric precision [fp32]")
-    a("--seed", type=nonneg_int, help="random seed [0]")
+    a("--seed", type=seed_arg, help="random seed [0]")
     a("--out", metavar="DIR", help="run directory [runs/<dataset>-<date>-<time>]")
     a("--resume", metavar="RUN_OR_CKPT", help="continue a run (exactly); --epochs may be raised")
     a("--eval-batch", type=pos_int, help="test evaluation batch size [1000]")
@@ -181,7 +194,7 @@ def _inference_parsers(subparsers) -> None:
     p.add_argument("--fit-steps", type=nonneg, default=20,
                    help="importance: Adam steps fitting each proposal component to the image (0: the encoder's q)")
     p.add_argument("--components", type=pos, default=2, help="importance: Gaussians in each image's proposal")
-    p.add_argument("--seed", type=nonneg, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--out", metavar="PNG", default=None,
                    help="picture to write [RUN/inpaint.png]; the reliability diagram goes beside it (*_reliability.png)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]")
@@ -196,14 +209,14 @@ def _inference_parsers(subparsers) -> None:
                                           "writes a PNG grid (originals / noisy / denoised / thresholded).",
                               formatter_class=fmt)
     d.add_argument("run", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
-    d.add_argument("--flip", type=_probability, default=0.1, help="probability of flipping each pixel")
+    d.add_argument("--flip", type=_flip_probability, default=0.1, help="probability of flipping each pixel, in [0, 0.5)")
     d.add_argument("--n", type=pos, default=16, help="number of test images")
     d.add_argument("--method", choices=("importance", "encoder"), default="importance", help="denoiser")
     d.add_argument("--steps", type=pos, default=1, help="encoder: reconstructions in a row")
     d.add_argument("--draws", type=pos, default=500, help="importance: weighted draws of z per image")
     d.add_argument("--fit-steps", type=nonneg, default=20, help="importance: Adam steps fitting the proposal")
     d.add_argument("--components", type=pos, default=2, help="importance: Gaussians in each image's proposal")
-    d.add_argument("--seed", type=nonneg, default=0)
+    d.add_argument("--seed", type=seed_arg, default=0)
     d.add_argument("--out", metavar="PNG", default=None, help="picture to write [RUN/denoise.png]")
     d.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]")
     d.add_argument("--data-dir", default=None, help="where the data files are now")
@@ -225,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="importance samples for log p(x) (paper: 5000; 0: skip)")
     e.add_argument("--ll-batch", type=pos_int, default=250, help="draws per chunk for log p(x) (memory bound)")
     e.add_argument("--batch-size", type=pos_int, default=100, help="datapoints per pass")
-    e.add_argument("--limit", type=pos_int, default=None, help="only the first N test points")
-    e.add_argument("--seed", type=nonneg_int, default=0)
+    e.add_argument("--limit", type=pos_int, default=None, help="only N test points (a fixed random subset)")
+    e.add_argument("--seed", type=seed_arg, default=0)
     e.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]")
     e.add_argument("--data-dir", default=None, help="where the data files are now")
     s = sub.add_parser("sample", help="PNG grid of samples, reconstructions, and the 2-D manifold",
@@ -237,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-reconstructions", dest="reconstructions", action="store_false",
                    help="skip reconstructions (they need the dataset; drawn unless given: %(default)s)")
     s.add_argument("--out", default=None, help="output directory [the run directory]")
-    s.add_argument("--seed", type=nonneg_int, default=0)
+    s.add_argument("--seed", type=seed_arg, default=0)
     s.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:N]")
     s.add_argument("--data-dir", default=None)
     _inference_parsers(sub)

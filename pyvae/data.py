@@ -60,6 +60,7 @@ BINARIZE = ("dynamic", "static", "none")
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 _STATIC_SEED = 0x5EED  # the fixed seed of static (and test-set) binarization
 _SPLIT_SEED = 20131220  # the fixed seed of the deterministic train/test splits (arXiv:1312.6114)
+_LIMIT_SEED = 0x11A17  # the fixed seed of ``limit``'s subsets (NOTE: [Limited splits])
 _MAX_IDX_BYTES = 1 << 34  # 16 GiB: the most data an IDX header may claim (MNIST's largest file is 47 MB)
 # Deflate (gzip, zlib) expands data at most 1032:1 (a 258-byte match coded in 2 bits), so a compressed
 # file of S bytes cannot decompress to more than 1032 * S bytes: larger claims are lies.
@@ -659,6 +660,20 @@ def _split(n: int, n_test: int, labels: Optional[np.ndarray]) -> Tuple[np.ndarra
     return train, test
 
 
+# NOTE: [Limited splits]
+# ``limit`` keeps a fixed random subset of a split, in the split's order, not its first rows: the embedded
+# MNIST-5k keeps its source's label order (500 zeros, then 500 ones, ...), so its first 500 training rows
+# were 450 zeros and 50 ones, and ``pyvae eval --limit 50`` scored zeros alone. The subset is drawn from
+# a fixed seed: the same rows in every run and process.
+def limit_rows(n: int, limit: Optional[int]) -> Optional[torch.Tensor]:
+    """The indices (ascending) of the fixed random ``limit`` of ``n`` rows (NOTE: [Limited splits]); None
+    when every row is kept (``limit`` None or at least ``n``)."""
+    if limit is None or limit >= n:
+        return None
+    keep = np.sort(np.random.default_rng(_LIMIT_SEED).permutation(n)[:limit])
+    return torch.from_numpy(keep)
+
+
 def binarize_batch(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One Bernoulli(x) draw: ``(u < x)`` with ``u ~ U[0, 1)`` from ``generator``.
 
@@ -691,7 +706,8 @@ def load_dataset(name: str = "mnist-5k", data_dir: Optional[PathLike] = None, bi
         data_dir: directory with the files (``mnist``, ``fashion-mnist``, ``frey``); default
             ``$PYVAE_DATA``, and for Fashion-MNIST also Debian's ``/usr/share/datasets/fashion-mnist``.
         binarize: "dynamic", "static" or "none" (see the module docstring).
-        limit: keep only the first ``limit`` training and test examples (quick runs, tests).
+        limit: keep only ``limit`` training and ``limit`` test examples, a fixed random subset of each in its
+            split's order (the same rows in every run: NOTE: [Limited splits]).
 
     Returns:
         ``DataSplits``.
@@ -736,10 +752,13 @@ def load_dataset(name: str = "mnist-5k", data_dir: Optional[PathLike] = None, bi
         train_y, test_y = labels[tr_i], labels[te_i]
     train = torch.from_numpy(np.ascontiguousarray(train, dtype=np.float32))
     test = torch.from_numpy(np.ascontiguousarray(test, dtype=np.float32))
-    if limit is not None:
-        train, test = train[:limit], test[:limit]
-        train_y = None if train_y is None else train_y[:limit]
-        test_y = None if test_y is None else test_y[:limit]
+    keep_tr, keep_te = limit_rows(len(train), limit), limit_rows(len(test), limit)
+    if keep_tr is not None:
+        train = train[keep_tr]
+        train_y = None if train_y is None else train_y[keep_tr.numpy()]
+    if keep_te is not None:
+        test = test[keep_te]
+        test_y = None if test_y is None else test_y[keep_te.numpy()]
     # An empty split would train on nothing or report a test ELBO of 0 (the mean over no rows).
     for split, rows in (("train", train), ("test", test)):
         if rows.shape[0] == 0:

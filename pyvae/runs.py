@@ -11,7 +11,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from .checkpoint import load_model, resolve_checkpoint
-from .data import load_dataset, resolve_binarize
+from .data import limit_rows, load_dataset, resolve_binarize
 from .evaluation import evaluate
 from .inference import (completion_metrics, denoise, denoise_importance, flip_noise, image_shape_for, inpaint,
                         make_mask, nearest_neighbours, reliability)
@@ -24,11 +24,13 @@ PathLike = Union[str, os.PathLike]
 
 def run_data(ckpt: dict, data_dir: Optional[str] = None, limit: Optional[int] = None):
     """``(data, test)``: the splits a run trained on (its checkpoint's configuration; ``data_dir`` when the
-    files have moved) and the first ``limit`` test rows (all when None)."""
+    files have moved) and ``limit`` of the test rows, a fixed random subset in the split's order (all when
+    None: NOTE: [Limited splits] in pyvae/data.py)."""
     cfg = ckpt["config"]
     data = load_dataset(cfg["dataset"], data_dir or cfg.get("data_dir"),
                         resolve_binarize(cfg["binarize"], cfg["likelihood"]), cfg.get("limit"))
-    test = data.test if limit is None else data.test[:limit]
+    keep = limit_rows(len(data.test), limit)
+    test = data.test if keep is None else data.test[keep]
     return data, test
 
 
@@ -36,6 +38,15 @@ def _check_count(name: str, v, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     return v
+
+
+_SEEDS = 2 ** 64  # torch's generators take seeds below this
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEEDS:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    return seed
 
 
 @torch.no_grad()
@@ -51,7 +62,8 @@ def eval_run(run_or_ckpt: PathLike, *, k: int = 50, ll_samples: int = 1000, ll_b
             q as proposal, this takes ~ll_samples forward passes per datapoint).
         ll_batch: draws per chunk in the log p(x) estimate (memory ~ ll_batch * batch_size * D floats).
         batch_size: datapoints per pass.
-        limit: evaluate only the first ``limit`` test points.
+        limit: evaluate only ``limit`` test points, a fixed random subset (NOTE: [Limited splits] in
+            pyvae/data.py); None: all.
         seed: seeds the eps draws.
         device: "cpu" or "cuda".
         data_dir: where the data files are, when not where the run found them.
@@ -62,12 +74,15 @@ def eval_run(run_or_ckpt: PathLike, *, k: int = 50, ll_samples: int = 1000, ll_b
     for name, v, lo in (("k", k, 0), ("ll_samples", ll_samples, 0), ("ll_batch", ll_batch, 1),
                         ("batch_size", batch_size, 1)):
         _check_count(name, v, lo)
+    if limit is not None:  # (0 scored nothing as a perfect 0 nats; a negative one dropped rows from the end)
+        _check_count("limit", limit, 1)
+    _check_seed(seed)
     model, ckpt = load_model(run_or_ckpt, device)
     _, test = run_data(ckpt, data_dir, limit)
     out = {"n": float(test.shape[0])}
     ev = evaluate(model, test, batch_size=batch_size, seed=seed, device=device)
     out.update(elbo=ev["elbo"], kl=ev["kl"], recon=ev["recon"])
-    g = torch.Generator().manual_seed(seed + 1)
+    g = torch.Generator().manual_seed((seed + 1) % _SEEDS)
     tot_iw = tot_ll = 0.0
     for i in range(0, test.shape[0], batch_size):
         x = test[i:i + batch_size].to(device)
@@ -103,6 +118,7 @@ def sample_run(run_or_ckpt: PathLike, *, n: int = 100, manifold: bool = False, r
         name -> path of each PNG written.
     """
     _check_count("n", n, 1)
+    _check_seed(seed)
     model, ckpt = load_model(run_or_ckpt, device)
     if manifold and model.z_dim != 2:
         raise ValueError(f"--manifold needs a model with a 2-D latent space; this one has z_dim={model.z_dim}")
@@ -170,7 +186,8 @@ def inpaint_run(run: PathLike, mask: str = "top-half", n: int = 16, steps: int =
 
     Methods (``pyvae.inference.inpaint``): ``"importance"`` (default; the proposal's candidates are the
     encoder on the observed pixels filled with 0, the training-set mean image and the ``neighbours``
-    training images nearest on the observed pixels, plus the model's own screened prior draws),
+    training images nearest on the observed pixels (all of them where there are fewer), plus the model's
+    own screened prior draws),
     ``"gibbs"``, ``"metropolis"`` (``metropolis=True`` is the same). Baselines: the training-set mean image,
     and the nearest training image on the observed pixels (its pixels copied).
 
@@ -186,7 +203,7 @@ def inpaint_run(run: PathLike, mask: str = "top-half", n: int = 16, steps: int =
         per image (nats); for metropolis "accept_rate"}``.
     """
     _check_count("n", n, 1)
-    _check_count("seed", seed, 0)
+    _check_seed(seed)
     _check_count("neighbours", neighbours, 0)
     if method is None:
         method = "metropolis" if metropolis else "importance"
@@ -197,6 +214,7 @@ def inpaint_run(run: PathLike, mask: str = "top-half", n: int = 16, steps: int =
     m = make_mask(mask, (x.shape[0], *shape), generator=g, device=device)
     train = data.train.to(device, dt)
     mean_img = train.mean(0)
+    neighbours = min(neighbours, len(train))  # (a run trained on fewer images than that: all of them)
     near = nearest_neighbours(x, m, train, max(1, neighbours))
     nn_img = torch.where(m.bool(), x, train[near[:, 0]])
     fills = [0.0, mean_img] + [train[near[:, j]] for j in range(neighbours)]
@@ -250,7 +268,7 @@ def denoise_run(run: PathLike, flip: float = 0.1, n: int = 16, steps: int = 1, s
         "ess": {"mean", "median", "min"} and "log_px_noisy": mean estimate of log p(x_noisy) per image}``.
     """
     _check_count("n", n, 1)
-    _check_count("seed", seed, 0)
+    _check_seed(seed)
     _check_count("neighbours", neighbours, 0)
     if method not in ("importance", "encoder"):
         raise ValueError(f"method must be 'importance' or 'encoder', got {method!r}")
@@ -263,9 +281,10 @@ def denoise_run(run: PathLike, flip: float = 0.1, n: int = 16, steps: int = 1, s
     noisy = flip_noise(x, flip, g)
     train = data.train.to(device, dt)
     everything = torch.ones(x.shape[1], device=device)
+    neighbours = min(neighbours, len(train))  # (a run trained on fewer images than that: all of them)
     near = nearest_neighbours(noisy, everything, train, max(1, neighbours))
     plain = denoise(model, noisy, steps=steps, method="encoder")
-    g2 = torch.Generator().manual_seed(seed + 1)
+    g2 = torch.Generator().manual_seed((seed + 1) % _SEEDS)
     t0 = time.perf_counter()
     extra: Dict[str, object] = {}
     if method == "importance":

@@ -61,7 +61,8 @@ class TrainConfig:
         data_dir: directory of the data files (IDX, frey_rawface.mat); default ``$PYVAE_DATA``.
         binarize: "dynamic", "static", "none", or "auto" (dynamic for Bernoulli, none for the
             continuous Bernoulli and the Gaussian).
-        limit: use only the first ``limit`` train/test examples.
+        limit: use only ``limit`` train and ``limit`` test examples, a fixed random subset of each (NOTE:
+            [Limited splits] in pyvae/data.py).
         epochs: passes over the training set.
         batch_size: M, the global minibatch size (paper: 100).
         latent: z_dim (paper's MNIST: 20 among 3..200).
@@ -160,6 +161,10 @@ class TrainConfig:
         for n in ("progress", "plots", "tensorboard"):
             if not isinstance(getattr(self, n), bool):
                 raise ValueError(f"{n} must be true or false, got {getattr(self, n)!r}")
+        for n in ("out", "resume", "data_dir"):  # (a TOML number there failed deep in pathlib, naming nothing)
+            _check_path(n, getattr(self, n))
+            if getattr(self, n) is not None:
+                setattr(self, n, os.fspath(getattr(self, n)))  # (a Path kept as given would not go into config.json)
         if not (_finite_number(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite positive number, got {self.lr!r}")
         if self.weight_decay != "prior" and not (_finite_number(self.weight_decay) and self.weight_decay >= 0):
@@ -182,6 +187,12 @@ class TrainConfig:
     @property
     def binarize_mode(self) -> str:
         return resolve_binarize(self.binarize, self.likelihood)
+
+
+def _check_path(name: str, v) -> None:
+    """A path-valued setting: None or a path string."""
+    if v is not None and not isinstance(v, (str, os.PathLike)):
+        raise ValueError(f"{name} must be a path (a string), got {v!r}")
 
 
 def load_toml(path: Union[str, os.PathLike]) -> Dict[str, Any]:
@@ -233,6 +244,7 @@ def build_config(overrides: Optional[Dict[str, Any]] = None, config_file: Option
     if unknown:
         raise ValueError(f"unknown configuration keys {unknown}")
     if values.get("resume"):
+        _check_path("resume", values["resume"])
         ckpt = checkpoint.load_checkpoint(values["resume"])
         base = dict(ckpt["config"])
         bad = sorted(k for k, v in values.items() if k not in RESUME_OVERRIDABLE and base.get(k) != v)

@@ -54,7 +54,8 @@ def show() -> List[str]:
              "cpu: " + _tune.cpu_model() + "; ISA " + " ".join(machine["cpu"]["isa"]) + "; caches "
              + " ".join(f"{lvl} {size}" for lvl, size in machine["cpu"]["caches"].items()),
              "machine: " + ", ".join(f"{k}={v}" for k, v in machine.items() if k != "cpu")]
-    for key, e in sorted(_tune.entries().items()):
+    # the file's routes as well as this process's: under PYVAE_TUNE=off or force the process reads no file
+    for key, e in sorted({**_tune.on_disk(), **_tune.entries()}.items()):
         ms = ", ".join(f"{n} {v:.3f} ms" for n, v in e["ms"].items())
         votes = f"; undecided, races picked {', '.join(e['votes'])}" if e.get("votes") else ""
         lines.append(f"{key}: {e['choice']}  ({ms}{votes})")

@@ -208,6 +208,89 @@ def test_a_resume_that_cannot_start_changes_no_file(tmp_path, digits, monkeypatc
     assert {n: (out / n).read_bytes() for n in before} == before
 
 
+def test_limit_keeps_a_fixed_random_subset():
+    """The embedded MNIST-5k keeps its source's label order: ``limit=500`` trained on 450 zeros and 50 ones,
+    and ``pyvae eval --limit 50`` scored zeros alone. A limit now keeps a fixed random subset of each split
+    (NOTE: [Limited splits] in pyvae/data.py): every digit, the same rows in every call, in the split's order."""
+    full = load_dataset("mnist-5k", binarize="none")
+    part = load_dataset("mnist-5k", binarize="none", limit=500)
+    again = load_dataset("mnist-5k", binarize="none", limit=500)
+    assert part.train.shape[0] == 500 and part.test.shape[0] == min(500, len(full.test))
+    counts = torch.bincount(part.train_labels, minlength=10)
+    assert counts.min() >= 25 and counts.max() <= 80, counts  # each digit near its 50
+    assert torch.equal(part.train, again.train) and torch.equal(part.test, again.test)
+    keep = pyvae.data.limit_rows(len(full.train), 500)
+    assert torch.equal(part.train, full.train[keep]) and bool((keep[1:] > keep[:-1]).all())
+    assert pyvae.data.limit_rows(len(full.test), 10_000) is None  # a limit past the split keeps it whole
+    test_part = load_dataset("mnist-5k", binarize="none", limit=50)
+    assert torch.bincount(test_part.test_labels, minlength=10).count_nonzero() >= 8
+
+
+def test_eval_limit_is_the_same_subset_and_checked(run):
+    """``eval_run(limit=...)`` scores the fixed subset, not the first rows; 0 scored nothing as a perfect
+    0 nats and a negative limit dropped rows from the end."""
+    from pyvae.runs import eval_run, run_data
+
+    ckpt = checkpoint.load_checkpoint(run)
+    data, test = run_data(ckpt, limit=20)
+    assert torch.equal(test, data.test[pyvae.data.limit_rows(len(data.test), 20)])
+    assert not torch.equal(test, data.test[:20])
+    for bad in (0, -5, 2.5):
+        with pytest.raises(ValueError, match="limit must be an int >= 1"):
+            eval_run(run, k=0, ll_samples=0, limit=bad)
+
+
+def test_seeds_up_to_two_to_the_64(run, capsys, tmp_path):
+    """The largest seed works in every command (``seed + 1`` overflowed torch's generator: "Overflow when
+    unpacking long long", naming nothing), and one past it is refused naming the seed."""
+    top = str(2 ** 64 - 1)
+    assert main(["eval", str(run), "--k", "2", "--ll-samples", "0", "--limit", "5", "--seed", top]) == 0
+    assert main(["denoise", str(run), "--n", "2", "--draws", "8", "--fit-steps", "0", "--seed", top,
+                 "--out", str(tmp_path / "d.png")]) == 0
+    capsys.readouterr()
+    for cmd in (["eval", str(run)], ["sample", str(run)], ["inpaint", str(run)], ["denoise", str(run)]):
+        with pytest.raises(SystemExit):
+            main(cmd + ["--seed", str(2 ** 64)])
+        assert "expected an integer seed in [0, 2**64)" in capsys.readouterr().err
+    from pyvae.runs import eval_run
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
+        eval_run(run, k=0, ll_samples=0, seed=2 ** 64)
+
+
+def test_denoise_flip_is_checked_at_parse_time(run, capsys):
+    """``--flip 0.7`` passed the command line (its check said [0, 1]) and failed in the library."""
+    with pytest.raises(SystemExit):
+        main(["denoise", str(run), "--flip", "0.7"])
+    assert "expected a probability in [0, 0.5)" in capsys.readouterr().err
+
+
+def test_inpaint_and_denoise_a_run_with_few_training_images(tmp_path, capsys):
+    """A run trained on 3 images: inpaint and denoise compare against the 6 nearest training images, and
+    refused with "k must be at most the 3 rows of train", a k the user cannot set. They take all 3."""
+    out = tmp_path / "tiny"
+    assert main(["train", "--dataset", "digits", "--limit", "3", "--batch-size", "3", "--epochs", "1",
+                 "--hidden", "8", "--latent", "2", "--no-progress", "--no-plots", "--out", str(out)]) == 0
+    assert main(["inpaint", str(out), "--n", "2", "--draws", "8", "--fit-steps", "0",
+                 "--out", str(tmp_path / "i.png")]) == 0
+    assert main(["denoise", str(out), "--n", "2", "--draws", "8", "--fit-steps", "0",
+                 "--out", str(tmp_path / "d.png")]) == 0
+
+
+def test_path_settings_of_the_wrong_type_are_named():
+    """A TOML ``out = 5`` or ``resume = 5`` failed in pathlib ("expected str, bytes or os.PathLike object,
+    not int"), and ``data_dir = 5`` was taken and saved into config.json."""
+    for key in ("out", "resume", "data_dir"):
+        with pytest.raises(ValueError, match=f"{key} must be a path"):
+            build_config({key: 5})
+
+
+def test_a_checkpoint_whose_config_lacks_the_dataset_is_a_one_line_error(tmp_path, run, capsys):
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    p = tmp_path / "noset.pt"
+    torch.save(dict(ck, config={k: v for k, v in ck["config"].items() if k != "dataset"}), p)
+    _one_line_error(capsys, ["eval", str(p), "--k", "0", "--ll-samples", "0"], str(p), "config lacks ['dataset']")
+
+
 def test_default_run_directories_are_never_shared(tmp_path, digits, monkeypatch):
     # Without --out the directory is named by the second the run starts: two runs in one second get two.
     monkeypatch.chdir(tmp_path)

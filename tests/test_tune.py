@@ -273,9 +273,26 @@ def test_tune_command_and_show(tmp_path):
     # the 4 layers (enc 64->32, head 32->8, dec 4->32, logits 32->64) and the KL the step reports (no grad)
     assert "tuned 5 routes (4 layer, 1 row op)" in r.stdout and "cache: " in r.stdout
     assert r.stdout.count("linear_act ") == 4 and r.stdout.count("gaussian_kl float32 16x4* 16x4* - - infer") == 1
-    show = subprocess.run([sys.executable, "-m", "pyvae", "tune", "--show"], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **env}, cwd=tmp_path)
-    assert show.returncode == 0 and "PYVAE_TUNE=auto" in show.stdout
+    for setting in ("auto", "off", "force"):  # the file's routes whatever PYVAE_TUNE says (off/force read no file)
+        show = subprocess.run([sys.executable, "-m", "pyvae", "tune", "--show"], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, **env, "PYVAE_TUNE": setting}, cwd=tmp_path)
+        assert show.returncode == 0 and f"PYVAE_TUNE={setting}" in show.stdout, show.stderr
+        assert show.stdout.count("linear_act ") == 4, (setting, show.stdout)
+
+
+def test_an_unwritable_cache_is_warned_about_once(tuning, tmp_path, monkeypatch, caplog):
+    """A cache directory that cannot be written (here under a file) printed its warning after every race: 14
+    times in a one-epoch run, burying the epoch's line."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("PYVAE_CACHE_DIR", str(blocker / "sub"))
+    _tune.reset_for_tests()
+    monkeypatch.setattr(_tune, "_UNWRITABLE", set())
+    with caplog.at_level("WARNING", logger=_tune._LOG.name):
+        for i in range(3):
+            _tune.decide(f"test key {i}", {"a": lambda: None, "b": lambda: None}, what="test")
+    warnings = [r for r in caplog.records if "cannot write the route cache" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
 
 
 def test_bad_setting_is_named(monkeypatch):
