@@ -276,7 +276,8 @@ def main(argv=None):
     p.add_argument("--dataset", default="auto", choices=DATASETS,
                    help="auto (Fashion-MNIST if installed, else mnist-5k) or a 28x28 set")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--limit", type=C.pos_int, default=None, help="use only the first N train/test examples")
+    p.add_argument("--limit", type=C.pos_int, default=None,
+                   help="use only N train and N test examples (a fixed random subset of each)")
     p.add_argument("--epochs", type=C.pos_int, default=4, help="epochs (the first one is reported apart)")
     p.add_argument("--batch-size", type=C.pos_int, default=128)
     p.add_argument("--seed", type=C.seed_int, default=0)
