@@ -33,7 +33,6 @@ from torch.nn.modules import module as _torch_module  # its global forward hooks
 
 from . import ops
 from .inference import check_unit_interval
-from .ops.reparameterize import seed_stays_tensor
 from .nn import FusedLinear, GaussianHead
 from .reference import ACTIVATIONS as TORCH_ACTIVATIONS
 
@@ -116,8 +115,9 @@ def _reparameterize(mu: torch.Tensor, logvar: torch.Tensor, samples: int, genera
     seed]). With ``shard``, the draws of those rows of the global batch (NOTE: [Sharded draws] in
     pyvae/ops/reparameterize.py)."""
     # (CPU inputs: the seed as an int, the value seed_for would hold in its host tensor; a tensor while
-    # torch.compile traces, NOTE: [Seeds under torch.compile] in pyvae/ops/reparameterize.py)
-    seed = ops.draw_seed(generator) if mu.device.type == "cpu" and not seed_stays_tensor() \
+    # torch.compile or torch.jit.trace traces, or under a dispatch mode: NOTE: [Seeds under torch.compile] in
+    # pyvae/ops/reparameterize.py)
+    seed = ops.draw_seed(generator) if mu.device.type == "cpu" and not ops.seed_stays_tensor() \
         else ops.seed_for(mu.device, generator)
     return ops.reparameterize_shard(mu, logvar, samples, seed, shard)
 

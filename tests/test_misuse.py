@@ -577,7 +577,7 @@ add("pyvae.gather_binarize:p-0-and-1", "src = torch.tensor([[0.0, 1.0]]).repeat(
 # tests/test_reliability.py, tests/test_cuda_code.py) and the model's sharded draw (reparameterize_shard,
 # which calls the registered reparameterize op checked above).
 # continuous_bernoulli_mean is plain torch (no pointer reaches a kernel; tests/test_continuous_bernoulli_log_prob.py).
-HELPERS = {"fused_only", "forget_routes", "release_workspace", "draw_seed", "seed_for", "reparameterize_shard", "continuous_bernoulli_mean"}
+HELPERS = {"fused_only", "forget_routes", "release_workspace", "draw_seed", "seed_for", "seed_stays_tensor", "reparameterize_shard", "continuous_bernoulli_mean"}
 
 
 def _params():

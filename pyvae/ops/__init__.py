@@ -39,7 +39,7 @@ from .gaussian_kl import gaussian_kl
 from .gather_binarize import gather_binarize
 from .gaussian_log_prob import gaussian_log_prob
 from .linear_act import ACTIVATIONS, forget_routes, fused_only, linear_act, release_workspace
-from .reparameterize import draw_seed, reparameterize, reparameterize_shard, seed_for
+from .reparameterize import draw_seed, reparameterize, reparameterize_shard, seed_for, seed_stays_tensor
 
 __all__ = [
     "gaussian_kl",
@@ -57,5 +57,6 @@ __all__ = [
     "draw_seed",
     "reparameterize_shard",
     "seed_for",
+    "seed_stays_tensor",
     "gather_binarize",
 ]

@@ -18,7 +18,7 @@ from . import _checks as V
 from ._registry import call, eager_ok, first_order_only, register, remember, tracing
 from ._rowwise import checked_plan, plan, reduce_grad
 
-__all__ = ["reparameterize", "draw_seed", "seed_for", "reparameterize_shard"]
+__all__ = ["reparameterize", "draw_seed", "seed_for", "seed_stays_tensor", "reparameterize_shard"]
 
 _OP = "reparameterize"
 
