@@ -10,7 +10,8 @@ EPYC (family 25: 512-bit ops on 256-bit units, FMA peak 234 GFLOP/s on 2 cores) 
 136-195, oneDNN 167-218 (bench/RESULTS.md, stop 16); which library a layer uses is measured per machine
 (NOTE: [Layer routes] in pyvae/ops/linear_act.py). torch reaches oneDNN's linear
 through ``torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")`` = ``x @ w.T + b``; it takes
-strided (transposed) views without copying, so the three products of a linear layer map onto it:
+transposed views without copying (other strides are copied first: NOTE: [Dense oneDNN operands]), so the
+three products of a linear layer map onto it:
 
     forward      y  = x @ W.T + b      linear(x, W, b)
     grad input   dx = g @ W            linear(g, W.T)          (W.T is a view)
@@ -126,9 +127,27 @@ def backend(t: torch.Tensor, flops: float = float("inf"), onednn: Optional[bool]
     return "onednn" if t.is_cpu and uses_onednn(t.dtype, flops) else "torch"
 
 
+# NOTE: [Dense oneDNN operands]
+# oneDNN's linear takes a row-major operand or the transpose of one at full speed, and anything else (a
+# column slice such as a VAE's mu = h[:, :Z], or its transpose) on a slow generic path: on the Intel Xeon
+# of bench/RESULTS.md (stop 21; 2 threads, B=1024), the weight gradient of a 500->784 layer whose input was a
+# column slice took 16.3 s in float32 and 17.5 s in bfloat16 against 8.5 and 6.2 ms with the slice copied;
+# a 20->500 weight gradient from mu 357 ms against 0.55 (0.64 ms against 0.47 in the narrow form); forwards
+# from a slice 1.2-2.7x their time. pyvae's races time contiguous operands and would not see it. So every
+# operand that is neither goes to oneDNN as a dense copy, made in its own orientation (a row copy of a
+# column slice: ~0.1 ms for 1024 x 500 float32).
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (2-D) if it or its transpose is contiguous, else a copy with the same values that is."""
+    if t.is_contiguous() or t.t().is_contiguous():
+        return t
+    if t.stride(0) == 1:  # a transposed view of a row-strided tensor: copy it as rows, keep the view
+        return t.t().contiguous().t()
+    return t.contiguous()
+
+
 def onednn_linear(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``a @ b.T (+ bias)`` on oneDNN's linear (strided views allowed)."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    """``a @ b.T (+ bias)`` on oneDNN's linear (strided views allowed: NOTE: [Dense oneDNN operands])."""
+    return torch.ops.mkldnn._linear_pointwise(_dense(a), _dense(b), bias, "none", [], "")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -160,8 +179,8 @@ def linear_post_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     flops = 2.0 * x.shape[0] * x.shape[1] * weight.shape[0]
     if not (flops > 0 and flops >= _MIN_FLOPS and onednn_enabled()):
         return None
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None if bias is None else bias.contiguous(), activation,
-                                              [], "")
+    return torch.ops.mkldnn._linear_pointwise(_dense(x), _dense(weight), None if bias is None else bias.contiguous(),
+                                              activation, [], "")
 
 
 def grad_input(g: torch.Tensor, weight: torch.Tensor, onednn: Optional[bool] = None) -> torch.Tensor:
