@@ -126,6 +126,23 @@ def test_nan_stays_nan_on_every_route(dtype, act):
             assert not torch.isnan(y[1:]).any(), (route, grad)
 
 
+def test_run_route_under_autocast_takes_mixed_dtypes():
+    # Under autocast a layer's input is often the previous layer's bfloat16 output while its weight is float32:
+    # linear_act takes that, and run_route refused it (TypeError: all inputs must have the same dtype). Bad
+    # shapes are still refused, naming the argument.
+    from pyvae.ops.linear_act import ROUTES, linear_act, run_route
+
+    x, w, b = _rand(16, 30, dtype=torch.bfloat16), _rand(20, 30), _rand(20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = linear_act(x, w, b, "tanh")
+        for route in ROUTES:
+            y = run_route(route, x, w, b, "tanh")
+            assert y.dtype == torch.bfloat16
+            torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
+        with pytest.raises(ValueError, match="weight"):
+            run_route("pyvae", x, _rand(20, 31), b, "tanh")
+
+
 @needs_onednn
 @pytest.mark.parametrize("dtype,fin,act,products", [(torch.float32, 500, "identity", 3), (torch.float32, 20, "tanh", 3),
                                                     (torch.float32, 500, "tanh", 3), (torch.bfloat16, 500, "tanh", 1),

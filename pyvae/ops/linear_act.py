@@ -586,8 +586,13 @@ def run_route(route: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     route runs in the autocast dtype as ``linear_act`` would."""
     if route not in ROUTES:
         raise ValueError(f"pyvae.run_route: route must be one of {ROUTES}, got {route!r}")
-    _check(x, weight, bias, activation)
     amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    if amp is None:
+        _check(x, weight, bias, activation)
+    elif not _fast_valid(x, weight, bias, activation, autocast=True):
+        # Under autocast the inputs' dtypes may differ (a bfloat16 activation into a float32 layer), as for
+        # linear_act: the checks are of what the casts give.
+        _check(_autocast_cast(x, amp), _autocast_cast(weight, amp), _autocast_cast(bias, amp), activation)
     return _run_route(route, x, weight, bias, activation, amp)
 
 
