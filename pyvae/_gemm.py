@@ -138,9 +138,12 @@ def backend(t: torch.Tensor, flops: float = float("inf"), onednn: Optional[bool]
 # column slice: ~0.1 ms for 1024 x 500 float32).
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """``t`` (2-D) if it or its transpose is contiguous, else a copy with the same values that is."""
-    if t.is_contiguous() or t.t().is_contiguous():
+    if t.is_contiguous():
         return t
-    if t.stride(0) == 1:  # a transposed view of a row-strided tensor: copy it as rows, keep the view
+    (n0, n1), (s0, s1) = t.shape, t.stride()
+    if (n0 == 1 or s0 == 1) and (n1 == 1 or s1 == n0):  # t.t() is contiguous (without building the view)
+        return t
+    if s0 == 1:  # a transposed view of a row-strided tensor: copy it as rows, keep the view
         return t.t().contiguous().t()
     return t.contiguous()
 

@@ -182,3 +182,21 @@ def test_onednn_gets_dense_operands(monkeypatch, dtype, fin, act, products):
 
 
 F_ACT = {"identity": lambda t: t, "tanh": torch.tanh}
+
+
+def test_dense_keeps_dense_layouts_and_copies_others():
+    # NOTE: [Dense oneDNN operands]: _dense hands back the tensor itself when it or its transpose is contiguous
+    # (no copy on the common path; its strides are read, no view is built) and an equal dense copy otherwise,
+    # size-1 dimensions (whose strides mean nothing) included.
+    import itertools
+
+    n = 0
+    for n0, n1 in itertools.product([1, 2, 3, 5], [1, 2, 4]):
+        base = torch.arange(64 * n0 * n1, dtype=torch.float32).reshape(2 * n0, 32 * n1)
+        for v in (base[:n0, :n1], base[:n0, :n1].t(), base[::2, :n1][:n0], base.t()[:n1, :n0],
+                  torch.randn(n0, n1), torch.randn(n1, n0).t(), base[:n0, ::2][:, :n1]):
+            d = G._dense(v)
+            assert (d is v) == (v.is_contiguous() or v.t().is_contiguous()), (v.shape, v.stride())
+            assert (d.is_contiguous() or d.t().is_contiguous()) and torch.equal(d, v)
+            n += 1
+    assert n == 84
