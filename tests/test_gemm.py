@@ -132,7 +132,7 @@ def test_run_route_under_autocast_takes_mixed_dtypes():
     # shapes are still refused, naming the argument.
     from pyvae.ops.linear_act import ROUTES, linear_act, run_route
 
-    x, w, b = _rand(16, 30, dtype=torch.bfloat16), _rand(20, 30), _rand(20)
+    x, w, b = _rand(16, 30, dtype=torch.bfloat16), _rand(20, 30) / 30 ** 0.5, _rand(20) / 4  # tanh unsaturated
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = linear_act(x, w, b, "tanh")
         for route in ROUTES:
@@ -141,6 +141,8 @@ def test_run_route_under_autocast_takes_mixed_dtypes():
             torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
         with pytest.raises(ValueError, match="weight"):
             run_route("pyvae", x, _rand(20, 31), b, "tanh")
+        with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+            run_route("pyvae", x.tolist(), w, b, "tanh")
 
 
 @needs_onednn
@@ -187,16 +189,17 @@ F_ACT = {"identity": lambda t: t, "tanh": torch.tanh}
 def test_dense_keeps_dense_layouts_and_copies_others():
     # NOTE: [Dense oneDNN operands]: _dense hands back the tensor itself when it or its transpose is contiguous
     # (no copy on the common path; its strides are read, no view is built) and an equal dense copy otherwise,
-    # size-1 dimensions (whose strides mean nothing) included.
+    # size-1 and size-0 dimensions (whose strides mean nothing) and expanded (stride-0) tensors included.
     import itertools
 
     n = 0
-    for n0, n1 in itertools.product([1, 2, 3, 5], [1, 2, 4]):
-        base = torch.arange(64 * n0 * n1, dtype=torch.float32).reshape(2 * n0, 32 * n1)
+    for n0, n1 in itertools.product([0, 1, 2, 3, 5], [1, 2, 4]):
+        base = torch.arange(64 * max(n0, 1) * n1, dtype=torch.float32).reshape(2 * max(n0, 1), 32 * n1)
         for v in (base[:n0, :n1], base[:n0, :n1].t(), base[::2, :n1][:n0], base.t()[:n1, :n0],
-                  torch.randn(n0, n1), torch.randn(n1, n0).t(), base[:n0, ::2][:, :n1]):
+                  torch.randn(n0, n1), torch.randn(n1, n0).t(), base[:n0, ::2][:, :n1],
+                  torch.randn(1, n1).expand(n0, n1), torch.randn(n0, 1).expand(n0, n1)):
             d = G._dense(v)
             assert (d is v) == (v.is_contiguous() or v.t().is_contiguous()), (v.shape, v.stride())
             assert (d.is_contiguous() or d.t().is_contiguous()) and torch.equal(d, v)
             n += 1
-    assert n == 84
+    assert n == 135

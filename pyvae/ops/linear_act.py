@@ -344,8 +344,9 @@ if _register_flop_formula is not None:
 
 def _autocast_cast(t, dtype):
     """What autocast does to one input of a lower-precision op: floating tensors other than float64
-    are cast to the autocast dtype; float64 (and None) pass through, as for nn.Linear."""
-    if t is None or t.dtype == torch.float64 or not t.is_floating_point():
+    are cast to the autocast dtype; float64 (and None, and anything not a tensor, for the checks to name) pass
+    through, as for nn.Linear."""
+    if not isinstance(t, torch.Tensor) or t.dtype == torch.float64 or not t.is_floating_point():
         return t
     return t.to(dtype)
 
