@@ -273,11 +273,21 @@ def test_tune_command_and_show(tmp_path):
     # the 4 layers (enc 64->32, head 32->8, dec 4->32, logits 32->64) and the KL the step reports (no grad)
     assert "tuned 5 routes (4 layer, 1 row op)" in r.stdout and "cache: " in r.stdout
     assert r.stdout.count("linear_act ") == 4 and r.stdout.count("gaussian_kl float32 16x4* 16x4* - - infer") == 1
+    # A race run while other processes keep the CPUs busy is used but, by design, not cached (NOTE: [Measured
+    # routes]): on a loaded machine the file can hold fewer than the 4 layers, and --show lists what it holds.
+    busy = sum("route for linear_act" in line and "the machine was busy: not cached" in line
+               for line in (r.stdout + r.stderr).splitlines())
+    files = list(tmp_path.glob("routes-*.json"))  # none when every race of the run was busy
+    assert len(files) <= 1, files
+    on_file = sum(k.startswith("linear_act ") for f in files for k in json.loads(f.read_text())["routes"])
+    assert on_file == 4 - busy, (on_file, busy, r.stderr)
+    if on_file == 0:
+        pytest.skip("the machine was busy: no layer route was cached, by design")
     for setting in ("auto", "off", "force"):  # the file's routes whatever PYVAE_TUNE says (off/force read no file)
         show = subprocess.run([sys.executable, "-m", "pyvae", "tune", "--show"], capture_output=True, text=True,
                               timeout=300, env={**os.environ, **env, "PYVAE_TUNE": setting}, cwd=tmp_path)
         assert show.returncode == 0 and f"PYVAE_TUNE={setting}" in show.stdout, show.stderr
-        assert show.stdout.count("linear_act ") == 4, (setting, show.stdout)
+        assert show.stdout.count("linear_act ") == on_file, (setting, on_file, show.stdout)
 
 
 def test_an_unwritable_cache_is_warned_about_once(tuning, tmp_path, monkeypatch, caplog):
