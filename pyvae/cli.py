@@ -60,14 +60,13 @@ def pos_int(s: str) -> int:
 
 
 def seed_arg(s: str) -> int:
-    """A seed: an integer in [0, 2**64), what torch's generators take."""
+    """A seed: an integer in [0, 2**64), the rule of ``pyvae.data.check_seed``."""
+    from .data import check_seed
+
     try:
-        v = int(s)
+        return check_seed(int(s))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2**64), got {s!r}") from None
-    if not 0 <= v < 2 ** 64:
-        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2**64), got {s}")
-    return v
 
 
 def nonneg_int(s: str) -> int:

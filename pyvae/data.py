@@ -53,6 +53,9 @@ __all__ = [
     "binarize_batch",
     "resolve_binarize",
     "mix_seed",
+    "check_seed",
+    "SEED_RANGE",
+    "limit_rows",
 ]
 
 DATASETS = ("mnist-5k", "digits", "mnist", "fashion-mnist", "frey")
@@ -846,6 +849,17 @@ class ShardedBatches:
                 u = torch.rand((size, x.shape[1]), generator=g)[lo:lo + m]
                 x = (u < x).to(x.dtype)
             yield s, x
+
+
+SEED_RANGE = 2 ** 64  # seeds are 64-bit: torch's generators and mix_seed take them below this
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` when it is an int in [0, 2**64) (what torch's generators and ``mix_seed`` take); else a
+    ValueError naming ``name``. The one rule of the trainer's, the run commands' and the CLI's seeds."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_RANGE:
+        raise ValueError(f"{name} must be an int in [0, 2**64), got {seed!r}")
+    return seed
 
 
 def mix_seed(*ints: int) -> int:

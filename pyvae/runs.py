@@ -11,7 +11,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from .checkpoint import load_model, resolve_checkpoint
-from .data import limit_rows, load_dataset, resolve_binarize
+from .data import SEED_RANGE, check_seed, limit_rows, load_dataset, resolve_binarize
 from .evaluation import evaluate
 from .inference import (completion_metrics, denoise, denoise_importance, flip_noise, image_shape_for, inpaint,
                         make_mask, nearest_neighbours, reliability)
@@ -38,15 +38,6 @@ def _check_count(name: str, v, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     return v
-
-
-_SEEDS = 2 ** 64  # torch's generators take seeds below this
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEEDS:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    return seed
 
 
 @torch.no_grad()
@@ -76,13 +67,13 @@ def eval_run(run_or_ckpt: PathLike, *, k: int = 50, ll_samples: int = 1000, ll_b
         _check_count(name, v, lo)
     if limit is not None:  # (0 scored nothing as a perfect 0 nats; a negative one dropped rows from the end)
         _check_count("limit", limit, 1)
-    _check_seed(seed)
+    check_seed(seed)
     model, ckpt = load_model(run_or_ckpt, device)
     _, test = run_data(ckpt, data_dir, limit)
     out = {"n": float(test.shape[0])}
     ev = evaluate(model, test, batch_size=batch_size, seed=seed, device=device)
     out.update(elbo=ev["elbo"], kl=ev["kl"], recon=ev["recon"])
-    g = torch.Generator().manual_seed((seed + 1) % _SEEDS)
+    g = torch.Generator().manual_seed((seed + 1) % SEED_RANGE)
     tot_iw = tot_ll = 0.0
     for i in range(0, test.shape[0], batch_size):
         x = test[i:i + batch_size].to(device)
@@ -118,7 +109,7 @@ def sample_run(run_or_ckpt: PathLike, *, n: int = 100, manifold: bool = False, r
         name -> path of each PNG written.
     """
     _check_count("n", n, 1)
-    _check_seed(seed)
+    check_seed(seed)
     model, ckpt = load_model(run_or_ckpt, device)
     if manifold and model.z_dim != 2:
         raise ValueError(f"--manifold needs a model with a 2-D latent space; this one has z_dim={model.z_dim}")
@@ -203,7 +194,7 @@ def inpaint_run(run: PathLike, mask: str = "top-half", n: int = 16, steps: int =
         per image (nats); for metropolis "accept_rate"}``.
     """
     _check_count("n", n, 1)
-    _check_seed(seed)
+    check_seed(seed)
     _check_count("neighbours", neighbours, 0)
     if method is None:
         method = "metropolis" if metropolis else "importance"
@@ -268,7 +259,7 @@ def denoise_run(run: PathLike, flip: float = 0.1, n: int = 16, steps: int = 1, s
         "ess": {"mean", "median", "min"} and "log_px_noisy": mean estimate of log p(x_noisy) per image}``.
     """
     _check_count("n", n, 1)
-    _check_seed(seed)
+    check_seed(seed)
     _check_count("neighbours", neighbours, 0)
     if method not in ("importance", "encoder"):
         raise ValueError(f"method must be 'importance' or 'encoder', got {method!r}")
@@ -284,7 +275,7 @@ def denoise_run(run: PathLike, flip: float = 0.1, n: int = 16, steps: int = 1, s
     neighbours = min(neighbours, len(train))  # (a run trained on fewer images than that: all of them)
     near = nearest_neighbours(noisy, everything, train, max(1, neighbours))
     plain = denoise(model, noisy, steps=steps, method="encoder")
-    g2 = torch.Generator().manual_seed((seed + 1) % _SEEDS)
+    g2 = torch.Generator().manual_seed((seed + 1) % SEED_RANGE)
     t0 = time.perf_counter()
     extra: Dict[str, object] = {}
     if method == "importance":

@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 
 from . import _tune, checkpoint
-from .data import BINARIZE, DATASETS, DataSplits, ShardedBatches, load_dataset, mix_seed, resolve_binarize
+from .data import (BINARIZE, DATASETS, DataSplits, ShardedBatches, check_seed, load_dataset, mix_seed,
+                   resolve_binarize)
 from .evaluation import PRECISIONS, autocast, evaluate
 from .models import ESTIMATORS, LIKELIHOODS, VAE
 
@@ -155,9 +156,7 @@ class TrainConfig:
         pos_int("epochs", lo=0)
         pos_int("limit", allow_none=True)
         pos_int("threads", allow_none=True)
-        pos_int("seed", lo=0)
-        if self.seed >= 2 ** 64:  # (seeds are 64-bit: torch's generators, mix_seed)
-            raise ValueError(f"seed must be an int in [0, 2**64), got {self.seed!r}")
+        check_seed(self.seed)
         for n in ("progress", "plots", "tensorboard"):
             if not isinstance(getattr(self, n), bool):
                 raise ValueError(f"{n} must be true or false, got {getattr(self, n)!r}")
