@@ -140,11 +140,11 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     """``t`` (2-D) if it or its transpose is contiguous, else a copy with the same values that is."""
     if t.is_contiguous():
         return t
-    (n0, n1), (s0, s1) = t.shape, t.stride()
-    if (n0 == 1 or s0 == 1) and (n1 == 1 or s1 == n0):  # t.t() is contiguous (without building the view)
-        return t
-    if s0 == 1:  # a transposed view of a row-strided tensor: copy it as rows, keep the view
-        return t.t().contiguous().t()
+    # (not contiguous, so no dimension is 1 where its stride would matter: t.t() is contiguous exactly when
+    # its strides are (1, rows), read here without building the view)
+    if t.stride(0) == 1:
+        # the transpose of a row-major tensor as it is, else of a row-strided one: copied as rows, kept a view
+        return t if t.stride(1) == t.shape[0] else t.t().contiguous().t()
     return t.contiguous()
 
 
