@@ -38,6 +38,10 @@ from .reference import ACTIVATIONS as TORCH_ACTIVATIONS
 
 __all__ = ["VAE", "LIKELIHOODS", "ESTIMATORS", "Shard"]
 
+# torch's global module hooks (private dicts of torch.nn.modules.module; where a torch lacks one, assume some)
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
 LIKELIHOODS = ("bernoulli", "continuous-bernoulli", "gaussian")
 _LOGIT_DECODERS = ("bernoulli", "continuous-bernoulli")  # the decoder outputs logits [..., D]
 ESTIMATORS = ("analytic", "mc")
@@ -179,6 +183,29 @@ class VAE(nn.Module):
     differentiated once (no ``retain_graph`` second backward, no ``create_graph``): set False on the model
     (or the class) for those."""
 
+    one_node: bool = True
+    """Training (``forward``, Bernoulli, analytic KL, one draw, ``kl_weight`` 1, no shard, eager CPU float32 or
+    float64 without autocast, the fused layers with no module hooks): the whole objective runs as one autograd
+    node (NOTE: [One-node VAE step] in pyvae/ops/vae_step.py), with the layers' own routes and kernels and the
+    same gradients as the layered graph, without its per-node work. Like ``elbo_into_logits`` (which it
+    needs), its graph can be differentiated once: set False on the model (or the class) for retain_graph,
+    double backward, or to see each layer in autograd's graph (hooks on a layer's tensors, the profiler)."""
+
+    def _node_layers(self):
+        """``(weight, bias, activation)`` of every layer for ``ops.vae_elbo``, or None where the one-node step
+        does not apply to this model's modules (eager layers, a subclass's forward, module hooks anywhere)."""
+        if not self.one_node or self.likelihood != "bernoulli" or not self._elbo_into_logits():
+            return None
+        if any(getattr(_torch_module, h, True) for h in _GLOBAL_HOOKS):
+            return None
+        seq = (*self.encoder, self.enc_head, *self.decoder, self.dec_logits)
+        for m in (self, self.encoder, self.decoder, *seq):
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return None
+        if type(self.enc_head) is not GaussianHead or any(type(m) is not FusedLinear for m in seq if m is not self.enc_head):
+            return None
+        return [(m.weight, m.bias, m.activation) for m in seq]
+
     def _elbo_into_logits(self) -> bool:
         # torch keeps the global forward hooks in a private dict: where a torch has none, assume some
         global_hooks = getattr(_torch_module, "_global_forward_hooks", True)
@@ -308,6 +335,13 @@ class VAE(nn.Module):
             raise ValueError(f"kl_weight must be a finite real number, got {kl_weight!r}")
         if shard is not None:
             shard = _check_shard(shard, x.shape[-2])
+        if (estimator == "analytic" and samples == 1 and shard is None and not torch.compiler.is_compiling()
+                and kl_weight == 1.0):
+            layers = self._node_layers()
+            if layers is not None and ops.vae_elbo_applies(x, layers, self.z_dim):
+                # NOTE: [One-node VAE step] in pyvae/ops/vae_step.py: the seed drawn as _reparameterize draws it
+                elbo, kl = ops.vae_elbo(x, layers, self.layers, self.z_dim, ops.draw_seed(generator))
+                return elbo, elbo.detach(), kl
         mu, logvar = self.encode(x)
         z = _reparameterize(mu, logvar, samples, generator, shard)
         if estimator == "analytic":

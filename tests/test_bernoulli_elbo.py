@@ -536,6 +536,7 @@ def test_gradient_into_logits_is_caught_by_a_node_that_saved_the_logits():
 def test_vae_writes_the_gradient_into_its_logits_unless_told_not_to():
     torch.manual_seed(0)
     vae = pyvae.VAE(30, z_dim=3, hidden=16)
+    vae.one_node = False  # the layered step's ELBO call (the one-node step's: tests/test_vae_step.py)
     x = (torch.rand(8, 30) < 0.5).float()
 
     def grads(into, reduce=lambda o: -o.mean(), hook=False):

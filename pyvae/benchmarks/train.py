@@ -7,9 +7,12 @@ closely, since it holds no optimizer), for three providers trained side by side 
 
     torch-eager     a plain PyTorch VAE (nn.Linear + tanh, randn eps, BCE-with-logits + the KL formula)
     torch-compile   the same step's loss under torch.compile
-    pyvae           pyvae.VAE (fused layers with measured routes, in-kernel eps, the fused ELBO)
-    pyvae-fresh-grad  (opt-in) the same with ``elbo_into_logits = False``: the ELBO's logits gradient in a
-                    fresh tensor instead of the logits' storage (NOTE: [ELBO gradient into the logits])
+    pyvae           pyvae.VAE (fused layers with measured routes, in-kernel eps, the fused ELBO; in fp32 the
+                    whole objective as one autograd node: NOTE: [One-node VAE step] in pyvae/ops/vae_step.py)
+    pyvae-layered   (opt-in) the same with ``one_node = False``: one autograd node per layer, draw and ELBO
+    pyvae-fresh-grad  (opt-in) the same with ``elbo_into_logits = False`` (and so layered too): the ELBO's
+                    logits gradient in a fresh tensor instead of the logits' storage (NOTE: [ELBO gradient
+                    into the logits])
     pyvae-fused     (opt-in) pyvae's step with every layer on pyvae's own node and every row op on pyvae's
                     kernel (``fused_only``), whatever the measured routes say: every matrix product of the
                     step then goes through pyvae._gemm
@@ -129,6 +132,7 @@ def build_steps(B, precision, providers, D=784, H=500, Z=20, step="full"):
         if p.startswith("pyvae"):
             model = vae if p == "pyvae" else copy.deepcopy(vae)
             model.elbo_into_logits = p != "pyvae-fresh-grad"
+            model.one_node = p != "pyvae-layered"
             fn = lambda xb, m=model: -m(xb)[0].mean()  # noqa: E731
         else:
             model = plain_model(D, H, Z)
@@ -438,7 +442,7 @@ def panels(rows) -> list:
 
 
 PLOT_COLORS = {"torch-eager": "tab:blue", "torch-compile": "tab:orange", "pyvae": "tab:green",
-               "pyvae-fresh-grad": "tab:olive", "pyvae-fused": "tab:cyan", "pyvae-no-gemm": "tab:purple",
+               "pyvae-fresh-grad": "tab:olive", "pyvae-layered": "tab:brown", "pyvae-fused": "tab:cyan", "pyvae-no-gemm": "tab:purple",
                "GEMM-only": "0.2", "GEMM-only + memory floor": "0.6"}
 
 
@@ -457,7 +461,7 @@ def main(argv=None):
                    help="full: forward, backward and fused Adam (default); fwd-bwd: forward and backward alone")
     p.add_argument("--plot", default=None, help="PNG to write (default: the JSONL's path with .png)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
-    C.add_common_args(p, extra_providers=("pyvae-fresh-grad", "pyvae-fused", "pyvae-no-gemm"))
+    C.add_common_args(p, extra_providers=("pyvae-layered", "pyvae-fresh-grad", "pyvae-fused", "pyvae-no-gemm"))
     args = p.parse_args(argv)
     if args.device != "cpu":  # the steps, GEMM-only and the floor are built on the CPU: cuda would only mislabel them
         p.error("argument --device: the train benchmark runs on the CPU only")

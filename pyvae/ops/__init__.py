@@ -20,7 +20,8 @@ Public functions (also importable from ``pyvae``):
 
 ``bernoulli_elbo_into_logits`` (not in ``__all__``: pyvae.VAE's) is ``bernoulli_elbo`` for a caller that owns
 the logits: their gradient may be written over them (NOTE: [ELBO gradient into the logits] in
-bernoulli_elbo.py).
+bernoulli_elbo.py). ``vae_elbo`` (not in ``__all__`` either) is pyvae.VAE's training objective as one autograd
+node (NOTE: [One-node VAE step] in vae_step.py).
 
 NaN in any input gives NaN in the affected rows of the result (and gradient); infinities follow
 the limits of the formulas. CPU kernels take float32 and float64 (float16 and bfloat16 are computed
@@ -40,6 +41,7 @@ from .gather_binarize import gather_binarize
 from .gaussian_log_prob import gaussian_log_prob
 from .linear_act import ACTIVATIONS, forget_routes, fused_only, linear_act, release_workspace
 from .reparameterize import draw_seed, reparameterize, reparameterize_shard, seed_for, seed_stays_tensor
+from .vae_step import vae_elbo, vae_elbo_applies  # noqa: F401 (pyvae.VAE's one-node training step, not public)
 
 __all__ = [
     "gaussian_kl",

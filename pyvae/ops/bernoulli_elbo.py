@@ -303,21 +303,60 @@ class _OnePass(torch.autograd.Function):
                 "create_graph=True; set VAE.elbo_into_logits = False for retain_graph or double backward")
         g_l, g_mu, g_lv = ctx.written
         ctx.written = None
-        lead, S, rows, D, Z = ctx.shape
-        g = grad if grad.dtype == ctx.dtype else grad.to(ctx.dtype)
-        if g.dim() > 0 and not any(g.stride()):
-            same = g.reshape(-1)[:1].item() == ctx.expected
-        else:
-            same = bool((g == ctx.expected).all())
-        if not same:  # every gradient is the upstream gradient of its row times a function of the inputs
-            g = g.expand(lead).reshape(rows)
-            _remember(ctx.key, g)
-            factor = g / ctx.expected
-            g_l.view(S, rows, D).mul_(factor.to(g_l.dtype).view(1, rows, 1))
-            for t in (g_mu, g_lv):
-                if t is not None:
-                    t.view(rows, Z).mul_(factor.view(rows, 1))
+        rescale_written(grad, ctx.expected, ctx.key, ctx.shape, ctx.dtype, g_l, g_mu, g_lv)
         return g_l, None, g_mu, g_lv, None
+
+
+def rescale_written(grad: torch.Tensor, expected: float, key, shape, dtype: torch.dtype, g_l: torch.Tensor,
+                    g_mu, g_lv) -> None:
+    """Turns gradients a one-pass forward wrote for the upstream gradient ``expected`` into those of ``grad``
+    (the ELBO's gradient, broadcastable to its shape), in place: row by row by grad / expected (NOTE: [ELBO
+    gradient into the logits]); nothing to do when every row's upstream gradient is ``expected``. ``key``,
+    ``shape`` and ``dtype`` as ``forward_into_logits`` returned them."""
+    lead, S, rows, D, Z = shape
+    g = grad if grad.dtype == dtype else grad.to(dtype)
+    if g.dim() > 0 and not any(g.stride()):
+        same = g.reshape(-1)[:1].item() == expected
+    else:
+        same = bool((g == expected).all())
+    if not same:  # every gradient is the upstream gradient of its row times a function of the inputs
+        g = g.expand(lead).reshape(rows)
+        _remember(key, g)
+        factor = g / expected
+        g_l.view(S, rows, D).mul_(factor.to(g_l.dtype).view(1, rows, 1))
+        for t in (g_mu, g_lv):
+            if t is not None:
+                t.view(rows, Z).mul_(factor.view(rows, 1))
+
+
+def into_logits_ok(rows: int, D: int, Z: int, dtype: torch.dtype) -> bool:
+    """Whether ``forward_into_logits`` of ``[rows, D]`` logits and ``[rows, Z]`` mu and logvar in ``dtype``
+    (float32 or float64) can write its gradients for a later rescaling: a nonzero, finite expected upstream
+    gradient (NOTE: [Expected upstream gradient])."""
+    c = _expected((rows, 1, D, Z, dtype), rows, dtype)
+    return c != 0.0 and math.isfinite(c)
+
+
+def forward_into_logits(logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor):
+    """The planned one-pass forward for an owner of ``logits`` (a one-node VAE step, NOTE: [One-node VAE step]
+    in pyvae/ops/vae_step.py), without autograd: ``(elbo, g_mu, g_lv, (expected, key, shape, dtype))`` with
+    d ELBO / d logits times the expected upstream gradient written over ``logits`` and those of mu and logvar
+    in g_mu, g_lv (NOTE: [ELBO gradient into the logits]); ``rescale_written`` turns them into another
+    upstream gradient's. Contiguous CPU ``logits, x [rows, D]``, ``mu, logvar [rows, Z]`` of one dtype, where
+    ``into_logits_ok`` holds; anything else raises."""
+    plan = _Plan.of(logits, x, mu, logvar, (True, False, True, True))
+    if plan is None or logits.dim() != 2:
+        raise RuntimeError("pyvae.bernoulli_elbo: forward_into_logits takes contiguous CPU [rows, D] logits and x "
+                           "and [rows, Z] mu and logvar of one dtype")
+    lead, S, rows, D, Z = plan.shape
+    expected = plan.expected()
+    if plan.c == 0.0 or not math.isfinite(plan.c):
+        raise RuntimeError("pyvae.bernoulli_elbo: forward_into_logits needs a nonzero, finite expected upstream "
+                           "gradient (into_logits_ok)")
+    out = torch.empty(lead, dtype=plan.dtype)
+    g_mu, g_lv = torch.empty(mu.shape, dtype=plan.dtype), torch.empty(mu.shape, dtype=plan.dtype)
+    plan.fwd(logits, x, mu, logvar, out, expected, logits, g_mu, g_lv)
+    return out, g_mu, g_lv, (plan.c, plan.key, plan.shape, plan.dtype)
 
 
 def _mixed(logits, x, mu, logvar) -> bool:

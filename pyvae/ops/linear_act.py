@@ -485,10 +485,25 @@ def _route_for(x, weight, bias, activation, dtype, amp) -> str:
     autocast dtype or None."""
     if _route["fused_only"] or not x.is_cpu:
         return "pyvae"
-    fin, fout = weight.shape[1], weight.shape[0]
+    fin = weight.shape[1]
     rows = x.numel() // fin if fin else 0
     train = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                          or (bias is not None and bias.requires_grad))
+    return _route_of(rows, x.dtype, x.requires_grad, weight, bias, activation, dtype, amp, train)
+
+
+def route_of(rows: int, x_requires_grad: bool, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             activation: str) -> str:
+    """The route (NOTE: [Layer routes]) ``linear_act`` would take in a training step for a float CPU input of
+    ``rows`` rows with weight's dtype, no autocast: the layer routes of a one-node VAE step (NOTE: [One-node VAE
+    step] in pyvae/ops/vae_step.py), so that it runs each layer as the layer itself would run."""
+    if _route["fused_only"]:
+        return "pyvae"
+    return _route_of(rows, weight.dtype, x_requires_grad, weight, bias, activation, weight.dtype, None, True)
+
+
+def _route_of(rows, x_dtype, x_requires_grad, weight, bias, activation, dtype, amp, train) -> str:
+    fin, fout = weight.shape[1], weight.shape[0]
     bucket = 1 << max(rows - 1, 0).bit_length()
     # (the thread count too: a route raced on two threads is not the answer on one, NOTE: [Measured routes])
     k = (dtype, amp, fin, fout, activation, bias is not None, bucket, train, torch.get_num_threads())
@@ -502,7 +517,8 @@ def _route_for(x, weight, bias, activation, dtype, amp) -> str:
             if rows == 0 or not _tune.enabled():
                 r = _cold_route(rows, fin, fout, activation, dtype)
             else:
-                r = _tune.lookup(key) or _measure_route(key, x, weight, bias, activation, dtype, amp, rows, train)
+                r = _tune.lookup(key) or _measure_route(key, x_dtype, x_requires_grad, weight, bias, activation,
+                                                        dtype, amp, rows, train)
         _tune.note(key, r)
         remember(_ROUTES, k, r, 1024)  # (the measured routes stay cached in pyvae/_tune.py)
     return r
@@ -523,11 +539,11 @@ def _backward_from(y, gy) -> None:
         _ENGINE.run_backward((y,), (gy,), False, False, (), allow_unreachable=True, accumulate_grad=True)
 
 
-def _measure_route(key, x, weight, bias, activation, dtype, amp, rows, train) -> str:
+def _measure_route(key, x_dtype, x_requires_grad, weight, bias, activation, dtype, amp, rows, train) -> str:
     """Times the routes of NOTE: [Layer routes] on tensors of this call's shape and dtypes."""
     gen = torch.Generator().manual_seed(0)
     fin, fout = weight.shape[1], weight.shape[0]
-    xs = torch.randn(rows, fin, generator=gen).to(x.dtype).requires_grad_(x.requires_grad and train)
+    xs = torch.randn(rows, fin, generator=gen).to(x_dtype).requires_grad_(x_requires_grad and train)
     ws = (torch.randn(fout, fin, generator=gen) * fin ** -0.5).to(weight.dtype).requires_grad_(train)
     bs = None if bias is None else torch.randn(fout, generator=gen).to(bias.dtype).requires_grad_(train)
     gy = torch.randn(rows, fout, generator=gen).to(amp or dtype)
@@ -556,6 +572,50 @@ def _measure_route(key, x, weight, bias, activation, dtype, amp, rows, train) ->
     if torch.get_num_threads() > 1:
         candidates["pyvae-1t"] = run(pyvae(None, 1))
     return _tune.decide(key, candidates, what=key)
+
+
+_TORCH_ACT_BACKWARD = {  # what torch's autograd runs for each activation's backward (from its output)
+    "tanh": torch.ops.aten.tanh_backward,
+    "sigmoid": torch.ops.aten.sigmoid_backward,
+    "relu": lambda g, y: torch.ops.aten.threshold_backward(g, y, 0),
+}
+
+
+def forward_on_route(route: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     activation: str):
+    """``(y, pre)``: y = act(x @ weight.T + bias) computed as ``route`` computes it, without autograd, for a
+    valid 2-D float CPU call with no autocast (the layers of a one-node VAE step, NOTE: [One-node VAE step] in
+    pyvae/ops/vae_step.py); ``pre`` is the pre-activation where ``backward_on_route`` needs it (torch's
+    softplus), else None."""
+    if route == "torch":  # F.linear and the activation, as torch's own route runs them
+        y = torch.nn.functional.linear(x, weight, bias)
+        if activation == "identity":
+            return y, None
+        if activation == "softplus":
+            return torch.nn.functional.softplus(y), y
+        return getattr(torch, activation + "_")(y), None  # in place: y's values are torch's out-of-place ones
+    return _on_threads(1 if route == "pyvae-1t" else None, _forward, x, weight, bias, ACTIVATIONS[activation],
+                       False if route == "pyvae-mm" else None), None
+
+
+def backward_on_route(route: str, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
+                      pre: Optional[torch.Tensor], has_bias: bool, activation: str, mask):
+    """``(grad_x, grad_weight, grad_bias)`` of ``forward_on_route``'s call from the gradient of its output (None
+    where ``mask`` says not needed), as ``route`` computes them: torch's route with the ops of torch's autograd
+    formulas (addmm's and the activation's), pyvae's with its node's backward."""
+    if route != "torch":
+        return _on_threads(1 if route == "pyvae-1t" else None, _backward_core, grad, x, weight, y, has_bias,
+                           ACTIVATIONS[activation], mask, False if route == "pyvae-mm" else None)
+    if activation == "identity":
+        gp = grad
+    elif activation == "softplus":
+        gp = torch.ops.aten.softplus_backward(grad, pre, 1.0, 20.0)
+    else:
+        gp = _TORCH_ACT_BACKWARD[activation](grad, y)
+    gw = gp.t().mm(x) if mask[1] else None
+    gb = gp.sum(0) if has_bias and mask[2] else None
+    gx = gp.mm(weight) if mask[0] else None
+    return gx, gw, gb
 
 
 class fused_only:

@@ -400,6 +400,55 @@ def _mix_seed_where(seed: torch.Tensor, misaligned) -> torch.Tensor:
     return torch.cat([s, torch.zeros_like(s)])
 
 
+def _mixed_host_seed(seed: int, row0: int) -> int:
+    return (seed + _MIX * (row0 + 1)) % _SEED_BOUND
+
+
+def host_draw_seed(seed: int, rows: int, z_dim: int) -> int:
+    """The kernel's seed word of ``reparameterize_shard``'s unsharded draw of ``[rows, z_dim]`` (one sample)
+    from a host seed in [0, 2**62) (``draw_seed``'s): the seed, mixed where rows * z_dim is off a counter
+    boundary (NOTE: [Sharded draws]); its counter offset is 0."""
+    return (_mixed_host_seed(seed, 0) if (rows * z_dim) % _gate.NORMALS_PER_COUNTER else seed) & _U64
+
+
+class KeptDraw:
+    """One sample of z = mu + exp(logvar / 2) * eps for contiguous CPU ``mu, logvar [rows, Z]`` (float32 or
+    float64) with its normals kept (NOTE: [Saved eps] in csrc/cpu/reparameterize.cpp), as prepared kernel
+    calls: the draw of a one-node VAE step (NOTE: [One-node VAE step] in pyvae/ops/vae_step.py). The same
+    kernels and Philox words as ``reparameterize``'s, so the same z for the same seed."""
+
+    __slots__ = ("shape", "dtype", "fwd", "bwd")
+    _CACHE: dict = {}
+
+    def __init__(self, shape, dtype):
+        n = shape[0] * shape[1]
+        self.shape, self.dtype = tuple(shape), dtype
+        cpu = torch.device("cpu")
+        self.fwd = _gate.prepare_reparameterize("fwd", dtype=dtype, device=cpu, numel=n, samples=1, eps=True)
+        self.bwd = _gate.prepare_reparameterize("bwd", dtype=dtype, device=cpu, numel=n, samples=1,
+                                                grads=(True, True), eps=True)
+
+    @classmethod
+    def of(cls, shape, dtype) -> "KeptDraw":
+        k = (tuple(shape), dtype)
+        d = cls._CACHE.get(k)
+        return d if d is not None else remember(cls._CACHE, k, cls(shape, dtype), _LEAN_MAX)
+
+    def forward(self, mu: torch.Tensor, logvar: torch.Tensor, seed: int):
+        """``(z, eps)`` of the draw keyed ``(seed, 0)`` (seed a kernel seed word: ``host_draw_seed``)."""
+        z = torch.empty(self.shape, dtype=self.dtype)
+        eps = torch.empty(self.shape, dtype=self.dtype)
+        self.fwd(mu, logvar, z, eps, seed, 0)
+        return z, eps
+
+    def backward(self, grad_z: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor, seed: int):
+        """``(grad_mu, grad_logvar)`` from z's gradient (contiguous), the forward's logvar and eps."""
+        g_mu = torch.empty(self.shape, dtype=self.dtype)
+        g_lv = torch.empty(self.shape, dtype=self.dtype)
+        self.bwd(logvar, grad_z, g_mu, g_lv, eps, seed, 0)
+        return g_mu, g_lv
+
+
 def reparameterize_shard(mu: torch.Tensor, logvar: torch.Tensor, samples: int, seed,
                          shard: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """``[samples, B, Z]`` z for ``mu, logvar [B, Z]`` from ``seed``; with ``shard = (row0, rows)`` the
@@ -421,10 +470,7 @@ def reparameterize_shard(mu: torch.Tensor, logvar: torch.Tensor, samples: int, s
         # the seed mixed as below, chosen by tensor ops (NOTE: [Seeds under torch.compile])
         return call(_OP, mu, logvar, samples, _mix_seed_where(seed, (B * Z) % k))
     if (row0 * Z) % k or (rows * Z) % k:
-        if on_device:
-            seed = _mix_seed(seed, row0)
-        else:
-            seed = (seed + _MIX * (row0 + 1)) % _SEED_BOUND
+        seed = _mix_seed(seed, row0) if on_device else _mixed_host_seed(seed, row0)
         row0, rows = 0, B
 
     def key(offset: int):

@@ -1,0 +1,155 @@
+"""The training objective of an MLP VAE with a Bernoulli decoder as one autograd node (``pyvae.VAE``'s eager
+CPU training step).
+
+NOTE: [One-node VAE step]
+In a training step of ``pyvae.VAE`` (Bernoulli decoder, analytic KL, one draw) autograd sees one node per
+layer, one for the draw, one for the ELBO, and the views, copies and gradient sums between them: at the
+paper's batch (B=100) that bookkeeping is a share of a step's time beside its GEMMs (bench/RESULTS.md,
+"Stop 22": ``pyvae bench train --providers pyvae pyvae-layered``). So ``vae_elbo`` computes the whole objective
+in one ``autograd.Function``: its forward runs every layer, the draw and the one-pass ELBO, keeping what the
+backward reads; its backward runs the layers' backward in reverse and returns the gradients of every weight
+and bias at once.
+
+Nothing is computed differently from the layered graph:
+- each layer runs on the route the layer itself would take (NOTE: [Layer routes] in linear_act.py;
+  ``linear_act.route_of``), with the same functions: pyvae's node's forward and backward, or for torch's
+  route the ops of torch's own forward and autograd formulas;
+- the draw is ``reparameterize``'s kernel with the same seed word (``host_draw_seed``), so the same z;
+- the ELBO is the planned one-pass kernel with its gradient written over the logits (NOTE: [ELBO gradient into
+  the logits] in bernoulli_elbo.py), rescaled as there when the upstream gradient is not the expected one;
+- mu's and logvar's gradients are the draw's plus the ELBO's, as autograd sums them.
+So the outputs and gradients are those of the layered graph bit for bit (tests/test_vae_step.py), and the step
+runs the same kernels and GEMMs as the layered one, less the per-node work. Like the ELBO
+into the logits, the graph can be differentiated once: a second backward (retain_graph) or create_graph=True
+raises, naming ``VAE.one_node``, the switch that turns this path off.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+from ._registry import eager_ok
+from .bernoulli_elbo import forward_into_logits, into_logits_ok, rescale_written
+from .gaussian_kl import gaussian_kl
+from .linear_act import backward_on_route, forward_on_route, route_of
+from .reparameterize import KeptDraw, host_draw_seed
+
+__all__ = ["vae_elbo", "vae_elbo_applies"]
+
+
+class _Spec:
+    """What a call fixes besides its tensors: activations, routes, sizes, the encoder's depth."""
+
+    __slots__ = ("acts", "routes", "n_enc", "z_dim", "seed", "draw")
+
+    def __init__(self, acts, routes, n_enc, z_dim, seed, draw):
+        self.acts, self.routes, self.n_enc, self.z_dim, self.seed, self.draw = acts, routes, n_enc, z_dim, seed, draw
+
+
+_ONCE = ("pyvae.VAE: this one-node training step (NOTE: [One-node VAE step] in pyvae/ops/vae_step.py) can be "
+         "differentiated once and not with create_graph=True; set VAE.one_node = False (or VAE.elbo_into_logits = "
+         "False) for retain_graph or double backward")
+
+
+class _VAEStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spec: _Spec, x, *params):
+        n = len(spec.acts)
+        h, keep = x, []  # keep: per layer (its input, output, pre-activation or None)
+        for i in range(n):
+            w, b = params[2 * i], params[2 * i + 1]
+            if i == spec.n_enc + 1:  # the decoder's input: the draw from the head's output
+                head = h
+                Z = spec.z_dim
+                mu, logvar = head[:, :Z].contiguous(), head[:, Z:].contiguous()
+                z, eps = spec.draw.forward(mu, logvar, spec.seed)
+                h = z
+            y, pre = forward_on_route(spec.routes[i], h, w, b, spec.acts[i])
+            keep.append((h, y, pre))
+            h = y
+        logits = h  # the last layer's output: this node's own, overwritten by its gradient
+        elbo, g_mu, g_lv, ctx.scale = forward_into_logits(logits, x, mu, logvar)
+        # The KL as the layered step computes it, on its route: without grad, of views of a head that requires
+        # grad (the row op's route key records both: NOTE: [Row op routes] in _rowwise.py).
+        with torch.enable_grad():
+            hv = head.detach().requires_grad_()
+            mu_v, lv_v = hv[:, :spec.z_dim], hv[:, spec.z_dim:]
+        kl = gaussian_kl(mu_v, lv_v)
+        ctx.spec, ctx.n = spec, n
+        ctx.written = (g_mu, g_lv)
+        tensors: List[torch.Tensor] = [logits, mu, logvar, eps, *params]
+        for inp, y, pre in keep[:-1]:  # the last layer's output is the logits (already in), its input below
+            tensors += [inp, y, pre if pre is not None else y]
+        tensors.append(keep[-1][0])
+        ctx.save_for_backward(*tensors)
+        ctx.has_pre = [pre is not None for _, _, pre in keep]
+        ctx.mark_non_differentiable(kl)
+        return elbo, kl
+
+    @staticmethod
+    def backward(ctx, grad, _grad_kl):
+        if ctx.written is None or torch.is_grad_enabled():
+            raise RuntimeError(_ONCE)
+        spec, n = ctx.spec, ctx.n
+        saved = ctx.saved_tensors
+        logits, mu, logvar, eps = saved[:4]
+        params = saved[4:4 + 2 * n]
+        rest = saved[4 + 2 * n:]
+        keep = [(rest[3 * i], rest[3 * i + 1], rest[3 * i + 2] if ctx.has_pre[i] else None) for i in range(n - 1)]
+        keep.append((rest[-1], logits, None))
+        g_mu, g_lv = ctx.written
+        ctx.written = None
+        g_l = logits  # holds d ELBO / d logits for the expected upstream gradient
+        rescale_written(grad, *ctx.scale, g_l, g_mu, g_lv)
+        grads: List = [None] * (2 * n)
+        g = g_l
+        for i in reversed(range(n)):
+            inp, y, pre = keep[i]
+            first = i == 0
+            gx, gw, gb = backward_on_route(spec.routes[i], g, inp, params[2 * i], y, pre, True, spec.acts[i],
+                                               (not first, True, True))
+            grads[2 * i], grads[2 * i + 1] = gw, gb
+            if i == spec.n_enc + 1:  # gx is z's gradient: through the draw to mu and logvar, plus the ELBO's
+                d_mu, d_lv = spec.draw.backward(gx.contiguous(), logvar, eps, spec.seed)
+                gx = torch.cat([d_mu.add_(g_mu), d_lv.add_(g_lv)], dim=1)
+            g = gx
+        return (None, None, *grads)
+
+
+def vae_elbo(x: torch.Tensor, layers: Sequence[Tuple[torch.Tensor, torch.Tensor, str]], encoder_layers: int,
+             z_dim: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(elbo [B], kl [B])`` of an MLP VAE with a Bernoulli decoder, analytic KL and one draw, as one autograd
+    node (NOTE: [One-node VAE step]); kl is not differentiable.
+
+    ``layers``: ``(weight, bias, activation)`` of the encoder's ``encoder_layers`` hidden layers, the Gaussian
+    head (identity, ``2 * z_dim`` outputs: mu then logvar), the decoder's hidden layers and the logits layer
+    (identity). ``x`` ``[B, D]``, contiguous, of the weights' dtype (float32 or float64), not differentiated;
+    every weight and bias differentiable; ``seed`` a host seed (``draw_seed``). For callers that have checked
+    all this (``pyvae.VAE``): nothing is validated here.
+    """
+    rows = x.shape[0]
+    acts = tuple(a for _, _, a in layers)
+    routes = tuple(route_of(rows, i > 0, w, b, a) for i, (w, b, a) in enumerate(layers))
+    spec = _Spec(acts, routes, encoder_layers, z_dim, host_draw_seed(seed, rows, z_dim),
+                 KeptDraw.of((rows, z_dim), x.dtype))
+    params = [t for w, b, _ in layers for t in (w, b)]
+    return _VAEStep.apply(spec, x, *params)
+
+
+def vae_elbo_applies(x, layers: Sequence[Tuple[torch.Tensor, torch.Tensor, str]], z_dim: int) -> bool:
+    """Whether ``vae_elbo`` takes this call in a training step: plain eager mode with gradients on, no autocast,
+    a contiguous non-empty float32/float64 CPU ``x [B, D]`` that is not differentiated, every weight and bias a
+    differentiable CPU tensor of x's dtype, and an ELBO gradient that can be written over the logits (NOTE:
+    [ELBO gradient into the logits])."""
+    if not (torch.is_grad_enabled() and type(x) is torch.Tensor and x.is_cpu and x.dim() == 2 and x.shape[0] > 0
+            and x.dtype in (torch.float32, torch.float64) and not x.requires_grad and x.is_contiguous()
+            and not torch._C._is_any_autocast_enabled()):
+        return False
+    params = [t for w, b, _ in layers for t in (w, b)]
+    if not eager_ok(x, *params):
+        return False
+    for t in params:
+        if t is None or not t.requires_grad or t.dtype != x.dtype or not t.is_cpu:
+            return False
+    return into_logits_ok(x.shape[0], x.shape[1], z_dim, x.dtype)

@@ -1,0 +1,229 @@
+"""pyvae.VAE's one-node training step (NOTE: [One-node VAE step] in pyvae/ops/vae_step.py).
+
+The one node must compute what the layered graph computes, bit for bit, on every layer route, and must be
+taken exactly where it applies."""
+import copy
+
+import pytest
+import torch
+
+import pyvae
+from pyvae import _tune
+from pyvae.ops import forget_routes
+from pyvae.ops.linear_act import ROUTES
+
+
+def _model(dtype=torch.float32, activation="tanh", layers=1, D=13, H=9, Z=3, seed=0):
+    torch.manual_seed(seed)
+    return pyvae.VAE(D, z_dim=Z, hidden=H, activation=activation, layers=layers).to(dtype)
+
+
+def _x(B, D, dtype=torch.float32, seed=1):
+    return (torch.rand(B, D, generator=torch.Generator().manual_seed(seed)) < 0.4).to(dtype)
+
+
+def _step(model, x, seed=5, upstream=None):
+    """(objective, elbo, kl, gradients, the next number of torch's global generator) of one step."""
+    for p in model.parameters():
+        p.grad = None
+    torch.manual_seed(seed)
+    obj, elbo, kl = model(x)
+    loss = -obj.mean() if upstream is None else -(obj * upstream).sum()
+    loss.backward()
+    return obj.detach(), elbo, kl, [p.grad.clone() for p in model.parameters()], torch.rand(1)
+
+
+def _keys(model, x, monkeypatch):
+    """The layer-route keys a training step of ``model`` on ``x`` looks up (routes forgotten first)."""
+    seen = []
+    note = _tune.note
+    monkeypatch.setattr(_tune, "note", lambda key, route: (seen.append(key), note(key, route)))
+    forget_routes()
+    _step(copy.deepcopy(model), x)
+    monkeypatch.setattr(_tune, "note", note)
+    keys = sorted({k for k in seen if k.startswith(("linear_act", "gaussian_kl"))})
+    # 13->9, 9->9 (both second hidden layers), the head 9->6, 3->9, the logits 9->13, and the reported KL
+    assert len(keys) == 6, keys
+    return keys
+
+
+def _layered(model):
+    other = copy.deepcopy(model)
+    other.one_node = False
+    return other
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid", "softplus"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_one_node_equals_layered_bit_for_bit(route, activation, dtype, monkeypatch):
+    """Every layer on the same route both ways: outputs, gradients and the global generator's state agree
+    exactly (a wrong mask, term, order of a sum or draw shows as a difference)."""
+    model = _model(dtype, activation, layers=2)
+    x = _x(37, 13, dtype)
+    keys = _keys(model, x, monkeypatch)
+    try:
+        # the KL (a row op: routes "torch" and "pyvae") on torch's where the layers are, else on pyvae's kernel
+        pins = {k: route if k.startswith("linear_act") else ("torch" if route == "torch" else "pyvae") for k in keys}
+        with _tune.pinned(pins):
+            forget_routes()
+            node = _step(model, x)
+            assert model(x)[0].grad_fn.name() == "_VAEStepBackward"
+            assert all(_tune.used()[k] == pins[k] for k in keys)
+            layered = _step(_layered(model), x)
+            assert all(_tune.used()[k] == pins[k] for k in keys)
+    finally:
+        forget_routes()
+    for a, b in zip(node[:3], layered[:3]):
+        assert torch.equal(a, b)
+    for g, h in zip(node[3], layered[3]):
+        assert torch.equal(g, h)
+    assert torch.equal(node[4], layered[4])  # one seed drawn from torch's generator, as the layered step
+    assert all(bool(torch.isfinite(g).all()) and bool(g.abs().sum() > 0) for g in node[3])
+
+
+def test_paper_model_equals_layered_on_the_cold_routes():
+    model = pyvae.VAE(784, z_dim=20, hidden=500)
+    x = _x(100, 784)
+    node, layered = _step(model, x), _step(_layered(model), x)
+    assert torch.equal(node[0], layered[0])
+    for g, h in zip(node[3], layered[3]):
+        assert torch.equal(g, h)
+
+
+def test_other_upstream_gradients_rescale_as_the_layered_step():
+    """A weighted sum of the ELBO (rows weighted differently) rescales the written gradients: equal to the
+    layered step's bits, and to the two-pass gradient of elbo_into_logits=False within rounding."""
+    model = _model(torch.float64)
+    x = _x(11, 13, torch.float64)
+    w = torch.linspace(0.5, 2.0, 11, dtype=torch.float64)
+    node, layered = _step(model, x, upstream=w), _step(_layered(model), x, upstream=w)
+    fresh = copy.deepcopy(model)
+    fresh.elbo_into_logits = False
+    two_pass = _step(fresh, x, upstream=w)
+    for g, h, k in zip(node[3], layered[3], two_pass[3]):
+        assert torch.equal(g, h)
+        torch.testing.assert_close(g, k, rtol=1e-12, atol=1e-12)
+    # and then the usual mean again: the gradients of a plain step, not of the weighted one
+    again, plain = _step(model, x), _step(_layered(model), x)
+    for g, h in zip(again[3], plain[3]):
+        assert torch.equal(g, h)
+
+
+def test_one_node_gradients_match_float64_autograd_of_the_formula():
+    """Against torch's own autograd of the objective written with torch ops, with the node's eps."""
+    model = _model(torch.float64, "tanh")
+    x = _x(9, 13, torch.float64)
+    torch.manual_seed(3)
+    obj = model(x)[0]
+    (-obj.mean()).backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    # eps of that draw: z - mu over the std, from reparameterize's draw with the same seed
+    mu, logvar = model.encode(x)
+    torch.manual_seed(3)
+    seed = pyvae.ops.draw_seed()
+    z = pyvae.ops.reparameterize_shard(mu.detach(), logvar.detach(), 1, seed)[0]
+    eps = (z - mu.detach()) / torch.exp(0.5 * logvar.detach())
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.grad = None
+    h = torch.tanh(torch.nn.functional.linear(x, ref.encoder[0].weight, ref.encoder[0].bias))
+    head = torch.nn.functional.linear(h, ref.enc_head.weight, ref.enc_head.bias)
+    m, lv = head[:, :3], head[:, 3:]
+    zz = m + eps * torch.exp(0.5 * lv)
+    logits = torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(zz, ref.decoder[0].weight,
+                                                                               ref.decoder[0].bias)),
+                                        ref.dec_logits.weight, ref.dec_logits.bias)
+    rec = -torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+    kl = 0.5 * (m.pow(2) + lv.exp() - 1.0 - lv).sum(-1)
+    torch.testing.assert_close(obj.detach(), (rec - kl).detach(), rtol=1e-10, atol=1e-10)
+    (-(rec - kl).mean()).backward()
+    for g, p in zip(got, ref.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-10)
+
+
+def test_extreme_inputs_stay_finite():
+    """Weights that drive the logits to +-1e4 and logvar to +-30: finite ELBO and gradients, both paths alike."""
+    model = _model(torch.float32)
+    with torch.no_grad():
+        model.dec_logits.bias.copy_(torch.tensor([1e4, -1e4] * 6 + [0.0]))
+        model.enc_head.bias[3:] = torch.tensor([30.0, -30.0, 0.0])
+    x = _x(8, 13)
+    node, layered = _step(model, x), _step(_layered(model), x)
+    assert bool(torch.isfinite(node[0]).all())
+    for g, h in zip(node[3], layered[3]):
+        assert bool(torch.isfinite(g).all())
+        assert torch.equal(g, h)
+
+
+def _taken(model, x, **kw) -> bool:
+    obj = model(x, **kw)[0]
+    return obj.grad_fn is not None and obj.grad_fn.name() == "_VAEStepBackward"
+
+
+def test_taken_exactly_where_it_applies():
+    model = _model()
+    x = _x(6, 13)
+    assert _taken(model, x)
+    assert _taken(model.double(), x.double())
+    model.float()
+    assert not _taken(model, x, samples=2)
+    assert not _taken(model, x, estimator="mc")
+    assert not _taken(model, x, kl_weight=0.5)
+    assert not _taken(model, x, shard=(0, 6))
+    assert not _taken(model, x.t().contiguous().t())  # strided x
+    assert not _taken(model, x.clone().requires_grad_())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _taken(model, x)
+    with torch.no_grad():
+        assert model(x)[0].grad_fn is None
+    off = _layered(model)
+    assert not _taken(off, x)
+    fresh = copy.deepcopy(model)
+    fresh.elbo_into_logits = False
+    assert not _taken(fresh, x)
+    frozen = copy.deepcopy(model)
+    frozen.decoder[0].bias.requires_grad_(False)
+    assert not _taken(frozen, x)
+    assert not _taken(pyvae.VAE(13, z_dim=3, hidden=9, fused=False), x)
+    assert not _taken(pyvae.VAE(13, z_dim=3, hidden=9, likelihood="continuous-bernoulli"), x)
+    hooked = copy.deepcopy(model)
+    seen = []
+    handle = hooked.decoder[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert not _taken(hooked, x) and seen == [(6, 9)]
+    handle.remove()
+    assert _taken(hooked, x)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, i: None)
+    try:
+        assert not _taken(model, x)
+    finally:
+        handle.remove()
+
+
+def test_second_backward_and_create_graph_raise_naming_the_switch():
+    model = _model()
+    x = _x(6, 13)
+    obj = model(x)[0]
+    loss = -obj.mean()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one_node"):
+        loss.backward()
+    obj = model(x)[0]
+    with pytest.raises(RuntimeError, match="one_node"):
+        torch.autograd.grad(-obj.mean(), list(model.parameters()), create_graph=True)
+    # with the switch off, a second backward works
+    off = _layered(model)
+    off.elbo_into_logits = False
+    loss = -off(x)[0].mean()
+    loss.backward(retain_graph=True)
+    loss.backward()
+
+
+def test_a_weight_changed_before_backward_is_an_error():
+    model = _model()
+    x = _x(6, 13)
+    loss = -model(x)[0].mean()
+    with torch.no_grad():
+        model.decoder[0].weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
