@@ -53,10 +53,16 @@ _ONCE = ("pyvae.VAE: this one-node training step (NOTE: [One-node VAE step] in p
 
 
 class _VAEStep(torch.autograd.Function):
+    # What the backward reads: x and the parameters through save_for_backward (so that an in-place change of
+    # one before backward is torch's error, as in the layered graph); the intermediates, which only this node
+    # ever sees, in ctx.inter, each dropped as soon as the backward is done with it (autograd would free a
+    # layered graph's saved tensors node by node; held to the end, they raised the peak at B=8192 by a
+    # quarter). Per layer: (its input, its output where its activation's derivative reads it, torch's
+    # softplus pre-activation or None); then logvar and eps for the draw's backward.
     @staticmethod
     def forward(ctx, spec: _Spec, x, *params):
         n = len(spec.acts)
-        h, keep = x, []  # keep: per layer (its input, output, pre-activation or None)
+        h, inter = x, []
         for i in range(n):
             w, b = params[2 * i], params[2 * i + 1]
             if i == spec.n_enc + 1:  # the decoder's input: the draw from the head's output
@@ -66,7 +72,7 @@ class _VAEStep(torch.autograd.Function):
                 z, eps = spec.draw.forward(mu, logvar, spec.seed)
                 h = z
             y, pre = forward_on_route(spec.routes[i], h, w, b, spec.acts[i])
-            keep.append((h, y, pre))
+            inter.append([None if i == 0 else h, None if spec.acts[i] == "identity" else y, pre])
             h = y
         logits = h  # the last layer's output: this node's own, overwritten by its gradient
         elbo, g_mu, g_lv, ctx.scale = forward_into_logits(logits, x, mu, logvar)
@@ -76,14 +82,10 @@ class _VAEStep(torch.autograd.Function):
             hv = head.detach().requires_grad_()
             mu_v, lv_v = hv[:, :spec.z_dim], hv[:, spec.z_dim:]
         kl = gaussian_kl(mu_v, lv_v)
-        ctx.spec, ctx.n = spec, n
-        ctx.written = (g_mu, g_lv)
-        tensors: List[torch.Tensor] = [logits, mu, logvar, eps, *params]
-        for inp, y, pre in keep[:-1]:  # the last layer's output is the logits (already in), its input below
-            tensors += [inp, y, pre if pre is not None else y]
-        tensors.append(keep[-1][0])
-        ctx.save_for_backward(*tensors)
-        ctx.has_pre = [pre is not None for _, _, pre in keep]
+        ctx.spec = spec
+        ctx.written = (logits, g_mu, g_lv)
+        ctx.inter = (inter, logvar, eps)
+        ctx.save_for_backward(x, *params)
         ctx.mark_non_differentiable(kl)
         return elbo, kl
 
@@ -91,28 +93,26 @@ class _VAEStep(torch.autograd.Function):
     def backward(ctx, grad, _grad_kl):
         if ctx.written is None or torch.is_grad_enabled():
             raise RuntimeError(_ONCE)
-        spec, n = ctx.spec, ctx.n
-        saved = ctx.saved_tensors
-        logits, mu, logvar, eps = saved[:4]
-        params = saved[4:4 + 2 * n]
-        rest = saved[4 + 2 * n:]
-        keep = [(rest[3 * i], rest[3 * i + 1], rest[3 * i + 2] if ctx.has_pre[i] else None) for i in range(n - 1)]
-        keep.append((rest[-1], logits, None))
-        g_mu, g_lv = ctx.written
-        ctx.written = None
-        g_l = logits  # holds d ELBO / d logits for the expected upstream gradient
+        spec = ctx.spec
+        x, *params = ctx.saved_tensors
+        g_l, g_mu, g_lv = ctx.written  # g_l: the logits' storage, holding d ELBO / d logits (times expected)
+        inter, logvar, eps = ctx.inter
+        ctx.written = ctx.inter = None
         rescale_written(grad, *ctx.scale, g_l, g_mu, g_lv)
+        n = len(inter)
         grads: List = [None] * (2 * n)
         g = g_l
+        del g_l
         for i in reversed(range(n)):
-            inp, y, pre = keep[i]
-            first = i == 0
-            gx, gw, gb = backward_on_route(spec.routes[i], g, inp, params[2 * i], y, pre, True, spec.acts[i],
-                                               (not first, True, True))
+            inp, y, pre = inter.pop()
+            gx, gw, gb = backward_on_route(spec.routes[i], g, x if i == 0 else inp, params[2 * i], y, pre, True,
+                                           spec.acts[i], (i > 0, True, True))
+            del inp, y, pre
             grads[2 * i], grads[2 * i + 1] = gw, gb
             if i == spec.n_enc + 1:  # gx is z's gradient: through the draw to mu and logvar, plus the ELBO's
                 d_mu, d_lv = spec.draw.backward(gx.contiguous(), logvar, eps, spec.seed)
                 gx = torch.cat([d_mu.add_(g_mu), d_lv.add_(g_lv)], dim=1)
+                del d_mu, d_lv, logvar, eps, g_mu, g_lv
             g = gx
         return (None, None, *grads)
 
