@@ -193,10 +193,17 @@ class VAE(nn.Module):
 
     def _node_layers(self):
         """``(weight, bias, activation)`` of every layer for ``ops.vae_elbo``, or None where the one-node step
-        does not apply to this model's modules (eager layers, a subclass's forward, module hooks anywhere)."""
+        does not apply to this model's modules (eager layers, a subclass's ``encode`` or ``_decoder_input``, a
+        container subclass, module hooks anywhere)."""
         if not self.one_node or self.likelihood != "bernoulli" or not self._elbo_into_logits():
             return None
         if any(getattr(_torch_module, h, True) for h in _GLOBAL_HOOKS):
+            return None
+        # what the layered forward calls, unchanged: a subclass's encode or decoder input, a container's forward,
+        # would be bypassed
+        cls = type(self)
+        if (cls.encode is not VAE.encode or cls._decoder_input is not VAE._decoder_input
+                or type(self.encoder) is not nn.Sequential or type(self.decoder) is not nn.Sequential):
             return None
         seq = (*self.encoder, self.enc_head, *self.decoder, self.dec_logits)
         for m in (self, self.encoder, self.decoder, *seq):
@@ -338,9 +345,9 @@ class VAE(nn.Module):
         if (estimator == "analytic" and samples == 1 and shard is None and not torch.compiler.is_compiling()
                 and kl_weight == 1.0):
             layers = self._node_layers()
-            if layers is not None and ops.vae_elbo_applies(x, layers, self.z_dim):
+            if layers is not None and ops.vae_elbo_applies(x, layers, self.z_dim, len(self.encoder)):
                 # NOTE: [One-node VAE step] in pyvae/ops/vae_step.py: the seed drawn as _reparameterize draws it
-                elbo, kl = ops.vae_elbo(x, layers, self.layers, self.z_dim, ops.draw_seed(generator))
+                elbo, kl = ops.vae_elbo(x, layers, len(self.encoder), self.z_dim, ops.draw_seed(generator))
                 return elbo, elbo.detach(), kl
         mu, logvar = self.encode(x)
         z = _reparameterize(mu, logvar, samples, generator, shard)

@@ -47,6 +47,10 @@ def _keys(model, x, monkeypatch):
     return keys
 
 
+def _bits(t):
+    return t.view(torch.int64 if t.dtype == torch.float64 else torch.int32)
+
+
 def _layered(model):
     other = copy.deepcopy(model)
     other.one_node = False
@@ -75,9 +79,9 @@ def test_one_node_equals_layered_bit_for_bit(route, activation, dtype, monkeypat
     finally:
         forget_routes()
     for a, b in zip(node[:3], layered[:3]):
-        assert torch.equal(a, b)
+        assert torch.equal(_bits(a), _bits(b))
     for g, h in zip(node[3], layered[3]):
-        assert torch.equal(g, h)
+        assert torch.equal(_bits(g), _bits(h))  # bits: the sign of a zero too
     assert torch.equal(node[4], layered[4])  # one seed drawn from torch's generator, as the layered step
     assert all(bool(torch.isfinite(g).all()) and bool(g.abs().sum() > 0) for g in node[3])
 
@@ -85,6 +89,7 @@ def test_one_node_equals_layered_bit_for_bit(route, activation, dtype, monkeypat
 def test_paper_model_equals_layered_on_the_cold_routes():
     model = pyvae.VAE(784, z_dim=20, hidden=500)
     x = _x(100, 784)
+    assert _taken(model, x)
     node, layered = _step(model, x), _step(_layered(model), x)
     assert torch.equal(node[0], layered[0])
     for g, h in zip(node[3], layered[3]):
@@ -97,6 +102,7 @@ def test_other_upstream_gradients_rescale_as_the_layered_step():
     model = _model(torch.float64)
     x = _x(11, 13, torch.float64)
     w = torch.linspace(0.5, 2.0, 11, dtype=torch.float64)
+    assert _taken(model, x)
     node, layered = _step(model, x, upstream=w), _step(_layered(model), x, upstream=w)
     fresh = copy.deepcopy(model)
     fresh.elbo_into_logits = False
@@ -149,6 +155,7 @@ def test_extreme_inputs_stay_finite():
         model.dec_logits.bias.copy_(torch.tensor([1e4, -1e4] * 6 + [0.0]))
         model.enc_head.bias[3:] = torch.tensor([30.0, -30.0, 0.0])
     x = _x(8, 13)
+    assert _taken(model, x)
     node, layered = _step(model, x), _step(_layered(model), x)
     assert bool(torch.isfinite(node[0]).all())
     for g, h in zip(node[3], layered[3]):
@@ -198,6 +205,60 @@ def test_taken_exactly_where_it_applies():
         assert not _taken(model, x)
     finally:
         handle.remove()
+    with torch.autograd.graph.save_on_cpu():  # saved-tensor hooks act on the layered graph's tensors
+        assert not _taken(model, x)
+    with torch.inference_mode(), torch.enable_grad():  # the layered graph's error, not a graph of the node
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved"):
+            model(x)
+    assert _taken(model, x)
+
+
+def _same_as_layered(model, x):
+    node, layered = _step(model, x), _step(_layered(model), x)
+    assert torch.equal(node[0], layered[0])
+    for g, h in zip(node[3], layered[3]):
+        assert torch.equal(g, h)
+
+
+def test_models_the_node_does_not_describe_take_the_layered_graph():
+    """What the node would compute differently: an activation on the logits layer (whose output's storage the
+    ELBO gradient takes), a subclass's encode or decoder input, a container subclass, an encoder deeper than
+    ``layers`` says. Each takes the layered graph, and so gets its gradients."""
+    x = _x(6, 13, torch.float64)
+    act = _model(torch.float64)
+    act.dec_logits.activation = "tanh"
+    assert not _taken(act, x)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # the layered graph's refusal
+        _step(act, x)
+    act.elbo_into_logits = False
+    _step(act, x)
+
+    class Half(pyvae.VAE):
+        def encode(self, x):
+            return super().encode(x * 0.5)
+
+    class Cast(pyvae.VAE):
+        def _decoder_input(self, z):
+            return super()._decoder_input(z) * 2.0
+
+    class TanhSeq(torch.nn.Sequential):
+        def forward(self, h):
+            return torch.tanh(super().forward(h))
+
+    for cls in (Half, Cast):
+        torch.manual_seed(0)
+        sub = cls(13, z_dim=3, hidden=9).double()
+        assert not _taken(sub, x)
+        _same_as_layered(sub, x)
+    seq = _model(torch.float64)
+    seq.encoder = TanhSeq(*seq.encoder)
+    assert not _taken(seq, x)
+    _same_as_layered(seq, x)
+    # a deeper encoder than the constructor's: the node follows the modules, not ``layers``
+    deep = _model(torch.float64)
+    deep.encoder.append(pyvae.nn.FusedLinear(9, 9, "tanh").double())
+    assert _taken(deep, x)
+    _same_as_layered(deep, x)
 
 
 def test_second_backward_and_create_graph_raise_naming_the_switch():

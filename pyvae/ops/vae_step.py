@@ -18,10 +18,14 @@ Nothing is computed differently from the layered graph:
 - the ELBO is the planned one-pass kernel with its gradient written over the logits (NOTE: [ELBO gradient into
   the logits] in bernoulli_elbo.py), rescaled as there when the upstream gradient is not the expected one;
 - mu's and logvar's gradients are the draw's plus the ELBO's, as autograd sums them.
+- the head's gradient is the two slices' gradients, each +0.0 outside its slice, as autograd sums them.
 So the outputs and gradients are those of the layered graph bit for bit (tests/test_vae_step.py), and the step
 runs the same kernels and GEMMs as the layered one, less the per-node work. Like the ELBO
 into the logits, the graph can be differentiated once: a second backward (retain_graph) or create_graph=True
-raises, naming ``VAE.one_node``, the switch that turns this path off.
+raises, naming ``VAE.one_node``, the switch that turns this path off. Where the node would not compute what
+the layered forward computes (an activation on the head or the logits layer, a subclass's ``encode``, a
+container subclass, module or saved-tensor hooks, inference mode: ``vae_elbo_applies`` and
+``VAE._node_layers``), the layered graph runs.
 """
 from __future__ import annotations
 
@@ -111,7 +115,9 @@ class _VAEStep(torch.autograd.Function):
             grads[2 * i], grads[2 * i + 1] = gw, gb
             if i == spec.n_enc + 1:  # gx is z's gradient: through the draw to mu and logvar, plus the ELBO's
                 d_mu, d_lv = spec.draw.backward(gx.contiguous(), logvar, eps, spec.seed)
-                gx = torch.cat([d_mu.add_(g_mu), d_lv.add_(g_lv)], dim=1)
+                # (+ 0.0: the layered graph sums the two slices' gradients, each zero outside its slice, so a
+                # -0.0 of either comes out +0.0 there)
+                gx = torch.cat([d_mu.add_(g_mu), d_lv.add_(g_lv)], dim=1).add_(0.0)
                 del d_mu, d_lv, logvar, eps, g_mu, g_lv
             g = gx
         return (None, None, *grads)
@@ -137,14 +143,28 @@ def vae_elbo(x: torch.Tensor, layers: Sequence[Tuple[torch.Tensor, torch.Tensor,
     return _VAEStep.apply(spec, x, *params)
 
 
-def vae_elbo_applies(x, layers: Sequence[Tuple[torch.Tensor, torch.Tensor, str]], z_dim: int) -> bool:
-    """Whether ``vae_elbo`` takes this call in a training step: plain eager mode with gradients on, no autocast,
+_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+
+
+def vae_elbo_applies(x, layers: Sequence[Tuple[torch.Tensor, torch.Tensor, str]], z_dim: int,
+                     encoder_layers: int) -> bool:
+    """Whether ``vae_elbo`` takes this call in a training step: plain eager mode with gradients on (not in
+    inference mode), no autocast, no saved-tensor hooks, the head (layer ``encoder_layers``, ``2 * z_dim``
+    outputs) and the logits layer without activation,
     a contiguous non-empty float32/float64 CPU ``x [B, D]`` that is not differentiated, every weight and bias a
     differentiable CPU tensor of x's dtype, and an ELBO gradient that can be written over the logits (NOTE:
     [ELBO gradient into the logits])."""
     if not (torch.is_grad_enabled() and type(x) is torch.Tensor and x.is_cpu and x.dim() == 2 and x.shape[0] > 0
             and x.dtype in (torch.float32, torch.float64) and not x.requires_grad and x.is_contiguous()
-            and not torch._C._is_any_autocast_enabled()):
+            and not torch._C._is_any_autocast_enabled() and not torch.is_inference_mode_enabled()):
+        return False
+    # The intermediates are held on the node, not saved through autograd: where saved-tensor hooks are active
+    # (save_on_cpu, non-reentrant checkpointing, a user's pack hooks) the layered graph lets them act on each.
+    if _saved_tensors_hooks(False) is not None:
+        return False
+    # The head and the logits layer have no activation (the logits' storage receives their gradient, which an
+    # activation's backward would read as its output).
+    if len(layers) < 3 or layers[-1][2] != "identity" or any(w.dim() != 2 for w, _, _ in layers):
         return False
     params = [t for w, b, _ in layers for t in (w, b)]
     if not eager_ok(x, *params):
@@ -152,4 +172,7 @@ def vae_elbo_applies(x, layers: Sequence[Tuple[torch.Tensor, torch.Tensor, str]]
     for t in params:
         if t is None or not t.requires_grad or t.dtype != x.dtype or not t.is_cpu:
             return False
+    head = layers[encoder_layers][0] if 0 <= encoder_layers < len(layers) - 2 else None
+    if head is None or layers[encoder_layers][2] != "identity" or head.shape[0] != 2 * z_dim:
+        return False
     return into_logits_ok(x.shape[0], x.shape[1], z_dim, x.dtype)
