@@ -185,7 +185,8 @@ class VAE(nn.Module):
 
     one_node: bool = True
     """Training (``forward``, Bernoulli, analytic KL, one draw, ``kl_weight`` 1, no shard, eager CPU float32 or
-    float64 without autocast, the fused layers with no module hooks): the whole objective runs as one autograd
+    float64 without autocast, the fused layers with no module or saved-tensor hooks, ``VAE`` and its containers
+    as built, not subclassed: ``_node_layers`` and ``ops.vae_elbo_applies``): the whole objective runs as one autograd
     node (NOTE: [One-node VAE step] in pyvae/ops/vae_step.py), with the layers' own routes and kernels and the
     same gradients as the layered graph, without its per-node work. Like ``elbo_into_logits`` (which it
     needs), its graph can be differentiated once: set False on the model (or the class) for retain_graph,
@@ -209,7 +210,8 @@ class VAE(nn.Module):
         for m in (self, self.encoder, self.decoder, *seq):
             if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
                 return None
-        if type(self.enc_head) is not GaussianHead or any(type(m) is not FusedLinear for m in seq if m is not self.enc_head):
+        if type(self.enc_head) is not GaussianHead or any(type(m) is not FusedLinear
+                                                          for m in seq if m is not self.enc_head):
             return None
         return [(m.weight, m.bias, m.activation) for m in seq]
 
