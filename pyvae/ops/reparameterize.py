@@ -293,7 +293,8 @@ def _lean(mu, logvar, samples: int, generator) -> Optional["_LeanDraw"]:
         _plan(mu, logvar, samples, _seed_tensor(0))  # the op's checks, once per key
         ok = (mu.dtype in (torch.float32, torch.float64) and logvar.dtype == mu.dtype and logvar.is_cpu
               and mu.shape == logvar.shape and mu.numel() > 0)
-        lean = remember(_LEAN, k, _LeanDraw(mu, logvar, samples, train) if ok else False, _LEAN_MAX)
+        mask = (train and mu.requires_grad, train and logvar.requires_grad)
+        lean = remember(_LEAN, k, _LeanDraw(mu.shape, mu.dtype, samples, mask) if ok else False, _LEAN_MAX)
     return lean or None
 
 
@@ -302,19 +303,21 @@ class _LeanDraw:
 
     __slots__ = ("shape", "out_shape", "dtype", "train", "mask", "fwd", "bwd", "fwd_keep", "bwd_kept")
 
-    def __init__(self, mu, logvar, samples: int, train: bool):
-        self.shape, self.dtype, self.train = tuple(mu.shape), mu.dtype, train
+    def __init__(self, shape, dtype: torch.dtype, samples: int, mask):
+        """CPU draws of ``samples`` samples (0: no sample dim) from mu, logvar of ``shape`` and ``dtype``; ``mask``:
+        (mu's, logvar's) gradient wanted (neither: no backward)."""
+        self.shape, self.dtype, self.mask = tuple(shape), dtype, (bool(mask[0]), bool(mask[1]))
+        self.train = train = any(self.mask)
         self.out_shape = (samples, *self.shape) if samples > 0 else self.shape
-        self.mask = (train and mu.requires_grad, train and logvar.requires_grad)
-        n, k = mu.numel(), max(samples, 1)
-        self.fwd = _gate.prepare_reparameterize("fwd", dtype=self.dtype, device=mu.device, numel=n, samples=k)
-        self.bwd = (_gate.prepare_reparameterize("bwd", dtype=self.dtype, device=mu.device, numel=n, samples=k,
+        n, k, cpu = V.numel(self.shape), max(samples, 1), torch.device("cpu")
+        self.fwd = _gate.prepare_reparameterize("fwd", dtype=dtype, device=cpu, numel=n, samples=k)
+        self.bwd = (_gate.prepare_reparameterize("bwd", dtype=dtype, device=cpu, numel=n, samples=k,
                                                  grads=self.mask) if train else None)
         # NOTE: [Saved eps] in csrc/cpu/reparameterize.cpp: the logvar gradient reads the forward's normals
-        keep = train and self.mask[1]
-        self.fwd_keep = (_gate.prepare_reparameterize("fwd", dtype=self.dtype, device=mu.device, numel=n, samples=k,
+        keep = self.mask[1]
+        self.fwd_keep = (_gate.prepare_reparameterize("fwd", dtype=dtype, device=cpu, numel=n, samples=k,
                                                       eps=True) if keep else None)
-        self.bwd_kept = (_gate.prepare_reparameterize("bwd", dtype=self.dtype, device=mu.device, numel=n, samples=k,
+        self.bwd_kept = (_gate.prepare_reparameterize("bwd", dtype=dtype, device=cpu, numel=n, samples=k,
                                                       grads=self.mask, eps=True) if keep else None)
 
     def forward(self, mu, logvar, seed: int, offset: int) -> torch.Tensor:
@@ -411,42 +414,16 @@ def host_draw_seed(seed: int, rows: int, z_dim: int) -> int:
     return (_mixed_host_seed(seed, 0) if (rows * z_dim) % _gate.NORMALS_PER_COUNTER else seed) & _U64
 
 
-class KeptDraw:
-    """One sample of z = mu + exp(logvar / 2) * eps for contiguous CPU ``mu, logvar [rows, Z]`` (float32 or
-    float64) with its normals kept (NOTE: [Saved eps] in csrc/cpu/reparameterize.cpp), as prepared kernel
-    calls: the draw of a one-node VAE step (NOTE: [One-node VAE step] in pyvae/ops/vae_step.py). The same
-    kernels and Philox words as ``reparameterize``'s, so the same z for the same seed."""
-
-    __slots__ = ("shape", "dtype", "fwd", "bwd")
-    _CACHE: dict = {}
-
-    def __init__(self, shape, dtype):
-        n = shape[0] * shape[1]
-        self.shape, self.dtype = tuple(shape), dtype
-        cpu = torch.device("cpu")
-        self.fwd = _gate.prepare_reparameterize("fwd", dtype=dtype, device=cpu, numel=n, samples=1, eps=True)
-        self.bwd = _gate.prepare_reparameterize("bwd", dtype=dtype, device=cpu, numel=n, samples=1,
-                                                grads=(True, True), eps=True)
-
-    @classmethod
-    def of(cls, shape, dtype) -> "KeptDraw":
-        k = (tuple(shape), dtype)
-        d = cls._CACHE.get(k)
-        return d if d is not None else remember(cls._CACHE, k, cls(shape, dtype), _LEAN_MAX)
-
-    def forward(self, mu: torch.Tensor, logvar: torch.Tensor, seed: int):
-        """``(z, eps)`` of the draw keyed ``(seed, 0)`` (seed a kernel seed word: ``host_draw_seed``)."""
-        z = torch.empty(self.shape, dtype=self.dtype)
-        eps = torch.empty(self.shape, dtype=self.dtype)
-        self.fwd(mu, logvar, z, eps, seed, 0)
-        return z, eps
-
-    def backward(self, grad_z: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor, seed: int):
-        """``(grad_mu, grad_logvar)`` from z's gradient (contiguous), the forward's logvar and eps."""
-        g_mu = torch.empty(self.shape, dtype=self.dtype)
-        g_lv = torch.empty(self.shape, dtype=self.dtype)
-        self.bwd(logvar, grad_z, g_mu, g_lv, eps, seed, 0)
-        return g_mu, g_lv
+def kept_draw(shape, dtype: torch.dtype) -> "_LeanDraw":
+    """The lean draw (NOTE: [Lean reparameterize]) of one sample of z for contiguous CPU ``mu, logvar`` of
+    ``shape`` ``[rows, Z]`` and ``dtype`` (float32 or float64), both differentiated, its normals kept (NOTE:
+    [Saved eps] in csrc/cpu/reparameterize.cpp): ``forward_keeping_eps(mu, logvar, seed, 0)`` and
+    ``backward(grad_z, (None, logvar), seed, 0, eps)``, ``seed`` the kernel's seed word (``host_draw_seed``).
+    The draw of a one-node VAE step (NOTE: [One-node VAE step] in pyvae/ops/vae_step.py): the kernels and
+    Philox words of ``reparameterize``, so the same z for the same seed."""
+    k = ("kept", tuple(shape), dtype)
+    d = _LEAN.get(k)
+    return d if d is not None else remember(_LEAN, k, _LeanDraw(shape, dtype, 0, (True, True)), _LEAN_MAX)
 
 
 def reparameterize_shard(mu: torch.Tensor, logvar: torch.Tensor, samples: int, seed,

@@ -37,7 +37,7 @@ from ._registry import eager_ok
 from .bernoulli_elbo import forward_into_logits, into_logits_ok, rescale_written
 from .gaussian_kl import gaussian_kl
 from .linear_act import backward_on_route, forward_on_route, route_of
-from .reparameterize import KeptDraw, host_draw_seed
+from .reparameterize import host_draw_seed, kept_draw
 
 __all__ = ["vae_elbo", "vae_elbo_applies"]
 
@@ -73,7 +73,7 @@ class _VAEStep(torch.autograd.Function):
                 head = h
                 Z = spec.z_dim
                 mu, logvar = head[:, :Z].contiguous(), head[:, Z:].contiguous()
-                z, eps = spec.draw.forward(mu, logvar, spec.seed)
+                z, eps = spec.draw.forward_keeping_eps(mu, logvar, spec.seed, 0)
                 h = z
             y, pre = forward_on_route(spec.routes[i], h, w, b, spec.acts[i])
             inter.append([None if i == 0 else h, None if spec.acts[i] == "identity" else y, pre])
@@ -114,7 +114,7 @@ class _VAEStep(torch.autograd.Function):
             del inp, y, pre
             grads[2 * i], grads[2 * i + 1] = gw, gb
             if i == spec.n_enc + 1:  # gx is z's gradient: through the draw to mu and logvar, plus the ELBO's
-                d_mu, d_lv = spec.draw.backward(gx.contiguous(), logvar, eps, spec.seed)
+                d_mu, d_lv = spec.draw.backward(gx, (None, logvar), spec.seed, 0, eps)
                 # (+ 0.0: the layered graph sums the two slices' gradients, each zero outside its slice, so a
                 # -0.0 of either comes out +0.0 there)
                 gx = torch.cat([d_mu.add_(g_mu), d_lv.add_(g_lv)], dim=1).add_(0.0)
@@ -138,7 +138,7 @@ def vae_elbo(x: torch.Tensor, layers: Sequence[Tuple[torch.Tensor, torch.Tensor,
     acts = tuple(a for _, _, a in layers)
     routes = tuple(route_of(rows, i > 0, w, b, a) for i, (w, b, a) in enumerate(layers))
     spec = _Spec(acts, routes, encoder_layers, z_dim, host_draw_seed(seed, rows, z_dim),
-                 KeptDraw.of((rows, z_dim), x.dtype))
+                 kept_draw((rows, z_dim), x.dtype))
     params = [t for w, b, _ in layers for t in (w, b)]
     return _VAEStep.apply(spec, x, *params)
 
