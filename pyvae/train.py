@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 import torch.distributed as dist
 
-from . import _tune, checkpoint
+from . import _tune, checkpoint, tuning
 from .data import (BINARIZE, DATASETS, DataSplits, ShardedBatches, check_seed, load_dataset, mix_seed,
                    resolve_binarize)
 from .evaluation import PRECISIONS, autocast, evaluate
@@ -468,6 +468,12 @@ class _Loop:
             model = VAE(self.data.x_dim, cfg.latent, cfg.hidden, cfg.likelihood, cfg.activation, cfg.layers,
                         cfg.init)
         self.model = model.to(device)
+        if cfg.precision == "bf16-mixed" and device.type == "cpu" and self.main:
+            # said once where this machine's bf16 products are not faster (NOTE: [bf16 on this CPU] in tuning.py)
+            widest = max((p for p in self.model.parameters() if p.dim() == 2), key=lambda p: p.numel())
+            note = tuning.bf16_note(cfg.batch_size // dd.world, widest.shape[1], widest.shape[0])
+            if note:
+                log(f"train: {note}")
         wd = 1.0 / self.n_train if cfg.weight_decay == "prior" else float(cfg.weight_decay)
         self.opt = _make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr, wd)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16-mixed" else None

@@ -1,0 +1,113 @@
+"""bf16-mixed on a CPU whose bfloat16 products are not faster than float32 ones (NOTE: [bf16 on this CPU] in
+pyvae/tuning.py): measured once per shape class and cached with the routes, said once by ``pyvae train``,
+never a silent change of precision."""
+import json
+
+import pytest
+import torch
+
+from pyvae import _tune
+from pyvae import tuning as ptuning
+from pyvae.data import load_dataset
+from pyvae.train import build_config, train
+
+TINY = dict(dataset="digits", hidden=32, latent=4, batch_size=50, epochs=1, progress=False, plots=False, threads=1)
+
+
+def _fake_products(fp32, bf16, calls=None):
+    def products(rows, fin, fout):
+        if calls is not None:
+            calls.append((rows, fin, fout))
+        return {"fp32": fp32, "bf16": bf16, "rows": 1 << (min(rows, 2048) - 1).bit_length()}
+    return products
+
+
+def test_products_are_measured_once_and_cached(tuning, monkeypatch):
+    ms = ptuning.bf16_products(100, 48, 24)
+    assert set(ms) == {"fp32", "bf16", "rows"} and ms["rows"] == 128
+    assert ms["fp32"] > 0 and ms["bf16"] > 0
+    entry = _tune.entries()["precision 48->24 rows<=128 train"]
+    assert entry["choice"] in ("fp32", "bf16") and set(entry["ms"]) == {"fp32", "bf16"}
+
+    def no_race(*a, **k):
+        raise AssertionError("measured a cached shape class again")
+    monkeypatch.setattr(_tune, "decide", no_race)
+    assert ptuning.bf16_products(120, 48, 24) == ms  # same bucket: the cache
+    # a large batch is timed at 2048 rows at most
+    monkeypatch.undo()
+    monkeypatch.setattr(_tune, "_busy", lambda: False)
+    assert ptuning.bf16_products(100_000, 8, 4)["rows"] == 2048
+
+
+def test_the_race_times_bf16_and_fp32_products(tuning, monkeypatch):
+    seen = {}
+    mm = torch.mm
+
+    def measure(candidates, **kw):
+        for name, fn in candidates.items():
+            dtypes = []
+            with monkeypatch.context() as m:
+                m.setattr(torch, "mm", lambda a, b: dtypes.append((a.dtype, b.dtype)) or mm(a, b))
+                fn()
+            seen[name] = dtypes
+        return {"fp32": 0.001, "bf16": 0.003}
+    monkeypatch.setattr(_tune, "measure", measure)
+    ms = ptuning.bf16_products(64, 40, 30)
+    assert ms["fp32"] == 1.0 and ms["bf16"] == 3.0
+    # the three products of a layer, each in its candidate's dtype
+    assert seen["fp32"] == [(torch.float32, torch.float32)] * 3
+    assert seen["bf16"] == [(torch.bfloat16, torch.bfloat16)] * 3
+
+
+@pytest.mark.parametrize("bf16, says", [(2.0, True), (0.995, True), (0.5, False)])
+def test_the_note_names_fp32_only_where_bf16_is_not_faster(monkeypatch, bf16, says):
+    monkeypatch.setattr(ptuning, "bf16_products", _fake_products(1.0, bf16))
+    note = ptuning.bf16_note(100, 784, 500)
+    if not says:
+        assert note is None
+        return
+    assert "not faster than float32" in note and "--precision fp32" in note
+    assert f"bf16 {bf16:.3g} ms, fp32 1 ms" in note and "784->500" in note and "128 rows" in note
+    assert _tune.cpu_model() in note
+
+
+def test_tuning_off_measures_and_says_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYVAE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PYVAE_TUNE", "off")
+    _tune.reset_for_tests()
+    try:
+        def no_race(*a, **k):
+            raise AssertionError("measured with PYVAE_TUNE=off")
+        monkeypatch.setattr(_tune, "decide", no_race)
+        assert ptuning.bf16_products(100, 784, 500) is None
+        assert ptuning.bf16_note(100, 784, 500) is None
+    finally:
+        _tune.reset_for_tests()
+
+
+@pytest.mark.parametrize("arg, value", [("rows", 0), ("in_features", -3), ("out_features", 2.5), ("rows", True)])
+def test_bad_sizes_name_the_argument(arg, value):
+    sizes = dict(rows=100, in_features=784, out_features=500)
+    sizes[arg] = value
+    with pytest.raises(ValueError, match=f"{arg} must be a positive int"):
+        ptuning.bf16_products(**sizes)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", binarize="dynamic")
+
+
+@pytest.mark.parametrize("precision, bf16, says", [("bf16-mixed", 2.0, True), ("bf16-mixed", 0.5, False),
+                                                    ("fp32", 2.0, False)])
+def test_train_says_it_once_and_keeps_the_precision(monkeypatch, tmp_path, digits, precision, bf16, says):
+    calls = []
+    monkeypatch.setattr(ptuning, "bf16_products", _fake_products(1.0, bf16, calls))
+    lines = []
+    cfg = build_config({**TINY, "out": str(tmp_path / "run"), "precision": precision, "epochs": 2})
+    res = train(cfg, data=digits, log=lines.append)
+    notes = [s for s in lines if "bfloat16 matrix products are not faster" in s]
+    assert len(notes) == (1 if says else 0)
+    # the largest layer of the model (64 -> 32 hidden: digits are 8x8) at the run's batch
+    assert calls == ([] if precision == "fp32" else [(50, 64, 32)])
+    assert json.loads((res.run_dir / "config.json").read_text())["precision"] == precision  # never switched
