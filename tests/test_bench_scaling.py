@@ -154,6 +154,27 @@ def test_train_rows_and_table_name_their_step():
     assert f"{pt['samples_per_s']['torch-eager']:,.0f} | 12.3 |" in T.markdown([pt])
     pt["results"]["torch-eager"]["peak_mem_bytes"] = None
     assert f"{pt['samples_per_s']['torch-eager']:,.0f} | - |" in T.markdown([pt])
+    assert "| faults / step |" in table.splitlines()[0] and pt["results"]["torch-eager"]["faults_per_step"] >= 0
+    pt["results"]["torch-eager"]["faults_per_step"] = 16_907
+    assert f"{pt['samples_per_s']['torch-eager']:,.0f} | - | 16,907 |" in T.markdown([pt])
+
+
+def test_faults_per_step_counts_the_pages_a_step_faults_in():
+    import mmap
+
+    pages = 64
+
+    def fresh_pages():  # an anonymous mapping, written page by page: one minor fault per page
+        m = mmap.mmap(-1, pages * mmap.PAGESIZE)
+        for i in range(pages):
+            m[i * mmap.PAGESIZE] = 1
+        m.close()
+
+    def nothing():
+        pass
+
+    counts = T.faults_per_step({"fresh": fresh_pages, "nothing": nothing})
+    assert counts["fresh"] >= pages and counts["nothing"] < pages / 8
 
 
 def test_gemm_only_winners_compute_their_own_products():

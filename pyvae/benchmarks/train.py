@@ -31,7 +31,8 @@ measured in the same process:
     memory floor    one read of the logits and x and one write of a fresh [B, 784] gradient (torch.add into
                     a new tensor): what the ELBO's non-GEMM work must move at least
 
-and the report gives each step's efficiency against GEMM-only, and against GEMM-only + floor. With both
+and the report gives each step's efficiency against GEMM-only, and against GEMM-only + floor, and each
+provider's minor page faults per step (NOTE: [Page faults of a step]). With both
 pyvae-fused and pyvae-no-gemm (``--providers ... pyvae-fused pyvae-no-gemm``) it also splits pyvae's step:
 GEMM-only + the step without its GEMMs = the parts, and the fused step's excess over them (its products
 running slower inside the step than alone, on operands the rest of the step has pushed out of cache). Rows go to
@@ -348,6 +349,8 @@ def measure_point(B, precision, args, D=784, H=500, Z=20, step="full") -> dict:
         fn()
     provs = {p: C.Step(fn, [], None, "forward") for p, fn in steps.items()}
     res, lim = timed_beside_gemm_only(provs, B, precision, args, layer_sizes(D, H, Z))
+    for p, n in faults_per_step(steps).items():
+        res[p]["faults_per_step"] = n
     del steps, provs, fn  # the models and their batch
     floor_s = memory_floor(B, args.reps, args.target_s / 4, D, retries)
     return {"precision": precision, "B": B, "step": step, "results": res, "first_call_s": first,
@@ -356,6 +359,33 @@ def measure_point(B, precision, args, D=784, H=500, Z=20, step="full") -> dict:
             "gemm_efficiency": {p: lim["gemm_only_ms"] / r["median_ms"] for p, r in res.items()},
             "limit_efficiency": {p: (lim["gemm_only_ms"] + floor_s * 1e3) / r["median_ms"] for p, r in res.items()},
             "ratios": C.ratios(res), **parts(res, lim["gemm_only_ms"])}
+
+
+def faults_per_step(steps: dict, rounds: int = 3) -> dict:
+    """Minor page faults per call of each step (``getrusage``), median over ``rounds`` interleaved rounds of
+    one call each, after the timed rounds (NOTE: [Page faults of a step])."""
+    import resource
+    import statistics
+
+    counts = {p: [] for p in steps}
+    for _ in range(rounds):
+        for p, fn in steps.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            fn()
+            counts[p].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return {p: statistics.median(v) for p, v in counts.items()}
+
+
+# NOTE: [Page faults of a step]
+# Under this project's VMs a minor page fault costs about a microsecond: a fresh 3.2 MB output faulted in
+# page by page costs ~0.8 ms, the same write into memory the allocator kept 0.08 ms. glibc hands freed memory
+# back to the kernel (an mmap'ed block on free, or the top of the heap past its trim threshold) and a later
+# step faults it in again, so two steps of the same arithmetic can differ by their faults. On the model 207
+# Xeon (stop 23) eager's forward + backward took 1,000-1,900 faults a step at B=1024 and 9,000-17,000 at
+# B=8192; the eleven products of the step chained in order with fresh outputs took 3,800 faults and ran 1.22x
+# the sum of each product timed alone, and level with it under GLIBC_TUNABLES=glibc.malloc.mmap_max=0:
+# glibc.malloc.trim_threshold=4000000000. So each row reports its steps' faults, counted in a few interleaved
+# calls after the timed rounds (allocator state depends on what ran before: a count, not a constant).
 
 
 def parts(res: dict, gemm_only_ms: float) -> dict:
@@ -390,16 +420,17 @@ def _point_row(B, precision, args, step, machine) -> dict:
 
 
 def markdown(rows) -> str:
-    lines = ["| step | precision | B | provider | step ms | samples/s | peak MB | GEMM-only ms | GEMM / step "
-             "| (GEMM + floor) / step | vs eager | vs compile |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| step | precision | B | provider | step ms | samples/s | peak MB | faults / step | GEMM-only ms | GEMM / step "
+             "| (GEMM + floor) / step | vs eager | vs compile |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         eager = r["results"].get("torch-eager", {}).get("median_ms")
         comp = r["results"].get("torch-compile", {}).get("median_ms")
         for p, v in r["results"].items():
             ms = v["median_ms"]
             peak = v.get("peak_mem_bytes")
+            flt = v.get("faults_per_step")
             lines.append(f"| {r.get('step', 'full')} | {r['precision']} | {r['B']} | {p} | {ms:.3g} | {r['samples_per_s'][p]:,.0f} | "
-                         f"{'-' if peak is None else f'{peak / 1e6:.3g}'} | {r['gemm_only_ms']:.3g} | {r['gemm_efficiency'][p]:.0%} | {r['limit_efficiency'][p]:.0%} | "
+                         f"{'-' if peak is None else f'{peak / 1e6:.3g}'} | {'-' if flt is None else f'{flt:,.0f}'} | {r['gemm_only_ms']:.3g} | {r['gemm_efficiency'][p]:.0%} | {r['limit_efficiency'][p]:.0%} | "
                          f"{(eager / ms) if eager else float('nan'):.2f}x | {(comp / ms) if comp else float('nan'):.2f}x |")
     split = [r for r in rows if "parts" in r]
     if split:
