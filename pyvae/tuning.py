@@ -71,16 +71,16 @@ def show() -> List[str]:
 # (and the libraries' ISA limits, ONEDNN_MAX_CPU_ISA, change it), so `pyvae train --precision bf16-mixed` on
 # CPU measures it: the three training products (forward, input and weight gradient) of the model's largest
 # layer, with torch's own GEMMs, in float32 and in bfloat16, at the run's batch (at most 2048 rows, so that
-# a large batch costs well under a second), raced and cached like a layer route (key "precision <in>-><out>
+# a large batch costs 0.66 s for a 784->500 layer on the model 207 Xeon; the cost grows with in x out), raced and cached like a layer route (key "precision <in>-><out>
 # rows<=<bucket> train"; ``pyvae tune --show`` lists it). Where bfloat16 is not faster, the run says so
 # once and names fp32; it still runs in the precision asked for (a precision changes results, not only
 # speed, so it is never switched silently). PYVAE_TUNE=off: nothing measured, nothing said.
 _BF16_MAX_ROWS = 2048
 
 
-def bf16_products(rows: int, in_features: int, out_features: int) -> Optional[Dict[str, float]]:
+def bf16_products(rows: int, in_features: int, out_features: int) -> Optional[Dict[str, object]]:
     """Milliseconds of one linear layer's three training products with torch's GEMMs, ``{"fp32": ms, "bf16":
-    ms, "rows": the rows timed}`` (``rows`` rounded up to a power of two, at most 2048), measured on this machine once per shape class and cached with the layer routes (NOTE: [bf16 on this
+    ms, "rows": the rows timed, "busy": whether the machine was busy then}`` (``rows`` rounded up to a power of two, at most 2048), measured on this machine once per shape class and cached with the layer routes (NOTE: [bf16 on this
     CPU]); None when tuning is off (``PYVAE_TUNE=off``)."""
     for name, v in (("rows", rows), ("in_features", in_features), ("out_features", out_features)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -106,8 +106,9 @@ def bf16_products(rows: int, in_features: int, out_features: int) -> Optional[Di
         _tune.decide(key, {"fp32": products(x, w, g),
                            "bf16": products(x.bfloat16(), w.bfloat16(), g.bfloat16())},
                      what=f"bf16 against fp32 products, {in_features}->{out_features} at {bucket} rows")
-    ms = _tune.entries()[key]["ms"]
-    return {"fp32": float(ms["fp32"]), "bf16": float(ms["bf16"]), "rows": bucket}
+    entry = _tune.entries()[key]
+    ms = entry["ms"]
+    return {"fp32": float(ms["fp32"]), "bf16": float(ms["bf16"]), "rows": bucket, "busy": bool(entry.get("busy"))}
 
 
 def bf16_note(rows: int, in_features: int, out_features: int) -> Optional[str]:
@@ -115,6 +116,8 @@ def bf16_note(rows: int, in_features: int, out_features: int) -> Optional[str]:
     ones by more than the routes' tie margin (NOTE: [bf16 on this CPU]), else None."""
     ms = bf16_products(rows, in_features, out_features)
     if ms is None or ms["bf16"] * (1 + _tune.TIE) < ms["fp32"]:
+        return None
+    if ms.get("busy"):  # timed while other processes took the CPUs (NOTE: [Disturbed races]): no advice from it
         return None
     amx = "amx_bf16" in _tune.cpu_identity()["isa"]
     return (f"bf16-mixed: on this CPU ({_tune.cpu_model()}{'' if amx else '; no AMX in its flags'}) bfloat16 matrix "

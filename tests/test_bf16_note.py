@@ -14,28 +14,28 @@ from pyvae.train import build_config, train
 TINY = dict(dataset="digits", hidden=32, latent=4, batch_size=50, epochs=1, progress=False, plots=False, threads=1)
 
 
-def _fake_products(fp32, bf16, calls=None):
+def _fake_products(fp32, bf16, calls=None, busy=False):
     def products(rows, fin, fout):
         if calls is not None:
             calls.append((rows, fin, fout))
-        return {"fp32": fp32, "bf16": bf16, "rows": 1 << (min(rows, 2048) - 1).bit_length()}
+        return {"fp32": fp32, "bf16": bf16, "rows": 1 << (min(rows, 2048) - 1).bit_length(), "busy": busy}
     return products
 
 
 def test_products_are_measured_once_and_cached(tuning, monkeypatch):
     ms = ptuning.bf16_products(100, 48, 24)
-    assert set(ms) == {"fp32", "bf16", "rows"} and ms["rows"] == 128
+    assert set(ms) == {"fp32", "bf16", "rows", "busy"} and ms["rows"] == 128 and ms["busy"] is False
     assert ms["fp32"] > 0 and ms["bf16"] > 0
     entry = _tune.entries()["precision 48->24 rows<=128 train"]
     assert entry["choice"] in ("fp32", "bf16") and set(entry["ms"]) == {"fp32", "bf16"}
 
     def no_race(*a, **k):
         raise AssertionError("measured a cached shape class again")
-    monkeypatch.setattr(_tune, "decide", no_race)
-    assert ptuning.bf16_products(120, 48, 24) == ms  # same bucket: the cache
+    assert "precision 48->24 rows<=128 train" in _tune.on_disk()  # written to the cache file
+    with monkeypatch.context() as m:
+        m.setattr(_tune, "decide", no_race)
+        assert ptuning.bf16_products(120, 48, 24) == ms  # same bucket: the cache
     # a large batch is timed at 2048 rows at most
-    monkeypatch.undo()
-    monkeypatch.setattr(_tune, "_busy", lambda: False)
     assert ptuning.bf16_products(100_000, 8, 4)["rows"] == 2048
 
 
@@ -47,7 +47,7 @@ def test_the_race_times_bf16_and_fp32_products(tuning, monkeypatch):
         for name, fn in candidates.items():
             dtypes = []
             with monkeypatch.context() as m:
-                m.setattr(torch, "mm", lambda a, b: dtypes.append((a.dtype, b.dtype)) or mm(a, b))
+                m.setattr(torch, "mm", lambda a, b: dtypes.append((a.dtype, tuple(a.shape), tuple(b.shape))) or mm(a, b))
                 fn()
             seen[name] = dtypes
         return {"fp32": 0.001, "bf16": 0.003}
@@ -55,8 +55,10 @@ def test_the_race_times_bf16_and_fp32_products(tuning, monkeypatch):
     ms = ptuning.bf16_products(64, 40, 30)
     assert ms["fp32"] == 1.0 and ms["bf16"] == 3.0
     # the three products of a layer, each in its candidate's dtype
-    assert seen["fp32"] == [(torch.float32, torch.float32)] * 3
-    assert seen["bf16"] == [(torch.bfloat16, torch.bfloat16)] * 3
+    # forward (64, 40) @ (40, 30), input gradient (64, 30) @ (30, 40), weight gradient (30, 64) @ (64, 40)
+    shapes = [((64, 40), (40, 30)), ((64, 30), (30, 40)), ((30, 64), (64, 40))]
+    assert seen["fp32"] == [(torch.float32, *sh) for sh in shapes]
+    assert seen["bf16"] == [(torch.bfloat16, *sh) for sh in shapes]
 
 
 @pytest.mark.parametrize("bf16, says", [(2.0, True), (0.995, True), (0.5, False)])
@@ -69,6 +71,11 @@ def test_the_note_names_fp32_only_where_bf16_is_not_faster(monkeypatch, bf16, sa
     assert "not faster than float32" in note and "--precision fp32" in note
     assert f"bf16 {bf16:.3g} ms, fp32 1 ms" in note and "784->500" in note and "128 rows" in note
     assert _tune.cpu_model() in note
+
+
+def test_a_busy_measurement_gives_no_advice(monkeypatch):
+    monkeypatch.setattr(ptuning, "bf16_products", _fake_products(1.0, 2.0, busy=True))
+    assert ptuning.bf16_note(100, 784, 500) is None
 
 
 def test_tuning_off_measures_and_says_nothing(monkeypatch, tmp_path):
@@ -108,6 +115,7 @@ def test_train_says_it_once_and_keeps_the_precision(monkeypatch, tmp_path, digit
     res = train(cfg, data=digits, log=lines.append)
     notes = [s for s in lines if "bfloat16 matrix products are not faster" in s]
     assert len(notes) == (1 if says else 0)
-    # the largest layer of the model (64 -> 32 hidden: digits are 8x8) at the run's batch
+    # the largest layer of the model (64 -> 32 hidden: digits are 8x8) at the run's batch; the decoder's 32 -> 64
+    # weight has as many elements, and max() keeps the first (the encoder's)
     assert calls == ([] if precision == "fp32" else [(50, 64, 32)])
     assert json.loads((res.run_dir / "config.json").read_text())["precision"] == precision  # never switched

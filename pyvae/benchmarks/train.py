@@ -381,11 +381,12 @@ def faults_per_step(steps: dict, rounds: int = 3) -> dict:
 # page by page costs ~0.8 ms, the same write into memory the allocator kept 0.08 ms. glibc hands freed memory
 # back to the kernel (an mmap'ed block on free, or the top of the heap past its trim threshold) and a later
 # step faults it in again, so two steps of the same arithmetic can differ by their faults. On the model 207
-# Xeon (stop 23) eager's forward + backward took 1,000-1,900 faults a step at B=1024 and 9,000-17,000 at
+# Xeon (stop 23) eager's forward + backward took 940-1,850 faults a step at B=1024 and 9,000-17,000 at
 # B=8192; the eleven products of the step chained in order with fresh outputs took 3,800 faults and ran 1.22x
 # the sum of each product timed alone, and level with it under GLIBC_TUNABLES=glibc.malloc.mmap_max=0:
 # glibc.malloc.trim_threshold=4000000000. So each row reports its steps' faults, counted in a few interleaved
-# calls after the timed rounds (allocator state depends on what ran before: a count, not a constant).
+# calls after the timed rounds (allocator state depends on what ran before: a count, not a constant; and a
+# count, not a time: a 2 MiB huge page is one fault, NOTE: [Huge pages for fresh outputs] in csrc/cpu/pages.h).
 
 
 def parts(res: dict, gemm_only_ms: float) -> dict:
