@@ -70,18 +70,20 @@ def show() -> List[str]:
 # slower than fp32 at B=100 (bench/RESULTS.md, stops 22 and 23). The flags do not say which case a machine is
 # (and the libraries' ISA limits, ONEDNN_MAX_CPU_ISA, change it), so `pyvae train --precision bf16-mixed` on
 # CPU measures it: the three training products (forward, input and weight gradient) of the model's largest
-# layer, with torch's own GEMMs, in float32 and in bfloat16, at the run's batch (at most 2048 rows, so that
-# a large batch costs 0.66 s for a 784->500 layer on the model 207 Xeon; the cost grows with in x out), raced and cached like a layer route (key "precision <in>-><out>
-# rows<=<bucket> train"; ``pyvae tune --show`` lists it). Where bfloat16 is not faster, the run says so
-# once and names fp32; it still runs in the precision asked for (a precision changes results, not only
-# speed, so it is never switched silently). PYVAE_TUNE=off: nothing measured, nothing said.
+# layer, with torch's own GEMMs, in float32 and in bfloat16, at the run's batch (at most 2048 rows: 0.66 s
+# for a 784->500 layer on the model 207 Xeon; the cost grows with in x out), raced and cached like a layer
+# route (key "precision <in>-><out> rows<=<bucket> train"; ``pyvae tune --show`` lists it). Where bfloat16
+# is not faster, the run says so once and names fp32; it still runs in the precision asked for (a precision
+# changes results, not only speed, so it is never switched silently). PYVAE_TUNE=off: nothing measured,
+# nothing said.
 _BF16_MAX_ROWS = 2048
 
 
 def bf16_products(rows: int, in_features: int, out_features: int) -> Optional[Dict[str, object]]:
     """Milliseconds of one linear layer's three training products with torch's GEMMs, ``{"fp32": ms, "bf16":
-    ms, "rows": the rows timed, "busy": whether the machine was busy then}`` (``rows`` rounded up to a power of two, at most 2048), measured on this machine once per shape class and cached with the layer routes (NOTE: [bf16 on this
-    CPU]); None when tuning is off (``PYVAE_TUNE=off``)."""
+    ms, "rows": the rows timed, "busy": whether the machine was busy then}`` (``rows`` rounded up to a power
+    of two, at most 2048), measured on this machine once per shape class and cached with the layer routes
+    (NOTE: [bf16 on this CPU]); None when tuning is off (``PYVAE_TUNE=off``)."""
     for name, v in (("rows", rows), ("in_features", in_features), ("out_features", out_features)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"bf16_products: {name} must be a positive int, got {v!r}")

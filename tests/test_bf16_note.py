@@ -47,7 +47,8 @@ def test_the_race_times_bf16_and_fp32_products(tuning, monkeypatch):
         for name, fn in candidates.items():
             dtypes = []
             with monkeypatch.context() as m:
-                m.setattr(torch, "mm", lambda a, b: dtypes.append((a.dtype, tuple(a.shape), tuple(b.shape))) or mm(a, b))
+                m.setattr(torch, "mm",
+                          lambda a, b: dtypes.append((a.dtype, tuple(a.shape), tuple(b.shape))) or mm(a, b))
                 fn()
             seen[name] = dtypes
         return {"fp32": 0.001, "bf16": 0.003}
