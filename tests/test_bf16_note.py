@@ -120,3 +120,48 @@ def test_train_says_it_once_and_keeps_the_precision(monkeypatch, tmp_path, digit
     # weight has as many elements, and max() keeps the first (the encoder's)
     assert calls == ([] if precision == "fp32" else [(50, 64, 32)])
     assert json.loads((res.run_dir / "config.json").read_text())["precision"] == precision  # never switched
+
+
+def _ddp_note_worker(rank, world, port, cfg_dict, out):
+    """One rank of a two-process bf16-mixed run: records what the bf16 timing was asked and what was logged."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    from pyvae.train import TrainConfig
+
+    torch.set_num_threads(1)
+    calls, lines = [], []
+    ptuning.bf16_products = _fake_products(1.0, 2.0, calls)  # bf16 slower: rank 0 must say so, once
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        train(TrainConfig(**cfg_dict), log=lines.append)
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump({"calls": calls, "notes": [s for s in lines if "bfloat16 matrix products" in s]}, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as the DDP workers of tests/test_train.py: no C++ static destructors
+
+
+def test_ddp_times_each_ranks_slice_on_rank_0_only(tmp_path):
+    """Under DDP the note is rank 0's: it times the products at a rank's share of the batch (the rows each
+    process multiplies), says it once, and the other rank neither times nor says anything."""
+    import dataclasses
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = build_config({**TINY, "out": str(tmp_path / "ddp"), "precision": "bf16-mixed", "limit": 200})
+    out = str(tmp_path / "note")
+    mp.spawn(_ddp_note_worker, args=(2, port, dataclasses.asdict(cfg), out), nprocs=2, join=True)
+    rank0, rank1 = (json.loads(open(f"{out}.{r}").read()) for r in (0, 1))
+    assert rank0["calls"] == [[25, 64, 32]]  # the batch of 50 split over two processes
+    assert len(rank0["notes"]) == 1
+    assert rank1 == {"calls": [], "notes": []}
