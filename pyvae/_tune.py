@@ -45,7 +45,8 @@ from . import _gate, _gemm
 from ._version import __version__
 
 __all__ = ["cpu_model", "cpu_identity", "mode", "enabled", "lookup", "decide", "cache_path", "machine_key", "entries",
-           "clear", "measure", "race", "choose", "note", "used", "run_routes", "pin", "pinned", "TIE", "STAT", "STATS"]
+           "clear", "measure", "race", "choose", "note", "used", "run_routes", "pin", "pinned", "TIE", "STAT", "STATS",
+           "WIDE", "WIDE_ROUNDS", "wide_out"]
 
 _LOG = logging.getLogger("pyvae.tune")
 _VERSION = 5  # 2: row-op routes, early-stopped races; 3: the one-thread layer route and the planned (lean) row-op
@@ -323,6 +324,35 @@ def lookup(key: str) -> Optional[str]:
 TIE = 0.01  # routes within 1% are a tie (``decide`` then takes the first candidate)
 
 
+# NOTE: [Wide margins]
+# The ten-round minimum of NOTE: [Early stop] is what a close race needs, and a race is not always close.
+# At large batch one round of a wide layer's routes takes long (B=8192, the 784->500 layer: ~0.4 s for its
+# four routes on the model 207 host; the first epoch of `pyvae train --batch-size 8192` spent ~20 s racing),
+# and some candidates lose by a factor there: the one-thread route (pyvae-1t) runs on half the cores, and
+# on the Zen 5 host oneDNN's products are 1.4-2.9x MKL's. So before ``min_rounds``, from round
+# ``WIDE_ROUNDS`` on (and not before ``min_s``, as for every verdict), a candidate is out when its
+# fastest call is slower than the leader's slowest call by more than ``WIDE``: every call of the leader
+# beat every call of it, by half. Noise only adds time, so a wrong drop (the best route put out) needs
+# every one of its calls slowed by more than half while none of the leader's was. In 4000 synthetic races
+# under the noise of NOTE: [Early stop] (15% exponential, one call in ten slowed by up to 100%;
+# tests/test_tune.py), three routes 5% apart and a fourth at twice the best, the fourth was out after three
+# rounds in 68% of the races, the calls fell 9%, and the route picked was more than 3% slower than the
+# best in 7 races (9 without the rule). A candidate 1.6x the best is rarely out so soon under that much
+# noise (16% of the races); on a quiet machine long calls vary by a few percent, and it is. The rule only
+# drops candidates; the race still ends only as NOTE: [Early stop] says, or when one candidate is left.
+WIDE = 0.5
+WIDE_ROUNDS = 3
+
+
+def wide_out(times: Dict[str, List[float]], wide: Optional[float] = None) -> List[str]:
+    """The candidates left after NOTE: [Wide margins], in their given order: those whose fastest call is
+    within ``1 + wide`` (default ``WIDE``) of the slowest call of the leader (the candidate with the
+    fastest call)."""
+    lead = min(times, key=lambda n: min(times[n]))
+    bound = max(times[lead]) * (1 + (WIDE if wide is None else wide))
+    return [n for n, v in times.items() if n == lead or min(v) <= bound]
+
+
 # NOTE: [Median rule]
 # The tuner compares each route's fastest call; `pyvae bench routes` compares medians (a training step
 # pays the typical call, not the best one). The two disagree where a route's own time varies from call
@@ -404,7 +434,8 @@ def measure(candidates: Dict[str, Callable[[], None]], budget_s: float = 0.3, mi
             raw: Optional[Dict[str, List[float]]] = None, outcome: Optional[dict] = None) -> Dict[str, float]:
     """Seconds per call of each candidate, timed interleaved after one warm-up call each, for at least
     ``min_rounds`` rounds and ``min_s`` seconds and then until the race is decided (NOTE: [Early stop]),
-    ``max_rounds`` are done or ``budget_s`` is spent. ``stat`` (default ``STAT``): "min", the fastest
+    ``max_rounds`` are done or ``budget_s`` is spent; a candidate beaten by a wide margin is dropped
+    sooner (NOTE: [Wide margins]). ``stat`` (default ``STAT``): "min", the fastest
     call (on a shared machine other processes only ever add time, so the fastest call estimates what the
     route itself costs), or "median", the middle call (what a run of many calls pays per call where a
     route's own time varies from call to call; NOTE: [Median rule]). ``raw``, when given, receives each
@@ -427,10 +458,15 @@ def measure(candidates: Dict[str, Callable[[], None]], budget_s: float = 0.3, mi
             candidates[name]()
             times[name].append(time.perf_counter() - t)
         r += 1
-        if r >= min_rounds and time.perf_counter() - start >= min_s:
+        if time.perf_counter() - start < min_s:
+            continue
+        if r >= min_rounds:
             left, over = race({n: times[n] for n in left}, stat=stat)
-            if over:
-                break
+        elif r >= WIDE_ROUNDS and len(left) > 1:  # NOTE: [Wide margins]
+            left = wide_out({n: times[n] for n in left})
+            over = len(left) == 1
+        if over:
+            break
     if raw is not None:
         raw.update({n: list(v) for n, v in times.items()})
     if outcome is not None:
