@@ -329,28 +329,31 @@ TIE = 0.01  # routes within 1% are a tie (``decide`` then takes the first candid
 # At large batch one round of a wide layer's routes takes long (B=8192, the 784->500 layer: ~0.4 s for its
 # four routes on the model 207 host; the first epoch of `pyvae train --batch-size 8192` spent ~20 s racing),
 # and some candidates lose by a factor there: the one-thread route (pyvae-1t) runs on half the cores, and
-# on the Zen 5 host oneDNN's products are 1.4-2.9x MKL's. So before ``min_rounds``, from round
-# ``WIDE_ROUNDS`` on (and not before ``min_s``, as for every verdict), a candidate is out when its
-# fastest call is slower than the leader's slowest call by more than ``WIDE``: every call of the leader
-# beat every call of it, by half. Noise only adds time, so a wrong drop (the best route put out) needs
-# every one of its calls slowed by more than half while none of the leader's was. In 4000 synthetic races
-# under the noise of NOTE: [Early stop] (15% exponential, one call in ten slowed by up to 100%;
-# tests/test_tune.py), three routes 5% apart and a fourth at twice the best, the fourth was out after three
-# rounds in 68% of the races, the calls fell 9%, and the route picked was more than 3% slower than the
-# best in 7 races (9 without the rule). A candidate 1.6x the best is rarely out so soon under that much
-# noise (16% of the races); on a quiet machine long calls vary by a few percent, and it is. The rule only
-# drops candidates; the race still ends only as NOTE: [Early stop] says, or when one candidate is left.
+# on the Zen 5 host MKL's products take twice oneDNN's time. So before ``min_rounds``, from round
+# ``WIDE_ROUNDS`` on (and not before ``min_s``, as for every verdict), a candidate is out when its fastest
+# call is more than ``1 + WIDE`` times the leader's fastest. Noise only adds time: a candidate's fastest
+# call bounds its cost from above, and the leader's cost is at most its fastest call. So the best route
+# can be put out only if every one of its calls so far was slowed by more than half. (The leader's slowest
+# call, tried first as the bound, let one slow call of the leader keep everyone in: at B=8192 the first
+# calls of every route fault in fresh pages, and the 2x losers were timed all ten rounds.) In 4000
+# synthetic races under the noise of NOTE: [Early stop] (15% exponential, one call in ten slowed by up to
+# 100%; tests/test_tune.py), three routes 5% apart and a fourth at twice the best: the fourth was out after
+# three rounds in every race, the calls fell 13%, and the route picked was more than 3% slower than the
+# best in 7 races, against 9 without the rule; with the fourth at 1.6x the best, out early in 93% of the
+# races, 9 such picks. The rule only drops candidates; the race still ends only as NOTE: [Early stop]
+# says, or when one candidate is left. It compares fastest calls, so it serves the default rule only: under
+# ``stat="median"`` a route fast now and then has the best floor and may not have the best median (NOTE:
+# [Median rule]), and a steady route 1.5x its floor could still be the better one per call.
 WIDE = 0.5
 WIDE_ROUNDS = 3
 
 
 def wide_out(times: Dict[str, List[float]], wide: Optional[float] = None) -> List[str]:
     """The candidates left after NOTE: [Wide margins], in their given order: those whose fastest call is
-    within ``1 + wide`` (default ``WIDE``) of the slowest call of the leader (the candidate with the
-    fastest call)."""
-    lead = min(times, key=lambda n: min(times[n]))
-    bound = max(times[lead]) * (1 + (WIDE if wide is None else wide))
-    return [n for n, v in times.items() if n == lead or min(v) <= bound]
+    at most ``1 + wide`` (default ``WIDE``) times the fastest call of all."""
+    best = min(min(v) for v in times.values())
+    bound = best * (1 + (WIDE if wide is None else wide))
+    return [n for n, v in times.items() if min(v) <= bound]
 
 
 # NOTE: [Median rule]
@@ -462,7 +465,7 @@ def measure(candidates: Dict[str, Callable[[], None]], budget_s: float = 0.3, mi
             continue
         if r >= min_rounds:
             left, over = race({n: times[n] for n in left}, stat=stat)
-        elif r >= WIDE_ROUNDS and len(left) > 1:  # NOTE: [Wide margins]
+        elif r >= WIDE_ROUNDS and len(left) > 1 and stat == "min":  # NOTE: [Wide margins]
             left = wide_out({n: times[n] for n in left})
             over = len(left) == 1
         if over:

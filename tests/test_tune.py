@@ -383,14 +383,13 @@ def test_measure_stops_once_a_candidate_clearly_wins(monkeypatch, scale):
 
 
 # NOTE: [Wide margins] in pyvae/_tune.py.
-def test_wide_out_drops_only_what_every_call_of_the_leader_beat_by_half():
-    times = {"torch": [2.0, 2.1, 2.05], "pyvae": [1.0, 1.3, 1.1], "pyvae-1t": [1.96, 2.2, 2.0]}
-    # the leader's slowest call is 1.3: out beyond 1.95; pyvae-1t's fastest (1.96) is, torch's (2.0) too
-    assert _tune.wide_out(times) == ["pyvae"]
-    times["pyvae-1t"] = [1.94, 2.2, 2.0]
+def test_wide_out_drops_what_is_more_than_half_again_the_fastest_call():
+    times = {"torch": [1.51, 1.6, 1.55], "pyvae": [1.0, 1.3, 1.1], "pyvae-1t": [2.2, 1.49, 2.0]}
+    # the fastest call of all is 1.0: torch's fastest (1.51) is beyond 1.5, pyvae-1t's (1.49) is not
     assert _tune.wide_out(times) == ["pyvae", "pyvae-1t"]
-    # one slow call of the leader keeps everyone in: its floor is not known to a factor
-    assert _tune.wide_out({"torch": [1.6, 1.7, 1.6], "pyvae": [1.0, 1.1, 2.0]}) == ["torch", "pyvae"]
+    assert _tune.wide_out(times, wide=0.6) == ["torch", "pyvae", "pyvae-1t"]
+    # slow calls of the leader do not keep a loser in (the first calls at large batch fault in pages)
+    assert _tune.wide_out({"torch": [1.6, 1.7, 1.6], "pyvae": [3.0, 1.0, 2.0]}) == ["pyvae"]
 
 
 @pytest.mark.parametrize("scale", [10.0, 0.01])
@@ -439,7 +438,7 @@ def test_early_stop_rarely_picks_a_slower_route(monkeypatch):
 def test_wide_margins_rarely_drop_the_best_route(monkeypatch):
     """NOTE: [Wide margins] under the noise of the test above: 4000 races of three close routes (10.0,
     10.5, 11.0 ms, in random order) and a fourth at twice the best. The slow one is timed only WIDE_ROUNDS
-    times in most races, the best route is put out before another in under 0.2% of them, and the route
+    times in every race, the best route is put out before another in under 0.2% of them, and the route
     picked is more than 3% slower than the best in under 0.3% (the test above: 0.25%)."""
     clock = _FakeClock()
     monkeypatch.setattr(_tune, "time", clock)
@@ -457,7 +456,7 @@ def test_wide_margins_rarely_drop_the_best_route(monkeypatch):
         fastest = min(names, key=true_ms.get)
         best_out += calls[fastest] < max(calls.values())  # put out before another candidate
         slow_short += calls["pyvae-1t"] == 1 + _tune.WIDE_ROUNDS
-    assert slow_short > 0.6 * races, slow_short
+    assert slow_short > 0.99 * races, slow_short
     assert best_out < 0.002 * races, best_out
     assert wrong < 0.003 * races, wrong
 
