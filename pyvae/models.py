@@ -345,7 +345,7 @@ class VAE(nn.Module):
         if shard is not None:
             shard = _check_shard(shard, x.shape[-2])
         if (estimator == "analytic" and samples == 1 and shard is None and not torch.compiler.is_compiling()
-                and kl_weight == 1.0):
+                and kl_weight == 1.0 and ops.vae_elbo_mode_ok(x)):
             layers = self._node_layers()
             if layers is not None and ops.vae_elbo_applies(x, layers, self.z_dim, len(self.encoder)):
                 # NOTE: [One-node VAE step] in pyvae/ops/vae_step.py: the seed drawn as _reparameterize draws it

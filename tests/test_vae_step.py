@@ -213,6 +213,24 @@ def test_taken_exactly_where_it_applies():
     assert _taken(model, x)
 
 
+def test_the_layers_are_not_gathered_where_the_mode_rules_the_node_out(monkeypatch):
+    # Gathering the layers (_node_layers: ~20 us a step) only where x and the mode allow the node: under autocast,
+    # without grad or with saved-tensor hooks a bf16-mixed or evaluation step spent it for nothing.
+    model, x = _model(), _x(6, 13)
+    gathered = []
+    real = pyvae.VAE._node_layers
+    monkeypatch.setattr(pyvae.VAE, "_node_layers", lambda self: gathered.append(1) or real(self))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    with torch.no_grad():
+        model(x)
+    with torch.autograd.graph.save_on_cpu():
+        model(x)
+    model(x.clone().requires_grad_())
+    assert gathered == []
+    assert _taken(model, x) and gathered == [1]
+
+
 def _same_as_layered(model, x):
     node, layered = _step(model, x), _step(_layered(model), x)
     assert torch.equal(node[0], layered[0])

@@ -39,7 +39,7 @@ from .gaussian_kl import gaussian_kl
 from .linear_act import backward_on_route, forward_on_route, route_of
 from .reparameterize import host_draw_seed, kept_draw
 
-__all__ = ["vae_elbo", "vae_elbo_applies"]
+__all__ = ["vae_elbo", "vae_elbo_applies", "vae_elbo_mode_ok"]
 
 
 class _Spec:
@@ -146,21 +146,27 @@ def vae_elbo(x: torch.Tensor, layers: Sequence[Tuple[torch.Tensor, torch.Tensor,
 _saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 
-def vae_elbo_applies(x, layers: Sequence[Tuple[torch.Tensor, torch.Tensor, str]], z_dim: int,
-                     encoder_layers: int) -> bool:
-    """Whether ``vae_elbo`` takes this call in a training step: plain eager mode with gradients on (not in
-    inference mode), no autocast, no saved-tensor hooks, the head (layer ``encoder_layers``, ``2 * z_dim``
-    outputs) and the logits layer without activation,
-    a contiguous non-empty float32/float64 CPU ``x [B, D]`` that is not differentiated, every weight and bias a
-    differentiable CPU tensor of x's dtype, and an ELBO gradient that can be written over the logits (NOTE:
-    [ELBO gradient into the logits])."""
+def vae_elbo_mode_ok(x) -> bool:
+    """The part of ``vae_elbo_applies`` that depends on ``x`` and the mode alone, for callers to test before
+    gathering the layers (``pyvae.VAE``: ~20 us a step, spent for nothing under autocast or without grad):
+    plain eager mode with gradients on (not in inference mode), no autocast, no saved-tensor hooks, and a
+    contiguous non-empty float32/float64 CPU ``x [B, D]`` that is not differentiated."""
     if not (torch.is_grad_enabled() and type(x) is torch.Tensor and x.is_cpu and x.dim() == 2 and x.shape[0] > 0
             and x.dtype in (torch.float32, torch.float64) and not x.requires_grad and x.is_contiguous()
             and not torch._C._is_any_autocast_enabled() and not torch.is_inference_mode_enabled()):
         return False
     # The intermediates are held on the node, not saved through autograd: where saved-tensor hooks are active
     # (save_on_cpu, non-reentrant checkpointing, a user's pack hooks) the layered graph lets them act on each.
-    if _saved_tensors_hooks(False) is not None:
+    return _saved_tensors_hooks(False) is None
+
+
+def vae_elbo_applies(x, layers: Sequence[Tuple[torch.Tensor, torch.Tensor, str]], z_dim: int,
+                     encoder_layers: int) -> bool:
+    """Whether ``vae_elbo`` takes this call in a training step: ``vae_elbo_mode_ok(x)``, the head (layer
+    ``encoder_layers``, ``2 * z_dim`` outputs) and the logits layer without activation, every weight and bias a
+    differentiable CPU tensor of x's dtype, and an ELBO gradient that can be written over the logits (NOTE:
+    [ELBO gradient into the logits])."""
+    if not vae_elbo_mode_ok(x):
         return False
     # The head and the logits layer have no activation (the logits' storage receives their gradient, which an
     # activation's backward would read as its output).
