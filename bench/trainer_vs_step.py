@@ -1,18 +1,17 @@
 """How much of the bare training step ``pyvae train`` keeps at large batch (issue 13's pipeline target).
 
 Runs the real trainer (``pyvae.train.train``: shuffled row gather, dynamic binarization, per-step seeds,
-the non-finite check, bookkeeping) one epoch at a time, each epoch after the first resuming the run's
-checkpoint, and after every epoch times the bare step (``pyvae bench train``'s pyvae provider: VAE forward,
-backward and fused Adam on one fixed batch of the same size) for ``--target-s`` / epochs seconds with the
-benchmarks' interleaved timer. Each epoch is paired with the bare-step block timed right after it: on this
-project's shared VM the machine's speed drifts by tens of percent over minutes, and a trainer epoch and a
-bare-step timing taken minutes apart (the last epoch against one timing after the run, as this script did
-until stop 24) read 98% and 87% of the bare step in two runs of one build. The report is the median over
-epochs 2..N of each epoch's samples/s over its block's (the first epoch includes measuring the layer routes
-of the new shapes, and is reported apart), and the step's GEMM-only time (``pyvae bench train``'s limit)
-against the trainer's median time per step. Each epoch's samples/s counts every sample of the epoch, the
-last partial batch included, over the loop's wall time (the test-set evaluation after the epoch, the resume
-and the bare-step block are not in it).
+the non-finite check, bookkeeping) for a few epochs, and after every epoch (from the trainer's per-epoch log
+line, outside the epoch's timed loop) times the bare step (``pyvae bench train``'s pyvae provider: VAE
+forward, backward and fused Adam on one fixed batch of the same size) for ``--target-s`` / epochs seconds
+with the benchmarks' interleaved timer. Each epoch is paired with the bare-step block timed right after it:
+on this project's shared VM the machine's speed drifts by tens of percent over minutes, and the last epoch
+against one bare-step timing taken after the run (this script until stop 24) read 98% and 87% of the bare
+step in two runs of one build. The report is the median over epochs 2..N of each epoch's samples/s over its
+block's (the first epoch includes measuring the layer routes of the new shapes, and is reported apart), and
+the step's GEMM-only time (``pyvae bench train``'s limit) against the trainer's median time per step. Each
+epoch's samples/s counts every sample of the epoch, the last partial batch included, over the loop's wall
+time (the test-set evaluation after the epoch and the bare-step block are not in it).
 
     python bench/trainer_vs_step.py --batch-size 8192 --precision fp32 bf16-mixed --epochs 4
 
@@ -48,33 +47,37 @@ def main(argv=None) -> None:
 
     from pyvae import _tune
     from pyvae.benchmarks import train as T
-    from pyvae.data import load_dataset
     from pyvae.train import build_config, train
 
     rows = []
     for precision in args.precision:
         prec = "bf16" if precision == "bf16-mixed" else "fp32"
+        bare_ms, made = [], {}
+
+        def bare_block(line):
+            """The trainer's per-epoch log line; after each epoch, a block of bare steps (outside the epoch's
+            timed loop: the line comes after it and after the test-set evaluation)."""
+            print("  train: " + line, file=sys.stderr, flush=True)
+            if not line.startswith("epoch "):
+                return
+            if "step" not in made:  # after the first epoch: its shapes' routes are measured by then
+                made["step"] = T.build_steps(args.batch_size, prec, ["pyvae"])["pyvae"]
+                made["step"]()
+                made["step"]()
+            t = time.perf_counter()
+            bare = C.measure_case({"pyvae": C.Step(made["step"], [], None, "forward")}, device="cpu", reps=None,
+                                  target_s=args.target_s / args.epochs, memory=False)["pyvae"]
+            made["block_s"] = made.get("block_s", 0.0) + time.perf_counter() - t
+            bare_ms.append(bare["median_ms"])
+
         with tempfile.TemporaryDirectory() as tmp:
-            first = dict(dataset=args.dataset, batch_size=args.batch_size, epochs=1, precision=precision,
-                         progress=False, plots=False, out=tmp, seed=0)
-            data = None
-            epoch_sps, bare_ms, wall = [], [], 0.0
-            step = None
-            for epoch in range(1, args.epochs + 1):
-                cfg = build_config(first if epoch == 1 else dict(resume=tmp, epochs=epoch, progress=False, plots=False))
-                if data is None:  # loaded once, as train() would load it
-                    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.binarize_mode, cfg.limit)
-                t0 = time.perf_counter()
-                res = train(cfg, data=data, log=lambda line: print("  train: " + line, file=sys.stderr, flush=True))
-                wall += time.perf_counter() - t0
-                epoch_sps.append(res.history[-1]["samples_per_s"])
-                if step is None:  # after the first epoch: its shapes' routes are measured by then
-                    step = T.build_steps(args.batch_size, prec, ["pyvae"])["pyvae"]
-                    step()
-                    step()
-                bare = C.measure_case({"pyvae": C.Step(step, [], None, "forward")}, device="cpu", reps=None,
-                                      target_s=args.target_s / args.epochs, memory=False)["pyvae"]
-                bare_ms.append(bare["median_ms"])
+            cfg = build_config(dict(dataset=args.dataset, batch_size=args.batch_size, epochs=args.epochs,
+                                    precision=precision, progress=False, plots=False, out=tmp, seed=0))
+            t0 = time.perf_counter()
+            res = train(cfg, log=bare_block)
+            wall = time.perf_counter() - t0 - made.get("block_s", 0.0)  # the run without the bare-step blocks
+        made.clear()
+        epoch_sps = [h["samples_per_s"] for h in res.history]
         bare_sps = [args.batch_size / (m * 1e-3) for m in bare_ms]
         read = slice(1, None) if args.epochs > 1 else slice(0, None)  # epochs 2.. (the only one, if one)
         ratio = statistics.median([e / b for e, b in zip(epoch_sps[read], bare_sps[read])])
