@@ -4,6 +4,7 @@ bench/aevb_baseline.py, bench/trainer_vs_step.py end with argparse's ``error: ar
 would start the work (run_family, the routes children, the scripts' first torch call) raises ``Ran`` instead."""
 import argparse
 import importlib.util
+import json
 import sys
 import types
 from pathlib import Path
@@ -249,6 +250,49 @@ def test_trainer_vs_step_valid_values_parse(trainer, monkeypatch):
                                            "--dataset", "mnist-5k", "--precision", "fp32"])
     cfg = e.value.args[0]
     assert (cfg.batch_size, cfg.epochs, cfg.dataset) == (1, 1, "mnist-5k")
+
+
+@pytest.mark.parametrize("epochs", [1, 4])
+def test_trainer_vs_step_pairs_each_epoch_with_the_block_after_it(monkeypatch, tmp_path, capsys, epochs):
+    """The trainer's epochs and the bare-step blocks, faked: epoch k runs at 100 samples/s times k, the block timed
+    after it at (100 times k) / ratio_k; the row's ratio is the median of the per-epoch ratios of epochs 2.. (the
+    one epoch when there is one), whatever the drift, and the first epoch is reported apart."""
+    import pyvae.train
+    from pyvae.benchmarks import train as T
+
+    ratios = [0.3, 0.9, 0.8, 0.85]  # the first epoch's is the route races'; drift: epoch k is k times faster
+    B = 10
+
+    def fake_train(cfg, log=print, **kw):
+        assert cfg.epochs == epochs
+        history = []
+        for k in range(1, cfg.epochs + 1):
+            history.append({"samples_per_s": 100.0 * k})
+            state["epoch"] = k
+            log("train: bf16-mixed: a note line, not an epoch")
+            log(f"epoch {k}/{cfg.epochs}  ...")
+        return types.SimpleNamespace(history=history)
+
+    def fake_measure_case(cands, **kw):
+        k = state["epoch"]
+        sps = 100.0 * k / ratios[k - 1]
+        return {"pyvae": {"median_ms": B / sps * 1e3}}
+
+    state = {}
+    monkeypatch.setattr(pyvae.train, "train", fake_train)
+    monkeypatch.setattr(T, "build_steps", lambda *a, **k: {"pyvae": lambda: None})
+    monkeypatch.setattr(T, "gemm_only", lambda *a, **k: (0.001, 1.0))
+    monkeypatch.setattr(C, "measure_case", fake_measure_case)
+    out = tmp_path / "rows.jsonl"
+    mod = _script("trainer_vs_step")
+    _run_script(monkeypatch, mod, ["--batch-size", str(B), "--epochs", str(epochs), "--precision", "fp32",
+                                   "--out", str(out)])
+    row = json.loads(out.read_text())
+    read = ratios[1:epochs] if epochs > 1 else ratios[:1]
+    assert row["ratio"] == pytest.approx(sorted(read)[len(read) // 2])  # 0.85 for epochs 2..4; 0.3 for one
+    assert len(row["bare_step_ms_per_epoch"]) == epochs and row["first_epoch_samples_per_s"] == 100.0
+    assert row["bare_samples_per_s"] == pytest.approx(B / (row["bare_step_ms"] * 1e-3))
+    assert ("epochs 2.." if epochs > 1 else "the one epoch") in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- the helpers
