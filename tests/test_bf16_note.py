@@ -124,6 +124,7 @@ def test_train_says_it_once_and_keeps_the_precision(monkeypatch, tmp_path, digit
 
 def _ddp_note_worker(rank, world, port, cfg_dict, out):
     """One rank of a two-process bf16-mixed run: records what the bf16 timing was asked and what was logged."""
+    import datetime
     import os
     import sys
 
@@ -134,7 +135,8 @@ def _ddp_note_worker(rank, world, port, cfg_dict, out):
     torch.set_num_threads(1)
     calls, lines = [], []
     ptuning.bf16_products = _fake_products(1.0, 2.0, calls)  # bf16 slower: rank 0 must say so, once
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # a stuck start fails, not gloo's 30 minutes
     try:
         train(TrainConfig(**cfg_dict), log=lines.append)
         with open(f"{out}.{rank}", "w") as f:
