@@ -339,9 +339,10 @@ TIE = 0.01  # routes within 1% are a tie (``decide`` then takes the first candid
 # synthetic races under the noise of NOTE: [Early stop] (15% exponential, one call in ten slowed by up to
 # 100%; tests/test_tune.py), three routes 5% apart and a fourth at twice the best: the fourth was out after
 # three rounds in every race, the calls fell 13%, and the route picked was more than 3% slower than the
-# best in 7 races, against 9 without the rule; with the fourth at 1.6x the best, out after three rounds in 93%
-# of the races (before the tenth in 99.8%), 9 such picks. The rule only drops candidates; the race still ends only as NOTE: [Early stop]
-# says, or when one candidate is left. It compares fastest calls, so it serves the default rule only: under
+# best in 7 races, against 9 without the rule; with the fourth at 1.6x the best, it was out after three
+# rounds in 93% of the races (before the tenth in 99.8%), with 9 such picks. The rule only drops
+# candidates; the race still ends only as NOTE: [Early stop] says, or when one candidate is left. It
+# compares fastest calls, so it serves the default rule only: under
 # ``stat="median"`` a route fast now and then has the best floor and may not have the best median (NOTE:
 # [Median rule]), and a steady route 1.5x its floor could still be the better one per call.
 WIDE = 0.5
