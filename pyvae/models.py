@@ -186,11 +186,12 @@ class VAE(nn.Module):
     one_node: bool = True
     """Training (``forward``, Bernoulli, analytic KL, one draw, ``kl_weight`` 1, no shard, eager CPU float32 or
     float64 without autocast, the fused layers with no module or saved-tensor hooks, ``VAE`` and its containers
-    as built, not subclassed: ``_node_layers`` and ``ops.vae_elbo_applies``): the whole objective runs as one autograd
-    node (NOTE: [One-node VAE step] in pyvae/ops/vae_step.py), with the layers' own routes and kernels and the
-    same gradients as the layered graph, without its per-node work. Like ``elbo_into_logits`` (which it
-    needs), its graph can be differentiated once: set False on the model (or the class) for retain_graph,
-    double backward, or to see each layer in autograd's graph (hooks on a layer's tensors, the profiler)."""
+    as built, not subclassed: ``_node_layers``, ``ops.vae_elbo_mode_ok`` and ``ops.vae_elbo_layers_ok``): the whole
+    objective runs as one autograd node (NOTE: [One-node VAE step] in pyvae/ops/vae_step.py), with the layers'
+    own routes and kernels and the same gradients as the layered graph, without its per-node work. Like
+    ``elbo_into_logits`` (which it needs), its graph can be differentiated once: set False on the model (or the
+    class) for retain_graph, double backward, or to see each layer in autograd's graph (hooks on a layer's
+    tensors, the profiler)."""
 
     def _node_layers(self):
         """``(weight, bias, activation)`` of every layer for ``ops.vae_elbo``, or None where the one-node step
@@ -347,7 +348,7 @@ class VAE(nn.Module):
         if (estimator == "analytic" and samples == 1 and shard is None and not torch.compiler.is_compiling()
                 and kl_weight == 1.0 and ops.vae_elbo_mode_ok(x)):
             layers = self._node_layers()
-            if layers is not None and ops.vae_elbo_applies(x, layers, self.z_dim, len(self.encoder)):
+            if layers is not None and ops.vae_elbo_layers_ok(x, layers, self.z_dim, len(self.encoder)):
                 # NOTE: [One-node VAE step] in pyvae/ops/vae_step.py: the seed drawn as _reparameterize draws it
                 elbo, kl = ops.vae_elbo(x, layers, len(self.encoder), self.z_dim, ops.draw_seed(generator))
                 return elbo, elbo.detach(), kl

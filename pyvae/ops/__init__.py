@@ -42,7 +42,7 @@ from .gaussian_log_prob import gaussian_log_prob
 from .linear_act import ACTIVATIONS, forget_routes, fused_only, linear_act, release_workspace
 from .reparameterize import draw_seed, reparameterize, reparameterize_shard, seed_for, seed_stays_tensor
 # pyvae.VAE's one-node training step, not public
-from .vae_step import vae_elbo, vae_elbo_applies, vae_elbo_mode_ok  # noqa: F401
+from .vae_step import vae_elbo, vae_elbo_layers_ok, vae_elbo_mode_ok  # noqa: F401
 
 __all__ = [
     "gaussian_kl",

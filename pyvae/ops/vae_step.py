@@ -24,8 +24,8 @@ runs the same kernels and GEMMs as the layered one, less the per-node work. Like
 into the logits, the graph can be differentiated once: a second backward (retain_graph) or create_graph=True
 raises, naming ``VAE.one_node``, the switch that turns this path off. Where the node would not compute what
 the layered forward computes (an activation on the head or the logits layer, a subclass's ``encode``, a
-container subclass, module or saved-tensor hooks, inference mode: ``vae_elbo_applies`` and
-``VAE._node_layers``), the layered graph runs.
+container subclass, module or saved-tensor hooks, inference mode: ``vae_elbo_mode_ok``,
+``vae_elbo_layers_ok`` and ``VAE._node_layers``), the layered graph runs.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from .gaussian_kl import gaussian_kl
 from .linear_act import backward_on_route, forward_on_route, route_of
 from .reparameterize import host_draw_seed, kept_draw
 
-__all__ = ["vae_elbo", "vae_elbo_applies", "vae_elbo_mode_ok"]
+__all__ = ["vae_elbo", "vae_elbo_layers_ok", "vae_elbo_mode_ok"]
 
 
 class _Spec:
@@ -147,10 +147,11 @@ _saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 
 def vae_elbo_mode_ok(x) -> bool:
-    """The part of ``vae_elbo_applies`` that depends on ``x`` and the mode alone, for callers to test before
-    gathering the layers (``pyvae.VAE``: ~20 us a step, spent for nothing under autocast or without grad):
-    plain eager mode with gradients on (not in inference mode), no autocast, no saved-tensor hooks, and a
-    contiguous non-empty float32/float64 CPU ``x [B, D]`` that is not differentiated."""
+    """The first half of whether ``vae_elbo`` takes a training step's call, on ``x`` and the mode alone (tested
+    before ``pyvae.VAE`` gathers its layers, ~20 us a step, spent for nothing under autocast or without grad;
+    ``vae_elbo_layers_ok`` is the second half): plain eager mode with gradients on (not in inference mode), no
+    autocast, no saved-tensor hooks, and a contiguous non-empty float32/float64 CPU ``x [B, D]`` that is not
+    differentiated."""
     if not (torch.is_grad_enabled() and type(x) is torch.Tensor and x.is_cpu and x.dim() == 2 and x.shape[0] > 0
             and x.dtype in (torch.float32, torch.float64) and not x.requires_grad and x.is_contiguous()
             and not torch._C._is_any_autocast_enabled() and not torch.is_inference_mode_enabled()):
@@ -160,14 +161,12 @@ def vae_elbo_mode_ok(x) -> bool:
     return _saved_tensors_hooks(False) is None
 
 
-def vae_elbo_applies(x, layers: Sequence[Tuple[torch.Tensor, torch.Tensor, str]], z_dim: int,
-                     encoder_layers: int) -> bool:
-    """Whether ``vae_elbo`` takes this call in a training step: ``vae_elbo_mode_ok(x)``, the head (layer
-    ``encoder_layers``, ``2 * z_dim`` outputs) and the logits layer without activation, every weight and bias a
-    differentiable CPU tensor of x's dtype, and an ELBO gradient that can be written over the logits (NOTE:
-    [ELBO gradient into the logits])."""
-    if not vae_elbo_mode_ok(x):
-        return False
+def vae_elbo_layers_ok(x, layers: Sequence[Tuple[torch.Tensor, torch.Tensor, str]], z_dim: int,
+                       encoder_layers: int) -> bool:
+    """The second half, for an ``x`` that ``vae_elbo_mode_ok`` passed: the head (layer ``encoder_layers``,
+    ``2 * z_dim`` outputs) and the logits layer without activation, every weight and bias a differentiable CPU
+    tensor of x's dtype, and an ELBO gradient that can be written over the logits (NOTE: [ELBO gradient into
+    the logits])."""
     # The head and the logits layer have no activation (the logits' storage receives their gradient, which an
     # activation's backward would read as its output).
     if len(layers) < 3 or layers[-1][2] != "identity" or any(w.dim() != 2 for w, _, _ in layers):
