@@ -107,8 +107,8 @@ def main(argv=None) -> None:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     print(f"\n{rows[0]['cpu']}, {rows[0]['threads']} threads, torch {rows[0]['torch']}\n")
-    read = "epochs 2.." if args.epochs > 1 else "the one epoch"
-    print(f"| precision | B | pyvae train samples/s (median, {read}) | bare step ms | bare samples/s "
+    which = "epochs 2.." if args.epochs > 1 else "the one epoch"
+    print(f"| precision | B | pyvae train samples/s (median, {which}) | bare step ms | bare samples/s "
           "| train / bare (median of the per-epoch ratios) | GEMM-only ms | GEMM-only / trainer step "
           "| first epoch samples/s |")
     print("|---|---|---|---|---|---|---|---|---|")
