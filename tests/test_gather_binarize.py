@@ -30,6 +30,23 @@ def test_each_pixel_is_its_uniform_against_its_grey_level(device):
     assert torch.equal(out, want)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_uniforms_where_the_counter_carries_into_its_high_word(arch):
+    """Rows whose uniforms come from counters on both sides of 2^32 (the AVX-512 build's 32-bit lanes carry
+    into the high word there: NOTE: [Philox in vector lanes] in csrc/cpu/reparameterize.cpp), every element
+    against its uniform, on every CPU build."""
+    from conftest import cpu_arch
+
+    src = torch.rand(40, 7, generator=torch.Generator().manual_seed(4))
+    first, seed = (4 * 2 ** 32 - 90) // 7, 0xABCD_EF01_2345  # elements first * 7 .. : counters 2^32 - 23 ..
+    with cpu_arch(arch):
+        out = gather_binarize(src, seed=seed, first_row=first)
+    want = torch.tensor([[1.0 if _uniform(seed, (first + r) * 7 + c) < float(src[r, c]) else 0.0
+                          for c in range(7)] for r in range(40)])
+    assert (first * 7) // 4 < 2 ** 32 < ((first + 40) * 7) // 4
+    assert torch.equal(out, want)
+
+
 def test_frequencies_follow_the_grey_levels():
     p = torch.linspace(0, 1, 11).repeat(4000, 1)  # 11 grey levels, 4000 rows each
     out = gather_binarize(p, seed=7)

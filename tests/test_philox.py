@@ -96,6 +96,18 @@ def test_normal4_depends_on_seed_and_counter():
     assert pyvae._C.normal4(1, 1 << 32) != a  # both counter words are used
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eps_where_the_counter_carries_into_its_high_word(arch):
+    """Counters 2^32 - 40 .. 2^32 + 60 of a draw, on every CPU build: the AVX-512 build computes 32 counters
+    in 32-bit lanes (NOTE: [Philox in vector lanes] in csrc/cpu/reparameterize.cpp), where a lane's low word
+    wraps and carries one into its high word; bit for bit the block function's normals there."""
+    seed, offset, m = 0x1234_5678_9ABC, (1 << 32) - 40, 401
+    expected = _normals(seed, (m + 3) // 4, first=offset)[:m].float()
+    with cpu_arch(arch):
+        z = torch.ops.pyvae.reparameterize(torch.zeros(m), torch.zeros(m), 1, torch.tensor([seed, offset]))
+    assert torch.equal(z.view(-1), expected)
+
+
 def test_reparameterize_eps_is_normal4_at_offset_plus_i_over_4():
     """NOTE: [Counter-based eps]: element i of draw (seed, offset) is lane i % 4 of counter offset + i / 4."""
     seed, offset, m, samples = 0x1234_5678_9ABC, 5, 3001, 2  # m: odd, more than one CPU chunk (2048)

@@ -84,10 +84,9 @@ struct Normal4 {
   float v[4];
 };
 
-// Four N(0, 1) draws for one counter: Box-Muller on (r0, r1) and (r2, r3):
+// Four N(0, 1) draws from a counter's four words r: Box-Muller on (r0, r1) and (r2, r3):
 // n = sqrt(-2 log u1) * (cos(2 pi u2), sin(2 pi u2)).
-PYVAE_HD PYVAE_FORCEINLINE Normal4 normal4(uint64_t seed, uint64_t counter) {
-  const U32x4 r = words4(seed, counter);
+PYVAE_HD PYVAE_FORCEINLINE Normal4 normal4_of(const U32x4& r) {
   Normal4 out;
   for (int pair = 0; pair < 2; ++pair) {
     const float u1 = uniform_open0(r.v[2 * pair]);
@@ -99,6 +98,11 @@ PYVAE_HD PYVAE_FORCEINLINE Normal4 normal4(uint64_t seed, uint64_t counter) {
     out.v[2 * pair + 1] = rad * s;
   }
   return out;
+}
+
+// The four normals of one counter of the draw seed.
+PYVAE_HD PYVAE_FORCEINLINE Normal4 normal4(uint64_t seed, uint64_t counter) {
+  return normal4_of(words4(seed, counter));
 }
 
 // The normal for element i of the draw (seed, offset); see [Counter-based eps].
