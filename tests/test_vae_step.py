@@ -22,24 +22,26 @@ def _x(B, D, dtype=torch.float32, seed=1):
     return (torch.rand(B, D, generator=torch.Generator().manual_seed(seed)) < 0.4).to(dtype)
 
 
-def _step(model, x, seed=5, upstream=None):
-    """(objective, elbo, kl, gradients, the next number of torch's global generator) of one step."""
+def _step(model, x, seed=5, upstream=None, amp=False):
+    """(objective, elbo, kl, gradients, the next number of torch's global generator) of one step (its forward
+    under CPU autocast to bfloat16 with ``amp``)."""
     for p in model.parameters():
         p.grad = None
     torch.manual_seed(seed)
-    obj, elbo, kl = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        obj, elbo, kl = model(x)
     loss = -obj.mean() if upstream is None else -(obj * upstream).sum()
     loss.backward()
     return obj.detach(), elbo, kl, [p.grad.clone() for p in model.parameters()], torch.rand(1)
 
 
-def _keys(model, x, monkeypatch):
+def _keys(model, x, monkeypatch, amp=False):
     """The layer-route keys a training step of ``model`` on ``x`` looks up (routes forgotten first)."""
     seen = []
     note = _tune.note
     monkeypatch.setattr(_tune, "note", lambda key, route: (seen.append(key), note(key, route)))
     forget_routes()
-    _step(copy.deepcopy(model), x)
+    _step(copy.deepcopy(model), x, amp=amp)
     monkeypatch.setattr(_tune, "note", note)
     keys = sorted({k for k in seen if k.startswith(("linear_act", "gaussian_kl"))})
     # 13->9, 9->9 (both second hidden layers), the head 9->6, 3->9, the logits 9->13, and the reported KL
@@ -84,6 +86,38 @@ def test_one_node_equals_layered_bit_for_bit(route, activation, dtype, monkeypat
         assert torch.equal(_bits(g), _bits(h))  # bits: the sign of a zero too
     assert torch.equal(node[4], layered[4])  # one seed drawn from torch's generator, as the layered step
     assert all(bool(torch.isfinite(g).all()) and bool(g.abs().sum() > 0) for g in node[3])
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid", "softplus"])
+def test_one_node_under_autocast_equals_layered_bit_for_bit(route, activation, monkeypatch):
+    """CPU autocast to bfloat16 (NOTE: [One-node step under autocast] in pyvae/ops/vae_step.py): the node casts x
+    and the parameters, widens the head's halves and narrows their gradients as the layered step's casts do."""
+    model = _model(torch.float32, activation, layers=2)
+    x = _x(37, 13)
+    keys = _keys(model, x, monkeypatch, amp=True)
+    assert all("bfloat16 autocast" in k for k in keys if k.startswith("linear_act"))
+    try:
+        pins = {k: route if k.startswith("linear_act") else ("torch" if route == "torch" else "pyvae") for k in keys}
+        with _tune.pinned(pins):
+            forget_routes()
+            node = _step(model, x, amp=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert model(x)[0].grad_fn.name() == "_VAEStepBackward"
+            assert all(_tune.used()[k] == pins[k] for k in keys)
+            layered = _step(_layered(model), x, amp=True)
+            assert all(_tune.used()[k] == pins[k] for k in keys)
+    finally:
+        forget_routes()
+    for a, b in zip(node[:3], layered[:3]):
+        assert a.dtype == torch.float32 and torch.equal(_bits(a), _bits(b))
+    for g, h in zip(node[3], layered[3]):
+        assert g.dtype == torch.float32 and torch.equal(_bits(g), _bits(h))
+    assert torch.equal(node[4], layered[4])
+    assert all(bool(torch.isfinite(g).all()) and bool(g.abs().sum() > 0) for g in node[3])
+    # and the bfloat16 products are in it: not the float32 step's gradients
+    plain = _step(model, x)
+    assert not all(torch.equal(g, h) for g, h in zip(node[3], plain[3]))
 
 
 def test_paper_model_equals_layered_on_the_cold_routes():
@@ -180,7 +214,11 @@ def test_taken_exactly_where_it_applies():
     assert not _taken(model, x, shard=(0, 6))
     assert not _taken(model, x.t().contiguous().t())  # strided x
     assert not _taken(model, x.clone().requires_grad_())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # NOTE: [One-node step under autocast]
+        assert _taken(model, x)
+        assert not _taken(model.double(), x.double())  # autocast leaves float64 alone: the layered graph
+        model.float()
+    with torch.autocast("cpu", dtype=torch.float16):
         assert not _taken(model, x)
     with torch.no_grad():
         assert model(x)[0].grad_fn is None
@@ -214,13 +252,13 @@ def test_taken_exactly_where_it_applies():
 
 
 def test_the_layers_are_not_gathered_where_the_mode_rules_the_node_out(monkeypatch):
-    # Gathering the layers (_node_layers: ~20 us a step) only where x and the mode allow the node: under autocast,
-    # without grad or with saved-tensor hooks a bf16-mixed or evaluation step spent it for nothing.
+    # Gathering the layers (_node_layers: ~20 us a step) only where x and the mode allow the node: under float16
+    # autocast, without grad or with saved-tensor hooks a step would spend it for nothing.
     model, x = _model(), _x(6, 13)
     gathered = []
     real = pyvae.VAE._node_layers
     monkeypatch.setattr(pyvae.VAE, "_node_layers", lambda self: gathered.append(1) or real(self))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.float16):
         model(x)
     with torch.no_grad():
         model(x)

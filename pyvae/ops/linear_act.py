@@ -493,13 +493,15 @@ def _route_for(x, weight, bias, activation, dtype, amp) -> str:
 
 
 def route_of(rows: int, x_requires_grad: bool, weight: torch.Tensor, bias: Optional[torch.Tensor],
-             activation: str) -> str:
+             activation: str, amp: Optional[torch.dtype] = None, x_dtype: Optional[torch.dtype] = None) -> str:
     """The route (NOTE: [Layer routes]) ``linear_act`` would take in a training step for a float CPU input of
-    ``rows`` rows with weight's dtype, no autocast: the layer routes of a one-node VAE step (NOTE: [One-node VAE
-    step] in pyvae/ops/vae_step.py), so that it runs each layer as the layer itself would run."""
+    ``rows`` rows (of ``x_dtype``, default weight's dtype), with CPU autocast to ``amp`` or without autocast
+    (None): the layer routes of a one-node VAE step (NOTE: [One-node VAE step] in pyvae/ops/vae_step.py), so
+    that it runs each layer as the layer itself would run."""
     if _route["fused_only"]:
         return "pyvae"
-    return _route_of(rows, weight.dtype, x_requires_grad, weight, bias, activation, weight.dtype, None, True)
+    return _route_of(rows, x_dtype or weight.dtype, x_requires_grad, weight, bias, activation, amp or weight.dtype,
+                     amp, True)
 
 
 def _route_of(rows, x_dtype, x_requires_grad, weight, bias, activation, dtype, amp, train) -> str:

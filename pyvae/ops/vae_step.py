@@ -45,10 +45,11 @@ __all__ = ["vae_elbo", "vae_elbo_layers_ok", "vae_elbo_mode_ok"]
 class _Spec:
     """What a call fixes besides its tensors: activations, routes, sizes, the encoder's depth."""
 
-    __slots__ = ("acts", "routes", "n_enc", "z_dim", "seed", "draw")
+    __slots__ = ("acts", "routes", "n_enc", "z_dim", "seed", "draw", "amp")
 
-    def __init__(self, acts, routes, n_enc, z_dim, seed, draw):
+    def __init__(self, acts, routes, n_enc, z_dim, seed, draw, amp):
         self.acts, self.routes, self.n_enc, self.z_dim, self.seed, self.draw = acts, routes, n_enc, z_dim, seed, draw
+        self.amp = amp  # the CPU autocast dtype (NOTE: [One-node step under autocast]) or None
 
 
 _ONCE = ("pyvae.VAE: this one-node training step (NOTE: [One-node VAE step] in pyvae/ops/vae_step.py) can be "
@@ -65,30 +66,41 @@ class _VAEStep(torch.autograd.Function):
     # softplus pre-activation or None); then logvar and eps for the draw's backward.
     @staticmethod
     def forward(ctx, spec: _Spec, x, *params):
-        n = len(spec.acts)
-        h, inter = x, []
+        n, amp = len(spec.acts), spec.amp
+        # Under autocast the layers compute in amp from casts of x and the parameters, as autocast casts them
+        # for each layer (NOTE: [One-node step under autocast]); the float32 tensors are kept for the checks.
+        cast = params if amp is None else [t.to(amp) for t in params]
+        h = x if amp is None else x.to(amp)
+        inter = []
         for i in range(n):
-            w, b = params[2 * i], params[2 * i + 1]
+            w, b = cast[2 * i], cast[2 * i + 1]
             if i == spec.n_enc + 1:  # the decoder's input: the draw from the head's output
                 head = h
                 Z = spec.z_dim
-                mu, logvar = head[:, :Z].contiguous(), head[:, Z:].contiguous()
+                if amp is None:
+                    mu, logvar = head[:, :Z].contiguous(), head[:, Z:].contiguous()
+                else:  # VAE.encode widens the head's two halves to float32
+                    mu, logvar = head[:, :Z].float(), head[:, Z:].float()
                 z, eps = spec.draw.forward_keeping_eps(mu, logvar, spec.seed, 0)
-                h = z
+                h = z if amp is None else z.to(amp)
             y, pre = forward_on_route(spec.routes[i], h, w, b, spec.acts[i])
-            inter.append([None if i == 0 else h, None if spec.acts[i] == "identity" else y, pre])
+            inter.append([None if i == 0 and amp is None else h, None if spec.acts[i] == "identity" else y, pre])
             h = y
         logits = h  # the last layer's output: this node's own, overwritten by its gradient
         elbo, g_mu, g_lv, ctx.scale = forward_into_logits(logits, x, mu, logvar)
-        # The KL as the layered step computes it, on its route: without grad, of views of a head that requires
-        # grad (the row op's route key records both: NOTE: [Row op routes] in _rowwise.py).
+        # The KL as the layered step computes it, on its route: without grad, of tensors that require grad (the
+        # row op's route key records that and their layout: NOTE: [Row op routes] in _rowwise.py): views of the
+        # head, or under autocast its widened halves.
         with torch.enable_grad():
-            hv = head.detach().requires_grad_()
-            mu_v, lv_v = hv[:, :spec.z_dim], hv[:, spec.z_dim:]
+            if amp is None:
+                hv = head.detach().requires_grad_()
+                mu_v, lv_v = hv[:, :spec.z_dim], hv[:, spec.z_dim:]
+            else:
+                mu_v, lv_v = mu.detach().requires_grad_(), logvar.detach().requires_grad_()
         kl = gaussian_kl(mu_v, lv_v)
         ctx.spec = spec
         ctx.written = (logits, g_mu, g_lv)
-        ctx.inter = (inter, logvar, eps)
+        ctx.inter = (inter, logvar, eps, None if amp is None else cast)
         ctx.save_for_backward(x, *params)
         ctx.mark_non_differentiable(kl)
         return elbo, kl
@@ -97,27 +109,36 @@ class _VAEStep(torch.autograd.Function):
     def backward(ctx, grad, _grad_kl):
         if ctx.written is None or torch.is_grad_enabled():
             raise RuntimeError(_ONCE)
-        spec = ctx.spec
+        spec, amp = ctx.spec, ctx.spec.amp
         x, *params = ctx.saved_tensors
         g_l, g_mu, g_lv = ctx.written  # g_l: the logits' storage, holding d ELBO / d logits (times expected)
-        inter, logvar, eps = ctx.inter
+        inter, logvar, eps, cast = ctx.inter
         ctx.written = ctx.inter = None
         rescale_written(grad, *ctx.scale, g_l, g_mu, g_lv)
+        if cast is not None:
+            params = cast
+        del cast
         n = len(inter)
         grads: List = [None] * (2 * n)
         g = g_l
         del g_l
         for i in reversed(range(n)):
             inp, y, pre = inter.pop()
-            gx, gw, gb = backward_on_route(spec.routes[i], g, x if i == 0 else inp, params[2 * i], y, pre, True,
+            gx, gw, gb = backward_on_route(spec.routes[i], g, x if inp is None else inp, params[2 * i], y, pre, True,
                                            spec.acts[i], (i > 0, True, True))
             del inp, y, pre
+            if amp is not None:  # back to the parameters' float32, as the casts' backward does
+                params[2 * i] = params[2 * i + 1] = None  # (the casts, dropped once used)
+                gw, gb = gw.float(), gb.float()
             grads[2 * i], grads[2 * i + 1] = gw, gb
             if i == spec.n_enc + 1:  # gx is z's gradient: through the draw to mu and logvar, plus the ELBO's
+                if amp is not None:
+                    gx = gx.float()
                 d_mu, d_lv = spec.draw.backward(gx, (None, logvar), spec.seed, 0, eps)
                 # (+ 0.0: the layered graph sums the two slices' gradients, each zero outside its slice, so a
-                # -0.0 of either comes out +0.0 there)
-                gx = torch.cat([d_mu.add_(g_mu), d_lv.add_(g_lv)], dim=1).add_(0.0)
+                # -0.0 of either comes out +0.0 there; under autocast each half is narrowed to amp first)
+                gx = torch.cat([d_mu.add_(g_mu), d_lv.add_(g_lv)], dim=1)
+                gx = (gx if amp is None else gx.to(amp)).add_(0.0)
                 del d_mu, d_lv, logvar, eps, g_mu, g_lv
             g = gx
         return (None, None, *grads)
@@ -136,9 +157,12 @@ def vae_elbo(x: torch.Tensor, layers: Sequence[Tuple[torch.Tensor, torch.Tensor,
     """
     rows = x.shape[0]
     acts = tuple(a for _, _, a in layers)
-    routes = tuple(route_of(rows, i > 0, w, b, a) for i, (w, b, a) in enumerate(layers))
+    amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    # (under autocast a layer's input is float32 where the layered step feeds it float32: x and z)
+    x_dtypes = [x.dtype if amp is None or i in (0, encoder_layers + 1) else amp for i in range(len(layers))]
+    routes = tuple(route_of(rows, i > 0, w, b, a, amp, x_dtypes[i]) for i, (w, b, a) in enumerate(layers))
     spec = _Spec(acts, routes, encoder_layers, z_dim, host_draw_seed(seed, rows, z_dim),
-                 kept_draw((rows, z_dim), x.dtype))
+                 kept_draw((rows, z_dim), x.dtype), amp)
     params = [t for w, b, _ in layers for t in (w, b)]
     return _VAEStep.apply(spec, x, *params)
 
@@ -154,7 +178,12 @@ def vae_elbo_mode_ok(x) -> bool:
     differentiated."""
     if not (torch.is_grad_enabled() and type(x) is torch.Tensor and x.is_cpu and x.dim() == 2 and x.shape[0] > 0
             and x.dtype in (torch.float32, torch.float64) and not x.requires_grad and x.is_contiguous()
-            and not torch._C._is_any_autocast_enabled() and not torch.is_inference_mode_enabled()):
+            and not torch.is_inference_mode_enabled()):
+        return False
+    # autocast: only CPU autocast to bfloat16 of a float32 model (NOTE: [One-node step under autocast])
+    if torch._C._is_any_autocast_enabled() and not (
+            x.dtype == torch.float32 and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         return False
     # The intermediates are held on the node, not saved through autograd: where saved-tensor hooks are active
     # (save_on_cpu, non-reentrant checkpointing, a user's pack hooks) the layered graph lets them act on each.
