@@ -225,6 +225,23 @@ def test_bench_runs_and_records(tmp_path):
     assert rows[0]["results"]["pyvae"]["median_ms"] > 0 and "eager/pyvae" in r.stdout
 
 
+def test_bench_elbo_times_the_batch_binarization_forward_only(tmp_path):
+    from pyvae.benchmarks import elbo
+
+    case = elbo.setup_binarize(5, 6, 2, "cpu", torch.float32)
+    for fn in (case["reference"], case["pyvae"]):  # both a fresh [B, D] of 0s and 1s from gathered grey levels
+        x = fn(*case["args"])
+        assert x.shape == (5, 6) and set(x.unique().tolist()) <= {0.0, 1.0}
+    out = tmp_path / "binarize.jsonl"
+    # --modes full: a differentiable op's mode; binarize has no gradient and is timed forward only
+    r = _run("bench", "elbo", "--ops", "binarize", "--batch", "3", "--reps", "2", "--modes", "full", "--providers",
+             "torch-eager", "pyvae", "--no-memory", "--quiet-wait", "0", "--out", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(row["op"], row["mode"]) for row in rows] == [("binarize", "forward")]
+    assert rows[0]["results"]["pyvae"]["median_ms"] > 0
+
+
 def test_bench_mlp_fused_provider_and_shared_parameters(tmp_path):
     from pyvae.benchmarks import mlp
 

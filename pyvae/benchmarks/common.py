@@ -326,13 +326,14 @@ class Step:
         return out
 
 
-def first_calls(fns: dict, args: tuple, leaves: dict, grad_out) -> tuple[dict, dict]:
-    """One full (forward + backward) call per provider, timed once: for torch-compile this is the
-    compilation of its forward and backward graphs. Returns (full-mode Steps, first-call seconds).
-    ``leaves`` maps each provider to the tensors whose .grad is reset before every call."""
+def first_calls(fns: dict, args: tuple, leaves: dict, grad_out, mode: str = "full") -> tuple[dict, dict]:
+    """One full (forward + backward; ``mode="forward"`` for an op without a gradient) call per provider, timed
+    once: for torch-compile this is the compilation of its forward and backward graphs. Returns (Steps in
+    ``mode``, first-call seconds). ``leaves`` maps each provider to the tensors whose .grad is reset before
+    every call."""
     steps, seconds = {}, {}
     for p, fn in fns.items():
-        step = Step(lambda fn=fn, a=args: fn(*a), leaves[p], grad_out, "full")
+        step = Step(lambda fn=fn, a=args: fn(*a), leaves[p], grad_out, mode)
         t0 = time.perf_counter()
         step.run(step.prepare())
         seconds[p] = time.perf_counter() - t0

@@ -24,6 +24,9 @@ Ops (``setup_<op>(B)`` builds the inputs for batch size B; D = 784 data dims, Z 
                baseline is torch.distributions.ContinuousBernoulli (pyvae.reference)
     gaussian   gaussian_log_prob(x, mean, logvar)       [B, D] -> [B], per-element logvar
     reparam    reparameterize(mu, logvar)               [B, Z] -> [B, Z]
+    binarize   a training batch: B rows gathered from a [60000, D] table of grey levels and binarized with one
+               Bernoulli draw per pixel (``pyvae.ops.gather_binarize``; the baseline ``torch.bernoulli(src[idx])``,
+               as bench/aevb_baseline.py's plain loop writes it). Not differentiable: forward mode only.
 
 Modes: forward (autograd recording, as in training), backward (only ``.backward()`` of a forward
 computed untimed just before), full (forward + backward). Gradients of the leaves are reset to None
@@ -42,7 +45,9 @@ import sys
 
 from . import common as C
 
-OPS = ("elbo_step", "elbo_step_unfused", "cb_elbo_step", "kl", "bernoulli", "cbernoulli", "gaussian", "reparam")
+OPS = ("elbo_step", "elbo_step_unfused", "cb_elbo_step", "kl", "bernoulli", "cbernoulli", "gaussian", "reparam",
+       "binarize")
+FORWARD_ONLY = ("binarize",)  # ops without a gradient: timed in forward mode only
 BATCHES = (100, 1024, 16384)
 
 
@@ -172,6 +177,30 @@ def setup_reparam(B, D, Z, device, dtype):
             "reference": R.reparameterize, "pyvae": pyvae.reparameterize}
 
 
+def _binarize_ref(src, idx, seed):
+    import torch
+
+    return torch.bernoulli(src[idx])
+
+
+def _binarize_pyvae(src, idx, seed):
+    from pyvae.ops import gather_binarize
+
+    return gather_binarize(src, idx, seed=seed)
+
+
+def setup_binarize(B, D, Z, device, dtype):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.rand(60000, D, generator=g, dtype=torch.float32).to(device)  # gather_binarize takes float32
+    idx = torch.randperm(60000, generator=g)[: min(B, 60000)].to(device)
+    if B > 60000:
+        idx = idx.repeat((B + 59999) // 60000)[:B]
+    return {"args": (src, idx, 1234), "leaves": (), "grad_out": None,
+            "reference": _binarize_ref, "pyvae": _binarize_pyvae}
+
+
 SETUPS = {name: globals()["setup_" + name] for name in OPS}
 
 
@@ -203,8 +232,9 @@ def run(args, out: str) -> list:
         for B in args.batch:
             case = SETUPS[op](B, args.dim, args.latent, args.device, dtype)
             fns = _provider_fns(case, args.providers)
+            modes = ["forward"] if op in FORWARD_ONLY else args.modes
             steps_full, compile_s = C.first_calls(fns, case["args"], {p: case["leaves"] for p in fns},
-                                                  case["grad_out"])
+                                                  case["grad_out"], mode="forward" if op in FORWARD_ONLY else "full")
             floor_ms = huge_ms = None
             if op == "elbo_step" and "full" in args.modes:
                 # The memory floor of the step: one read of logits and x, one write of a fresh [B, D]
@@ -219,7 +249,7 @@ def run(args, out: str) -> list:
                 fl = C.measure_case(floors, device=args.device, reps=args.reps, target_s=args.target_s / 2, memory=False)
                 floor_ms = fl["floor"]["median_ms"]
                 huge_ms = fl["huge"]["median_ms"] if "huge" in fl else None
-            for mode in args.modes:
+            for mode in modes:
                 res = C.measure_case(C.in_mode(steps_full, mode), device=args.device, reps=args.reps, target_s=args.target_s,
                                      memory=not args.no_memory)
                 row = {

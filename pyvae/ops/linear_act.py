@@ -586,9 +586,9 @@ _TORCH_ACT_BACKWARD = {  # what torch's autograd runs for each activation's back
 def forward_on_route(route: str, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      activation: str):
     """``(y, pre)``: y = act(x @ weight.T + bias) computed as ``route`` computes it, without autograd, for a
-    valid 2-D float CPU call with no autocast (the layers of a one-node VAE step, NOTE: [One-node VAE step] in
-    pyvae/ops/vae_step.py); ``pre`` is the pre-activation where ``backward_on_route`` needs it (torch's
-    softplus), else None."""
+    valid 2-D float CPU call whose tensors have the dtype its GEMMs run in (the layers of a one-node VAE step,
+    NOTE: [One-node VAE step] in pyvae/ops/vae_step.py; under autocast, the node's casts); ``pre`` is the
+    pre-activation where ``backward_on_route`` needs it (torch's softplus), else None."""
     if route == "torch":  # F.linear and the activation, as torch's own route runs them
         y = torch.nn.functional.linear(x, weight, bias)
         if activation == "identity":

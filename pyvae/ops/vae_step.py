@@ -20,12 +20,25 @@ Nothing is computed differently from the layered graph:
 - mu's and logvar's gradients are the draw's plus the ELBO's, as autograd sums them.
 - the head's gradient is the two slices' gradients, each +0.0 outside its slice, as autograd sums them.
 So the outputs and gradients are those of the layered graph bit for bit (tests/test_vae_step.py), and the step
-runs the same kernels and GEMMs as the layered one, less the per-node work. Like the ELBO
-into the logits, the graph can be differentiated once: a second backward (retain_graph) or create_graph=True
-raises, naming ``VAE.one_node``, the switch that turns this path off. Where the node would not compute what
-the layered forward computes (an activation on the head or the logits layer, a subclass's ``encode``, a
-container subclass, module or saved-tensor hooks, inference mode: ``vae_elbo_mode_ok``,
-``vae_elbo_layers_ok`` and ``VAE._node_layers``), the layered graph runs.
+runs the same kernels and GEMMs as the layered one, less the per-node work.
+
+Like the ELBO into the logits, the graph can be differentiated once: a second backward (retain_graph) or
+create_graph=True raises, naming ``VAE.one_node``, the switch that turns this path off. Where the node would not
+compute what the layered forward computes (an activation on the head or the logits layer, a subclass's ``encode``,
+a container subclass, module or saved-tensor hooks, inference mode: ``vae_elbo_mode_ok``, ``vae_elbo_layers_ok``
+and ``VAE._node_layers``), the layered graph runs.
+
+NOTE: [One-node step under autocast]
+Under CPU autocast to bfloat16 (``pyvae train --precision bf16-mixed``), a float32 model's layered step has a
+cast per layer input and parameter, widens the head's two halves to float32 (``VAE.encode``), draws in float32,
+narrows z for the decoder and hands the bfloat16 logits to the ELBO (NOTE: [bfloat16 logits] in
+csrc/cpu/kernels.cpp), with a cast node in autograd's graph for each. The node does the same inside: x and
+every weight and bias cast once with ``.to(bfloat16)`` (the values of autocast's casts), the layers on the
+routes measured for their autocast keys (``route_of(..., amp)``), mu and logvar widened, z narrowed; in
+backward each weight's and bias's gradient widened to float32, z's gradient widened before the draw's backward
+and the head's narrowed after the sum, where the cast nodes would. Bit for bit the layered step on every route
+(tests/test_vae_step.py); 5-7% faster at B = 100 .. 8192 on the Zen 5 EPYC (bench/RESULTS.md, "Stop 25").
+float16 autocast, and autocast of a float64 model (which autocast leaves alone), take the layered graph.
 """
 from __future__ import annotations
 
@@ -172,10 +185,10 @@ _saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 def vae_elbo_mode_ok(x) -> bool:
     """The first half of whether ``vae_elbo`` takes a training step's call, on ``x`` and the mode alone (tested
-    before ``pyvae.VAE`` gathers its layers, ~20 us a step, spent for nothing under autocast or without grad;
+    before ``pyvae.VAE`` gathers its layers, ~20 us a step, spent for nothing without grad;
     ``vae_elbo_layers_ok`` is the second half): plain eager mode with gradients on (not in inference mode), no
-    autocast, no saved-tensor hooks, and a contiguous non-empty float32/float64 CPU ``x [B, D]`` that is not
-    differentiated."""
+    autocast but CPU autocast to bfloat16 of a float32 x (NOTE: [One-node step under autocast]), no saved-tensor
+    hooks, and a contiguous non-empty float32/float64 CPU ``x [B, D]`` that is not differentiated."""
     if not (torch.is_grad_enabled() and type(x) is torch.Tensor and x.is_cpu and x.dim() == 2 and x.shape[0] > 0
             and x.dtype in (torch.float32, torch.float64) and not x.requires_grad and x.is_contiguous()
             and not torch.is_inference_mode_enabled()):
