@@ -533,12 +533,12 @@ def _run_delay() -> Optional[float]:
 
 
 def _measure_undisturbed(candidates: Dict[str, Callable[[], None]],
-                         outcome: Optional[dict] = None) -> Tuple[Dict[str, float], bool]:
-    """``measure(candidates)``, run again while disturbed (NOTE: [Disturbed races]); returns the timings and
-    whether the last attempt was still disturbed (``outcome``: as ``measure``'s, of the last attempt)."""
+                         outcome: Optional[dict] = None, **kw) -> Tuple[Dict[str, float], bool]:
+    """``measure(candidates, **kw)``, run again while disturbed (NOTE: [Disturbed races]); returns the timings
+    and whether the last attempt was still disturbed (``outcome``: as ``measure``'s, of the last attempt)."""
     for _ in range(1 + RETRIES):
         w0, d0 = time.perf_counter(), _run_delay()
-        ms = measure(candidates) if outcome is None else measure(candidates, outcome=outcome)
+        ms = measure(candidates, **kw) if outcome is None else measure(candidates, outcome=outcome, **kw)
         wall, d1 = time.perf_counter() - w0, _run_delay()
         if wall < 0.005 or d0 is None or d1 is None or d1 - d0 <= MAX_RUN_DELAY * wall:
             return ms, False
@@ -560,20 +560,21 @@ def _measure_undisturbed(candidates: Dict[str, Callable[[], None]],
 CONFIRM = 3  # races at most for an undecided one
 
 
-def decide(key: str, candidates: Dict[str, Callable[[], None]], *, what: str = "") -> str:
+def decide(key: str, candidates: Dict[str, Callable[[], None]], *, what: str = "", **measure_kw) -> str:
     """Times ``candidates`` (name -> a call of that route on tensors of the key's shape), records and
     returns the fastest. Ties (within 1%) go to the first candidate, by convention torch's own route.
     A race disturbed by other processes is timed again, and not cached if it stays disturbed (NOTE:
-    [Disturbed races]); a race that ends undecided is run again and its picks vote (NOTE: [Undecided races])."""
+    [Disturbed races]); a race that ends undecided is run again and its picks vote (NOTE: [Undecided races]).
+    ``measure_kw`` go to ``measure`` (the statistic, the rounds, the budget), for every race of the decision."""
     outcome: dict = {}
-    ms, disturbed = _measure_undisturbed(candidates, outcome)
+    ms, disturbed = _measure_undisturbed(candidates, outcome, **measure_kw)
     best = choose({n: ms[n] for n in candidates})
     picks = [best]
     if outcome.get("decided") is False and len(candidates) > 1:  # NOTE: [Undecided races]
         other = min((n for n in candidates if n != best), key=lambda n: ms[n])
         pair = {n: candidates[n] for n in candidates if n in (best, other)}  # (candidate order: ties go first)
         while len(picks) < CONFIRM and not (len(picks) == 2 and picks[0] == picks[1]):
-            ms_k, dist_k = _measure_undisturbed(pair)
+            ms_k, dist_k = _measure_undisturbed(pair, **measure_kw)
             disturbed = disturbed or dist_k
             picks.append(choose(ms_k))
         best = max(picks, key=picks.count)  # the majority: two of two, or two of three

@@ -395,8 +395,9 @@ def _cmd_tune(args) -> int:
         r = tune_model(args.x_dim, args.latent, args.hidden, args.activation, layers=args.layers,
                        batch_sizes=args.batch_size, precisions=args.precision, force=args.force)
         n_layers = sum(k.startswith("linear_act ") for k in r["routes"])
-        print(f"tuned {len(r['routes'])} routes ({n_layers} layer, {len(r['routes']) - n_layers} row op) "
-              f"in {r['seconds']:.2f} s")
+        n_steps = sum(k.startswith("vae_step ") for k in r["routes"])  # NOTE: [Step routes] in pyvae/ops/vae_step.py
+        print(f"tuned {len(r['routes'])} routes ({n_layers} layer, {len(r['routes']) - n_layers - n_steps} row op"
+              f"{f', {n_steps} step' if n_steps else ''}) in {r['seconds']:.2f} s")
     print("\n".join(show()))
     return 0
 

@@ -222,8 +222,8 @@ def tuning(tmp_path, monkeypatch):
     monkeypatch.setenv("PYVAE_TUNE", "auto")
     monkeypatch.setattr(_tune, "_busy", lambda: False)
     monkeypatch.setattr(_tune, "_measure_undisturbed",
-                        lambda c, outcome=None: (_tune.measure(c, **({} if outcome is None else {"outcome": outcome})),
-                                                 False))
+                        lambda c, outcome=None, **kw: (_tune.measure(c, **kw, **({} if outcome is None
+                                                                             else {"outcome": outcome})), False))
     _tune.reset_for_tests()
     forget_routes()
     yield tmp_path

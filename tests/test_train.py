@@ -361,7 +361,7 @@ def _ddp_routes_worker(rank, world, port, cfg_dict, out):
                 fn()
             return {n: (0.001 if n == winner else 0.002) for n in candidates}
         _tune.measure = measure
-        _tune._measure_undisturbed = lambda c, outcome=None: (measure(c), False)
+        _tune._measure_undisturbed = lambda c, outcome=None, **kw: (measure(c), False)
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -271,7 +272,9 @@ def test_tune_command_and_show(tmp_path):
                        env={**os.environ, **env}, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     # the 4 layers (enc 64->32, head 32->8, dec 4->32, logits 32->64) and the KL the step reports (no grad)
-    assert "tuned 5 routes (4 layer, 1 row op)" in r.stdout and "cache: " in r.stdout
+    # (and the step, where the layers' races picked a mix of routes: NOTE: [Step routes])
+    assert re.search(r"tuned (5 routes \(4 layer, 1 row op\)|6 routes \(4 layer, 1 row op, 1 step\))", r.stdout)
+    assert "cache: " in r.stdout
     assert r.stdout.count("linear_act ") == 4 and r.stdout.count("gaussian_kl float32 16x4* 16x4* - - infer") == 1
     # A race run while other processes keep the CPUs busy is used but, by design, not cached (NOTE: [Measured
     # routes]): on a loaded machine the file can hold fewer than the 4 layers, and --show lists what it holds.

@@ -3,6 +3,7 @@
 The one node must compute what the layered graph computes, bit for bit, on every layer route, and must be
 taken exactly where it applies."""
 import copy
+import json
 
 import pytest
 import torch
@@ -344,3 +345,84 @@ def test_a_weight_changed_before_backward_is_an_error():
         model.decoder[0].weight.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def _mixed_layers_then(step_winner, races):
+    """A fake ``_tune.measure``: the layer races pick torch's and pyvae's routes in turn (a mix), the step's race
+    (NOTE: [Step routes] in pyvae/ops/vae_step.py) picks ``step_winner``; ``races`` receives each race's
+    candidates."""
+    n = [0]
+
+    def measure(candidates, **kw):
+        races.append(tuple(candidates))
+        for fn in candidates.values():
+            fn()  # every candidate runs
+        if "layers" in candidates:
+            win = step_winner
+        else:
+            n[0] += 1
+            win = "torch" if n[0] % 2 else "pyvae"
+        return {c: 0.001 if c == win else 0.002 for c in candidates}
+    return measure
+
+
+@pytest.mark.parametrize("winner", ["layers", "pyvae", "torch"])
+def test_the_step_race_runs_its_pick_and_touches_nothing(tuning, monkeypatch, winner):
+    """Where the layers' races picked a mix of routes, the step is raced as a whole and runs the pick: the same
+    step, bit for bit, as the layered graph on those routes, so the race neither drew from torch's generator nor
+    wrote to the parameters' gradients, and the pick is cached."""
+    import pyvae.ops.vae_step as vae_step
+
+    races, ran, noted = [], [], {}
+    monkeypatch.setattr(_tune, "measure", _mixed_layers_then(winner, races))
+    note = _tune.note
+    monkeypatch.setattr(_tune, "note", lambda key, route: (noted.__setitem__(key, route), note(key, route)))
+    model = _model(layers=2)
+    x = _x(37, 13)
+    node = _step(model, x)
+    step_races = [r for r in races if "layers" in r]
+    assert step_races == [("layers", "pyvae", "torch")]
+    (skey,) = [k for k in noted if k.startswith("vae_step ")]
+    assert noted[skey] == winner and _tune.entries()[skey]["choice"] == winner
+    assert skey in json.loads(next(tuning.glob("routes-*.json")).read_text())["routes"]
+    layer_keys = [k for k in noted if k.startswith("linear_act")]
+    assert len(layer_keys) == 5  # 13->9, 9->9 (both second hidden layers), the head 9->6, 3->9, the logits 9->13
+    picks = {noted[k] for k in layer_keys}
+    assert picks == {"torch", "pyvae"}  # a mix, as the fake races made it
+
+    forward_on_route = vae_step.forward_on_route
+    monkeypatch.setattr(vae_step, "forward_on_route", lambda r, *a: (ran.append(r), forward_on_route(r, *a))[1])
+    again = _step(model, x)  # the cached pick, no race
+    assert len(races) == len(step_races) + len([r for r in races if "layers" not in r])
+    assert len(ran) == 6 and (set(ran) == picks if winner == "layers" else set(ran) == {winner})
+    for a, b in zip(node[3], again[3]):
+        assert torch.equal(a, b)
+
+    # the layered graph with every layer pinned to the route the node ran it on
+    with _tune.pinned({k: noted[k] if winner == "layers" else winner for k in layer_keys}):
+        forget_routes()
+        layered = _step(_layered(model), x)
+    forget_routes()
+    for a, b in zip(node[:3], layered[:3]):
+        assert torch.equal(_bits(a), _bits(b))
+    for g, h in zip(node[3], layered[3]):
+        assert torch.equal(_bits(g), _bits(h))
+    assert torch.equal(node[4], layered[4])  # the race drew nothing from torch's generator
+
+
+def test_no_step_race_where_a_layer_route_is_pinned(tuning, monkeypatch):
+    """A resumed run pins its layers' routes (NOTE: [Routes of a run] in pyvae/_tune.py): its step runs them as
+    they are, with no race."""
+    races = []
+    monkeypatch.setattr(_tune, "measure", _mixed_layers_then("torch", races))
+    model = _model(layers=2)
+    x = _x(37, 13)
+    keys = _keys(model, x, monkeypatch)
+    assert any("layers" in r for r in races)  # (unpinned, the step was raced)
+    races.clear()
+    pins = {k: ("torch", "pyvae")[i % 2] for i, k in enumerate(keys)}
+    with _tune.pinned(pins):
+        forget_routes()
+        _step(model, x)
+    forget_routes()
+    assert not any("layers" in r for r in races)

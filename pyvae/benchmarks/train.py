@@ -7,8 +7,8 @@ closely, since it holds no optimizer), for three providers trained side by side 
 
     torch-eager     a plain PyTorch VAE (nn.Linear + tanh, randn eps, BCE-with-logits + the KL formula)
     torch-compile   the same step's loss under torch.compile
-    pyvae           pyvae.VAE (fused layers with measured routes, in-kernel eps, the fused ELBO; in fp32 the
-                    whole objective as one autograd node: NOTE: [One-node VAE step] in pyvae/ops/vae_step.py)
+    pyvae           pyvae.VAE (fused layers with measured routes, in-kernel eps, the fused ELBO; the whole
+                    objective as one autograd node: NOTE: [One-node VAE step] in pyvae/ops/vae_step.py)
     pyvae-layered   (opt-in) the same with ``one_node = False``: one autograd node per layer, draw and ELBO
     pyvae-fresh-grad  (opt-in) the same with ``elbo_into_logits = False`` (and so layered too): the ELBO's
                     logits gradient in a fresh tensor instead of the logits' storage (NOTE: [ELBO gradient
@@ -18,6 +18,8 @@ closely, since it holds no optimizer), for three providers trained side by side 
                     step then goes through pyvae._gemm
     pyvae-no-gemm   (opt-in) pyvae-fused with its matrix products replayed, not computed (NOTE: [The step
                     without its GEMMs]): the time of everything else the step does
+    pyvae-no-step-race  (opt-in) pyvae with the one-node step on its layers' own routes, not raced as a whole
+                    (NOTE: [Step routes] in pyvae/ops/vae_step.py): what that race buys
 
 fp32 and bf16-mixed (torch.autocast on CPU), at each batch size. Beside the step times, two limits are
 measured in the same process:
@@ -135,6 +137,8 @@ def build_steps(B, precision, providers, D=784, H=500, Z=20, step="full"):
             model.elbo_into_logits = p != "pyvae-fresh-grad"
             model.one_node = p != "pyvae-layered"
             fn = lambda xb, m=model: -m(xb)[0].mean()  # noqa: E731
+            if p == "pyvae-no-step-race":
+                fn = _no_step_race(fn)
         else:
             model = plain_model(D, H, Z)
             model.load_state_dict(sd)
@@ -150,6 +154,17 @@ def build_steps(B, precision, providers, D=784, H=500, Z=20, step="full"):
         if p in ("pyvae-fused", "pyvae-no-gemm"):
             out[p] = _all_fused(out[p], GemmReplay() if p == "pyvae-no-gemm" else None)
     return out
+
+
+def _no_step_race(loss_fn):
+    """``loss_fn`` with the one-node step on its layers' own routes (NOTE: [Step routes] in
+    pyvae/ops/vae_step.py)."""
+    from pyvae.ops.vae_step import no_step_race
+
+    def call(xb):
+        with no_step_race():
+            return loss_fn(xb)
+    return call
 
 
 def _all_fused(run, replay=None):
@@ -411,8 +426,12 @@ def run(args) -> list:
 
 
 def _point_row(B, precision, args, step, machine) -> dict:
+    from pyvae import _tune
+
     row = {"bench": "train", **measure_point(B, precision, args, step=step), "loadavg": os.getloadavg(),
            "machine": machine}
+    # the routes this process has run so far (every point's layers and steps; NOTE: [Step routes])
+    row["routes"] = {k: v for k, v in _tune.used().items() if k.startswith(("linear_act", "vae_step"))}
     res = row["results"]
     print(f"[train {step} {precision} B={B}] " + "  ".join(f"{p}={r['median_ms']:.3g}ms" for p, r in res.items())
           + f"  gemm-only={row['gemm_only_ms']:.3g}ms floor={row['memory_floor_ms']:.3g}ms",
@@ -493,7 +512,8 @@ def main(argv=None):
                    help="full: forward, backward and fused Adam (default); fwd-bwd: forward and backward alone")
     p.add_argument("--plot", default=None, help="PNG to write (default: the JSONL's path with .png)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
-    C.add_common_args(p, extra_providers=("pyvae-layered", "pyvae-fresh-grad", "pyvae-fused", "pyvae-no-gemm"))
+    C.add_common_args(p, extra_providers=("pyvae-layered", "pyvae-fresh-grad", "pyvae-fused", "pyvae-no-gemm",
+                                              "pyvae-no-step-race"))
     args = p.parse_args(argv)
     if args.device != "cpu":  # the steps, GEMM-only and the floor are built on the CPU: cuda would only mislabel them
         p.error("argument --device: the train benchmark runs on the CPU only")

@@ -465,10 +465,15 @@ class _LinearActAutocastFunction(torch.autograd.Function):
 # pyvae's kernels. One visible difference: the "torch" route supports double backward, pyvae's node
 # refuses it (NOTE: [No double backward] in pyvae/ops/_registry.py). ``fused_only()`` turns the routing
 # off ("pyvae" always: the kernel tests, benchmarks of the kernels themselves). A pinned route (a resumed
-# training run's own, NOTE: [Routes of a run] in pyvae/_tune.py) comes before all of these.
+# training run's own, NOTE: [Routes of a run] in pyvae/_tune.py) comes before all of these. Inside
+# ``pyvae.VAE``'s one-node step, a mix of routes is raced once more as a whole (NOTE: [Step routes] in
+# pyvae/ops/vae_step.py).
 _route = ROUTING  # shared with the row ops (NOTE: [Row op routes] in _rowwise.py)
 _ROUTES: dict = {}  # shape class -> route, this process (pyvae/_tune.py holds the measured ones)
 ROUTES = ("torch", "pyvae", "pyvae-mm", "pyvae-1t")
+# A one-node VAE step's layer routes (NOTE: [Step routes] in pyvae/ops/vae_step.py), by its shape class and
+# its layers' own routes, this process; forgotten with the layers'.
+STEP_ROUTES: dict = {}
 
 
 def _cold_route(rows, fin, fout, activation, dtype) -> str:
@@ -504,6 +509,19 @@ def route_of(rows: int, x_requires_grad: bool, weight: torch.Tensor, bias: Optio
                      amp, True)
 
 
+def route_key(rows: int, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
+              amp: Optional[torch.dtype] = None) -> str:
+    """The route cache's key of the shape class of ``route_of``'s call (pyvae/_tune.py)."""
+    return _key(weight.shape[1], weight.shape[0], activation, bias is not None, amp or weight.dtype, amp,
+                1 << max(rows - 1, 0).bit_length(), True)
+
+
+def _key(fin, fout, activation, has_bias, dtype, amp, bucket, train) -> str:
+    return (f"linear_act {fin}->{fout} {activation}{'' if has_bias else ' nobias'} "
+            f"{str(dtype).replace('torch.', '')}{' autocast' if amp is not None else ''} "
+            f"rows<={bucket} {'train' if train else 'infer'}")
+
+
 def _route_of(rows, x_dtype, x_requires_grad, weight, bias, activation, dtype, amp, train) -> str:
     fin, fout = weight.shape[1], weight.shape[0]
     bucket = 1 << max(rows - 1, 0).bit_length()
@@ -511,9 +529,7 @@ def _route_of(rows, x_dtype, x_requires_grad, weight, bias, activation, dtype, a
     k = (dtype, amp, fin, fout, activation, bias is not None, bucket, train, torch.get_num_threads())
     r = _ROUTES.get(k)
     if r is None:
-        key = (f"linear_act {fin}->{fout} {activation}{'' if bias is not None else ' nobias'} "
-               f"{str(dtype).replace('torch.', '')}{' autocast' if amp is not None else ''} "
-               f"rows<={bucket} {'train' if train else 'infer'}")
+        key = _key(fin, fout, activation, bias is not None, dtype, amp, bucket, train)
         r = _tune.pin(key)  # a resumed run's own routes first (NOTE: [Routes of a run] in pyvae/_tune.py)
         if r not in ROUTES:
             if rows == 0 or not _tune.enabled():
@@ -639,6 +655,7 @@ def forget_routes() -> None:
     """Forgets this process's layer and row-op routes (tests, ``pyvae tune``); the measured ones stay in
     pyvae/_tune.py."""
     _ROUTES.clear()
+    STEP_ROUTES.clear()
     forget_row_routes()
 
 

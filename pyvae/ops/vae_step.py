@@ -12,15 +12,17 @@ and bias at once.
 
 Nothing is computed differently from the layered graph:
 - each layer runs on the route the layer itself would take (NOTE: [Layer routes] in linear_act.py;
-  ``linear_act.route_of``), with the same functions: pyvae's node's forward and backward, or for torch's
-  route the ops of torch's own forward and autograd formulas;
+  ``linear_act.route_of``), or where the step was raced as a whole on its pick (NOTE: [Step routes]), with the
+  same functions: pyvae's node's forward and backward, or for torch's route the ops of torch's own forward and
+  autograd formulas;
 - the draw is ``reparameterize``'s kernel with the same seed word (``host_draw_seed``), so the same z;
 - the ELBO is the planned one-pass kernel with its gradient written over the logits (NOTE: [ELBO gradient into
   the logits] in bernoulli_elbo.py), rescaled as there when the upstream gradient is not the expected one;
 - mu's and logvar's gradients are the draw's plus the ELBO's, as autograd sums them.
 - the head's gradient is the two slices' gradients, each +0.0 outside its slice, as autograd sums them.
-So the outputs and gradients are those of the layered graph bit for bit (tests/test_vae_step.py), and the step
-runs the same kernels and GEMMs as the layered one, less the per-node work.
+So the outputs and gradients are those of the layered graph on the same routes bit for bit
+(tests/test_vae_step.py), and the step runs the same kernels and GEMMs as the layered one, less the per-node
+work.
 
 Like the ELBO into the logits, the graph can be differentiated once: a second backward (retain_graph) or
 create_graph=True raises, naming ``VAE.one_node``, the switch that turns this path off. Where the node would not
@@ -49,7 +51,9 @@ import torch
 from ._registry import eager_ok
 from .bernoulli_elbo import forward_into_logits, into_logits_ok, rescale_written
 from .gaussian_kl import gaussian_kl
-from .linear_act import backward_on_route, forward_on_route, route_of
+from .. import _tune
+from ._registry import remember
+from .linear_act import STEP_ROUTES, backward_on_route, forward_on_route, route_key, route_of
 from .reparameterize import host_draw_seed, kept_draw
 
 __all__ = ["vae_elbo", "vae_elbo_layers_ok", "vae_elbo_mode_ok"]
@@ -174,10 +178,105 @@ def vae_elbo(x: torch.Tensor, layers: Sequence[Tuple[torch.Tensor, torch.Tensor,
     # (under autocast a layer's input is float32 where the layered step feeds it float32: x and z)
     x_dtypes = [x.dtype if amp is None or i in (0, encoder_layers + 1) else amp for i in range(len(layers))]
     routes = tuple(route_of(rows, i > 0, w, b, a, amp, x_dtypes[i]) for i, (w, b, a) in enumerate(layers))
+    params = [t for w, b, _ in layers for t in (w, b)]
     spec = _Spec(acts, routes, encoder_layers, z_dim, host_draw_seed(seed, rows, z_dim),
                  kept_draw((rows, z_dim), x.dtype), amp)
-    params = [t for w, b, _ in layers for t in (w, b)]
+    k = (routes, rows, x.dtype, amp, encoder_layers, z_dim, tuple((w.shape, b is not None, a) for w, b, a in layers),
+         torch.get_num_threads(), _STEP_RACE["on"])
+    step_routes = STEP_ROUTES.get(k)
+    if step_routes is None:
+        step_routes = remember(STEP_ROUTES, k, _step_routes(spec, x, layers, params), 256)
+    spec.routes = step_routes
     return _VAEStep.apply(spec, x, *params)
+
+
+# NOTE: [Step routes]
+# Each layer's route is raced alone (NOTE: [Layer routes] in linear_act.py), and inside a step the layers do not
+# add up to their races. On the Zen 4 EPYC at B=100 (fp32, forward + backward; bench/RESULTS.md, "Stop 25"), with
+# the layer races' mix of routes (784->500 on pyvae's, the other three on torch's), `pyvae bench train` ran
+# pyvae-fused (every layer on pyvae's route) 1.06-1.13x faster than that step in seven runs, though the two
+# steps' fastest calls were level and moving any single layer to pyvae's route gained nothing (ad hoc). So where
+# the layers' picks are a mix, the one-node step races the step itself, once per shape class: the layers' picks,
+# every layer on pyvae's route and every layer on torch's, each timed as STEP_BLOCK whole training steps of this
+# node through autograd, on the call's own x and on detached leaves sharing the parameters' storage (nothing is
+# written to the parameters or their gradients, nor drawn from torch's generator: the draw's seed is the call's;
+# the upstream gradient is the one the ELBO expects, so its expectation stays the caller's). The race is
+# ``_tune.decide``'s (interleaved, early stop, disturbed and undecided races, the cache; ties go to the layers'
+# picks) by the median call (STEP_RACE): the gain is in the typical step, not the fastest. Two versions that did
+# not find it: calling the node's forward and backward directly, outside autograd's engine, picked every layer
+# on torch's route by the fastest call, by the median, and in blocks of four steps, and the benchmark ran that
+# step no faster than the mix. The race is bounded by its cost: only where the layers' races put STEP_BLOCK steps
+# under STEP_RACE_MS (the paper's model at B=100; at larger batches the GEMMs dominate and their races decide),
+# never where a layer's route is pinned (a resumed run, tests) or tuning is off. The routes differ in speed only:
+# a step's values are those of the layered graph on the same routes, bit for bit, and the routes agree to
+# rounding.
+STEP_RACE_MS = 30.0  # the layers' estimated step time above which the step is not raced
+# by the median call (the gain is in the typical step); the budget of a layer race
+STEP_RACE = {"stat": "median", "budget_s": 0.3}
+STEP_BLOCK = 2  # steps per timed call
+_STEP_CANDIDATES = ("layers", "pyvae", "torch")
+_STEP_RACE = {"on": True}
+
+
+class no_step_race:
+    """Context manager: one-node steps run their layers' own routes, unraced (``pyvae bench train``'s
+    pyvae-no-step-race provider: what the race of NOTE: [Step routes] buys, timed beside it)."""
+
+    def __enter__(self):
+        self._saved = _STEP_RACE["on"]
+        _STEP_RACE["on"] = False
+        return self
+
+    def __exit__(self, *exc):
+        _STEP_RACE["on"] = self._saved
+        return False
+
+
+def _step_routes(spec: _Spec, x, layers, params) -> tuple:
+    """The layer routes of this shape class's one-node step (NOTE: [Step routes])."""
+    routes, n = spec.routes, len(spec.routes)
+    if not (_STEP_RACE["on"] and _tune.enabled()) or len(set(routes)) == 1:  # (fused_only: every route pyvae's)
+        return routes
+    rows = x.shape[0]
+    keys = [route_key(rows, w, b, a, spec.amp) for w, b, a in layers]
+    if any(_tune.pin(key) is not None for key in keys):
+        return routes
+    cand = {"layers": routes, "pyvae": ("pyvae",) * n, "torch": ("torch",) * n}
+    skey = (f"vae_step {str(spec.amp or x.dtype).replace('torch.', '')}{' autocast' if spec.amp else ''} "
+            f"rows<={1 << max(rows - 1, 0).bit_length()} "
+            + " ".join(f"{w.shape[1]}->{w.shape[0]}{'' if b is not None else ' nobias'} {a}:{r}"
+                       for (w, b, a), r in zip(layers, routes)))
+    choice = _tune.pin(skey)
+    if choice not in cand:
+        choice = _tune.lookup(skey)
+    if choice not in cand:
+        entries = _tune.entries()
+        est = sum(entries.get(key, {}).get("ms", {}).get(r, float("inf")) for key, r in zip(keys, routes))
+        if not est * STEP_BLOCK <= STEP_RACE_MS:
+            return routes
+        choice = _tune.decide(skey, {c: _timed_step(spec, cand[c], x, params) for c in _STEP_CANDIDATES},
+                              what=f"the one-node VAE step at {rows} rows ({'+'.join(routes)} by layer)",
+                              **STEP_RACE)
+    _tune.note(skey, choice)
+    return cand[choice]
+
+
+def _timed_step(spec: _Spec, routes, x, params):
+    """A call of STEP_BLOCK training steps of the node on ``routes`` (NOTE: [Step routes]), on leaves that share
+    the parameters' storage, not their gradients."""
+    s = _Spec(spec.acts, routes, spec.n_enc, spec.z_dim, spec.seed, spec.draw, spec.amp)
+    leaves = [p.detach().requires_grad_() for p in params]
+
+    def call():
+        for _ in range(STEP_BLOCK):
+            for t in leaves:
+                t.grad = None
+            elbo, _ = _VAEStep.apply(s, x, *leaves)
+            # the upstream gradient the ELBO expects (NOTE: [Expected upstream gradient] in bernoulli_elbo.py),
+            # so that nothing is rewritten and the expectation stays the caller's
+            with torch.autocast("cpu", enabled=False):  # as backward runs, outside the forward's autocast
+                (elbo * elbo.grad_fn.scale[0]).sum().backward()
+    return call
 
 
 _saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
