@@ -426,3 +426,27 @@ def test_no_step_race_where_a_layer_route_is_pinned(tuning, monkeypatch):
         _step(model, x)
     forget_routes()
     assert not any("layers" in r for r in races)
+
+
+def test_no_step_race_runs_the_layers_own_routes(tuning, monkeypatch):
+    """``no_step_race`` (bench train's pyvae-no-step-race provider): the layers' picks, not the step's cached
+    pick, and no race."""
+    import pyvae.ops.vae_step as vae_step
+
+    races, ran = [], []
+    monkeypatch.setattr(_tune, "measure", _mixed_layers_then("torch", races))
+    model = _model(layers=2)
+    x = _x(37, 13)
+    _step(model, x)  # raced: every layer on torch's route from now on
+    forward_on_route = vae_step.forward_on_route
+    monkeypatch.setattr(vae_step, "forward_on_route", lambda r, *a: (ran.append(r), forward_on_route(r, *a))[1])
+    _step(model, x)
+    assert set(ran) == {"torch"}
+    ran.clear()
+    n = len(races)
+    with vae_step.no_step_race():
+        _step(model, x)
+    assert set(ran) == {"torch", "pyvae"} and len(races) == n
+    ran.clear()
+    _step(model, x)  # and the race's pick again after the block
+    assert set(ran) == {"torch"}

@@ -44,6 +44,7 @@ float16 autocast, and autocast of a float64 model (which autocast leaves alone),
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Sequence, Tuple
 
 import torch
@@ -218,18 +219,15 @@ _STEP_CANDIDATES = ("layers", "pyvae", "torch")
 _STEP_RACE = {"on": True}
 
 
-class no_step_race:
-    """Context manager: one-node steps run their layers' own routes, unraced (``pyvae bench train``'s
+@contextlib.contextmanager
+def no_step_race():
+    """One-node steps run their layers' own routes, unraced, inside this block (``pyvae bench train``'s
     pyvae-no-step-race provider: what the race of NOTE: [Step routes] buys, timed beside it)."""
-
-    def __enter__(self):
-        self._saved = _STEP_RACE["on"]
-        _STEP_RACE["on"] = False
-        return self
-
-    def __exit__(self, *exc):
-        _STEP_RACE["on"] = self._saved
-        return False
+    saved, _STEP_RACE["on"] = _STEP_RACE["on"], False
+    try:
+        yield
+    finally:
+        _STEP_RACE["on"] = saved
 
 
 def _step_routes(spec: _Spec, x, layers, params) -> tuple:
