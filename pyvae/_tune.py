@@ -21,7 +21,9 @@ this torch, this many threads, and keeps the winner:
 Every candidate computes the same function; routes differ in speed and in rounding, never otherwise.
 Candidates are timed on tensors of the call's shape filled from a private generator (the caller's
 tensors and torch's global RNG are not touched), interleaved, and the fastest call of each is compared
-(the median is the studied alternative: NOTE: [Median rule]);
+(the median is the studied alternative: NOTE: [Median rule]). One race differs: a one-node VAE step raced as a
+whole reads the call's own batch and parameters (writing nothing to them) and compares medians (NOTE: [Step
+routes] in pyvae/ops/vae_step.py);
 the timing stops as soon as one candidate clearly wins or the candidates left measurably tie (NOTE:
 [Early stop]).
 """
