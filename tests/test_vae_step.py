@@ -392,8 +392,9 @@ def test_the_step_race_runs_its_pick_and_touches_nothing(tuning, monkeypatch, wi
 
     forward_on_route = vae_step.forward_on_route
     monkeypatch.setattr(vae_step, "forward_on_route", lambda r, *a: (ran.append(r), forward_on_route(r, *a))[1])
+    n = len(races)
     again = _step(model, x)  # the cached pick, no race
-    assert len(races) == len(step_races) + len([r for r in races if "layers" not in r])
+    assert len(races) == n
     assert len(ran) == 6 and (set(ran) == picks if winner == "layers" else set(ran) == {winner})
     for a, b in zip(node[3], again[3]):
         assert torch.equal(a, b)
@@ -450,3 +451,32 @@ def test_no_step_race_runs_the_layers_own_routes(tuning, monkeypatch):
     ran.clear()
     _step(model, x)  # and the race's pick again after the block
     assert set(ran) == {"torch"}
+
+
+def test_a_resumed_run_runs_its_steps_pinned_pick(tuning, monkeypatch):
+    """A resumed run pins every route it noted, its step's pick among them (NOTE: [Routes of a run] in
+    pyvae/_tune.py): its step runs that pick, not its layers' mix, and races nothing, so the continuation rounds as
+    the uninterrupted run did."""
+    import pyvae.ops.vae_step as vae_step
+
+    races, ran, noted = [], [], {}
+    monkeypatch.setattr(_tune, "measure", _mixed_layers_then("torch", races))
+    note = _tune.note
+    monkeypatch.setattr(_tune, "note", lambda key, route: (noted.__setitem__(key, route), note(key, route)))
+    model = _model(layers=2)
+    x = _x(37, 13)
+    first = _step(model, x)  # the run: raced, every layer on torch's route
+    pins = dict(noted)  # what its checkpoint holds
+    assert any(k.startswith("vae_step ") and v == "torch" for k, v in pins.items())
+    _tune.reset_for_tests()  # a new process, with an empty cache
+    forget_routes()
+    races.clear()
+    forward_on_route = vae_step.forward_on_route
+    monkeypatch.setattr(vae_step, "forward_on_route", lambda r, *a: (ran.append(r), forward_on_route(r, *a))[1])
+    with _tune.pinned(pins):
+        forget_routes()
+        resumed = _step(model, x)
+    forget_routes()
+    assert set(ran) == {"torch"} and races == []
+    for g, h in zip(first[3], resumed[3]):
+        assert torch.equal(_bits(g), _bits(h))

@@ -195,7 +195,7 @@ def vae_elbo(x: torch.Tensor, layers: Sequence[Tuple[torch.Tensor, torch.Tensor,
 # Each layer's route is raced alone (NOTE: [Layer routes] in linear_act.py), and inside a step the layers do not
 # add up to their races. On the Zen 4 EPYC at B=100 (fp32, forward + backward; bench/RESULTS.md, "Stop 25"), with
 # the layer races' mix of routes (784->500 on pyvae's, the other three on torch's), `pyvae bench train` ran
-# pyvae-fused (every layer on pyvae's route) 1.06-1.13x faster than that step in seven runs, though the two
+# pyvae-fused (every layer on pyvae's route) 1.04-1.13x faster than that step in 13 runs, though the two
 # steps' fastest calls were level and moving any single layer to pyvae's route gained nothing (ad hoc). So where
 # the layers' picks are a mix, the one-node step races the step itself, once per shape class: the layers' picks,
 # every layer on pyvae's route and every layer on torch's, each timed as STEP_BLOCK whole training steps of this
@@ -208,7 +208,8 @@ def vae_elbo(x: torch.Tensor, layers: Sequence[Tuple[torch.Tensor, torch.Tensor,
 # on torch's route by the fastest call, by the median, and in blocks of four steps, and the benchmark ran that
 # step no faster than the mix. The race is bounded by its cost: only where the layers' races put STEP_BLOCK steps
 # under STEP_RACE_MS (the paper's model at B=100; at larger batches the GEMMs dominate and their races decide),
-# never where a layer's route is pinned (a resumed run, tests) or tuning is off. The routes differ in speed only:
+# never where a layer's route is pinned and the step's is not (tests, a resumed run from before the step race;
+# a resumed run runs its step's pinned pick) or tuning is off. The routes differ in speed only:
 # a step's values are those of the layered graph on the same routes, bit for bit, and the routes agree to
 # rounding.
 STEP_RACE_MS = 30.0  # the layers' estimated step time above which the step is not raced
@@ -236,19 +237,21 @@ def _step_routes(spec: _Spec, x, layers, params) -> tuple:
     if not (_STEP_RACE["on"] and _tune.enabled()) or len(set(routes)) == 1:  # (fused_only: every route pyvae's)
         return routes
     rows = x.shape[0]
-    keys = [route_key(rows, w, b, a, spec.amp) for w, b, a in layers]
-    if any(_tune.pin(key) is not None for key in keys):
-        return routes
     cand = {"layers": routes, "pyvae": ("pyvae",) * n, "torch": ("torch",) * n}
     skey = (f"vae_step {str(spec.amp or x.dtype).replace('torch.', '')}{' autocast' if spec.amp else ''} "
             f"rows<={1 << max(rows - 1, 0).bit_length()} "
             + " ".join(f"{w.shape[1]}->{w.shape[0]}{'' if b is not None else ' nobias'} {a}:{r}"
                        for (w, b, a), r in zip(layers, routes)))
+    # a resumed run's own pick of the step first, as of its layers (NOTE: [Routes of a run] in pyvae/_tune.py);
+    # a run whose layers are pinned and its step not (a run from before the step race) runs its layers' routes
     choice = _tune.pin(skey)
+    if choice not in cand and any(_tune.pin(route_key(rows, w, b, a, spec.amp)) is not None for w, b, a in layers):
+        return routes
     if choice not in cand:
         choice = _tune.lookup(skey)
     if choice not in cand:
         entries = _tune.entries()
+        keys = [route_key(rows, w, b, a, spec.amp) for w, b, a in layers]
         est = sum(entries.get(key, {}).get("ms", {}).get(r, float("inf")) for key, r in zip(keys, routes))
         if not est * STEP_BLOCK <= STEP_RACE_MS:
             return routes
